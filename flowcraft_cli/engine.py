@@ -1,0 +1,1178 @@
+"""Run semantics, written once (CONTRACT §5). Both runtimes drive this engine:
+
+* ``runtime.FlowRuntime`` runs jobs as asyncio tasks over a ``MemoryStore``;
+* the arq workers run each job as one arq job over a ``RedisStore``.
+
+A job is one step of one node (see ``jobs.Job``). Handling a job is: *claim* it (a transaction that
+checks the node still expects exactly this step, so duplicates and stale deliveries are no-ops), do the
+work outside any transaction (the user's function, a batch expansion, a child run), then *commit* the
+outcome in one transaction: the output, the node's context writes, its status and timing, the join
+bookkeeping of its successors, dead-path skips, the jobs that follow (written to the run's outbox) and
+the run's status. Nothing is half-done after a crash.
+
+Joins count arrivals per (target, generation, source): a duplicate delivery cannot count twice, and a
+loop ``continue`` starts a new generation of the loop body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .blueprint import BREAK, CONTINUE, Blueprint, EdgeDef, JoinStrategy, NodeDef
+from .errors import (
+    ExpressionEvalError,
+    InvalidInput,
+    NodeFailure,
+    NodeTimeout,
+    RunNotFound,
+)
+from .expressions import Expression, compile_expression
+from .jobs import Job
+from .node_api import _MISSING, NodeContext, NodeResult, RunContext, SyncRunContext
+from .registry import NodeRegistry
+from .store import JOINS, MISSING, NODES, OUTBOX, RUN, STATE, BATCH, Store, Txn, dumps
+
+log = logging.getLogger("flowcraft.engine")
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    AWAITING = "awaiting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class NodeStatus(StrEnum):
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SLEEPING = "sleeping"
+    AWAITING = "awaiting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+FINAL_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+RESTING_STATUSES = FINAL_STATUSES | {RunStatus.AWAITING}
+_ACTIVE_NODE = frozenset({NodeStatus.QUEUED, NodeStatus.RUNNING, NodeStatus.SLEEPING, NodeStatus.AWAITING})
+_META_FIELDS = ("status", "reason", "blueprint_id", "blueprint_version", "pending", "awaiting_nodes",
+                "created_at", "finished_at", "parent", "failed_node", "version_wait_since")
+_REF = object()  # "the source's output": resolved from _outputs.<source> when the target fires
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def parse_duration_ms(value: Any) -> int:
+    from .loader import parse_duration_ms as parse
+
+    return parse(value)
+
+
+_loop_conditions: dict[str, Expression] = {}
+
+
+def loop_condition(node: NodeDef) -> Expression | None:
+    src = node.params.get("condition")
+    if src is None:
+        return None
+    expr = _loop_conditions.get(src)
+    if expr is None:
+        expr = _loop_conditions[src] = compile_expression(str(src))
+    return expr
+
+
+@dataclass(slots=True)
+class EngineSettings:
+    ttl_s: int = 86400  # how long a finished run's keys stay; 0 = forever
+    running_ttl_s: int = 7 * 86400  # how long an unfinished run's keys live after its last step
+    lease_s: float = 330.0  # a running step whose worker vanished is taken over after this
+    version_grace_s: float = 300.0
+
+
+@dataclass(slots=True)
+class Decision:
+    """What a finished node does to each successor: taken (with the value it delivers) or not."""
+
+    target: str
+    taken: bool
+    value: Any = _REF
+
+
+@dataclass(slots=True)
+class Handled:
+    """What handling a job produced: jobs to queue (each with the run whose outbox holds it), or a
+    request to try the same job again later (version gate)."""
+
+    scheduled: list[tuple[str, Job]] = field(default_factory=list)
+    retry_after_s: float | None = None
+    note: str = ""
+
+
+class Engine:
+    def __init__(
+        self,
+        store: Store,
+        blueprints: Mapping[str, Blueprint],
+        registry: NodeRegistry,
+        *,
+        worker_id: str = "local",
+        settings: EngineSettings | None = None,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.store = store
+        self.blueprints = blueprints
+        self.registry = registry
+        self.worker_id = worker_id
+        self.settings = settings or EngineSettings()
+        self.clock = clock
+
+    # ------------------------------------------------------------------ starting, resuming, cancelling
+
+    async def start_run(
+        self,
+        blueprint_id: str,
+        run_input: Any = None,
+        *,
+        run_id: str | None = None,
+        parent: dict[str, Any] | None = None,
+        seed: Mapping[str, Any] | None = None,
+    ) -> tuple[str, list[tuple[str, Job]]]:
+        """Create a run and schedule its start nodes. ``run_input`` (a JSON object for top-level runs)
+        seeds the context and is the input of every start node; ``seed`` overrides the seeded keys."""
+        bp = self.blueprints.get(blueprint_id)
+        if bp is None:
+            known = ", ".join(sorted(self.blueprints)) or "none loaded"
+            raise InvalidInput(f"unknown blueprint id {blueprint_id!r} (known: {known})")
+        run_id = run_id or secrets.token_hex(8)
+        context_seed = dict(run_input) if isinstance(run_input, Mapping) else {}
+        if seed is not None:
+            context_seed = dict(seed)
+        for key, value in context_seed.items():
+            _check_json(value, f"run input key {key!r}")
+        _check_json(run_input, "run input")
+
+        async def txn_fn(t: Txn) -> list[tuple[str, Job]]:
+            if await t.get(RUN, "status") is not None:
+                if parent is not None:
+                    return []  # a redelivered subflow step: the child already exists
+                raise InvalidInput(f"run id {run_id!r} already exists")
+            ts = self.clock()
+            for field_, value in {
+                "status": RunStatus.RUNNING.value, "blueprint_id": bp.id, "blueprint_version": bp.version,
+                "pending": 0, "awaiting_nodes": [], "created_at": ts, "parent": parent,
+            }.items():
+                t.put(RUN, field_, value)
+            for key, value in context_seed.items():
+                t.put(STATE, str(key), value)
+            t.put(STATE, "blueprintId", bp.id)
+            t.put(STATE, "blueprintVersion", bp.version)
+            t.event({"type": "run_started", "ts": ts, "blueprint_id": bp.id, "version": bp.version})
+            run = _RunTxn(self, t, bp)
+            for node_id in bp.start_nodes:
+                await run.fire(node_id, run_input)
+            await run.settle()
+            return run.scheduled
+
+        return run_id, await self.store.transact(run_id, txn_fn)
+
+    async def resume(
+        self, run_id: str, node_id: str | None = None, *, output: Any = None, action: str | None = None
+    ) -> list[tuple[str, Job]]:
+        """Give an awaiting ``wait`` node its output and action; routing follows the action."""
+        _check_json(output, "resume output")
+        meta = await self._read_meta(run_id)
+        bp = self._blueprint_for(meta, run_id)
+        waiting = list(meta.get("awaiting_nodes") or [])
+        if meta["status"] not in (RunStatus.AWAITING, RunStatus.RUNNING) or not waiting:
+            raise InvalidInput(f"run {run_id!r} is {meta['status']}, not awaiting a resume")
+        if node_id is None:
+            if len(waiting) > 1:
+                raise InvalidInput(f"run {run_id!r} awaits several nodes ({', '.join(waiting)}): pass --node")
+            node_id = waiting[0]
+        if node_id not in waiting:
+            raise InvalidInput(f"node {node_id!r} of run {run_id!r} is not awaiting (awaiting: {', '.join(waiting)})")
+        node = bp.node_map[node_id]
+        decisions = await self._decide(bp, node, run_id, output, action, {}, await self._node_input(bp, node, run_id))
+
+        async def txn_fn(t: Txn) -> list[tuple[str, Job]]:
+            run = _RunTxn(self, t, bp)
+            m = await run.meta()
+            rec = await t.get(NODES, node_id)
+            if m["status"] not in (RunStatus.AWAITING, RunStatus.RUNNING) or not rec or rec["status"] != NodeStatus.AWAITING:
+                raise InvalidInput(f"node {node_id!r} of run {run_id!r} is no longer awaiting")
+            run.set_meta("awaiting_nodes", [n for n in m["awaiting_nodes"] if n != node_id])
+            run.set_meta("status", RunStatus.RUNNING.value)
+            run.add_pending(1)
+            t.event({"type": "resumed", "ts": self.clock(), "node": node_id, "action": action})
+            await run.complete(node, rec, output, action, decisions, {})
+            await run.settle()
+            return run.scheduled
+
+        return await self.store.transact(run_id, txn_fn)
+
+    async def cancel(self, run_id: str, reason: str = "cancelled by user") -> bool:
+        """Cancel a run that has not finished; no further node of it starts. Children are cancelled too."""
+        meta = await self._read_meta(run_id)
+        bp = self._blueprint_for(meta, run_id)
+
+        async def txn_fn(t: Txn) -> tuple[bool, list[str]]:
+            run = _RunTxn(self, t, bp)
+            m = await run.meta()
+            if m["status"] in FINAL_STATUSES:
+                return False, []
+            nodes = await t.get_all(NODES)
+            children = [r["child"] for r in nodes.values() if r.get("child") and r["status"] == NodeStatus.RUNNING]
+            await run.finalize(RunStatus.CANCELLED, reason)
+            return True, children
+
+        changed, children = await self.store.transact(run_id, txn_fn)
+        for child in children:
+            await self.cancel(child, f"parent run {run_id} cancelled")
+        return changed
+
+    # ------------------------------------------------------------------ handling one job
+
+    async def handle(self, job: Job) -> Handled:
+        meta = await self._read_meta(job.run_id, missing_ok=True)
+        if meta is None:
+            log.warning("job %s: run %r does not exist (expired or never started); dropped", job.job_id, job.run_id)
+            return Handled(note="unknown run")
+        if meta["status"] in FINAL_STATUSES:
+            return Handled(note=f"run is {meta['status']}")
+        bp = self.blueprints.get(meta["blueprint_id"])
+        if bp is None or bp.version != meta["blueprint_version"]:
+            return await self._version_gate(job, meta, bp)
+        node = bp.node_map.get(job.node_id)
+        if node is None:
+            log.error("job %s: node %r is not in blueprint %r; dropped", job.job_id, job.node_id, bp.id)
+            return Handled(note="unknown node")
+        step = _Step(self, bp, node, job)
+        return Handled(scheduled=await step.run())
+
+    async def _version_gate(self, job: Job, meta: dict[str, Any], bp: Blueprint | None) -> Handled:
+        """A worker without the run's blueprint version leaves the job to one that has it; after the grace
+        period the run fails, naming both versions."""
+        mine = "no such blueprint" if bp is None else f"version {bp.version!r}"
+        theirs = f"blueprint {meta['blueprint_id']!r} version {meta['blueprint_version']!r}"
+        since = meta.get("version_wait_since")
+        now = self.clock()
+        if since is None:
+            async def mark(t: Txn) -> None:
+                if await t.get(RUN, "version_wait_since") is None:
+                    t.put(RUN, "version_wait_since", now)
+            await self.store.transact(job.run_id, mark)
+            since = now
+        if (now - since) / 1000 < self.settings.version_grace_s:
+            log.warning("job %s needs %s; this worker has %s: leaving it for another worker",
+                        job.job_id, theirs, mine)
+            return Handled(retry_after_s=min(5.0, max(0.5, self.settings.version_grace_s / 10)),
+                           note="version mismatch")
+        reason = (f"no worker with {theirs} took node {job.node_id!r} within "
+                  f"{self.settings.version_grace_s:g}s (this worker has {mine})")
+        fake_bp = bp or Blueprint(id=meta["blueprint_id"], nodes=(), edges=())
+
+        async def fail(t: Txn) -> None:
+            run = _RunTxn(self, t, fake_bp)
+            if (await run.meta())["status"] not in FINAL_STATUSES:
+                await run.finalize(RunStatus.FAILED, reason)
+        await self.store.transact(job.run_id, fail)
+        return Handled(note="version grace expired")
+
+    # ------------------------------------------------------------------ helpers shared by steps
+
+    async def _read_meta(self, run_id: str, missing_ok: bool = False) -> dict[str, Any] | None:
+        values = await self.store.read(run_id, RUN, list(_META_FIELDS))
+        meta = {k: (None if v is MISSING else v) for k, v in zip(_META_FIELDS, values, strict=True)}
+        if meta["status"] is None:
+            if missing_ok:
+                return None
+            raise RunNotFound(f"run {run_id!r} not found (it never existed or its keys expired)")
+        return meta
+
+    def _blueprint_for(self, meta: dict[str, Any], run_id: str) -> Blueprint:
+        bp = self.blueprints.get(meta["blueprint_id"])
+        if bp is None:
+            raise InvalidInput(f"run {run_id!r} uses blueprint {meta['blueprint_id']!r}, which is not loaded")
+        return bp
+
+    async def _read_context(self, run_id: str, key: str) -> Any:
+        return (await self.store.read(run_id, STATE, [key]))[0]
+
+    async def _resolve_ref(self, run_id: str, ref: str) -> Any:
+        """A node's ``inputs`` reference: ``_raw`` key, ``node.path`` (a node output, else a context
+        key), or a node id (its output, else the context key of that name)."""
+        if ref.startswith("_"):
+            v = await self._read_context(run_id, ref)
+            return None if v is MISSING else v
+        base, _, path = ref.partition(".")
+        out, ctx = await self.store.read(run_id, STATE, [f"_outputs.{base}", base])
+        value = out if out is not MISSING else ctx
+        if value is MISSING:
+            return None
+        for part in path.split(".") if path else ():
+            if isinstance(value, Mapping):
+                value = value.get(part)
+            elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            else:
+                return None
+        return value
+
+    async def _node_input(self, bp: Blueprint, node: NodeDef, run_id: str) -> Any:
+        if isinstance(node.inputs, str):
+            return await self._resolve_ref(run_id, node.inputs)
+        if isinstance(node.inputs, Mapping):
+            return {k: await self._resolve_ref(run_id, v) for k, v in node.inputs.items()}
+        v = await self._read_context(run_id, f"_inputs.{node.id}")
+        return None if v is MISSING else v
+
+    async def _scope(self, run_id: str, names: set[str], base: dict[str, Any], writes: Mapping[str, Any]) -> dict[str, Any]:
+        """The names an expression may read: ``result``, ``input``, ``context``, ``outputs`` and every
+        context key at top level. Only what the expressions name is read from the store."""
+        wanted = names - base.keys()
+        if not wanted:
+            return base
+        if "context" in wanted or "outputs" in wanted:
+            ctx = await self.store.read_all(run_id, STATE)
+        else:
+            ctx = {k: v for k, v in zip(wanted, await self.store.read(run_id, STATE, list(wanted)), strict=True)
+                   if v is not MISSING}
+        for k, v in writes.items():
+            if v is _MISSING:
+                ctx.pop(k, None)
+            else:
+                ctx[k] = v
+        scope = dict(ctx)
+        if "context" in wanted:
+            scope["context"] = ctx
+        if "outputs" in wanted:
+            scope["outputs"] = {k[len("_outputs."):]: v for k, v in ctx.items() if k.startswith("_outputs.")}
+        scope.update(base)
+        return scope
+
+    async def _decide(
+        self,
+        bp: Blueprint,
+        node: NodeDef,
+        run_id: str,
+        output: Any,
+        action: str | None,
+        writes: Mapping[str, Any],
+        node_input: Any,
+        edges: Iterable[EdgeDef] | None = None,
+    ) -> list[Decision]:
+        """CONTRACT §5.4: the action's edges whose condition holds; if none, the default edges whose
+        condition holds. Every other edge is not taken. A transform that fails counts as not taken."""
+        edges = list(bp.out_edges[node.id] if edges is None else edges)
+        if not edges:
+            return []
+        names: set[str] = set()
+        for e in edges:
+            for expr in (e.condition, e.transform):
+                if expr is not None:
+                    names |= set(expr.names)
+        base = {"result": {"output": output, "action": action}, "input": node_input}
+        scope = await self._scope(run_id, names, base, writes)
+        events: list[str] = []
+
+        def holds(e: EdgeDef) -> bool:
+            if e.condition is None:
+                return True
+            try:
+                return bool(e.condition.evaluate(scope))
+            except ExpressionEvalError as err:
+                events.append(f"edge {e.source}->{e.target} condition {e.condition.source!r}: {err}")
+                return False
+
+        chosen = [e for e in edges if action is not None and e.action == action and holds(e)]
+        if not chosen:
+            chosen = [e for e in edges if e.action is None and holds(e)]
+        return _aggregate(edges, chosen, scope, output, events, node.id, run_id)
+
+
+def _aggregate(
+    edges: list[EdgeDef], chosen: list[EdgeDef], scope: dict[str, Any], output: Any, events: list[str],
+    node_id: str, run_id: str,
+) -> list[Decision]:
+    """One decision per distinct target: taken if any edge to it was taken (first taken edge's value)."""
+    by_target: dict[str, Decision] = {}
+    chosen_ids = {id(e) for e in chosen}
+    for e in edges:
+        d = by_target.setdefault(e.target, Decision(e.target, False))
+        if d.taken or id(e) not in chosen_ids:
+            continue
+        value: Any = _REF
+        if e.transform is not None:
+            try:
+                value = e.transform.evaluate({**scope, "input": output})
+            except ExpressionEvalError as err:
+                events.append(f"edge {e.source}->{e.target} transform {e.transform.source!r}: {err}")
+                continue
+        d.taken, d.value = True, value
+    for msg in events:
+        log.info("run %s node %s: %s (counts as not taken)", run_id, node_id, msg)
+    decisions = list(by_target.values())
+    if events:
+        decisions.append(Decision("", False, {"expression_errors": events}))
+    return decisions
+
+
+def _check_json(value: Any, what: str) -> str:
+    try:
+        return dumps(value)
+    except (TypeError, ValueError) as e:
+        raise InvalidInput(f"{what} is not JSON-serializable: {e}") from None
+
+
+def _json_problem(value: Any) -> str | None:
+    try:
+        dumps(value)
+        return None
+    except (TypeError, ValueError):
+        return _first_bad_type(value)
+
+
+def _first_bad_type(value: Any) -> str:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.values())
+            if any(not isinstance(k, str | int | float | bool) and k is not None for k in v):
+                return "dict key"
+        elif isinstance(v, list | tuple):
+            stack.extend(v)
+        elif not isinstance(v, str | int | float | bool) and v is not None:
+            return type(v).__name__
+    return "value"
+
+
+class _RunTxn:
+    """Engine operations inside one transaction of one run."""
+
+    def __init__(self, engine: Engine, t: Txn, bp: Blueprint) -> None:
+        self.engine = engine
+        self.t = t
+        self.bp = bp
+        self.scheduled: list[tuple[str, Job]] = []
+        self._meta: dict[str, Any] | None = None
+
+    async def meta(self) -> dict[str, Any]:
+        if self._meta is None:
+            got = await self.t.get_many(RUN, _META_FIELDS)
+            self._meta = {k: got.get(k) for k in _META_FIELDS}
+        return self._meta
+
+    def set_meta(self, key: str, value: Any) -> None:
+        assert self._meta is not None
+        self._meta[key] = value
+        self.t.put(RUN, key, value)
+
+    def add_pending(self, delta: int) -> None:
+        assert self._meta is not None
+        self.set_meta("pending", int(self._meta["pending"] or 0) + delta)
+
+    def schedule(self, job: Job, owner: str | None = None) -> None:
+        """Write the job to the outbox of the run whose transaction this is; the driver queues it after
+        the commit and then deletes the outbox entry (a crash in between leaves it for the reconciler)."""
+        self.t.put(OUTBOX, job.job_id, job.to_dict())
+        self.scheduled.append((self.t.run_id, job))
+
+    # ---- firing, skipping, joins
+
+    async def fire(self, node_id: str, value: Any, *, loop_entry: bool = False) -> None:
+        """Make a node ready: write its input, queue its first attempt."""
+        await self.meta()
+        rec = await self.t.get(NODES, node_id)
+        seq = (rec["seq"] if rec else 0) + 1
+        gen = rec["gen"] if rec else 0
+        new = {"status": NodeStatus.QUEUED.value, "seq": seq, "gen": gen, "attempt": 1, "phase": "exec",
+               "queued_at": self.engine.clock(), "runs": (rec or {}).get("runs", 0)}
+        if self.bp.is_loop_controller(node_id):
+            new["iter"] = 0 if (loop_entry or not rec) else rec.get("iter", 0)
+        self.t.put(NODES, node_id, new)
+        self.t.put(STATE, f"_inputs.{node_id}", value)
+        self.add_pending(1)
+        self.schedule(Job(self.t.run_id, node_id, seq))
+
+    async def arrive(self, source: str, decisions: list[Decision]) -> None:
+        """Deliver a finished node's decisions; fire or skip successors whose join is now decided.
+        Iterative (not recursive) so a skip can run down a 10,000-node chain."""
+        work: deque[tuple[str, Decision]] = deque((source, d) for d in decisions if d.target)
+        while work:
+            src, d = work.popleft()
+            tgt = d.target
+            node = self.bp.node_map[tgt]
+            rec = await self.t.get(NODES, tgt)
+            gen = rec["gen"] if rec else 0
+            if node.uses == "loop-controller":
+                await self._arrive_loop(src, d, node, rec, gen, work)
+                continue
+            if rec and rec["status"] != NodeStatus.PENDING:
+                continue  # already fired or skipped in this generation: a duplicate or late arrival
+            counts = await self._record_arrival(tgt, gen, src, d)
+            if counts is None:
+                continue
+            decided, taken = counts
+            n_preds = len(self.bp.predecessors[tgt])
+            if node.config.join_strategy == JoinStrategy.ANY and d.taken:
+                await self.fire(tgt, await self._value_of(src, d))
+            elif decided >= n_preds:
+                if taken:
+                    await self.fire(tgt, await self._join_input(tgt, gen, node))
+                else:
+                    self._skip(tgt, rec, gen, work)
+
+    async def _record_arrival(self, tgt: str, gen: int, src: str, d: Decision) -> tuple[int, int] | None:
+        key = f"{tgt}|{gen}|{src}"
+        if await self.t.get(JOINS, key) is not None:
+            return None  # this predecessor already arrived in this generation
+        self.t.put(JOINS, key, {"t": d.taken} if d.value is _REF or not d.taken else {"t": True, "v": d.value})
+        decided, taken = await self.t.get(JOINS, f"{tgt}|{gen}|#", [0, 0])
+        counts = (decided + 1, taken + int(d.taken))
+        self.t.put(JOINS, f"{tgt}|{gen}|#", list(counts))
+        return counts
+
+    async def _arrive_loop(self, src: str, d: Decision, node: NodeDef, rec: dict | None, gen: int,
+                           work: deque[tuple[str, Decision]]) -> None:
+        """A loop-controller runs on every taken arrival (entry or loop-back). It is skipped only when all
+        its entry edges were not taken; a loop-back that is not taken changes nothing."""
+        entry = src in self.bp.loop_entry_sources[node.id]
+        status = rec["status"] if rec else NodeStatus.PENDING
+        if d.taken:
+            if status in (NodeStatus.QUEUED, NodeStatus.RUNNING):
+                self.t.event({"type": "loop_arrival_ignored", "ts": self.engine.clock(), "node": node.id,
+                              "source": src, "why": "the controller is already running"})
+                return
+            if entry:
+                await self._record_arrival(node.id, gen, src, d)
+            await self.fire(node.id, await self._value_of(src, d), loop_entry=entry)
+        elif entry and status == NodeStatus.PENDING:
+            counts = await self._record_arrival(node.id, gen, src, d)
+            if counts and counts[0] >= len(self.bp.loop_entry_sources[node.id]) and counts[1] == 0:
+                self._skip(node.id, rec, gen, work)
+
+    def _skip(self, node_id: str, rec: dict | None, gen: int, work: deque[tuple[str, Decision]]) -> None:
+        self.t.put(NODES, node_id, {**(rec or {"seq": 0, "runs": 0}), "status": NodeStatus.SKIPPED.value, "gen": gen})
+        for tgt in dict.fromkeys(e.target for e in self.bp.out_edges[node_id]):
+            work.append((node_id, Decision(tgt, False)))
+
+    async def _value_of(self, src: str, d: Decision) -> Any:
+        if d.value is not _REF:
+            return d.value
+        return await self.t.get(STATE, f"_outputs.{src}")
+
+    async def _join_input(self, tgt: str, gen: int, node: NodeDef) -> Any:
+        """A single predecessor delivers its value; several deliver ``{source_id: value}`` of the edges
+        that were taken."""
+        preds = self.bp.predecessors[tgt]
+        arrivals = await self.t.get_many(JOINS, [f"{tgt}|{gen}|{p}" for p in preds])
+        taken = [(p, arrivals[f"{tgt}|{gen}|{p}"]) for p in preds if arrivals.get(f"{tgt}|{gen}|{p}", {}).get("t")]
+        refs = await self.t.get_many(STATE, [f"_outputs.{p}" for p, a in taken if "v" not in a])
+        values = {p: (a["v"] if "v" in a else refs.get(f"_outputs.{p}")) for p, a in taken}
+        if len(preds) == 1:
+            return next(iter(values.values()))
+        return values
+
+    async def reset_loop_body(self, controller: str) -> None:
+        """``continue``: every node of the body starts a new generation. Arrivals from outside the body
+        carry over (they happened once, before the loop); nodes still active are left alone."""
+        body = self.bp.loop_bodies[controller]
+        recs = await self.t.get_many(NODES, body)
+        for node_id in body:
+            rec = recs.get(node_id)
+            if rec and rec["status"] in _ACTIVE_NODE:
+                continue
+            old_gen = rec["gen"] if rec else 0
+            new_gen = old_gen + 1
+            base = rec or {"seq": 0, "runs": 0}
+            self.t.put(NODES, node_id, {**base, "status": NodeStatus.PENDING.value, "gen": new_gen})
+            outside = [p for p in self.bp.predecessors[node_id] if p not in body and p != controller]
+            old = await self.t.get_many(JOINS, [f"{node_id}|{old_gen}|{p}" for p in self.bp.predecessors[node_id]])
+            decided = taken = 0
+            for p in outside:
+                a = old.get(f"{node_id}|{old_gen}|{p}")
+                if a is not None:
+                    self.t.put(JOINS, f"{node_id}|{new_gen}|{p}", a)
+                    decided += 1
+                    taken += int(bool(a.get("t")))
+            if decided:
+                self.t.put(JOINS, f"{node_id}|{new_gen}|#", [decided, taken])
+            for key in old:
+                self.t.delete(JOINS, key)
+            self.t.delete(JOINS, f"{node_id}|{old_gen}|#")
+
+    # ---- finishing nodes and runs
+
+    async def complete(self, node: NodeDef, rec: dict[str, Any], output: Any, action: str | None,
+                       decisions: list[Decision], writes: Mapping[str, Any], *, fallback_of: str | None = None,
+                       extra: Mapping[str, Any] | None = None) -> None:
+        """A node (or the fallback standing in for it) finished: record everything, route, settle."""
+        ts = self.engine.clock()
+        for key, value in writes.items():
+            if value is _MISSING:
+                self.t.delete(STATE, key)
+            else:
+                self.t.put(STATE, key, value)
+        self.t.put(STATE, f"_outputs.{node.id}", output)
+        status = NodeStatus.COMPLETED
+        if fallback_of is not None:
+            self.t.put(STATE, f"_outputs.{fallback_of}", output)
+            status = NodeStatus.FAILED  # the original failed; its fallback's output stands in
+        new = {**rec, **(extra or {}), "status": status.value, "finished_at": ts, "action": action,
+               "runs": rec.get("runs", 0) + 1}
+        new.pop("token", None)
+        self.t.put(NODES, fallback_of or node.id, new)
+        if fallback_of is not None:
+            self.t.put(NODES, node.id, {"status": NodeStatus.COMPLETED.value, "seq": rec["seq"], "gen": 0,
+                                        "attempt": rec.get("attempt", 1), "started_at": rec.get("attempt_started_at"),
+                                        "finished_at": ts, "fallback_for": fallback_of,
+                                        "runs": 1, "worker": rec.get("worker")})
+        self.t.event({"type": "node_completed", "ts": ts, "node": fallback_of or node.id, "action": action,
+                      **({"fallback": node.id} if fallback_of else {})})
+        for d in decisions:
+            if not d.target:
+                self.t.event({"type": "expression_error", "ts": ts, "node": node.id, **d.value})
+        self.add_pending(-1)
+        await self.arrive(fallback_of or node.id, decisions)
+
+    async def settle(self) -> None:
+        """CONTRACT §5.8: completed when nothing is pending, queued, running, sleeping or awaiting."""
+        m = await self.meta()
+        if m["status"] not in (RunStatus.RUNNING, RunStatus.AWAITING):
+            return
+        if int(m["pending"] or 0) > 0:
+            if m["status"] == RunStatus.AWAITING:
+                self.set_meta("status", RunStatus.RUNNING.value)
+            return
+        if m["awaiting_nodes"]:
+            if m["status"] != RunStatus.AWAITING:
+                self.set_meta("status", RunStatus.AWAITING.value)
+                self.t.event({"type": "run_awaiting", "ts": self.engine.clock(), "nodes": m["awaiting_nodes"]})
+            return
+        await self.finalize(RunStatus.COMPLETED, None)
+
+    async def finalize(self, status: RunStatus, reason: str | None) -> None:
+        """Write the run's final status, exactly once."""
+        m = await self.meta()
+        if m["status"] in FINAL_STATUSES:
+            return
+        ts = self.engine.clock()
+        self.set_meta("status", status.value)
+        self.set_meta("reason", reason)
+        self.set_meta("finished_at", ts)
+        payload = None
+        if status == RunStatus.COMPLETED:
+            terminals = self.bp.terminal_nodes
+            got = await self.t.get_many(STATE, [f"_outputs.{n}" for n in terminals])
+            payload = {"outputs": {n: got[f"_outputs.{n}"] for n in terminals if f"_outputs.{n}" in got}}
+        self.t.final = ({"status": status.value, "reason": reason, "payload": payload}, self.engine.settings.ttl_s)
+        self.t.event({"type": "run_finished", "ts": ts, "status": status.value, "reason": reason})
+        parent = m.get("parent")
+        if parent:
+            self.schedule(Job(parent["run_id"], parent["node_id"], parent["seq"], "child", parent["attempt"]))
+
+    async def fail_node(self, node: NodeDef, rec: dict[str, Any], job: Job, error: str, fatal: bool) -> None:
+        """An attempt failed: retry with backoff, else run the fallback, else fail the run."""
+        ts = self.engine.clock()
+        phase = "fallback" if job.kind == "fallback" else "exec"
+        owner = node if phase == "exec" else self.bp.node_map[node.config.fallback or ""]
+        cfg = owner.config
+        attempt = rec.get("attempt", 1) if job.kind in ("gather", "child") else job.attempt
+        self.t.event({"type": "attempt_failed", "ts": ts, "node": node.id, "phase": phase, "attempt": attempt,
+                      "error": error, "worker": self.engine.worker_id})
+        if not fatal and attempt < cfg.max_retries and job.kind != "item":
+            delay = cfg.retry_delay_ms * (2 ** (attempt - 1))
+            self.t.put(NODES, node.id, {**rec, "status": NodeStatus.QUEUED.value, "attempt": attempt + 1,
+                                        "error": error, "child": None, "items": None, "token": None})
+            self.schedule(Job(self.t.run_id, node.id, rec["seq"], "exec" if phase == "exec" else "fallback",
+                              attempt + 1, not_before_ms=ts + delay))
+            return
+        if not fatal and phase == "exec" and node.config.fallback:
+            self.t.put(NODES, node.id, {**rec, "status": NodeStatus.QUEUED.value, "phase": "fallback",
+                                        "attempt": 1, "error": error, "fallback": node.config.fallback,
+                                        "child": None, "items": None, "token": None})
+            self.schedule(Job(self.t.run_id, node.id, rec["seq"], "fallback", 1))
+            return
+        if phase == "fallback":
+            error = f"{rec.get('error')}; fallback {node.config.fallback!r} failed: {error}"
+        self.t.put(NODES, node.id, {**rec, "status": NodeStatus.FAILED.value, "error": error,
+                                    "finished_at": ts, "runs": rec.get("runs", 0) + 1, "token": None})
+        self.add_pending(-1)
+        self.set_meta("failed_node", node.id)
+        await self.finalize(RunStatus.FAILED, f"node {node.id!r} failed: {error}")
+
+
+class _Step:
+    """Handling of one job: claim, work, commit."""
+
+    def __init__(self, engine: Engine, bp: Blueprint, node: NodeDef, job: Job) -> None:
+        self.engine = engine
+        self.bp = bp
+        self.node = node
+        self.job = job
+        self.run_id = job.run_id
+        self.token = secrets.token_hex(6)
+
+    async def txn(self, fn: Callable[[_RunTxn], Any]) -> Any:
+        async def wrapped(t: Txn) -> Any:
+            run = _RunTxn(self.engine, t, self.bp)
+            if (await run.meta())["status"] in FINAL_STATUSES:
+                return None
+            result = await fn(run)
+            return (result, run.scheduled)
+        return await self.engine.store.transact(self.run_id, wrapped)
+
+    async def run(self) -> list[tuple[str, Job]]:
+        kind = self.job.kind
+        if kind in ("exec", "fallback"):
+            return await self._run_exec()
+        if kind == "item":
+            return await self._run_item()
+        if kind == "gather":
+            return await self._run_gather()
+        if kind == "wake":
+            return await self._run_wake()
+        if kind == "child":
+            return await self._run_child()
+        return []
+
+    # ---- claim
+
+    async def _claim(self) -> dict[str, Any] | None:
+        job, now = self.job, self.engine.clock()
+
+        async def fn(run: _RunTxn) -> dict[str, Any] | None:
+            rec = await run.t.get(NODES, self.node.id)
+            if not rec or rec["seq"] != job.seq or rec.get("phase", "exec") != job.kind or rec["attempt"] != job.attempt:
+                return None
+            if rec["status"] == NodeStatus.RUNNING:
+                lease = rec.get("lease_until")
+                if lease is not None and lease > now:
+                    return None  # still held by a live worker: a duplicate delivery
+                if rec.get("child") or rec.get("items") is not None:
+                    return {**rec, "_resume": True}  # its child run / batch is already under way
+            elif rec["status"] != NodeStatus.QUEUED:
+                return None
+            new = {**rec, "status": NodeStatus.RUNNING.value, "token": self.token, "worker": self.engine.worker_id,
+                   "attempt_started_at": now, "lease_until": now + int(self.engine.settings.lease_s * 1000)}
+            if job.attempt == 1 and job.kind == "exec":
+                new["started_at"] = now
+            run.t.put(NODES, self.node.id, new)
+            return new
+
+        got = await self.txn(fn)
+        if got is None or got[0] is None:
+            log.debug("job %s: not claimable (duplicate, stale or run finished)", job.job_id)
+            return None
+        return got[0]
+
+    async def _commit(self, fn: Callable[[_RunTxn, dict[str, Any]], Any], *, token: str | None = None,
+                      status: NodeStatus = NodeStatus.RUNNING) -> list[tuple[str, Job]]:
+        """Run ``fn`` if the node is still in the state this step left it in (same token)."""
+        expect = token or self.token
+
+        async def wrapped(run: _RunTxn) -> bool:
+            rec = await run.t.get(NODES, self.node.id)
+            if not rec or rec["seq"] != self.job.seq or rec["status"] != status or rec.get("token") != expect:
+                return False
+            await fn(run, rec)
+            await run.settle()
+            return True
+
+        got = await self.txn(wrapped)
+        if got is None or not got[0]:
+            log.info("job %s: result discarded (the node moved on: duplicate delivery or run finished)",
+                     self.job.job_id)
+            return []
+        return got[1]
+
+    # ---- exec / fallback
+
+    async def _run_exec(self) -> list[tuple[str, Job]]:
+        rec = await self._claim()
+        if rec is None:
+            return []
+        node = self.node
+        runner = node if self.job.kind == "exec" else self.bp.node_map[node.config.fallback or ""]
+        node_input = await self.engine._node_input(self.bp, node, self.run_id)
+        uses = runner.uses
+        if uses == "loop-controller":
+            return await self._loop(rec, node_input)
+        if uses == "wait":
+            return await self._wait()
+        if uses == "sleep":
+            return await self._sleep(rec, node_input)
+        if uses == "batch":
+            return await self._batch(rec, node_input)
+        if uses == "subflow":
+            return await self._subflow(rec, runner, node_input)
+        writes: dict[str, Any] = {}
+        try:
+            output, action, writes = await self._call(runner, node_input, self.job.attempt)
+        except NodeFailure as e:
+            return await self._commit(lambda run, r: run.fail_node(node, r, self.job, str(e), e.fatal))
+        return await self._succeed(output, action, writes, node_input, runner)
+
+    async def _succeed(self, output: Any, action: str | None, writes: Mapping[str, Any], node_input: Any,
+                       runner: NodeDef | None = None, token: str | None = None) -> list[tuple[str, Job]]:
+        decisions = await self.engine._decide(self.bp, self.node, self.run_id, output, action, writes, node_input)
+        fallback_of = self.node.id if runner is not None and runner.id != self.node.id else None
+
+        async def fn(run: _RunTxn, rec: dict[str, Any]) -> None:
+            await run.complete(runner or self.node, rec, output, action, decisions, writes, fallback_of=fallback_of)
+
+        return await self._commit(fn, token=token)
+
+    async def _call(self, runner: NodeDef, node_input: Any, attempt: int, *, uses: str | None = None,
+                    extra: dict[str, Any] | None = None) -> tuple[Any, str | None, dict[str, Any]]:
+        """Call the user's function once, with the attempt's timeout. Raises NodeFailure."""
+        name = uses or runner.uses
+        fn = self.engine.registry.get(name)
+        if fn is None:
+            raise NodeFailure(f"node type {name!r} is not registered on worker {self.engine.worker_id}", fatal=True)
+        engine, run_id = self.engine, self.run_id
+
+        async def read_one(key: str) -> Any:
+            return await engine._read_context(run_id, key)
+
+        async def read_all() -> dict[str, Any]:
+            return await engine.store.read_all(run_id, STATE)
+
+        view = RunContext(read_one, read_all)
+        ctx = NodeContext(run_id=run_id, node_id=runner.id, blueprint_id=self.bp.id, attempt=attempt,
+                          input=node_input, params=runner.params, context=view, extra=extra or {})
+        timeout = runner.config.timeout_ms / 1000 if runner.config.timeout_ms else None
+        try:
+            if _is_async(fn):
+                result = await asyncio.wait_for(fn(ctx), timeout)
+            else:
+                loop = asyncio.get_running_loop()
+                ctx.context = SyncRunContext(view, loop)
+                result = await asyncio.wait_for(asyncio.to_thread(fn, ctx), timeout)
+                if inspect.isawaitable(result):
+                    result = await asyncio.wait_for(result, timeout)
+        except TimeoutError:
+            raise NodeTimeout(f"attempt {attempt} timed out after {runner.config.timeout_ms} ms") from None
+        except NodeFailure:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the user's code failed: that is the attempt's error
+            raise NodeFailure(f"{type(e).__name__}: {e}") from e
+        if isinstance(result, NodeResult):
+            output, action = result.output, result.action
+        else:
+            output, action = result, None
+        if action is not None and not isinstance(action, str):
+            raise NodeFailure(f"node {runner.id!r} returned an action of type {type(action).__name__}, not a string",
+                              fatal=True)
+        bad = _json_problem(output)
+        if bad:
+            raise NodeFailure(f"node {runner.id!r} returned an output that is not JSON-serializable "
+                              f"(a {bad})", fatal=True)
+        for key, value in view.writes.items():
+            if value is not _MISSING and (bad := _json_problem(value)):
+                raise NodeFailure(f"node {runner.id!r} set context key {key!r} to a value that is not "
+                                  f"JSON-serializable (a {bad})", fatal=True)
+        return output, action, dict(view.writes)
+
+    # ---- built-ins
+
+    async def _loop(self, rec: dict[str, Any], node_input: Any) -> list[tuple[str, Job]]:
+        """loop-controller: ``continue`` (a new iteration of the body) while ``params.condition`` holds and
+        fewer than ``params.maxIterations`` iterations ran; else ``break``. An exit edge whose own
+        condition holds breaks the loop first."""
+        node = self.node
+        edges = self.bp.out_edges[node.id]
+        cont = [e for e in edges if e.action == CONTINUE]
+        exits = [e for e in edges if e.action != CONTINUE]
+        cond = loop_condition(node)
+        names = set(cond.names if cond else ())
+        for e in edges:
+            for expr in (e.condition, e.transform):
+                if expr is not None:
+                    names |= set(expr.names)
+        base = {"result": {"output": None, "action": None}, "input": node_input}
+        scope = await self.engine._scope(self.run_id, names, base, {})
+        events: list[str] = []
+        iteration = int(rec.get("iter", 0))
+        max_iter = int(node.params.get("maxIterations", 1000))
+
+        def holds(expr: Expression | None, what: str) -> bool:
+            if expr is None:
+                return True
+            try:
+                return bool(expr.evaluate(scope))
+            except ExpressionEvalError as err:
+                events.append(f"{what} {expr.source!r}: {err}")
+                return False
+
+        forced = [e for e in exits if e.condition is not None and holds(e.condition, f"edge {node.id}->{e.target} condition")]
+        capped = False
+        if forced:
+            action, chosen = BREAK, forced
+        elif holds(cond, "loop condition") and iteration < max_iter:
+            action = CONTINUE
+            chosen = [e for e in cont if holds(e.condition, f"edge {node.id}->{e.target} condition")]
+            if not chosen:
+                action = BREAK
+        else:
+            capped = iteration >= max_iter
+            action = BREAK
+        if action == BREAK and not forced:
+            scope["result"] = {"output": None, "action": BREAK}
+            chosen = [e for e in exits if e.action == BREAK and holds(e.condition, f"edge {node.id}->{e.target} condition")]
+            if not chosen:
+                chosen = [e for e in exits if e.action is None and holds(e.condition, f"edge {node.id}->{e.target} condition")]
+        scope["result"] = {"output": None, "action": action}
+        considered = list(cont) if action == CONTINUE else list(edges)
+        decisions = _aggregate(considered, chosen, scope, None, events, node.id, self.run_id)
+        if action == CONTINUE:
+            decisions = [d for d in decisions if d.taken or not d.target]  # a continue skips nothing
+
+        async def fn(run: _RunTxn, r: dict[str, Any]) -> None:
+            if action == CONTINUE:
+                await run.reset_loop_body(node.id)
+            elif capped:
+                run.t.event({"type": "loop_max_iterations", "ts": self.engine.clock(), "node": node.id,
+                             "iterations": iteration})
+            extra = {"iter": iteration + 1 if action == CONTINUE else iteration}
+            await run.complete(node, {**r, **extra}, None, action, decisions, {})
+
+        return await self._commit(fn)
+
+    async def _wait(self) -> list[tuple[str, Job]]:
+        async def fn(run: _RunTxn, rec: dict[str, Any]) -> None:
+            m = await run.meta()
+            run.t.put(NODES, self.node.id, {**rec, "status": NodeStatus.AWAITING.value, "token": self.token,
+                                            "lease_until": None})
+            run.set_meta("awaiting_nodes", [*(m["awaiting_nodes"] or []), self.node.id])
+            run.add_pending(-1)
+            run.t.event({"type": "node_awaiting", "ts": self.engine.clock(), "node": self.node.id})
+
+        return await self._commit(fn)
+
+    async def _sleep(self, rec: dict[str, Any], node_input: Any) -> list[tuple[str, Job]]:
+        try:
+            duration = parse_duration_ms(self.node.params.get("duration"))
+        except ValueError as e:
+            return await self._commit(lambda run, r: run.fail_node(self.node, r, self.job, str(e), True))
+        wake_at = self.engine.clock() + duration
+
+        async def fn(run: _RunTxn, r: dict[str, Any]) -> None:
+            run.t.put(NODES, self.node.id, {**r, "status": NodeStatus.SLEEPING.value, "wake_at": wake_at,
+                                            "lease_until": None})
+            run.schedule(Job(self.run_id, self.node.id, self.job.seq, "wake", 1, not_before_ms=wake_at))
+
+        return await self._commit(fn)
+
+    async def _run_wake(self) -> list[tuple[str, Job]]:
+        rec = await self.engine.store.read(self.run_id, NODES, [self.node.id])
+        r = rec[0]
+        if r is MISSING or r["seq"] != self.job.seq or r["status"] != NodeStatus.SLEEPING:
+            return []
+        node_input = await self.engine._node_input(self.bp, self.node, self.run_id)
+        return await self._succeed_with_status(node_input, None, {}, node_input, r.get("token"), NodeStatus.SLEEPING)
+
+    async def _succeed_with_status(self, output: Any, action: str | None, writes: Mapping[str, Any], node_input: Any,
+                                   token: str | None, status: NodeStatus, extra: Mapping[str, Any] | None = None,
+                                   ) -> list[tuple[str, Job]]:
+        decisions = await self.engine._decide(self.bp, self.node, self.run_id, output, action, writes, node_input)
+
+        async def fn(run: _RunTxn, rec: dict[str, Any]) -> None:
+            await run.complete(self.node, rec, output, action, decisions, writes, extra=extra)
+
+        return await self._commit(fn, token=token, status=status)
+
+    async def _batch(self, rec: dict[str, Any], node_input: Any) -> list[tuple[str, Job]]:
+        """batch: one job per item of the input list (``params.worker`` runs each); the output is the list
+        of results in item order."""
+        if rec.get("_resume"):
+            return []  # already expanded; its items are under way
+        if node_input is None:
+            node_input = []
+        if not isinstance(node_input, list):
+            msg = f"batch input must be a list, got {type(node_input).__name__}"
+            return await self._commit(lambda run, r: run.fail_node(self.node, r, self.job, msg, False))
+        if not node_input:
+            return await self._succeed([], None, {}, node_input)
+        seq, prefix = self.job.seq, f"{self.node.id}|{self.job.seq}"
+
+        async def fn(run: _RunTxn, r: dict[str, Any]) -> None:
+            run.t.put(NODES, self.node.id, {**r, "items": len(node_input), "lease_until": None})
+            run.t.put(BATCH, f"{prefix}|n", len(node_input))
+            run.t.put(BATCH, f"{prefix}|done", 0)
+            for i, item in enumerate(node_input):
+                run.t.put(BATCH, f"{prefix}|i|{i}", item)
+                run.t.put(BATCH, f"{prefix}|s|{i}", {"status": "queued", "attempt": 1})
+                run.schedule(Job(self.run_id, self.node.id, seq, "item", 1, item=i))
+
+        return await self._commit(fn)
+
+    async def _run_item(self) -> list[tuple[str, Job]]:
+        job, node = self.job, self.node
+        prefix = f"{node.id}|{job.seq}"
+        skey = f"{prefix}|s|{job.item}"
+        now = self.engine.clock()
+
+        async def claim(run: _RunTxn) -> tuple[Any, str] | None:
+            rec = await run.t.get(NODES, node.id)
+            if not rec or rec["seq"] != job.seq or rec["status"] != NodeStatus.RUNNING or rec.get("phase") != "exec":
+                return None
+            st = await run.t.get(BATCH, skey)
+            if not st or st["attempt"] != job.attempt:
+                return None
+            if st["status"] == "running" and st.get("lease_until", 0) > now:
+                return None
+            if st["status"] not in ("queued", "running"):
+                return None
+            run.t.put(BATCH, skey, {**st, "status": "running", "token": self.token,
+                                    "lease_until": now + int(self.engine.settings.lease_s * 1000)})
+            return await run.t.get(BATCH, f"{prefix}|i|{job.item}"), rec["token"]
+
+        got = await self.txn(claim)
+        if got is None or got[0] is None:
+            return []
+        item, node_token = got[0]
+        worker = str(node.params.get("worker"))
+        try:
+            output, _action, writes = await self._call(node, item, job.attempt, uses=worker,
+                                                       extra={"item_index": job.item})
+        except NodeFailure as e:
+            error, fatal = str(e), e.fatal
+
+            async def failed(run: _RunTxn) -> bool:
+                rec = await run.t.get(NODES, node.id)
+                st = await run.t.get(BATCH, skey)
+                if not rec or rec.get("token") != node_token or not st or st.get("token") != self.token:
+                    return False
+                if not fatal and job.attempt < node.config.max_retries:
+                    delay = node.config.retry_delay_ms * (2 ** (job.attempt - 1))
+                    run.t.put(BATCH, skey, {"status": "queued", "attempt": job.attempt + 1, "error": error})
+                    run.t.event({"type": "attempt_failed", "ts": now, "node": node.id, "item": job.item,
+                                 "attempt": job.attempt, "error": error, "worker": self.engine.worker_id})
+                    run.schedule(Job(self.run_id, node.id, job.seq, "item", job.attempt + 1, item=job.item,
+                                     not_before_ms=self.engine.clock() + delay))
+                else:
+                    run.t.put(BATCH, skey, {"status": "failed", "attempt": job.attempt, "error": error})
+                    await run.fail_node(node, rec, Job(self.run_id, node.id, job.seq, "exec", node.config.max_retries),
+                                        f"item {job.item}: {error}", False)
+                await run.settle()
+                return True
+
+            res = await self.txn(failed)
+            return res[1] if res and res[0] else []
+
+        async def done(run: _RunTxn) -> bool:
+            rec = await run.t.get(NODES, node.id)
+            st = await run.t.get(BATCH, skey)
+            if not rec or rec.get("token") != node_token or not st or st.get("token") != self.token:
+                return False
+            for key, value in writes.items():
+                if value is _MISSING:
+                    run.t.delete(STATE, key)
+                else:
+                    run.t.put(STATE, key, value)
+            run.t.put(BATCH, skey, {"status": "done", "attempt": job.attempt})
+            run.t.put(BATCH, f"{prefix}|r|{job.item}", output)
+            n_done = await run.t.get(BATCH, f"{prefix}|done", 0) + 1
+            run.t.put(BATCH, f"{prefix}|done", n_done)
+            if n_done >= await run.t.get(BATCH, f"{prefix}|n", 0):
+                run.schedule(Job(self.run_id, node.id, job.seq, "gather", 1))
+            return True
+
+        res = await self.txn(done)
+        return res[1] if res and res[0] else []
+
+    async def _run_gather(self) -> list[tuple[str, Job]]:
+        node, prefix = self.node, f"{self.node.id}|{self.job.seq}"
+        recs = await self.engine.store.read(self.run_id, NODES, [node.id])
+        rec = recs[0]
+        if rec is MISSING or rec["seq"] != self.job.seq or rec["status"] != NodeStatus.RUNNING:
+            return []
+        n = (await self.engine.store.read(self.run_id, BATCH, [f"{prefix}|n"]))[0]
+        results = await self.engine.store.read(self.run_id, BATCH, [f"{prefix}|r|{i}" for i in range(n)])
+        if any(r is MISSING for r in results):
+            return []
+        node_input = await self.engine._node_input(self.bp, node, self.run_id)
+        return await self._succeed(list(results), None, {}, node_input, token=rec.get("token"))
+
+    async def _subflow(self, rec: dict[str, Any], runner: NodeDef, node_input: Any) -> list[tuple[str, Job]]:
+        """subflow: a child run linked to this node; the child's end schedules a ``child`` job here."""
+        params = runner.params
+        child_bp = str(params.get("blueprintId"))
+        child_id = f"{self.run_id}.{self.node.id}.{self.job.seq}.{self.job.attempt}"
+        mapping = params.get("inputs")
+        seed: dict[str, Any] | None = None
+        if isinstance(mapping, Mapping):
+            seed = {}
+            for child_key, parent_key in mapping.items():
+                ctx_v, out_v = await self.engine.store.read(self.run_id, STATE, [str(parent_key), f"_outputs.{parent_key}"])
+                seed[child_key] = ctx_v if ctx_v is not MISSING else (None if out_v is MISSING else out_v)
+        child_input = seed if seed is not None else node_input
+        scheduled: list[tuple[str, Job]] = []
+        if not rec.get("_resume"):
+            async def fn(run: _RunTxn, r: dict[str, Any]) -> None:
+                run.t.put(NODES, self.node.id, {**r, "child": child_id, "lease_until": None})
+            scheduled = await self._commit(fn)
+            if not scheduled and not await self._still_child(child_id):
+                return []
+        parent = {"run_id": self.run_id, "node_id": self.node.id, "seq": self.job.seq, "attempt": self.job.attempt}
+        try:
+            _, jobs = await self.engine.start_run(child_bp, child_input, run_id=child_id, parent=parent, seed=seed)
+        except InvalidInput as e:
+            return scheduled + await self._commit(
+                lambda run, r: run.fail_node(self.node, r, self.job, str(e), True), token=rec.get("token") if rec.get("_resume") else None)
+        return scheduled + jobs
+
+    async def _still_child(self, child_id: str) -> bool:
+        r = (await self.engine.store.read(self.run_id, NODES, [self.node.id]))[0]
+        return r is not MISSING and r.get("child") == child_id
+
+    async def _run_child(self) -> list[tuple[str, Job]]:
+        r = (await self.engine.store.read(self.run_id, NODES, [self.node.id]))[0]
+        if r is MISSING or r["seq"] != self.job.seq or r["status"] != NodeStatus.RUNNING or not r.get("child"):
+            return []
+        child_id = r["child"]
+        status = await self.engine.store.read_status(child_id)
+        if status is None:
+            return []
+        runner = self.node if r.get("phase", "exec") == "exec" else self.bp.node_map[self.node.config.fallback or ""]
+        job = Job(self.run_id, self.node.id, self.job.seq, r.get("phase", "exec"), r["attempt"])
+        if status["status"] != RunStatus.COMPLETED:
+            msg = f"subflow {runner.params.get('blueprintId')!r} (run {child_id}) {status['status']}: {status.get('reason')}"
+            return await self._commit(lambda run, rr: run.fail_node(self.node, rr, job, msg, False), token=r.get("token"))
+        child_ctx = await self.engine.store.read_all(child_id, STATE)
+        outputs = runner.params.get("outputs")
+        writes: dict[str, Any] = {}
+        if isinstance(outputs, Mapping):
+            for parent_key, child_node in outputs.items():
+                v = child_ctx.get(f"_outputs.{child_node}", child_ctx.get(str(child_node)))
+                writes[str(parent_key)] = v
+            output: Any = child_ctx
+        else:
+            child_bp = self.engine.blueprints[str(runner.params.get("blueprintId"))]
+            done = {t: child_ctx[f"_outputs.{t}"] for t in child_bp.terminal_nodes if f"_outputs.{t}" in child_ctx}
+            output = next(iter(done.values())) if len(done) == 1 else done
+        node_input = await self.engine._node_input(self.bp, self.node, self.run_id)
+        if runner is not self.node:
+            return await self._succeed(output, None, writes, node_input, runner, token=r.get("token"))
+        return await self._succeed(output, None, writes, node_input, token=r.get("token"))
+
+
+def _is_async(fn: Any) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))

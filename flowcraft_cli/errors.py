@@ -1,0 +1,72 @@
+"""The flowcraft exception tree (stdlib only).
+
+::
+
+    FlowcraftError                 exit_code 1 unless a subclass says otherwise
+    ├── InvalidInput               exit 2: bad flag, bad JSON, unknown blueprint id, existing run id
+    │   ├── ConfigError            a config file or value that does not validate
+    │   ├── BlueprintError         one or more blueprint problems, each "FILE: path: message"
+    │   └── ExpressionError        an expression that does not compile (syntax, forbidden construct)
+    ├── OperationalError           exit 1: Redis unreachable, run not found, ...
+    │   ├── RedisUnavailable
+    │   └── RunNotFound
+    └── NodeFailure                a node attempt failed (raised inside the engine, recorded, never shown raw)
+        └── NodeTimeout
+
+The CLI turns a FlowcraftError into one ``error: ...`` line and its ``exit_code``; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class FlowcraftError(Exception):
+    exit_code = 1
+
+
+class InvalidInput(FlowcraftError):
+    exit_code = 2
+
+
+class ConfigError(InvalidInput):
+    pass
+
+
+class BlueprintError(InvalidInput):
+    """Carries every problem found, so a user fixes a file in one pass."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class ExpressionError(InvalidInput):
+    pass
+
+
+class ExpressionEvalError(FlowcraftError):
+    """A runtime evaluation error: counts as false for conditions and is recorded as a run event."""
+
+
+class OperationalError(FlowcraftError):
+    exit_code = 1
+
+
+class RedisUnavailable(OperationalError):
+    pass
+
+
+class RunNotFound(OperationalError):
+    pass
+
+
+class NodeFailure(FlowcraftError):
+    """A failed node attempt. ``fatal`` skips the remaining attempts and the fallback."""
+
+    def __init__(self, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+class NodeTimeout(NodeFailure):
+    pass

@@ -1,0 +1,53 @@
+"""The unit of work both runtimes schedule: one step of one node of one run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+#: exec: run the node (attempt N) · fallback: run the node's fallback (attempt N) · item: one batch item ·
+#: gather: finish a batch · wake: end a sleep · child: a subflow's child run has finished
+JOB_KINDS = frozenset({"exec", "fallback", "item", "gather", "wake", "child"})
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    run_id: str
+    node_id: str
+    seq: int  # which firing of the node: loops fire a node again with seq + 1
+    kind: str = "exec"
+    attempt: int = 1
+    item: int = -1  # batch item index, for kind "item"
+    not_before_ms: int = 0  # epoch ms before which the job must not run (retry backoff, sleep)
+
+    @property
+    def job_id(self) -> str:
+        """Deterministic, so scheduling the same step twice is a no-op in the queue."""
+        base = f"{self.run_id}|{self.node_id}|{self.seq}|{self.kind}|{self.attempt}"
+        return f"{base}|{self.item}" if self.item >= 0 else base
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Job:
+        """Strict: a job that does not decode to exactly this shape is refused (ValueError)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"job payload must be an object, got {type(data).__name__}")
+        expected = {"run_id": str, "node_id": str, "seq": int, "kind": str, "attempt": int, "item": int,
+                    "not_before_ms": int}
+        unknown = set(data) - set(expected)
+        if unknown:
+            raise ValueError(f"job payload has unknown keys {sorted(unknown)}")
+        for key, typ in expected.items():
+            if key in ("kind", "attempt", "item", "not_before_ms") and key not in data:
+                continue
+            value = data.get(key)
+            if not isinstance(value, typ) or isinstance(value, bool):
+                raise ValueError(f"job payload {key!r} must be {typ.__name__}, got {value!r}")
+        job = cls(**data)
+        if job.kind not in JOB_KINDS:
+            raise ValueError(f"job payload kind {job.kind!r} is not one of {sorted(JOB_KINDS)}")
+        if job.seq < 1 or job.attempt < 1:
+            raise ValueError("job payload seq and attempt must be >= 1")
+        return job

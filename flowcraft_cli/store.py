@@ -1,0 +1,192 @@
+"""The state a run keeps, behind one small transactional interface, and its in-memory implementation.
+
+The engine never talks to Redis or dicts directly: it opens a transaction on one run, reads fields
+lazily, buffers writes, and the store applies them all at once (Redis: WATCH + MULTI/EXEC, retried on
+conflict; memory: under a per-run lock). So a crash leaves either all of a step or none of it, and the
+in-process runtime and the workers share one engine.
+
+A run's state is a few hashes of JSON values, named by *kind*:
+
+  RUN     run meta: status, reason, blueprint_id, blueprint_version, pending, awaiting, timestamps
+  NODES   node_id -> node record (status, seq, gen, attempt, timings, error)
+  JOINS   "<target>|<gen>|<source>" -> arrival, "<target>|<gen>|#" -> [decided, taken]
+  BATCH   "<node>|<seq>|..." -> batch item bookkeeping
+  OUTBOX  job_id -> job: written in the same transaction that decides the job, deleted once queued
+  STATE   the run context (Flowcraft keys: _outputs.<node>, _inputs.<node>, blueprintId, ...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+RUN, NODES, JOINS, BATCH, OUTBOX, STATE = "run", "nodes", "joins", "batch", "outbox", "state"
+KINDS = (RUN, NODES, JOINS, BATCH, OUTBOX, STATE)
+MISSING: Any = object()
+T = TypeVar("T")
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class Txn(ABC):
+    """One transaction on one run. Reads see this transaction's own writes."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._writes: dict[tuple[str, str], Any] = {}  # value or MISSING (delete)
+        self._cache: dict[tuple[str, str], Any] = {}
+        self.events: list[dict[str, Any]] = []
+        self.final: tuple[dict[str, Any], int] | None = None  # (status document, ttl_s)
+        self.ttl_s: int | None = None  # expiry to set on every key of the run at commit
+
+    @abstractmethod
+    async def _load(self, kind: str, fields: list[str]) -> list[str | None]: ...
+
+    @abstractmethod
+    async def _load_all(self, kind: str) -> dict[str, str]: ...
+
+    async def get(self, kind: str, field: str, default: Any = None) -> Any:
+        key = (kind, field)
+        if key in self._writes:
+            v = self._writes[key]
+            return default if v is MISSING else v
+        if key not in self._cache:
+            raw = (await self._load(kind, [field]))[0]
+            self._cache[key] = MISSING if raw is None else json.loads(raw)
+        v = self._cache[key]
+        return default if v is MISSING else v
+
+    async def get_many(self, kind: str, fields: Iterable[str]) -> dict[str, Any]:
+        fields = list(fields)
+        todo = [f for f in fields if (kind, f) not in self._writes and (kind, f) not in self._cache]
+        if todo:
+            for f, raw in zip(todo, await self._load(kind, todo), strict=True):
+                self._cache[(kind, f)] = MISSING if raw is None else json.loads(raw)
+        out: dict[str, Any] = {}
+        for f in fields:
+            v = self._writes.get((kind, f), self._cache.get((kind, f), MISSING))
+            if v is not MISSING:
+                out[f] = v
+        return out
+
+    async def get_all(self, kind: str) -> dict[str, Any]:
+        out = {f: json.loads(raw) for f, raw in (await self._load_all(kind)).items()}
+        for (k, f), v in self._writes.items():
+            if k == kind:
+                if v is MISSING:
+                    out.pop(f, None)
+                else:
+                    out[f] = v
+        return out
+
+    def put(self, kind: str, field: str, value: Any) -> None:
+        self._writes[(kind, field)] = value
+
+    def delete(self, kind: str, field: str) -> None:
+        self._writes[(kind, field)] = MISSING
+
+    def event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._writes or self.events or self.final)
+
+
+class Store(ABC):
+    """Where runs live. ``transact`` runs ``fn`` until it commits without a conflicting writer."""
+
+    @abstractmethod
+    async def transact(self, run_id: str, fn: Callable[[Txn], Awaitable[T]]) -> T: ...
+
+    @abstractmethod
+    async def read(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
+        """Non-transactional read of some fields (MISSING where absent)."""
+
+    @abstractmethod
+    async def read_all(self, run_id: str, kind: str) -> dict[str, Any]: ...
+
+    @abstractmethod
+    async def read_status(self, run_id: str) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    async def read_events(self, run_id: str) -> list[dict[str, Any]]: ...
+
+    async def ack_jobs(self, run_id: str, job_ids: list[str]) -> None:
+        """Forget outbox entries once the queue holds them."""
+        if job_ids:
+            await self._ack(run_id, job_ids)
+
+    @abstractmethod
+    async def _ack(self, run_id: str, job_ids: list[str]) -> None: ...
+
+
+class _MemoryTxn(Txn):
+    def __init__(self, run_id: str, data: dict[str, dict[str, str]]) -> None:
+        super().__init__(run_id)
+        self._data = data
+
+    async def _load(self, kind: str, fields: list[str]) -> list[str | None]:
+        h = self._data.get(kind, {})
+        return [h.get(f) for f in fields]
+
+    async def _load_all(self, kind: str) -> dict[str, str]:
+        return dict(self._data.get(kind, {}))
+
+
+class MemoryStore(Store):
+    """Runs in one process's memory. Values are kept JSON-encoded, exactly as in Redis, so the in-process
+    runtime enforces the same rules (JSON-only values, no shared mutable objects)."""
+
+    EVENT_CAP = 10_000
+
+    def __init__(self) -> None:
+        self._runs: dict[str, dict[str, dict[str, str]]] = {}
+        self._status: dict[str, dict[str, Any]] = {}
+        self._events: dict[str, list[dict[str, Any]]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def transact(self, run_id: str, fn: Callable[[Txn], Awaitable[T]]) -> T:
+        lock = self._locks.setdefault(run_id, asyncio.Lock())
+        async with lock:
+            data = self._runs.get(run_id, {})
+            txn = _MemoryTxn(run_id, data)
+            result = await fn(txn)
+            if txn.dirty:
+                data = self._runs.setdefault(run_id, {})
+                for (kind, field), value in txn._writes.items():
+                    h = data.setdefault(kind, {})
+                    if value is MISSING:
+                        h.pop(field, None)
+                    else:
+                        h[field] = dumps(value)
+                if txn.events:
+                    events = self._events.setdefault(run_id, [])
+                    events.extend(txn.events)
+                    del events[: max(0, len(events) - self.EVENT_CAP)]
+                if txn.final:
+                    self._status[run_id] = txn.final[0]
+            return result
+
+    async def read(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
+        h = self._runs.get(run_id, {}).get(kind, {})
+        return [json.loads(h[f]) if f in h else MISSING for f in fields]
+
+    async def read_all(self, run_id: str, kind: str) -> dict[str, Any]:
+        return {f: json.loads(v) for f, v in self._runs.get(run_id, {}).get(kind, {}).items()}
+
+    async def read_status(self, run_id: str) -> dict[str, Any] | None:
+        return self._status.get(run_id)
+
+    async def read_events(self, run_id: str) -> list[dict[str, Any]]:
+        return list(self._events.get(run_id, []))
+
+    async def _ack(self, run_id: str, job_ids: list[str]) -> None:
+        outbox = self._runs.get(run_id, {}).get(OUTBOX, {})
+        for j in job_ids:
+            outbox.pop(j, None)

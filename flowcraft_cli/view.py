@@ -1,0 +1,105 @@
+"""A read-only picture of one run (summary, node table, context): what ``inspect``, ``run`` and
+``enqueue --wait`` show. Works on any Store."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .blueprint import Blueprint
+from .errors import RunNotFound
+from .store import NODES, RUN, STATE, Store
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class NodeView:
+    node_id: str
+    uses: str
+    status: str
+    attempts: int
+    started_at: int | None
+    finished_at: int | None
+    error: str | None
+    worker: str | None = None
+    runs: int = 0
+    note: str = ""
+
+    @property
+    def duration_ms(self) -> int | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return max(0, self.finished_at - self.started_at)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "status": self.status, "attempts": self.attempts,
+                "started_at": iso(self.started_at), "finished_at": iso(self.finished_at),
+                "duration_ms": self.duration_ms, "error": self.error, "worker": self.worker, "runs": self.runs}
+
+
+@dataclass
+class RunView:
+    run_id: str
+    blueprint_id: str
+    blueprint_version: str
+    status: str
+    reason: str | None
+    created_at: int | None
+    finished_at: int | None
+    nodes: list[NodeView]
+    context: dict[str, Any]
+    awaiting_nodes: list[str] = field(default_factory=list)
+    parent: dict[str, Any] | None = None
+
+    @property
+    def outputs(self) -> dict[str, Any]:
+        return {k[len("_outputs."):]: v for k, v in self.context.items() if k.startswith("_outputs.")}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "blueprint_id": self.blueprint_id,
+                "blueprint_version": self.blueprint_version, "status": self.status, "reason": self.reason,
+                "created_at": iso(self.created_at), "finished_at": iso(self.finished_at),
+                "awaiting_nodes": self.awaiting_nodes,
+                "nodes": [n.to_json() for n in self.nodes], "context": self.context, "outputs": self.outputs}
+
+
+async def read_run(store: Store, blueprints: Mapping[str, Blueprint], run_id: str) -> RunView:
+    meta = await store.read_all(run_id, RUN)
+    if not meta.get("status"):
+        raise RunNotFound(f"run {run_id!r} not found (it never existed or its keys expired)")
+    records = await store.read_all(run_id, NODES)
+    context = await store.read_all(run_id, STATE)
+    bp = blueprints.get(meta["blueprint_id"])
+    order = [n.id for n in bp.nodes] if bp else []
+    order += sorted(k for k in records if k not in set(order))
+    finished_ok = meta["status"] == "completed"
+    nodes = []
+    for node_id in order:
+        rec = records.get(node_id)
+        uses = bp.node_map[node_id].uses if bp and node_id in bp.node_map else "?"
+        if rec is None:
+            # never reached: in a completed run that means no taken edge led there (e.g. an unused fallback)
+            nodes.append(NodeView(node_id, uses, "skipped" if finished_ok else "pending", 0, None, None, None))
+            continue
+        note = ""
+        if rec.get("fallback"):
+            note = f"fallback {rec['fallback']} stood in" if rec["status"] == "failed" and meta["status"] != "failed" else ""
+        if rec.get("fallback_for"):
+            note = f"fallback for {rec['fallback_for']}"
+        if rec.get("items"):
+            note = f"{rec['items']} items"
+        attempts = rec.get("attempt", 0) if rec["status"] not in ("pending", "skipped") or rec.get("runs") else 0
+        nodes.append(NodeView(node_id, uses, rec["status"], attempts, rec.get("started_at"), rec.get("finished_at"),
+                              rec.get("error"), rec.get("worker"), rec.get("runs", 0), note))
+    return RunView(run_id, meta["blueprint_id"], meta.get("blueprint_version", ""), meta["status"], meta.get("reason"),
+                   meta.get("created_at"), meta.get("finished_at"), nodes, context,
+                   list(meta.get("awaiting_nodes") or []), meta.get("parent"))
+
+

@@ -1,0 +1,663 @@
+"""CONTRACT §5 scenarios, run through every runtime (the ``flow`` fixture is parametrized)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from flowcraft_cli import NodeResult
+
+LINEAR = """
+id: linear
+nodes:
+  - {id: a, uses: emit}
+  - {id: b, uses: suffix}
+edges:
+  - {source: a, target: b}
+"""
+
+
+def emit(ctx):
+    return "resultA"
+
+
+async def suffix(ctx):
+    return f"{ctx.input}_B"
+
+
+def test_linear_data_flow(flow):
+    r = flow.run(LINEAR, {"emit": emit, "suffix": suffix})
+    assert r.status == "completed"
+    assert r.outputs == {"a": "resultA", "b": "resultA_B"}
+    assert r.context["_inputs.b"] == "resultA"
+    assert r.context["blueprintId"] == "linear"
+
+
+def test_start_node_gets_run_input_and_context_is_seeded(flow):
+    doc = """
+id: seed
+nodes: [{id: a, uses: echo}]
+edges: []
+"""
+
+    async def echo(ctx):
+        return {"input": ctx.input, "ctx": await ctx.context.get("order")}
+
+    r = flow.run(doc, {"echo": echo}, {"order": {"total": 5}})
+    assert r.status == "completed"
+    assert r.outputs["a"] == {"input": {"order": {"total": 5}}, "ctx": {"total": 5}}
+    assert r.context["order"] == {"total": 5}
+
+
+def test_node_returning_nothing_stores_null(flow):
+    doc = """
+id: none
+nodes: [{id: a, uses: nothing}, {id: b, uses: show}]
+edges: [{source: a, target: b}]
+"""
+    r = flow.run(doc, {"nothing": lambda ctx: None, "show": lambda ctx: repr(ctx.input)})
+    assert r.status == "completed"
+    assert "_outputs.a" in r.context and r.context["_outputs.a"] is None
+    assert r.outputs["b"] == "None"
+
+
+def test_inputs_mapping_and_dotted_paths(flow):
+    doc = """
+id: inputs
+nodes:
+  - {id: a, uses: deep}
+  - id: b
+    uses: echo
+    inputs: {v: a.deep.v, raw: user, lit: _outputs.a, missing: a.nope.x}
+edges: [{source: a, target: b}]
+"""
+    r = flow.run(doc, {"deep": lambda ctx: {"deep": {"v": 7}}, "echo": lambda ctx: ctx.input}, {"user": {"n": "x"}})
+    assert r.outputs["b"] == {"v": 7, "raw": {"n": "x"}, "lit": {"deep": {"v": 7}}, "missing": None}
+
+
+def test_transform_and_context_writes(flow):
+    doc = """
+id: transform
+nodes:
+  - {id: a, uses: writer}
+  - {id: b, uses: echo}
+  - {id: c, uses: reader}
+edges:
+  - {source: a, target: b, transform: "input.data * 2"}
+  - {source: b, target: c}
+"""
+
+    async def writer(ctx):
+        await ctx.context.set("shared_value", 42)
+        return {"data": 21}
+
+    def reader(ctx):
+        return f"C received {ctx.context.get('shared_value')} and {ctx.input}"
+
+    r = flow.run(doc, {"writer": writer, "echo": lambda ctx: ctx.input, "reader": reader})
+    assert r.status == "completed"
+    assert r.outputs["b"] == 42
+    assert r.outputs["c"] == "C received 42 and 42"
+    assert r.context["shared_value"] == 42
+
+
+ROUTING = """
+id: routing
+nodes:
+  - {id: a, uses: decide}
+  - {id: b, uses: mark}
+  - {id: c, uses: mark}
+  - {id: d, uses: mark}
+edges:
+  - {source: a, target: b, action: known}
+  - {source: a, target: c, action: other}
+  - {source: a, target: d}
+"""
+
+
+def _skipped(r):
+    return {n.node_id for n in r.view.nodes if n.status == "skipped"}
+
+
+def test_action_routes_to_its_edges_only(flow):
+    r = flow.run(ROUTING, {"decide": lambda ctx: NodeResult("x", "known"), "mark": lambda ctx: ctx.input})
+    assert r.status == "completed"
+    assert set(r.outputs) == {"a", "b"}
+    assert _skipped(r) == {"c", "d"}
+
+
+def test_unknown_action_falls_back_to_default_edges(flow):
+    r = flow.run(ROUTING, {"decide": lambda ctx: NodeResult("x", "unknown"), "mark": lambda ctx: ctx.input})
+    assert r.status == "completed"
+    assert set(r.outputs) == {"a", "d"}
+    assert _skipped(r) == {"b", "c"}
+
+
+def test_no_action_and_only_action_edges_runs_nothing(flow):
+    doc = """
+id: only-actions
+nodes: [{id: a, uses: plain}, {id: b, uses: plain}, {id: c, uses: plain}]
+edges:
+  - {source: a, target: b, action: x}
+  - {source: a, target: c, action: y}
+"""
+    r = flow.run(doc, {"plain": lambda ctx: "v"})
+    assert r.status == "completed"
+    assert set(r.outputs) == {"a"}
+    assert _skipped(r) == {"b", "c"}
+
+
+def test_conditional_branch_skips_subtree_and_all_join_still_runs(flow):
+    doc = """
+id: cond-join
+nodes:
+  - {id: a, uses: ok}
+  - {id: b, uses: tag}
+  - {id: c, uses: tag}
+  - {id: c2, uses: tag}
+  - {id: d, uses: echo}
+edges:
+  - {source: a, target: b, condition: "result.output.ok"}
+  - {source: a, target: c, condition: "result.output.nope"}
+  - {source: c, target: c2}
+  - {source: b, target: d}
+  - {source: c2, target: d}
+"""
+    r = flow.run(doc, {"ok": lambda ctx: {"ok": True}, "tag": lambda ctx: "tag", "echo": lambda ctx: ctx.input})
+    assert r.status == "completed"
+    assert _skipped(r) == {"c", "c2"}
+    assert r.outputs["d"] == {"b": "tag"}
+    assert "_outputs.c" not in r.context
+
+
+def test_condition_reads_context_keys_and_bare_names(flow):
+    doc = """
+id: route-total
+nodes:
+  - {id: route, uses: total}
+  - {id: small, uses: tag}
+  - {id: medium, uses: tag}
+  - {id: large, uses: tag}
+edges:
+  - {source: route, target: small, condition: "total < 500"}
+  - {source: route, target: medium, condition: "total >= 500 and total <= 2000"}
+  - {source: route, target: large, condition: "outputs['route']['total'] > 2000"}
+"""
+
+    async def total(ctx):
+        await ctx.context.set("total", 1665)
+        return {"total": 1665}
+
+    r = flow.run(doc, {"total": total, "tag": lambda ctx: ctx.node_id})
+    assert set(r.outputs) == {"route", "medium"}
+
+
+def test_condition_error_counts_as_false_and_is_recorded(flow):
+    doc = """
+id: cond-error
+nodes: [{id: a, uses: v}, {id: b, uses: v}, {id: c, uses: v}]
+edges:
+  - {source: a, target: b, condition: "result.output.missing.deeper > 1"}
+  - {source: a, target: c}
+"""
+    s = flow.session(doc, {"v": lambda ctx: {"x": 1}})
+    r = s.run("cond-error")
+    assert r.status == "completed"
+    assert set(r.outputs) == {"a", "c"}
+    assert any(e["type"] == "expression_error" for e in s.events(r.run_id))
+
+
+def test_all_join_runs_once_after_all_predecessors(flow):
+    calls = Counter()
+    doc = """
+id: fan-in
+nodes:
+  - {id: a, uses: v}
+  - {id: b, uses: v}
+  - {id: c, uses: v}
+  - {id: d, uses: join}
+edges:
+  - {source: a, target: d}
+  - {source: b, target: d}
+  - {source: c, target: d}
+"""
+
+    def join(ctx):
+        calls["d"] += 1
+        return sorted(ctx.input)
+
+    r = flow.run(doc, {"v": lambda ctx: ctx.node_id, "join": join})
+    assert r.status == "completed"
+    assert calls["d"] == 1
+    assert r.outputs["d"] == ["a", "b", "c"]
+    assert r.context["_inputs.d"] == {"a": "a", "b": "b", "c": "c"}
+
+
+def test_any_join_runs_exactly_once(flow):
+    calls = Counter()
+    doc = """
+id: any-join
+nodes:
+  - {id: s, uses: v}
+  - {id: a, uses: v}
+  - {id: b, uses: slow}
+  - {id: x, uses: v}
+  - {id: c, uses: join, config: {joinStrategy: any}}
+edges:
+  - {source: s, target: a}
+  - {source: s, target: b}
+  - {source: s, target: x}
+  - {source: a, target: c}
+  - {source: b, target: c}
+  - {source: x, target: c}
+"""
+
+    def join(ctx):
+        calls["c"] += 1
+        return ctx.input
+
+    def slow(ctx):
+        time.sleep(0.05)
+        return "b"
+
+    r = flow.run(doc, {"v": lambda ctx: ctx.node_id, "slow": slow, "join": join})
+    assert r.status == "completed"
+    assert calls["c"] == 1
+    assert r.outputs["c"] in ("a", "x")
+
+
+def test_retries_call_node_max_retries_times_with_growing_delays(flow):
+    seen: list[float] = []
+    doc = """
+id: retry
+nodes:
+  - {id: a, uses: flaky, config: {maxRetries: 3, retryDelay: 100}}
+edges: []
+"""
+
+    def flaky(ctx):
+        seen.append(time.monotonic())
+        if ctx.attempt < 3:
+            raise RuntimeError(f"boom {ctx.attempt}")
+        return ctx.attempt
+
+    r = flow.run(doc, {"flaky": flaky})
+    assert r.status == "completed"
+    assert r.outputs["a"] == 3
+    assert len(seen) == 3
+    gaps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+    # backoff is 100 ms then 200 ms: the second gap is at least the configured delay (a floor, not a timing claim)
+    assert gaps[0] >= 0.1 and gaps[1] >= 0.2
+    node = r.view.nodes[0]
+    assert node.attempts == 3
+
+
+def test_retries_exhausted_fail_the_run(flow):
+    calls = Counter()
+    doc = """
+id: retry-fail
+nodes:
+  - {id: a, uses: bad, config: {maxRetries: 2}}
+  - {id: b, uses: v}
+edges: [{source: a, target: b}]
+"""
+
+    def bad(ctx):
+        calls["a"] += 1
+        raise ValueError("nope")
+
+    r = flow.run(doc, {"bad": bad, "v": lambda ctx: 1})
+    assert r.status == "failed"
+    assert calls["a"] == 2
+    assert "nope" in r.reason and "'a'" in r.reason
+    assert "_outputs.b" not in r.context
+
+
+def test_timeout_fails_the_attempt(flow):
+    doc = """
+id: timeout
+nodes:
+  - {id: a, uses: slow, config: {timeout: 50, maxRetries: 2}}
+edges: []
+"""
+    calls = Counter()
+
+    async def slow(ctx):
+        import asyncio
+
+        calls["a"] += 1
+        if ctx.attempt == 1:
+            await asyncio.sleep(2)
+        return "fast enough"
+
+    r = flow.run(doc, {"slow": slow})
+    assert r.status == "completed"
+    assert calls["a"] == 2
+    assert r.outputs["a"] == "fast enough"
+
+
+def test_fallback_output_reaches_failed_nodes_successors(flow):
+    calls = Counter()
+    doc = """
+id: fallback
+nodes:
+  - {id: start, uses: v}
+  - {id: failing, uses: bad, config: {maxRetries: 3, fallback: rescue}}
+  - {id: rescue, uses: rescue}
+  - {id: end, uses: end}
+edges:
+  - {source: start, target: failing}
+  - {source: failing, target: end}
+"""
+
+    def bad(ctx):
+        calls["failing"] += 1
+        raise RuntimeError("down")
+
+    def rescue(ctx):
+        calls["rescue"] += 1
+        return f"fallback-success({ctx.input})"
+
+    r = flow.run(doc, {"v": lambda ctx: "in", "bad": bad, "rescue": rescue, "end": lambda ctx: f"end-with-{ctx.input}"})
+    assert r.status == "completed"
+    assert calls == {"failing": 3, "rescue": 1}
+    assert r.outputs["end"] == "end-with-fallback-success(in)"
+    assert r.outputs["failing"] == "fallback-success(in)"
+    statuses = {n.node_id: n.status for n in r.view.nodes}
+    assert statuses == {"start": "completed", "failing": "failed", "rescue": "completed", "end": "completed"}
+
+
+def test_failure_in_one_branch_fails_run_and_no_later_node_starts(flow):
+    started = []
+    doc = """
+id: branch-fail
+nodes:
+  - {id: s, uses: v}
+  - {id: bad, uses: bad}
+  - {id: slow, uses: slow}
+  - {id: after, uses: v}
+edges:
+  - {source: s, target: bad}
+  - {source: s, target: slow}
+  - {source: slow, target: after}
+"""
+
+    def v(ctx):
+        started.append(ctx.node_id)
+        return 1
+
+    def slow(ctx):
+        started.append(ctx.node_id)
+        time.sleep(0.3)
+        return 2
+
+    def bad(ctx):
+        raise RuntimeError("kaput")
+
+    r = flow.run(doc, {"v": v, "bad": bad, "slow": slow})
+    assert r.status == "failed"
+    assert "kaput" in r.reason
+    assert "after" not in started
+
+
+LOOP = """
+id: loop
+nodes:
+  - {id: init, uses: init}
+  - id: loop
+    uses: loop-controller
+    params: {condition: "counter < 3", maxIterations: 100}
+  - {id: body, uses: inc}
+  - {id: end, uses: end}
+edges:
+  - {source: init, target: loop}
+  - {source: loop, target: body, action: continue}
+  - {source: body, target: loop}
+  - {source: loop, target: end, action: break}
+"""
+
+
+async def _init(ctx):
+    await ctx.context.set("counter", 0)
+    return 0
+
+
+async def _inc(ctx):
+    n = await ctx.context.get("counter") + 1
+    await ctx.context.set("counter", n)
+    return n
+
+
+def test_loop_runs_n_iterations(flow):
+    calls = Counter()
+
+    async def inc(ctx):
+        calls["body"] += 1
+        return await _inc(ctx)
+
+    r = flow.run(LOOP, {"init": _init, "inc": inc, "end": lambda ctx: "finished"})
+    assert r.status == "completed"
+    assert calls["body"] == 3
+    assert r.context["counter"] == 3
+    assert r.outputs["end"] == "finished"
+
+
+def test_loop_stops_at_max_iterations(flow):
+    doc = LOOP.replace('"counter < 3", maxIterations: 100', '"true", maxIterations: 5')
+    r = flow.run(doc, {"init": _init, "inc": _inc, "end": lambda ctx: "finished"})
+    assert r.status == "completed"
+    assert r.context["counter"] == 5
+    assert r.outputs["end"] == "finished"
+
+
+def test_loop_with_zero_iterations_skips_body(flow):
+    doc = LOOP.replace('"counter < 3"', '"counter < 0"')
+    r = flow.run(doc, {"init": _init, "inc": _inc, "end": lambda ctx: "finished"})
+    assert r.status == "completed"
+    assert "body" in _skipped(r)
+    assert r.outputs["end"] == "finished"
+
+
+def test_loop_conditional_exit_edge_breaks_first(flow):
+    doc = """
+id: loop-exit
+nodes:
+  - {id: init, uses: init}
+  - {id: loop, uses: loop-controller, params: {condition: "counter < 10"}}
+  - {id: body, uses: inc}
+  - {id: special, uses: tag}
+  - {id: end, uses: tag}
+edges:
+  - {source: init, target: loop}
+  - {source: loop, target: body, action: continue}
+  - {source: body, target: loop}
+  - {source: loop, target: special, condition: "counter == 5"}
+  - {source: loop, target: end}
+"""
+    r = flow.run(doc, {"init": _init, "inc": _inc, "tag": lambda ctx: ctx.node_id})
+    assert r.status == "completed"
+    assert r.context["counter"] == 5
+    assert set(r.outputs) >= {"special"} and "end" not in r.outputs
+
+
+def test_batch_over_100_items_keeps_order(flow):
+    doc = """
+id: batch
+nodes:
+  - {id: prepare, uses: items}
+  - {id: double, uses: batch, params: {worker: twice}}
+  - {id: total, uses: total}
+edges:
+  - {source: prepare, target: double}
+  - {source: double, target: total}
+"""
+
+    async def twice(ctx):
+        import asyncio
+        import random
+
+        await asyncio.sleep(random.random() / 100)
+        return ctx.input * 2
+
+    r = flow.run(doc, {"items": lambda ctx: list(range(100)), "twice": twice, "total": lambda ctx: sum(ctx.input)})
+    assert r.status == "completed"
+    assert r.outputs["double"] == [i * 2 for i in range(100)]
+    assert r.outputs["total"] == 9900
+
+
+def test_batch_empty_and_non_list(flow):
+    doc = """
+id: batch2
+nodes:
+  - {id: prepare, uses: items}
+  - {id: each, uses: batch, params: {worker: twice}}
+edges:
+  - {source: prepare, target: each}
+"""
+    r = flow.run(doc, {"items": lambda ctx: [], "twice": lambda ctx: ctx.input * 2})
+    assert r.status == "completed" and r.outputs["each"] == []
+    r = flow.run(doc, {"items": lambda ctx: "not a list", "twice": lambda ctx: ctx.input * 2})
+    assert r.status == "failed" and "must be a list" in r.reason
+
+
+def test_batch_item_failure_fails_run(flow):
+    doc = """
+id: batch3
+nodes:
+  - {id: prepare, uses: items}
+  - {id: each, uses: batch, params: {worker: picky}}
+  - {id: after, uses: items}
+edges:
+  - {source: prepare, target: each}
+  - {source: each, target: after}
+"""
+
+    def picky(ctx):
+        if ctx.input == 2:
+            raise ValueError("no twos")
+        return ctx.input
+
+    r = flow.run(doc, {"items": lambda ctx: [1, 2, 3], "picky": picky})
+    assert r.status == "failed"
+    assert "no twos" in r.reason
+    assert "_outputs.after" not in r.context
+
+
+SUB = """
+id: sub
+nodes:
+  - {id: process, uses: process, inputs: input}
+edges: []
+"""
+
+
+def test_subflow_outputs_map_back(flow):
+    parent = """
+id: parent
+nodes:
+  - {id: input, uses: value}
+  - id: call
+    uses: subflow
+    params: {blueprintId: sub, inputs: {input: input}, outputs: {subflow_output: process}}
+  - {id: end, uses: end}
+edges:
+  - {source: input, target: call}
+  - {source: call, target: end}
+"""
+    s = flow.session([parent, SUB], {"value": lambda ctx: {"value": "test"},
+                                     "process": lambda ctx: "processed_" + ctx.input["value"],
+                                     "end": lambda ctx: ctx.input["_outputs.process"]})
+    r = s.run("parent")
+    assert r.status == "completed", r.reason
+    assert r.context["subflow_output"] == "processed_test"
+    assert r.outputs["end"] == "processed_test"
+
+
+def test_subflow_single_terminal_output_and_failure(flow):
+    parent = """
+id: parent2
+nodes:
+  - {id: start, uses: value}
+  - {id: call, uses: subflow, params: {blueprintId: sub2}}
+  - {id: end, uses: end}
+edges:
+  - {source: start, target: call}
+  - {source: call, target: end}
+"""
+    sub = """
+id: sub2
+nodes: [{id: a, uses: subwork}]
+edges: []
+"""
+    s = flow.session([parent, sub], {"value": lambda ctx: 20, "subwork": lambda ctx: ctx.input + 1,
+                                     "end": lambda ctx: f"end-{ctx.input}"})
+    r = s.run("parent2")
+    assert r.status == "completed", r.reason
+    assert r.outputs["call"] == 21 and r.outputs["end"] == "end-21"
+
+    def bad(ctx):
+        raise RuntimeError("inner boom")
+
+    s = flow.session([parent, sub], {"value": lambda ctx: 20, "subwork": bad, "end": lambda ctx: 1})
+    r = s.run("parent2")
+    assert r.status == "failed" and "inner boom" in r.reason
+
+
+def test_sleep_passes_input_through(flow):
+    doc = """
+id: sleepy
+nodes:
+  - {id: start, uses: v}
+  - {id: pause, uses: sleep, params: {duration: 50}}
+  - {id: double, uses: double}
+edges:
+  - {source: start, target: pause}
+  - {source: pause, target: double}
+"""
+    r = flow.run(doc, {"v": lambda ctx: 42, "double": lambda ctx: ctx.input * 2})
+    assert r.status == "completed"
+    assert r.outputs["double"] == 84
+
+
+def test_wait_awaits_and_resume_action_routes(flow):
+    doc = """
+id: review
+nodes:
+  - {id: start, uses: v}
+  - {id: review, uses: wait}
+  - {id: approve, uses: tag}
+  - {id: reject, uses: tag}
+edges:
+  - {source: start, target: review}
+  - {source: review, target: approve, action: approve}
+  - {source: review, target: reject, action: reject}
+"""
+    s = flow.session(doc, {"v": lambda ctx: 1, "tag": lambda ctx: f"{ctx.node_id}:{ctx.input}"})
+    r = s.run("review")
+    assert r.status == "awaiting"
+    assert r.view.awaiting_nodes == ["review"]
+    r = s.resume(r.run_id, output={"ok": True}, action="approve")
+    assert r.status == "completed"
+    assert r.outputs["approve"] == "approve:{'ok': True}"
+    assert "reject" not in r.outputs
+    assert _skipped(r) == {"reject"}
+
+
+def test_non_json_output_is_a_clear_node_error(flow):
+    import datetime
+
+    doc = """
+id: nonjson
+nodes: [{id: a, uses: dt, config: {maxRetries: 3}}]
+edges: []
+"""
+    calls = Counter()
+
+    def dt(ctx):
+        calls["a"] += 1
+        return {"when": datetime.datetime.now()}
+
+    r = flow.run(doc, {"dt": dt})
+    assert r.status == "failed"
+    assert "'a'" in r.reason and "datetime" in r.reason
+    assert calls["a"] == 1  # not retried: the same code returns the same type
