@@ -100,6 +100,7 @@ class EngineSettings:
     running_ttl_s: int = 7 * 86400  # how long an unfinished run's keys live after its last step
     lease_s: float = 330.0  # a running step whose worker vanished is taken over after this
     version_grace_s: float = 300.0
+    max_attempt_s: float | None = None  # cap on any attempt (workers: a bit under arq's job timeout)
 
 
 @dataclass(slots=True)
@@ -737,6 +738,36 @@ class _Step:
         return await self.engine.store.transact(self.run_id, wrapped)
 
     async def run(self) -> list[tuple[str, Job]]:
+        try:
+            return await self._dispatch()
+        except asyncio.CancelledError:
+            # shutdown: hand the step back so the redelivered job can claim it at once
+            await asyncio.shield(self._release())
+            raise
+
+    async def _release(self) -> None:
+        job = self.job
+
+        async def fn(run: _RunTxn) -> None:
+            if job.kind == "item":
+                key = f"{self.node.id}|{job.seq}|s|{job.item}"
+                st = await run.t.get(BATCH, key)
+                if st and st.get("token") == self.token and st["status"] == "running":
+                    run.t.put(BATCH, key, {**st, "status": "queued", "token": None, "lease_until": 0})
+                return
+            rec = await run.t.get(NODES, self.node.id)
+            if rec and rec.get("token") == self.token and rec["status"] == NodeStatus.RUNNING \
+                    and not rec.get("child") and rec.get("items") is None:
+                run.t.put(NODES, self.node.id, {**rec, "status": NodeStatus.QUEUED.value, "token": None,
+                                                "lease_until": None})
+
+        try:
+            await self.txn(fn)
+        except Exception:  # Redis gone too: the lease runs out and the job is redelivered anyway
+            log.warning("job %s: could not hand back its claim; it is redelivered when the lease ends",
+                        job.job_id)
+
+    async def _dispatch(self) -> list[tuple[str, Job]]:
         kind = self.job.kind
         if kind in ("exec", "fallback"):
             return await self._run_exec()
@@ -856,6 +887,9 @@ class _Step:
         ctx = NodeContext(run_id=run_id, node_id=runner.id, blueprint_id=self.bp.id, attempt=attempt,
                           input=node_input, params=runner.params, context=view, extra=extra or {})
         timeout = runner.config.timeout_ms / 1000 if runner.config.timeout_ms else None
+        cap = self.engine.settings.max_attempt_s
+        if cap is not None and (timeout is None or timeout > cap):
+            timeout = cap
         try:
             if _is_async(fn):
                 result = await asyncio.wait_for(fn(ctx), timeout)
@@ -866,7 +900,7 @@ class _Step:
                 if inspect.isawaitable(result):
                     result = await asyncio.wait_for(result, timeout)
         except TimeoutError:
-            raise NodeTimeout(f"attempt {attempt} timed out after {runner.config.timeout_ms} ms") from None
+            raise NodeTimeout(f"attempt {attempt} timed out after {int((timeout or 0) * 1000)} ms") from None
         except NodeFailure:
             raise
         except asyncio.CancelledError:

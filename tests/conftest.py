@@ -1,14 +1,53 @@
 from __future__ import annotations
 
+import functools
+import os
+
 import pytest
 
-from tests.harness import Flow, MemorySession
+from tests.harness import ArqSession, Flow, MemorySession
+from tests.redis_server import RedisServer, test_redis_url
 
-RUNTIMES = ["memory"]
+RUNTIMES = ["memory", "arq"]
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real redis-server this session started (never the one on 127.0.0.1:6379)."""
+    given = test_redis_url()
+    if given:
+        yield given
+        return
+    server = RedisServer()
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_sync(redis_url):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
 
 
 @pytest.fixture(params=RUNTIMES)
 def flow(request: pytest.FixtureRequest):
-    f = Flow(request.param, MemorySession)
+    if request.param == "arq":
+        url = request.getfixturevalue("redis_url")
+        import redis
+
+        redis.Redis.from_url(url).flushdb()
+        f = Flow("arq", functools.partial(ArqSession, url=url))
+    else:
+        f = Flow("memory", MemorySession)
     yield f
     f.close()
+
+
+def pytest_report_header(config):
+    return f"flowcraft test redis: {os.environ.get('FLOWCRAFT_TEST_REDIS_URL') or 'redis-server started by the session'}"

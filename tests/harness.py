@@ -76,3 +76,57 @@ class Flow:
     def close(self) -> None:
         for s in self._sessions:
             s.close()
+
+
+class ArqSession:
+    """Real arq workers (in-process, burst mode) over a real redis-server."""
+
+    kind = "arq"
+
+    def __init__(self, blueprints: dict[str, Blueprint], registry: NodeRegistry, url: str, **adapter_kw: Any) -> None:
+        import uuid
+
+        from redis.asyncio import Redis
+
+        from flowcraft_cli.distributed.adapter import ArqAdapter
+
+        self.loop = asyncio.new_event_loop()
+        self.first_blueprint_id = next(iter(blueprints))
+        self.url = url
+        self.queue_name = f"test-queue-{uuid.uuid4().hex[:8]}"
+
+        async def make() -> Any:
+            redis = Redis.from_url(url)
+            return ArqAdapter(connection=redis, queue_name=self.queue_name,
+                              runtime_options={"registry": registry, "blueprints": blueprints},
+                              **{"job_timeout_s": 30, **adapter_kw})
+
+        self.adapter = self.loop.run_until_complete(make())
+
+    def _drain(self) -> None:
+        self.loop.run_until_complete(self.adapter.start(burst=True))
+
+    def _result(self, run_id: str) -> RunResult:
+        view = self.loop.run_until_complete(self.adapter.inspect(run_id))
+        return RunResult(run_id, view.blueprint_id, view.status, view.reason, view.context, view.outputs, view)
+
+    def run(self, blueprint_id: str, run_input: Any = None, **kw: Any) -> RunResult:
+        run_id = self.loop.run_until_complete(self.adapter.start_run(blueprint_id, run_input, **kw))
+        self._drain()
+        return self._result(run_id)
+
+    def resume(self, run_id: str, node_id: str | None = None, **kw: Any) -> RunResult:
+        self.loop.run_until_complete(self.adapter.resume(run_id, node_id, **kw))
+        self._drain()
+        return self._result(run_id)
+
+    def events(self, run_id: str) -> list[dict[str, Any]]:
+        return self.loop.run_until_complete(self.adapter.store.read_events(run_id))
+
+    def close(self) -> None:
+        async def shut() -> None:
+            await self.adapter.close()
+            await self.adapter.redis.aclose()
+
+        self.loop.run_until_complete(shut())
+        self.loop.close()

@@ -1,0 +1,202 @@
+"""ArqAdapter: the distributed runtime's public door (seed API). Workers run one node step per arq job
+through the shared engine; clients start, resume, cancel and read runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from arq import Retry
+from arq.worker import Worker, func
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..blueprint import Blueprint
+from ..engine import Engine, EngineSettings
+from ..jobs import Job
+from ..registry import NodeRegistry
+from ..view import RunView, read_run
+from .coordination import RedisCoordinationStore
+from .queue import STEP_FUNCTION, ArqQueue, arq_pool_for
+from .redis_store import RedisStore
+
+log = logging.getLogger("flowcraft.worker")
+
+DEFAULT_QUEUE = "flowcraft-queue"
+
+
+class ArqAdapter:
+    """``ArqAdapter(connection=redis, queue_name=..., coordination_store=..., runtime_options={"registry":
+    registry, "blueprints": blueprints})``. ``blueprints`` may be a mapping id -> Blueprint or a list."""
+
+    def __init__(
+        self,
+        *,
+        connection: Redis,
+        queue_name: str = DEFAULT_QUEUE,
+        coordination_store: RedisCoordinationStore | None = None,
+        runtime_options: Mapping[str, Any] | None = None,
+        concurrency: int = 10,
+        job_timeout_s: float = 300,
+        ttl_s: int = 86400,
+        running_ttl_s: int = 7 * 86400,
+        version_grace_s: float = 300,
+        poll_delay_s: float = 0.05,
+        shutdown_wait_s: float = 10,
+        worker_id: str | None = None,
+    ) -> None:
+        options = dict(runtime_options or {})
+        blueprints = options.get("blueprints") or {}
+        if not isinstance(blueprints, Mapping):
+            blueprints = {bp.id: bp for bp in blueprints}
+        registry = options.get("registry") or NodeRegistry()
+        self.redis = connection
+        self.queue_name = queue_name
+        self.coordination_store = coordination_store or RedisCoordinationStore(connection)
+        self.blueprints: dict[str, Blueprint] = dict(blueprints)
+        self.registry: NodeRegistry = registry
+        self.concurrency = concurrency
+        self.job_timeout_s = job_timeout_s
+        self.poll_delay_s = poll_delay_s
+        self.shutdown_wait_s = shutdown_wait_s
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.store = RedisStore(connection, running_ttl_s=running_ttl_s)
+        self.queue = ArqQueue(arq_pool_for(connection, queue_name), queue_name)
+        # The lease must lapse before arq redelivers a lost job (its lock is job timeout + 10 s), and a
+        # step never outlives the job timeout because the engine's own attempt timeout is shorter.
+        self.engine = Engine(self.store, self.blueprints, self.registry, worker_id=self.worker_id,
+                             settings=EngineSettings(ttl_s=ttl_s, running_ttl_s=running_ttl_s,
+                                                     lease_s=job_timeout_s + 5, version_grace_s=version_grace_s,
+                                                     max_attempt_s=max(1.0, job_timeout_s - 2)))
+        self._worker: Worker | None = None
+        self._stopping = asyncio.Event()
+
+    # ---- client side
+
+    async def start_run(self, blueprint_id: str, run_input: Any = None, *, run_id: str | None = None) -> str:
+        run_id, scheduled = await self.engine.start_run(blueprint_id, {} if run_input is None else run_input,
+                                                        run_id=run_id)
+        await self.flush(scheduled)
+        return run_id
+
+    async def resume(self, run_id: str, node_id: str | None = None, *, output: Any = None,
+                     action: str | None = None) -> None:
+        await self.flush(await self.engine.resume(run_id, node_id, output=output, action=action))
+
+    async def cancel(self, run_id: str) -> bool:
+        return await self.engine.cancel(run_id)
+
+    async def inspect(self, run_id: str) -> RunView:
+        return await read_run(self.store, self.blueprints, run_id)
+
+    async def status(self, run_id: str) -> dict[str, Any] | None:
+        return await self.store.read_status(run_id)
+
+    async def flush(self, scheduled: list[tuple[str, Job]]) -> None:
+        """Queue jobs a committed step decided, then clear them from their run's outbox."""
+        if not scheduled:
+            return
+        await self.queue.enqueue(job for _, job in scheduled)
+        by_owner: dict[str, list[str]] = {}
+        for owner, job in scheduled:
+            by_owner.setdefault(owner, []).append(job.job_id)
+        for owner, ids in by_owner.items():
+            await self.store.ack_jobs(owner, ids)
+
+    # ---- worker side
+
+    async def step(self, ctx: dict[str, Any], payload: Any = None, *extra: Any, **kwargs: Any) -> str:
+        """The one arq function: decode strictly, run the step, queue what follows."""
+        try:
+            if extra or kwargs:
+                raise ValueError("unexpected extra arguments")
+            job = Job.from_dict(payload)
+        except ValueError as e:
+            log.error("job %s rejected, not run: %s", ctx.get("job_id"), e)
+            return "rejected"
+        handled = await self.engine.handle(job)
+        await self.flush(handled.scheduled)
+        if handled.retry_after_s is not None:
+            raise Retry(defer=handled.retry_after_s)
+        return handled.note or "ok"
+
+    def create_worker(self, *, burst: bool = False) -> Worker:
+        return Worker(
+            functions=[func(self.step, name=STEP_FUNCTION, max_tries=100_000, keep_result=0)],
+            queue_name=self.queue_name,
+            redis_pool=self.queue.pool,
+            burst=burst,
+            max_jobs=self.concurrency,
+            job_timeout=self.job_timeout_s,
+            keep_result=0,
+            poll_delay=self.poll_delay_s,
+            queue_read_limit=max(1000, 5 * self.concurrency),
+            handle_signals=False,
+            job_serializer=self.queue.pool.job_serializer,
+            job_deserializer=self.queue.pool.job_deserializer,
+            log_results=False,
+        )
+
+    async def start(self, *, burst: bool = False, install_signals: bool = False) -> None:
+        """Process jobs until stopped (or, with ``burst``, until the queue is empty). A Redis outage does
+        not end the worker: it reconnects with backoff (arq's own loop would exit)."""
+        if install_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+        delay = 0.2
+        while not self._stopping.is_set():
+            worker = self._worker = self.create_worker(burst=burst)
+            main = asyncio.ensure_future(worker.main())
+            stop = asyncio.ensure_future(self._stopping.wait())
+            try:
+                done, _ = await asyncio.wait({main, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if main in done:
+                    main.result()
+                    if burst:
+                        return
+                    delay = 0.2
+                    continue
+                await self._drain(worker, main)
+                return
+            except (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError) as e:
+                log.warning("lost Redis (%s: %s); reconnecting in %.1fs", type(e).__name__, e, delay)
+                await self._abandon(worker, main)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                stop.cancel()
+
+    def stop(self) -> None:
+        """Stop picking jobs; in-flight steps get ``shutdown_wait_s`` to finish, then are handed back."""
+        if not self._stopping.is_set():
+            log.info("stopping: finishing in-flight steps (up to %.0fs), then handing back the rest",
+                     self.shutdown_wait_s)
+            self._stopping.set()
+
+    async def _drain(self, worker: Worker, main: asyncio.Future[Any]) -> None:
+        worker.allow_pick_jobs = False
+        deadline = asyncio.get_running_loop().time() + self.shutdown_wait_s
+        while any(not t.done() for t in worker.tasks.values()) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for t in worker.tasks.values():
+            if not t.done():
+                t.cancel()  # arq puts a cancelled job back in the queue; the engine releases its claim
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        main.cancel()
+        await asyncio.gather(main, return_exceptions=True)
+
+    async def _abandon(self, worker: Worker, main: asyncio.Future[Any]) -> None:
+        for t in worker.tasks.values():
+            t.cancel()
+        main.cancel()
+        await asyncio.gather(main, *worker.tasks.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.queue.close()

@@ -1,0 +1,78 @@
+"""arq, behind the smallest interface the runtime needs, so it could be swapped (arq is in
+maintenance mode and pins redis<6). Jobs travel as JSON — never pickle — on both sides."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from arq.connections import ArqRedis
+from redis.asyncio import ConnectionPool, Redis
+
+from ..jobs import Job
+
+log = logging.getLogger("flowcraft.queue")
+
+STEP_FUNCTION = "flowcraft_step"
+
+
+def serialize(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def deserialize(raw: bytes) -> Any:
+    # arq reports a failure here as "deserializing job failed" and drops the job without running it
+    return json.loads(raw)
+
+
+def arq_pool_for(redis: Redis, queue_name: str) -> ArqRedis:
+    """An ArqRedis on the same server as ``redis``. arq needs raw bytes, whatever the caller's client
+    decodes, so it gets its own pool built from the same connection settings."""
+    pool = redis.connection_pool
+    kwargs = {**pool.connection_kwargs, "decode_responses": False}
+    arq_pool = ConnectionPool(connection_class=pool.connection_class, **kwargs)
+    return ArqRedis(arq_pool, job_serializer=serialize, job_deserializer=deserialize, default_queue_name=queue_name)
+
+
+class ArqQueue:
+    def __init__(self, pool: ArqRedis, queue_name: str) -> None:
+        self.pool = pool
+        self.queue_name = queue_name
+
+    async def enqueue(self, jobs: Iterable[Job]) -> int:
+        """Queue each job under its deterministic id; an id already queued or running is a no-op.
+        Returns how many were really added."""
+        added = 0
+        for job in jobs:
+            defer = None
+            if job.not_before_ms > 0:
+                defer = datetime.fromtimestamp(job.not_before_ms / 1000, UTC)
+            got = await self.pool.enqueue_job(STEP_FUNCTION, job.to_dict(), _job_id=job.job_id,
+                                              _queue_name=self.queue_name, _defer_until=defer)
+            added += got is not None
+        return added
+
+    async def state_of(self, job_ids: list[str]) -> dict[str, str]:
+        """'queued' or 'running' per job id still known to arq (absent ids are done or never queued)."""
+        from arq.constants import in_progress_key_prefix, job_key_prefix
+
+        if not job_ids:
+            return {}
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for jid in job_ids:
+                pipe.exists(job_key_prefix + jid)
+                pipe.exists(in_progress_key_prefix + jid)
+            flags = await pipe.execute()
+        out = {}
+        for i, jid in enumerate(job_ids):
+            if flags[2 * i + 1]:
+                out[jid] = "running"
+            elif flags[2 * i]:
+                out[jid] = "queued"
+        return out
+
+    async def close(self) -> None:
+        await self.pool.aclose()

@@ -1,0 +1,114 @@
+"""RedisStore: the engine's Store on Redis. A transaction WATCHes the run's meta hash, reads lazily,
+then writes everything in one MULTI/EXEC; every writing transaction bumps the meta hash's ``rev``, so
+two workers finishing predecessors of the same join serialize instead of both counting stale state."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+from redis.exceptions import WatchError
+
+from ..store import KINDS, MISSING, RUN, Store, Txn, dumps
+from . import keys
+
+T = TypeVar("T")
+EVENT_CAP = 10_000
+
+
+def _s(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class _RedisTxn(Txn):
+    def __init__(self, run_id: str, pipe: Any) -> None:
+        super().__init__(run_id)
+        self._pipe = pipe
+
+    async def _load(self, kind: str, fields: list[str]) -> list[str | None]:
+        values = await self._pipe.hmget(keys.kind_key(kind, self.run_id), fields)
+        return [_s(v) for v in values]
+
+    async def _load_all(self, kind: str) -> dict[str, str]:
+        raw = await self._pipe.hgetall(keys.kind_key(kind, self.run_id))
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+
+class RedisStore(Store):
+    def __init__(self, redis: Redis, *, running_ttl_s: int = 7 * 86400) -> None:
+        self.redis = redis
+        self.running_ttl_s = running_ttl_s
+
+    async def transact(self, run_id: str, fn: Callable[[Txn], Awaitable[T]]) -> T:
+        meta_key = keys.kind_key(RUN, run_id)
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(meta_key)
+                    txn = _RedisTxn(run_id, pipe)
+                    result = await fn(txn)
+                    if not txn.dirty:
+                        await pipe.reset()
+                        return result
+                    pipe.multi()
+                    self._queue_writes(pipe, txn)
+                    await pipe.execute()
+                    return result
+                except WatchError:
+                    continue  # another step of this run committed first: recompute on fresh state
+
+    def _queue_writes(self, pipe: Any, txn: Txn) -> None:
+        run_id = txn.run_id
+        sets: dict[str, dict[str, str]] = {}
+        dels: dict[str, list[str]] = {}
+        for (kind, field), value in txn._writes.items():
+            if value is MISSING:
+                dels.setdefault(kind, []).append(field)
+            else:
+                sets.setdefault(kind, {})[field] = dumps(value)
+        for kind, mapping in sets.items():
+            pipe.hset(keys.kind_key(kind, run_id), mapping=mapping)
+        for kind, fields in dels.items():
+            pipe.hdel(keys.kind_key(kind, run_id), *fields)
+        pipe.hincrby(keys.kind_key(RUN, run_id), "rev", 1)
+        if txn.events:
+            ek = keys.events_key(run_id)
+            pipe.rpush(ek, *(dumps(e) for e in txn.events))
+            pipe.ltrim(ek, -EVENT_CAP, -1)
+        ttl = self.running_ttl_s
+        if txn.final is not None:
+            doc, ttl = txn.final
+            pipe.set(keys.status_key(run_id), dumps(doc))
+        for key in keys.run_keys(run_id):
+            # expiry is refreshed by every step, so a run nobody finishes still goes away
+            if ttl and ttl > 0:
+                pipe.expire(key, ttl)
+            else:
+                pipe.persist(key)
+
+    async def read(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
+        if not fields:
+            return []
+        values = await self.redis.hmget(keys.kind_key(kind, run_id), fields)
+        return [MISSING if v is None else json.loads(_s(v)) for v in values]
+
+    async def read_all(self, run_id: str, kind: str) -> dict[str, Any]:
+        raw = await self.redis.hgetall(keys.kind_key(kind, run_id))
+        return {_s(k): json.loads(_s(v)) for k, v in raw.items()}
+
+    async def read_status(self, run_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.get(keys.status_key(run_id))
+        return None if raw is None else json.loads(_s(raw))
+
+    async def read_events(self, run_id: str) -> list[dict[str, Any]]:
+        return [json.loads(_s(e)) for e in await self.redis.lrange(keys.events_key(run_id), 0, -1)]
+
+    async def _ack(self, run_id: str, job_ids: list[str]) -> None:
+        from ..store import OUTBOX
+
+        await self.redis.hdel(keys.kind_key(OUTBOX, run_id), *job_ids)
+
+
+assert set(KINDS) <= set(keys._KIND_PREFIX)
