@@ -1,0 +1,3 @@
+from flowcraft_cli.cli.app import main
+
+main()

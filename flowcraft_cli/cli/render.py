@@ -1,0 +1,116 @@
+"""All rich output. User data is wrapped in ``Text`` so a node id like ``[bold]`` prints as written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from ..view import RunView
+
+out = Console(highlight=False, soft_wrap=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+STATUS_STYLE = {
+    "completed": "green", "failed": "red", "cancelled": "magenta", "awaiting": "yellow", "running": "cyan",
+    "queued": "blue", "pending": "dim", "skipped": "dim", "sleeping": "yellow",
+}
+
+
+def status_text(status: str) -> Text:
+    return Text(status, style=STATUS_STYLE.get(status, ""))
+
+
+def short(value: Any, limit: int = 80) -> str:
+    s = json.dumps(value, ensure_ascii=False, default=str)
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def duration(ms: int | None) -> str:
+    if ms is None:
+        return "–"
+    if ms < 1000:
+        return f"{ms} ms"
+    return f"{ms / 1000:.2f} s"
+
+
+def run_view(view: RunView, *, context_limit: int = 20) -> Group:
+    head = Text.assemble(("run ", "bold"), (view.run_id, "bold"), "  ", (view.blueprint_id, ""), " v",
+                         view.blueprint_version or "?", "  ", status_text(view.status))
+    parts: list[Any] = [head]
+    if view.reason:
+        parts.append(Text("reason: ", style="bold") + Text(view.reason))
+    if view.awaiting_nodes:
+        parts.append(Text("awaiting: " + ", ".join(view.awaiting_nodes), style="yellow"))
+    table = Table(title="nodes", title_justify="left", expand=False)
+    for col in ("node", "uses", "status", "attempts", "duration", "worker", "error / note"):
+        table.add_column(col, overflow="fold")
+    for n in view.nodes:
+        table.add_row(Text(n.node_id), Text(n.uses), status_text(n.status), str(n.attempts or "–"),
+                      duration(n.duration_ms), Text(n.worker or "–"), Text(n.error or n.note or "", style="red" if n.error else "dim"))
+    parts.append(table)
+    ctx = Table(title="context", title_justify="left", expand=False)
+    ctx.add_column("key", overflow="fold")
+    ctx.add_column("value", overflow="fold")
+    items = [(k, v) for k, v in view.context.items() if not k.startswith("_inputs.")]
+    for k, v in items[:context_limit]:
+        ctx.add_row(Text(k), Text(short(v)))
+    if len(items) > context_limit:
+        ctx.add_row(Text(f"… {len(items) - context_limit} more", style="dim"), Text(""))
+    parts.append(ctx)
+    return Group(*parts)
+
+
+def print_run(view: RunView) -> None:
+    out.print(run_view(view))
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def progress_line(node_id: str, status: str, detail: str = "") -> None:
+    line = Text("  ") + Text(node_id, style="bold") + Text(" ") + status_text(status)
+    if detail:
+        line += Text(" " + detail, style="dim")
+    err.print(line)
+
+
+def error(message: str) -> None:
+    # plain writes: an error stays one line however narrow the terminal, and greps cleanly
+    for line in message.splitlines() or [""]:
+        sys.stderr.write(f"error: {line}\n")
+    sys.stderr.flush()
+
+
+def info(message: str) -> None:
+    err.print(Text(message, style="dim"))
+
+
+def key_values(title: str, rows: Iterable[tuple[str, Any]]) -> None:
+    table = Table(title=title, title_justify="left", show_header=False, expand=False)
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    for k, v in rows:
+        table.add_row(Text(k), Text(str(v)))
+    out.print(table)
+
+
+def stats_table(stats: Mapping[str, Any], runs: list[Mapping[str, Any]]) -> None:
+    key_values("reconcile", stats.items())
+    if runs:
+        t = Table(title="stalled runs", title_justify="left")
+        for col in ("run", "blueprint", "idle", "enqueued", "error"):
+            t.add_column(col, overflow="fold")
+        for r in runs:
+            t.add_row(Text(r["run_id"]), Text(str(r.get("blueprint_id") or "")), f"{r['idle_seconds']:.0f} s",
+                      Text(", ".join(r.get("nodes") or []) or str(r.get("enqueued", 0))), Text(r.get("error") or ""))
+        out.print(t)
+
+

@@ -1,0 +1,103 @@
+"""Everything a command needs from the user's project: settings, the node registry, the blueprints,
+and (for distributed commands) a checked Redis connection and an ArqAdapter."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .blueprint import Blueprint
+from .config import Settings, load_settings, redact_url
+from .errors import InvalidInput, RedisUnavailable
+from .loader import load_blueprints
+from .registry import NodeRegistry, load_registry
+
+if TYPE_CHECKING:
+    from .distributed.adapter import ArqAdapter
+
+
+@dataclass
+class Project:
+    settings: Settings
+    registry: NodeRegistry
+    blueprints: dict[str, Blueprint]
+
+    def blueprint(self, blueprint_id: str) -> Blueprint:
+        bp = self.blueprints.get(blueprint_id)
+        if bp is None:
+            known = ", ".join(sorted(self.blueprints)) or "none (check `blueprints:` in your config)"
+            raise InvalidInput(f"unknown blueprint id {blueprint_id!r} (known: {known})")
+        return bp
+
+
+def load_project(config: str | None = None, overrides: Mapping[str, Any] | None = None) -> Project:
+    settings = load_settings(config, overrides=overrides)
+    if settings.config_file:
+        # the config file's folder is importable too, so `--config elsewhere/flowcraft.yaml` finds its nodes
+        import sys
+
+        folder = str(Path(settings.config_file).resolve().parent)
+        if folder not in sys.path:
+            sys.path.append(folder)
+    registry = load_registry(settings.registry)
+    blueprints = load_blueprints(settings.blueprints, registry)
+    return Project(settings, registry, blueprints)
+
+
+def parse_input(text: str | None, file: str | None, *, what: str = "--input") -> dict[str, Any]:
+    """A run input: a JSON object, from ``--input`` or ``--input-file``."""
+    if text is not None and file is not None:
+        raise InvalidInput("give either --input or --input-file, not both")
+    if file is not None:
+        what = f"--input-file {file}"
+        try:
+            text = Path(file).read_text()
+        except OSError as e:
+            raise InvalidInput(f"{what}: cannot read: {e.strerror}") from None
+    if text is None:
+        return {}
+    value = parse_json(text, what)
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what}: must be a JSON object, got {type(value).__name__} {text.strip()[:60]!r}")
+    return value
+
+
+def parse_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"{what}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+async def connect_redis(url: str) -> Any:
+    """A redis.asyncio client that has answered PING, or RedisUnavailable naming the redacted URL."""
+    from redis.asyncio import Redis
+    from redis.exceptions import RedisError
+
+    try:
+        client = Redis.from_url(url, socket_connect_timeout=3, health_check_interval=10)
+    except ValueError as e:
+        raise InvalidInput(f"redis.url: {redact_url(url)!r} is not a valid Redis URL: {e}") from None
+    try:
+        await client.ping()
+    except (RedisError, OSError) as e:
+        await client.aclose()
+        raise RedisUnavailable(f"cannot reach Redis at {redact_url(url)}: {e}; is redis-server running?") from None
+    return client
+
+
+async def open_adapter(project: Project, **kw: Any) -> ArqAdapter:
+    from .distributed.adapter import ArqAdapter
+
+    s = project.settings
+    redis = await connect_redis(s.redis.url)
+    return ArqAdapter(
+        connection=redis, queue_name=s.queue.name,
+        runtime_options={"registry": project.registry, "blueprints": project.blueprints},
+        concurrency=s.worker.concurrency, job_timeout_s=s.worker.job_timeout_seconds,
+        ttl_s=s.state.ttl_seconds, running_ttl_s=s.state.running_ttl_seconds,
+        version_grace_s=s.worker.version_grace_seconds, **kw,
+    )
