@@ -1,0 +1,131 @@
+"""End to end: the real ``flowcraft`` command, real worker processes, a real redis-server."""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import time
+
+import pytest
+import redis as redis_lib
+
+from tests.e2e import Project, wait_for
+
+
+@pytest.fixture
+def project(tmp_path, redis_url):
+    redis_lib.Redis.from_url(redis_url).flushdb()
+    p = Project(tmp_path, redis_url)
+    yield p
+    p.stop_all()
+
+
+def test_two_workers_complete_a_run_and_inspect_shows_it(project):
+    project.start_worker()
+    project.start_worker()
+    result = project.cli_json("enqueue", "chain", "--wait", "--timeout", "60", "--input", '{"order": 1}')
+    assert result["status"] == "completed", result
+    assert result["outputs"]["slow"] == {"slept": 1.5}
+    assert result["outputs"]["join"] == ["side", "slow"]
+    view = project.cli_json("inspect", result["run_id"])
+    assert [n["node_id"] for n in view["nodes"]] == ["start", "slow", "side", "join"]
+    for n in view["nodes"]:
+        assert n["status"] == "completed" and n["attempts"] == 1
+        assert n["duration_ms"] is not None and n["started_at"] and n["finished_at"]
+    slow = next(n for n in view["nodes"] if n["node_id"] == "slow")
+    assert slow["duration_ms"] >= 1500
+    human = project.cli("inspect", result["run_id"])
+    assert human.returncode == 0 and "completed" in human.stdout and "slow" in human.stdout
+
+
+def test_wide_fan_out_spreads_over_both_workers(project):
+    project.start_worker()
+    project.start_worker()
+    result = project.cli_json("enqueue", "wide", "--wait", "--timeout", "60")
+    assert result["status"] == "completed", result
+    assert len(result["outputs"]["end"]) == 50
+    view = project.cli_json("inspect", result["run_id"])
+    workers = {n["worker"] for n in view["nodes"]}
+    assert len(workers) == 2, workers
+
+
+def test_sigkill_mid_node_loses_nothing(project, redis_url):
+    w0 = project.start_worker()
+    run_id = project.cli("enqueue", "chain", check=True).stdout.strip()
+    wait_for(lambda: any(line.startswith("slow start") for line in project.calls()), 30, "the slow node to start")
+    w0.send_signal(signal.SIGKILL)
+    w0.wait()
+    project.start_worker()
+    # arq redelivers a lost job when its lock lapses (job timeout 5 s + 10 s)
+    view = wait_for(lambda: (v := project.cli_json("inspect", run_id))["status"] in ("completed", "failed") and v,
+                    90, "the run to finish after the crash", interval=0.5)
+    assert view["status"] == "completed", view
+    calls = project.calls()
+    assert calls.count(f"join run {w0.pid}") + sum(1 for c in calls if c.startswith("join run")) >= 1
+    assert sum(1 for c in calls if c.startswith("join run")) == 1  # the join fired exactly once
+    assert sum(1 for c in calls if c.startswith("slow end")) == 1  # the killed attempt never finished
+    assert sum(1 for c in calls if c.startswith("slow start")) == 2
+    assert view["outputs"]["join"] == ["side", "slow"]
+
+
+def test_bad_input_writes_nothing(project, redis_url):
+    r = redis_lib.Redis.from_url(redis_url)
+    before = r.dbsize()
+    unknown = project.cli("enqueue", "nope")
+    assert unknown.returncode == 2 and "unknown blueprint id 'nope'" in unknown.stderr and "chain" in unknown.stderr
+    bad_json = project.cli("enqueue", "chain", "--input", "[1, 2]")
+    assert bad_json.returncode == 2 and "JSON object" in bad_json.stderr
+    broken = project.cli("enqueue", "chain", "--input", "{oops")
+    assert broken.returncode == 2 and "line 1 column 2" in broken.stderr
+    assert r.dbsize() == before
+    first = project.cli("enqueue", "routed", "--run-id", "fixed-id")
+    assert first.returncode == 0
+    keys_after_first = sorted(r.keys("*"))
+    again = project.cli("enqueue", "routed", "--run-id", "fixed-id")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert sorted(r.keys("*")) == keys_after_first
+    for proc in (unknown, bad_json, broken, again):
+        assert "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_unknown_run_and_unreachable_redis(project, tmp_path):
+    missing = project.cli("inspect", "no-such-run")
+    assert missing.returncode == 1 and "not found" in missing.stderr
+    cfg = tmp_path / "down.yaml"
+    cfg.write_text((tmp_path / "flowcraft.yaml").read_text().replace(project.redis_url, "redis://:hunter2@127.0.0.1:1/0"))
+    down = project.cli("enqueue", "chain", "--config", str(cfg))
+    assert down.returncode == 1
+    assert "redis://:***@127.0.0.1:1/0" in down.stderr and "hunter2" not in down.stderr
+    assert "Traceback" not in down.stderr
+    worker = project.cli("worker", "start", "--config", str(cfg), timeout=30)
+    assert worker.returncode == 1 and "cannot reach Redis" in worker.stderr
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def test_pickle_job_in_queue_is_not_executed(project, redis_url):
+    r = redis_lib.Redis.from_url(redis_url)
+    payload = pickle.dumps({"t": 1, "f": "flowcraft_step", "a": [_Evil()], "k": {}, "et": 0})
+    r.set("arq:job:evil", payload)
+    r.zadd(project.queue, {"evil": int(time.time() * 1000)})  # arq skips a score of 0
+    worker = project.cli("worker", "start", "--burst", timeout=60, check=True)
+    assert not (project.root / "PWNED").exists()
+    assert r.zcard(project.queue) == 0 and not r.exists("arq:job:evil")
+    assert "deserializing job evil failed" in worker.stderr
+
+
+def test_finished_runs_leave_no_key_without_ttl(project, redis_url):
+    project.start_worker()
+    for bp in ("chain", "routed", "wide"):
+        assert project.cli_json("enqueue", bp, "--wait", "--timeout", "60")["status"] == "completed"
+    r = redis_lib.Redis.from_url(redis_url)
+    run_keys = [k for k in r.scan_iter("*") if k.startswith((b"workflow:", b"flowcraft:"))]
+    assert run_keys
+    no_ttl = [k for k in run_keys if r.ttl(k) < 0]
+    assert no_ttl == []
