@@ -635,6 +635,8 @@ class _RunTxn:
             status = NodeStatus.FAILED  # the original failed; its fallback's output stands in
         new = {**rec, **(extra or {}), "status": status.value, "finished_at": ts, "action": action,
                "runs": rec.get("runs", 0) + 1}
+        if fallback_of is None:
+            new["error"] = None  # an earlier attempt's error is history (events), not the node's state
         new.pop("token", None)
         self.t.put(NODES, fallback_of or node.id, new)
         if fallback_of is not None:
@@ -704,7 +706,8 @@ class _RunTxn:
             return
         if not fatal and phase == "exec" and node.config.fallback:
             self.t.put(NODES, node.id, {**rec, "status": NodeStatus.QUEUED.value, "phase": "fallback",
-                                        "attempt": 1, "error": error, "fallback": node.config.fallback,
+                                        "attempt": 1, "exec_attempts": attempt, "error": error,
+                                        "fallback": node.config.fallback,
                                         "child": None, "items": None, "token": None})
             self.schedule(Job(self.t.run_id, node.id, rec["seq"], "fallback", 1))
             return
@@ -878,7 +881,8 @@ class _Step:
         engine, run_id = self.engine, self.run_id
 
         async def read_one(key: str) -> Any:
-            return await engine._read_context(run_id, key)
+            value = await engine._read_context(run_id, key)
+            return _MISSING if value is MISSING else value
 
         async def read_all() -> dict[str, Any]:
             return await engine.store.read_all(run_id, STATE)

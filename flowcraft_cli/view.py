@@ -95,7 +95,11 @@ async def read_run(store: Store, blueprints: Mapping[str, Blueprint], run_id: st
             note = f"fallback for {rec['fallback_for']}"
         if rec.get("items"):
             note = f"{rec['items']} items"
-        attempts = rec.get("attempt", 0) if rec["status"] not in ("pending", "skipped") or rec.get("runs") else 0
+        attempts = rec.get("exec_attempts") or rec.get("attempt", 0)
+        if rec["status"] in ("pending", "skipped") and not rec.get("runs"):
+            attempts = 0
+        if rec["status"] == "completed" and attempts > 1 and not note:
+            note = f"succeeded on attempt {attempts}"
         nodes.append(NodeView(node_id, uses, rec["status"], attempts, rec.get("started_at"), rec.get("finished_at"),
                               rec.get("error"), rec.get("worker"), rec.get("runs", 0), note))
     return RunView(run_id, meta["blueprint_id"], meta.get("blueprint_version", ""), meta["status"], meta.get("reason"),

@@ -13,7 +13,8 @@ from rich.text import Text
 
 from ..view import RunView
 
-out = Console(highlight=False, soft_wrap=False)
+# piped output (CI logs, `| less`) gets a roomy fixed width instead of rich's 80-column fallback
+out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 STATUS_STYLE = {
@@ -48,8 +49,9 @@ def run_view(view: RunView, *, context_limit: int = 20) -> Group:
     if view.awaiting_nodes:
         parts.append(Text("awaiting: " + ", ".join(view.awaiting_nodes), style="yellow"))
     table = Table(title="nodes", title_justify="left", expand=False)
-    for col in ("node", "uses", "status", "attempts", "duration", "worker", "error / note"):
-        table.add_column(col, overflow="fold")
+    for col in ("node", "uses", "status", "attempts", "duration", "worker"):
+        table.add_column(col, no_wrap=col != "node")
+    table.add_column("error / note", overflow="fold", ratio=1)
     for n in view.nodes:
         table.add_row(Text(n.node_id), Text(n.uses), status_text(n.status), str(n.attempts or "–"),
                       duration(n.duration_ms), Text(n.worker or "–"), Text(n.error or n.note or "", style="red" if n.error else "dim"))

@@ -1,0 +1,168 @@
+"""Distributed runtime behaviour that needs a hand on the queue: duplicate delivery, corrupt jobs, the
+version gate, a Redis outage."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from redis.asyncio import Redis
+
+from flowcraft_cli.distributed.adapter import ArqAdapter
+from flowcraft_cli.distributed.queue import STEP_FUNCTION
+from flowcraft_cli.jobs import Job
+from tests.e2e import Project, wait_for
+from tests.harness import make_blueprints, make_registry
+from tests.redis_server import RedisServer
+
+JOIN = """
+id: join
+nodes:
+  - {id: a, uses: count}
+  - {id: b, uses: count}
+  - {id: c, uses: count}
+edges:
+  - {source: a, target: c}
+  - {source: b, target: c}
+"""
+
+
+def _adapter(redis: Redis, docs, nodes, **kw) -> ArqAdapter:
+    registry = make_registry(nodes)
+    return ArqAdapter(connection=redis, queue_name=kw.pop("queue_name", "dup-queue"),
+                      runtime_options={"registry": registry, "blueprints": make_blueprints(docs, registry)}, **kw)
+
+
+def test_duplicate_delivery_counts_once_and_join_waits(redis_url, redis_sync):
+    calls: list[str] = []
+
+    def count(ctx):
+        calls.append(ctx.node_id)
+        return ctx.node_id
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        adapter = _adapter(redis, [JOIN], {"count": count})
+        run_id, scheduled = await adapter.engine.start_run("join", {})
+        jobs = {job.node_id: job for _, job in scheduled}
+        # run a's step twice (a redelivery), and once more under another arq id: c must not start
+        for _ in range(2):
+            handled = await adapter.engine.handle(jobs["a"])
+            await adapter.flush(handled.scheduled)
+        await adapter.queue.pool.enqueue_job(STEP_FUNCTION, jobs["a"].to_dict(), _job_id="a-again",
+                                             _queue_name=adapter.queue_name)
+        await adapter.start(burst=True)
+        view = await adapter.inspect(run_id)
+        assert view.status == "running"
+        # b was decided at start (it sits in the outbox, not yet queued by hand); c still waits for it
+        assert [n.status for n in view.nodes] == ["completed", "queued", "pending"]
+        handled = await adapter.engine.handle(jobs["b"])
+        await adapter.flush(handled.scheduled)
+        await adapter.start(burst=True)
+        # and b delivered again after everything finished changes nothing
+        await adapter.queue.pool.enqueue_job(STEP_FUNCTION, jobs["b"].to_dict(), _job_id="b-again",
+                                             _queue_name=adapter.queue_name)
+        await adapter.start(burst=True)
+        view = await adapter.inspect(run_id)
+        await adapter.close()
+        await redis.aclose()
+        return view
+
+    view = asyncio.run(go())
+    assert view.status == "completed"
+    assert calls.count("a") == 1 and calls.count("b") == 1 and calls.count("c") == 1
+    assert view.context["_inputs.c"] == {"a": "a", "b": "b"}
+
+
+def test_corrupt_jobs_are_rejected_without_running(redis_url, redis_sync):
+    calls: list[str] = []
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        adapter = _adapter(redis, [JOIN], {"count": lambda ctx: calls.append(ctx.node_id)})
+        pool = adapter.queue.pool
+        bad = [
+            ["not", "an", "object"],
+            {"run_id": "r", "node_id": "a"},  # missing seq
+            {"run_id": "r", "node_id": "a", "seq": 1, "kind": "rm -rf", "attempt": 1},
+            {"run_id": "r", "node_id": "a", "seq": 1, "extra": True},
+            {"run_id": "no-such-run", "node_id": "a", "seq": 1},
+        ]
+        for i, payload in enumerate(bad):
+            await pool.enqueue_job(STEP_FUNCTION, payload, _job_id=f"bad{i}", _queue_name=adapter.queue_name)
+        await redis.set("arq:job:raw", b"\x80\x04not json")
+        await redis.zadd(adapter.queue_name, {"raw": int(time.time() * 1000)})
+        await adapter.start(burst=True)
+        left = await redis.zcard(adapter.queue_name)
+        await adapter.close()
+        await redis.aclose()
+        return left
+
+    assert asyncio.run(go()) == 0
+    assert calls == []
+
+
+def test_version_gate_leaves_job_then_fails_run_naming_both_versions(redis_url, redis_sync):
+    v1 = JOIN.replace("id: join", "id: join\nmetadata: {version: '1'}")
+    v2 = JOIN.replace("id: join", "id: join\nmetadata: {version: '2'}")
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        old = _adapter(redis, [v1], {"count": lambda ctx: ctx.node_id}, version_grace_s=1.0)
+        new = _adapter(redis, [v2], {"count": lambda ctx: ctx.node_id}, version_grace_s=1.0)
+        run_id = await old.start_run("join", {})
+        await new.start(burst=True)  # only a worker with version 2: it leaves the jobs, then gives up
+        view = await new.inspect(run_id)
+        status = await new.status(run_id)
+        await old.close()
+        await new.close()
+        await redis.aclose()
+        return view, status
+
+    view, status = asyncio.run(go())
+    assert view.status == "failed"
+    assert "version '1'" in view.reason and "version '2'" in view.reason
+    assert status["status"] == "failed"
+
+
+def test_matching_worker_takes_job_left_by_mismatched_one(redis_url, redis_sync):
+    v1 = JOIN.replace("id: join", "id: join\nmetadata: {version: '1'}")
+    v2 = JOIN.replace("id: join", "id: join\nmetadata: {version: '2'}")
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        old = _adapter(redis, [v1], {"count": lambda ctx: ctx.node_id}, version_grace_s=30)
+        new = _adapter(redis, [v2], {"count": lambda ctx: ctx.node_id}, version_grace_s=30)
+        run_id = await old.start_run("join", {})
+        # the v2 worker sees the jobs and leaves them (Retry); the v1 worker then runs the whole run
+        job = Job(run_id, "a", 1)
+        handled = await new.engine.handle(job)
+        assert handled.retry_after_s is not None
+        await old.start(burst=True)
+        view = await old.inspect(run_id)
+        await old.close()
+        await new.close()
+        await redis.aclose()
+        return view
+
+    assert asyncio.run(go()).status == "completed"
+
+
+def test_worker_survives_a_redis_restart(tmp_path):
+    server = RedisServer()
+    try:
+        project = Project(tmp_path, server.url)
+        worker = project.start_worker()
+        server.stop()
+        wait_for(lambda: "lost Redis" in project.worker_log(0), 10, "the worker to notice the outage")
+        server.start()
+        assert worker.poll() is None
+        wait_for(lambda: "lost Redis" in project.worker_log(0), 10, "the worker to notice the outage")
+        result = project.cli_json("enqueue", "routed", "--wait", "--timeout", "60")
+        assert result["status"] == "completed"
+        assert worker.poll() is None
+        project.stop_all()
+        assert worker.returncode == 0
+    finally:
+        server.close()
+
