@@ -62,6 +62,7 @@ class WorkerSettings:
     concurrency: int = 10
     job_timeout_seconds: float = 300
     version_grace_seconds: float = 300
+    shutdown_wait_seconds: float = 10  # on SIGTERM/SIGINT: time for in-flight steps before they are handed back
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,7 @@ class Settings:
                 "concurrency": self.worker.concurrency,
                 "job_timeout_seconds": self.worker.job_timeout_seconds,
                 "version_grace_seconds": self.worker.version_grace_seconds,
+                "shutdown_wait_seconds": self.worker.shutdown_wait_seconds,
             },
             "reconciler": {
                 "threshold_seconds": self.reconciler.threshold_seconds,
@@ -198,6 +200,7 @@ _FIELDS: dict[str, _Field] = {
     "worker.concurrency": _Field(_D.worker.concurrency, _integer(1)),
     "worker.job_timeout_seconds": _Field(_D.worker.job_timeout_seconds, _seconds(0, strict=True)),
     "worker.version_grace_seconds": _Field(_D.worker.version_grace_seconds, _seconds(0)),
+    "worker.shutdown_wait_seconds": _Field(_D.worker.shutdown_wait_seconds, _seconds(0)),
     "reconciler.threshold_seconds": _Field(_D.reconciler.threshold_seconds, _seconds(0)),
     "reconciler.scan_count": _Field(_D.reconciler.scan_count, _integer(1)),
 }
@@ -380,6 +383,7 @@ def load_settings(
             concurrency=v["worker.concurrency"],
             job_timeout_seconds=v["worker.job_timeout_seconds"],
             version_grace_seconds=v["worker.version_grace_seconds"],
+            shutdown_wait_seconds=v["worker.shutdown_wait_seconds"],
         ),
         reconciler=ReconcilerSettings(
             threshold_seconds=v["reconciler.threshold_seconds"], scan_count=v["reconciler.scan_count"]

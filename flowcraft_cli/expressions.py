@@ -33,7 +33,9 @@ MAX_VALUE_SIZE = 1_000_000  # deep size of one built value (see _size)
 MAX_WORK = 10_000_000  # total size built or copied by one evaluation
 
 _ALIASES = {"true": True, "false": False, "null": None}  # JSON spellings, always constants (never scope keys)
+_NUMBERS = (int, float)
 _SEQUENCES = (str, list, tuple)
+_CONTAINERS = (str, list, tuple, set, frozenset, Mapping)
 _Fn = Callable[["_Env"], Any]
 
 
@@ -108,6 +110,13 @@ def _built(env: _Env, value: Any) -> Any:
     return _remember(env, value, size)
 
 
+def _each(values: Any) -> Any:
+    # Only data is iterated: a foreign iterable (a generator, an object with __getitem__) may never end.
+    if not isinstance(values, _CONTAINERS):
+        raise _Refused(f"expected a list, tuple, set, dict or str, not {type(values).__name__}")
+    return values
+
+
 def _number(value: Any) -> Any:
     if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
         raise _Refused(f"integer result exceeds {MAX_INT_BITS} bits")
@@ -132,24 +141,25 @@ def _add(env: _Env, a: Any, b: Any) -> Any:
         size = _size(env, a, MAX_VALUE_SIZE)
         size += _size(env, b, MAX_VALUE_SIZE - size)
         _reserve(env, size)
-        return _remember(env, a + b, size)
+        return _remember(env, operator.add(a, b), size)
     return _number(a + b)
 
 
 def _mul(env: _Env, a: Any, b: Any) -> Any:
-    if isinstance(a, _SEQUENCES) or isinstance(b, _SEQUENCES):
-        seq, count = (a, b) if isinstance(a, _SEQUENCES) else (b, a)
-        if not isinstance(count, int):  # closed world: no foreign __index__ objects sizing a repetition
-            raise _Refused(f"cannot multiply {type(seq).__name__} by {type(count).__name__}")
-        return _repeat(env, seq, count)
+    if isinstance(a, _SEQUENCES) and isinstance(b, int):
+        return _repeat(env, a, b)
+    if isinstance(b, _SEQUENCES) and isinstance(a, int):
+        return _repeat(env, b, a)
+    if not (isinstance(a, _NUMBERS) and isinstance(b, _NUMBERS)):  # closed world: no b"x" * 10**9, no numpy
+        raise _Refused(f"cannot multiply {type(a).__name__} by {type(b).__name__}")
     if isinstance(a, int) and isinstance(b, int) and a.bit_length() + b.bit_length() > MAX_INT_BITS + 1:
         raise _Refused(f"integer result exceeds {MAX_INT_BITS} bits")
     return _number(a * b)
 
 
 def _mod(env: _Env, a: Any, b: Any) -> Any:
-    if isinstance(a, str):  # printf formatting: "%*d" % (10**9, 1) would allocate a gigabyte
-        raise _Refused("'%' string formatting is not supported")
+    if not (isinstance(a, _NUMBERS) and isinstance(b, _NUMBERS)):  # "%*d" % (10**9, 1) allocates a gigabyte
+        raise _Refused("'%' works on numbers only (no string formatting)")
     return _number(a % b)
 
 
@@ -178,8 +188,8 @@ _COMPARE: dict[type, Callable[[Any, Any], Any]] = {
     ast.LtE: operator.le,
     ast.Gt: operator.gt,
     ast.GtE: operator.ge,
-    ast.In: lambda a, b: a in b,
-    ast.NotIn: lambda a, b: a not in b,
+    ast.In: lambda a, b: a in _each(b),
+    ast.NotIn: lambda a, b: a not in _each(b),
     ast.Is: operator.is_,
     ast.IsNot: operator.is_not,
 }
@@ -189,7 +199,7 @@ _COMPARE: dict[type, Callable[[Any, Any], Any]] = {
 
 
 def _copy(env: _Env, fn: Callable[[Any], list], values: Any) -> list:
-    _reserve(env, len(values))  # a shallow copy cannot amplify, so its length is enough
+    _reserve(env, len(_each(values)))  # a shallow copy cannot amplify, so its length is enough
     return fn(values)
 
 
@@ -210,19 +220,19 @@ def _str(env: _Env, value: Any) -> str:
 
 _FUNCTIONS: dict[str, tuple[Callable[..., Any], int, int | None]] = {  # name: (fn(env, *args), min, max args)
     "abs": (lambda env, x: _number(abs(x)), 1, 1),
-    "all": (lambda env, x: all(x), 1, 1),
-    "any": (lambda env, x: any(x), 1, 1),
+    "all": (lambda env, x: all(_each(x)), 1, 1),
+    "any": (lambda env, x: any(_each(x)), 1, 1),
     "bool": (lambda env, x: bool(x), 1, 1),
     "float": (lambda env, x: float(x), 1, 1),
     "int": (lambda env, x: _number(int(x)), 1, 1),
     "len": (lambda env, x: len(x), 1, 1),
     "list": (lambda env, x: _copy(env, list, x), 1, 1),
-    "max": (lambda env, *xs: max(*xs), 1, None),
-    "min": (lambda env, *xs: min(*xs), 1, None),
+    "max": (lambda env, *xs: max(_each(xs[0]) if len(xs) == 1 else xs), 1, None),
+    "min": (lambda env, *xs: min(_each(xs[0]) if len(xs) == 1 else xs), 1, None),
     "round": (_round, 1, 2),
     "sorted": (lambda env, x: _copy(env, sorted, x), 1, 1),
     "str": (_str, 1, 1),
-    "sum": (lambda env, x: _number(sum(x)), 1, 1),
+    "sum": (lambda env, x: _number(sum(_each(x))), 1, 1),
 }
 
 _DISPLAYS: dict[type, Callable[[list], Any]] = {ast.List: lambda items: items, ast.Tuple: tuple, ast.Set: set}
@@ -238,17 +248,21 @@ _REFUSED_SYNTAX = {
 }
 
 
-def _item(obj: Any, key: Any, what: str) -> Any:
+def _text(node: ast.expr) -> str:
+    return _clip(ast.unparse(node))  # only on error: unparsing every node at compile time is quadratic
+
+
+def _item(obj: Any, key: Any, node: ast.expr) -> Any:
     if isinstance(obj, Mapping):
         if isinstance(key, str) and "__" in key:  # computed keys get the same dunder rule as literal ones
             raise _Refused(f"key {_brief(key)} is not allowed")
         try:
             return obj[key]
         except KeyError:
-            raise _Refused(f"{what} has no key {_brief(key)}") from None
+            raise _Refused(f"{_text(node)} has no key {_brief(key)}") from None
     if isinstance(obj, _SEQUENCES):
         return obj[key]
-    raise _Refused(f"{what} is {type(obj).__name__}, which cannot be subscripted")
+    raise _Refused(f"{_text(node)} is {type(obj).__name__}, which cannot be subscripted")
 
 
 def _is_singleton(node: ast.expr) -> bool:
@@ -269,11 +283,11 @@ class _Compiler:
         raise ExpressionError(f"invalid expression {_brief(self.source, 100)}: {reason}")
 
     def parse(self) -> ast.Expression:
+        if len(self.source) > MAX_SOURCE_CHARS:
+            self.fail(f"longer than {MAX_SOURCE_CHARS:,} characters")
         text = self.source.strip()
         if not text:
             self.fail("empty expression")
-        if len(self.source) > MAX_SOURCE_CHARS:
-            self.fail(f"longer than {MAX_SOURCE_CHARS:,} characters")
         try:
             with warnings.catch_warnings():  # e.g. SyntaxWarning for `x is 1`: our message is the one to show
                 warnings.simplefilter("ignore")
@@ -332,24 +346,26 @@ class _Compiler:
         return load
 
     def _c_Attribute(self, node: ast.Attribute) -> _Fn:
-        key, base, what = node.attr, self.compile(node.value), _clip(ast.unparse(node.value))
+        key, base, inner = node.attr, self.compile(node.value), node.value
 
         def attribute(env: _Env) -> Any:
             obj = base(env)
             if not isinstance(obj, Mapping):  # the whole point: never getattr on a real object
-                raise _Refused(f"{what}.{key}: attribute access needs a dict, not {type(obj).__name__}")
+                raise _Refused(
+                    f"{_text(inner)}.{key}: attribute access needs a dict, not {type(obj).__name__}"
+                )
             try:
                 return obj[key]
             except KeyError:
-                raise _Refused(f"{what} has no key {key!r}") from None
+                raise _Refused(f"{_text(inner)} has no key {key!r}") from None
 
         return attribute
 
     def _c_Subscript(self, node: ast.Subscript) -> _Fn:
-        base, what = self.compile(node.value), _clip(ast.unparse(node.value))
+        base, inner = self.compile(node.value), node.value
         if not isinstance(node.slice, ast.Slice):
             key = self.compile(node.slice)
-            return lambda env: _item(base(env), key(env), what)
+            return lambda env: _item(base(env), key(env), inner)
         bounds = [
             None if part is None else self.compile(part)
             for part in (node.slice.lower, node.slice.upper, node.slice.step)
@@ -358,7 +374,7 @@ class _Compiler:
         def sliced(env: _Env) -> Any:
             obj = base(env)
             if not isinstance(obj, _SEQUENCES):
-                raise _Refused(f"{what} is {type(obj).__name__}, which cannot be sliced")
+                raise _Refused(f"{_text(inner)} is {type(obj).__name__}, which cannot be sliced")
             result = obj[slice(*(None if fn is None else fn(env) for fn in bounds))]
             _reserve(env, len(result))
             return result
@@ -460,6 +476,7 @@ class Expression:
     __slots__ = ("source", "names", "_fn")
     source: str
     names: frozenset[str]
+    _fn: _Fn
 
     def __init__(self, source: str) -> None:
         if not isinstance(source, str):
@@ -481,7 +498,10 @@ class Expression:
         except _Refused as exc:
             raise ExpressionEvalError(f"cannot evaluate {_brief(self.source, 100)}: {exc}") from None
         except Exception as exc:  # by contract, any runtime failure on user data is an evaluation error
-            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            try:
+                detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except Exception:  # an exception raised by a scope object may not even print
+                detail = type(exc).__name__
             raise ExpressionEvalError(f"cannot evaluate {_brief(self.source, 100)}: {detail[:200]}") from exc
 
     def __setattr__(self, name: str, value: Any) -> None:

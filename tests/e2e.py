@@ -48,7 +48,8 @@ def decide(ctx):
 
 
 class Project:
-    def __init__(self, root: Path, redis_url: str, *, job_timeout: int = 5, extra_blueprints: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, redis_url: str, *, job_timeout: int = 5, shutdown_wait: float = 10,
+                 extra_blueprints: dict[str, str] | None = None) -> None:
         self.root = root
         self.redis_url = redis_url
         self.queue = f"e2e-{uuid.uuid4().hex[:8]}"
@@ -61,7 +62,8 @@ class Project:
             blueprints: [./blueprints]
             registry: [e2e_nodes]
             state: {{ttl_seconds: 600}}
-            worker: {{concurrency: 8, job_timeout_seconds: {job_timeout}, version_grace_seconds: 5}}
+            worker: {{concurrency: 8, job_timeout_seconds: {job_timeout}, version_grace_seconds: 5,
+                      shutdown_wait_seconds: {shutdown_wait}}}
         """))
         wide_nodes = "\n".join(f"  - {{id: n{i:02d}, uses: noop}}" for i in range(50))
         wide_edges = "\n".join(f"  - {{source: start, target: n{i:02d}}}\n  - {{source: n{i:02d}, target: end}}" for i in range(50))

@@ -129,3 +129,41 @@ def test_finished_runs_leave_no_key_without_ttl(project, redis_url):
     assert run_keys
     no_ttl = [k for k in run_keys if r.ttl(k) < 0]
     assert no_ttl == []
+
+
+def _slow_calls(project, what):
+    return sum(1 for c in project.calls() if c.startswith(f"slow {what}"))
+
+
+def test_sigterm_lets_the_running_step_finish(project):
+    w0 = project.start_worker()
+    run_id = project.cli("enqueue", "chain", check=True).stdout.strip()
+    wait_for(lambda: _slow_calls(project, "start") == 1, 30, "the slow node to start")
+    w0.send_signal(signal.SIGTERM)
+    assert w0.wait(timeout=30) == 0
+    assert _slow_calls(project, "end") == 1  # it finished its step before exiting
+    project.start_worker()
+    view = wait_for(lambda: (v := project.cli_json("inspect", run_id))["status"] == "completed" and v, 60, "completion")
+    assert _slow_calls(project, "start") == 1
+    assert view["outputs"]["join"] == ["side", "slow"]
+
+
+def test_sigterm_hands_back_a_step_it_cannot_finish(tmp_path, redis_url):
+    redis_lib.Redis.from_url(redis_url).flushdb()
+    project = Project(tmp_path, redis_url, shutdown_wait=0.2)
+    try:
+        w0 = project.start_worker()
+        run_id = project.cli("enqueue", "chain", check=True).stdout.strip()
+        wait_for(lambda: _slow_calls(project, "start") == 1, 30, "the slow node to start")
+        w0.send_signal(signal.SIGTERM)
+        assert w0.wait(timeout=30) == 0
+        assert _slow_calls(project, "end") == 0  # cut short and handed back, not lost
+        view = project.cli_json("inspect", run_id)
+        assert {n["node_id"]: n["status"] for n in view["nodes"]}["slow"] == "queued"
+        project.start_worker()
+        view = wait_for(lambda: (v := project.cli_json("inspect", run_id))["status"] == "completed" and v, 60,
+                        "completion on the second worker")
+        assert _slow_calls(project, "start") == 2 and _slow_calls(project, "end") == 1
+        assert sum(1 for c in project.calls() if c.startswith("join run")) == 1
+    finally:
+        project.stop_all()

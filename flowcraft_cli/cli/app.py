@@ -300,24 +300,9 @@ def cancel(run_id: Annotated[str, typer.Argument()], config: ConfigOpt = None) -
 
 
 def main() -> None:
+    # typer's standalone mode turns usage errors into its own message and exit 2; our errors become one line
     try:
-        app(standalone_mode=False)
+        app(prog_name="flowcraft")
     except FlowcraftError as e:
         render.error(str(e))
         sys.exit(e.exit_code)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        render.error("aborted")
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as e:
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
-
-
