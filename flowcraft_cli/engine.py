@@ -244,6 +244,50 @@ class Engine:
             await self.cancel(child, f"parent run {run_id} cancelled")
         return changed
 
+    async def expected_jobs(self, run_id: str) -> list[tuple[str, Job]]:
+        """Every step a running run is waiting for, as the jobs that would carry them: its outbox, and each
+        queued, running, sleeping or batch step. The reconciler queues those whose job is gone; queueing one
+        that still exists is a no-op (same job id), and a stale one is dropped at its claim."""
+        meta = await self._read_meta(run_id, missing_ok=True)
+        if meta is None or meta["status"] != RunStatus.RUNNING:
+            return []
+        self._blueprint_for(meta, run_id)  # a run no loaded blueprint describes cannot be resumed from here
+        now = self.clock()
+        jobs: dict[str, Job] = {}
+        records = await self.store.read_all(run_id, NODES)
+        for data in (await self.store.read_all(run_id, OUTBOX)).values():
+            job = Job.from_dict(data)
+            rec = records.get(job.node_id) if job.run_id == run_id else None
+            if job.run_id != run_id or (rec and rec.get("seq") == job.seq and rec["status"] in _ACTIVE_NODE):
+                jobs[job.job_id] = job  # else: the step already happened; a leftover entry, not a lost job
+        for node_id, rec in records.items():
+            status, seq, phase = rec["status"], rec.get("seq", 0), rec.get("phase", "exec")
+            lease = rec.get("lease_until")
+            found: list[Job] = []
+            if status == NodeStatus.QUEUED:
+                found.append(Job(run_id, node_id, seq, phase, rec["attempt"], not_before_ms=rec.get("retry_at") or 0))
+            elif status == NodeStatus.SLEEPING:
+                found.append(Job(run_id, node_id, seq, "wake", 1, not_before_ms=rec.get("wake_at") or 0))
+            elif status == NodeStatus.RUNNING and rec.get("child"):
+                if (st := await self.store.read_status(rec["child"])) and st["status"] in FINAL_STATUSES:
+                    found.append(Job(run_id, node_id, seq, "child", rec["attempt"]))
+            elif status == NodeStatus.RUNNING and rec.get("items") is not None:
+                prefix = f"{node_id}|{seq}"
+                n, done = await self.store.read(run_id, BATCH, [f"{prefix}|n", f"{prefix}|done"])
+                if done is not MISSING and n is not MISSING and done >= n:
+                    found.append(Job(run_id, node_id, seq, "gather", 1))
+                else:
+                    states = await self.store.read(run_id, BATCH, [f"{prefix}|s|{i}" for i in range(int(n or 0))])
+                    for i, st in enumerate(states):
+                        if st is not MISSING and (st["status"] == "queued" or
+                                                  (st["status"] == "running" and st.get("lease_until", 0) < now)):
+                            found.append(Job(run_id, node_id, seq, "item", st["attempt"], item=i))
+            elif status == NodeStatus.RUNNING and lease is not None and lease < now:
+                found.append(Job(run_id, node_id, seq, phase, rec["attempt"]))
+            for job in found:
+                jobs.setdefault(job.job_id, job)
+        return [(run_id, job) for job in jobs.values()]
+
     # ------------------------------------------------------------------ handling one job
 
     async def handle(self, job: Job) -> Handled:
@@ -700,7 +744,8 @@ class _RunTxn:
         if not fatal and attempt < cfg.max_retries and job.kind != "item":
             delay = cfg.retry_delay_ms * (2 ** (attempt - 1))
             self.t.put(NODES, node.id, {**rec, "status": NodeStatus.QUEUED.value, "attempt": attempt + 1,
-                                        "error": error, "child": None, "items": None, "token": None})
+                                        "error": error, "child": None, "items": None, "token": None,
+                                        "retry_at": ts + delay})
             self.schedule(Job(self.t.run_id, node.id, rec["seq"], "exec" if phase == "exec" else "fallback",
                               attempt + 1, not_before_ms=ts + delay))
             return

@@ -78,7 +78,8 @@ async def read_run(store: Store, blueprints: Mapping[str, Blueprint], run_id: st
     context = await store.read_all(run_id, STATE)
     bp = blueprints.get(meta["blueprint_id"])
     order = [n.id for n in bp.nodes] if bp else []
-    order += sorted(k for k in records if k not in set(order))
+    known = set(order)
+    order += sorted(k for k in records if k not in known)
     finished_ok = meta["status"] == "completed"
     nodes = []
     for node_id in order:

@@ -299,6 +299,60 @@ def cancel(run_id: Annotated[str, typer.Argument()], config: ConfigOpt = None) -
     render.info(f"run {run_id} cancelled" if changed else f"run {run_id} had already finished; nothing changed")
 
 
+@app.command()
+def reconcile(
+    threshold: Annotated[float | None, typer.Option("--threshold", min=0, help="Seconds without progress before a run counts as stalled.")] = None,
+    scan_count: Annotated[int | None, typer.Option("--scan-count", min=1, help="SCAN page size.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be queued; change nothing.")] = False,
+    interval: Annotated[float | None, typer.Option("--interval", min=0.1, help="Sweep every S seconds until SIGTERM/SIGINT.")] = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Find stalled runs and queue the steps they lost. Exit 1 when a run could not be reconciled."""
+    import signal
+
+    from ..distributed.reconciler import create_arq_reconciler
+    from ..project import load_project, open_adapter
+
+    _setup_logging()
+    project = load_project(config, overrides={"reconciler.threshold_seconds": threshold,
+                                              "reconciler.scan_count": scan_count})
+    s = project.settings
+
+    async def go() -> int:
+        adapter = await open_adapter(project)
+        stop = asyncio.Event()
+        if interval is not None:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+        failed = 0
+        try:
+            reconciler = create_arq_reconciler(adapter=adapter, redis=adapter.redis,
+                                               stalled_threshold_seconds=s.reconciler.threshold_seconds,
+                                               scan_count=s.reconciler.scan_count, dry_run=dry_run)
+            while True:
+                stats = await reconciler.run()
+                failed += stats.failed_runs
+                if json_out:
+                    render.print_json(stats.to_json())
+                else:
+                    render.stats_table(stats.counts(), [vars(r) for r in stats.runs])
+                if interval is None:
+                    break
+                try:
+                    await asyncio.wait_for(stop.wait(), interval)
+                    break
+                except TimeoutError:
+                    continue
+        finally:
+            await adapter.close()
+            await adapter.redis.aclose()
+        return 1 if failed else 0
+
+    raise typer.Exit(asyncio.run(go()))
+
+
 def main() -> None:
     # typer's standalone mode turns usage errors into its own message and exit 2; our errors become one line
     try:

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from arq import Retry
@@ -21,6 +22,7 @@ from ..blueprint import Blueprint
 from ..engine import Engine, EngineSettings
 from ..jobs import Job
 from ..registry import NodeRegistry
+from ..store import OUTBOX
 from ..view import RunView, read_run
 from .coordination import RedisCoordinationStore
 from .queue import STEP_FUNCTION, ArqQueue, arq_pool_for
@@ -29,6 +31,13 @@ from .redis_store import RedisStore
 log = logging.getLogger("flowcraft.worker")
 
 DEFAULT_QUEUE = "flowcraft-queue"
+
+
+@dataclass
+class ReconcileOutcome:
+    planned: list[Job]
+    enqueued: list[str]
+    note: str = ""
 
 
 class ArqAdapter:
@@ -97,6 +106,32 @@ class ArqAdapter:
 
     async def status(self, run_id: str) -> dict[str, Any] | None:
         return await self.store.read_status(run_id)
+
+    async def reconcile(self, run_id: str, *, dry_run: bool = False) -> ReconcileOutcome:
+        """Queue the steps of one run whose jobs are gone (lost between commit and queueing, or after a
+        worker crash that arq did not recover). ``planned``: steps with no live job; ``enqueued``: the ids
+        really added (another reconciler may have won the race for some)."""
+        lock = f"reconcile:{run_id}"
+        if not dry_run and not await self.coordination_store.set_if_not_exist(lock, self.worker_id, 30):
+            return ReconcileOutcome([], [], "another reconciler holds this run")
+        try:
+            expected = await self.engine.expected_jobs(run_id)
+            alive = await self.queue.state_of([job.job_id for _, job in expected])
+            planned = [job for _, job in expected if job.job_id not in alive]
+            if dry_run:
+                return ReconcileOutcome(planned, [])
+            leftovers = set(await self.store.read_all(run_id, OUTBOX))
+            if planned:
+                enqueued = await self.queue.enqueue(planned)
+            else:
+                enqueued = []
+            await self.store.ack_jobs(run_id, sorted(leftovers))  # queued now, or already done
+            if enqueued:
+                log.info("reconciled run %s: queued %s", run_id, ", ".join(enqueued))
+            return ReconcileOutcome(planned, enqueued)
+        finally:
+            if not dry_run:
+                await self.coordination_store.delete(lock)
 
     async def flush(self, scheduled: list[tuple[str, Job]]) -> None:
         """Queue jobs a committed step decided, then clear them from their run's outbox."""

@@ -11,10 +11,14 @@ last step of a run that never ends):
   flowcraft:batch:<run_id>     HASH   batch items and results
   flowcraft:outbox:<run_id>    HASH   jobs decided but not yet confirmed in the queue
   flowcraft:events:<run_id>    LIST   the run's events (capped)
+  flowcraft:progress:<run_id>  STRING time of the run's last step; written by every step and read by nothing,
+                                      so its OBJECT IDLETIME is "time since progress" (reads of the run,
+                                      e.g. `inspect`, do not reset it, unlike the state hash's)
 
 Shared:
 
-  flowcraft:coord:<name>       coordination-store keys (RedisCoordinationStore)
+  flowcraft:coord:<name>       coordination-store keys (RedisCoordinationStore); the reconciler's
+                               per-run lock is flowcraft:coord:reconcile:<run_id>
   flowcraft:workers            HASH   worker id -> last heartbeat (JSON)
   <queue name>, arq:job:<id>, arq:in-progress:<id>, arq:retry:<id>   arq's own keys (see arq.constants)
 """
@@ -26,6 +30,7 @@ from ..store import BATCH, JOINS, NODES, OUTBOX, RUN, STATE
 STATE_PREFIX = "workflow:state:"
 STATUS_PREFIX = "workflow:status:"
 EVENTS_PREFIX = "flowcraft:events:"
+PROGRESS_PREFIX = "flowcraft:progress:"
 COORD_PREFIX = "flowcraft:coord:"
 WORKERS = "flowcraft:workers"
 
@@ -51,9 +56,14 @@ def events_key(run_id: str) -> str:
     return EVENTS_PREFIX + run_id
 
 
+def progress_key(run_id: str) -> str:
+    return PROGRESS_PREFIX + run_id
+
+
 def run_keys(run_id: str) -> list[str]:
     """Every key of one run, for expiry and for tests that check nothing is left behind."""
-    return [kind_key(k, run_id) for k in _KIND_PREFIX] + [status_key(run_id), events_key(run_id)]
+    return [kind_key(k, run_id) for k in _KIND_PREFIX] + [status_key(run_id), events_key(run_id),
+                                                          progress_key(run_id)]
 
 
 def coord_key(name: str) -> str:

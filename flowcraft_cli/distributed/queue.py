@@ -42,17 +42,18 @@ class ArqQueue:
         self.pool = pool
         self.queue_name = queue_name
 
-    async def enqueue(self, jobs: Iterable[Job]) -> int:
+    async def enqueue(self, jobs: Iterable[Job]) -> list[str]:
         """Queue each job under its deterministic id; an id already queued or running is a no-op.
-        Returns how many were really added."""
-        added = 0
+        Returns the ids really added."""
+        added: list[str] = []
         for job in jobs:
             defer = None
             if job.not_before_ms > 0:
                 defer = datetime.fromtimestamp(job.not_before_ms / 1000, UTC)
             got = await self.pool.enqueue_job(STEP_FUNCTION, job.to_dict(), _job_id=job.job_id,
                                               _queue_name=self.queue_name, _defer_until=defer)
-            added += got is not None
+            if got is not None:
+                added.append(job.job_id)
         return added
 
     async def state_of(self, job_ids: list[str]) -> dict[str, str]:

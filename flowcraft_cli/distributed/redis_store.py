@@ -5,6 +5,7 @@ two workers finishing predecessors of the same join serialize instead of both co
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -73,6 +74,9 @@ class RedisStore(Store):
         for kind, fields in dels.items():
             pipe.hdel(keys.kind_key(kind, run_id), *fields)
         pipe.hincrby(keys.kind_key(RUN, run_id), "rev", 1)
+        now = int(time.time() * 1000)
+        pipe.hset(keys.kind_key(RUN, run_id), "updated_at", now)
+        pipe.set(keys.progress_key(run_id), now)
         if txn.events:
             ek = keys.events_key(run_id)
             pipe.rpush(ek, *(dumps(e) for e in txn.events))

@@ -1,0 +1,144 @@
+"""The reconciler: find stalled runs and resume them (seed API: ``create_arq_reconciler(...).run()``).
+
+How a stall is detected. The seed uses ``OBJECT IDLETIME`` on the run-state hash, which any read resets (a
+run that ``inspect`` polls never looks stalled), which a restart from AOF resets, and which errors under an
+LFU eviction policy; and it counts finished runs. Here every step of a run also writes
+``flowcraft:progress:<run_id>``, a key nothing else reads, so its ``OBJECT IDLETIME`` is the time since the
+run last made progress, on the Redis server's clock. Where ``OBJECT IDLETIME`` is unavailable (LFU) the
+``updated_at`` stamp of the run's meta hash is used instead.
+
+A run is *stalled* when it is ``running``, idle longer than the threshold, and some step it is waiting for
+is not alive: a job in its outbox that never reached the queue, or a queued/running/sleeping node whose arq
+job is gone and whose claim lease has lapsed. Finished and awaiting runs are never stalled; a healthy node
+that runs longer than the threshold is alive (its job is in progress), so it is not run twice; and since
+only steps that routing already decided are resumed, a branch that was not taken is never run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from ..store import RUN
+from . import keys
+
+log = logging.getLogger("flowcraft.reconciler")
+
+
+@dataclass
+class StalledRun:
+    run_id: str
+    blueprint_id: str | None
+    idle_seconds: float
+    enqueued: int = 0
+    nodes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class ReconciliationStats:
+    scanned_keys: int = 0
+    stalled_runs: int = 0
+    reconciled_runs: int = 0
+    failed_runs: int = 0
+    runs: list[StalledRun] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {"scanned_keys": self.scanned_keys, "stalled_runs": self.stalled_runs,
+                "reconciled_runs": self.reconciled_runs, "failed_runs": self.failed_runs}
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.counts(), "runs": [
+            {k: v for k, v in asdict(r).items() if k in ("run_id", "idle_seconds", "enqueued", "error")}
+            | {"blueprint_id": r.blueprint_id, "nodes": r.nodes} for r in self.runs]}
+
+
+class Reconciler:
+    def __init__(self, adapter: Any, redis: Redis, *, stalled_threshold_seconds: float = 300,
+                 key_prefix: str = keys.STATE_PREFIX, scan_count: int = 100, dry_run: bool = False) -> None:
+        self.adapter = adapter
+        self.redis = redis
+        self.threshold_s = stalled_threshold_seconds
+        self.key_prefix = key_prefix
+        self.scan_count = scan_count
+        self.dry_run = dry_run
+
+    async def run(self) -> ReconciliationStats:
+        """One sweep: SCAN the run-state keys; one pipelined round trip per SCAN page reads each run's idle
+        time and status; only idle running runs are looked at more closely."""
+        stats = ReconciliationStats()
+        cursor: int | bytes = 0
+        match = self.key_prefix + "*"
+        while True:
+            cursor, page = await self.redis.scan(cursor=cursor, match=match, count=self.scan_count)
+            if page:
+                await self._check_page([_s(k)[len(self.key_prefix):] for k in page], stats)
+            if int(cursor) == 0:
+                break
+        return stats
+
+    async def _check_page(self, run_ids: list[str], stats: ReconciliationStats) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.object("idletime", keys.progress_key(run_id))
+                pipe.hmget(keys.kind_key(RUN, run_id), ["status", "updated_at", "blueprint_id"])
+            replies = await pipe.execute(raise_on_error=False)
+        now_ms = time.time() * 1000
+        for i, run_id in enumerate(run_ids):
+            stats.scanned_keys += 1
+            idletime, (status, updated_at, blueprint_id) = replies[2 * i], replies[2 * i + 1]
+            status = _json_str(status)
+            if status != "running":
+                continue  # finished, awaiting, or not a flowcraft run: never stalled
+            if isinstance(idletime, int):
+                idle_s = float(idletime)
+            elif updated_at is not None:  # no progress key, or OBJECT refused (LFU policy)
+                idle_s = max(0.0, (now_ms - float(_s(updated_at))) / 1000)
+            else:
+                idle_s = float("inf")
+            if idle_s <= self.threshold_s:
+                continue
+            await self._reconcile(run_id, _json_str(blueprint_id), idle_s, stats)
+
+    async def _reconcile(self, run_id: str, blueprint_id: str | None, idle_s: float,
+                         stats: ReconciliationStats) -> None:
+        try:
+            outcome = await self.adapter.reconcile(run_id, dry_run=self.dry_run)
+        except Exception as e:  # one broken run must not stop the sweep
+            log.warning("reconcile %s failed: %s", run_id, e)
+            stats.stalled_runs += 1
+            stats.failed_runs += 1
+            stats.runs.append(StalledRun(run_id, blueprint_id, idle_s, error=f"{type(e).__name__}: {e}"))
+            return
+        if not outcome.planned:
+            return  # idle, but every step it waits for is alive (e.g. a long node): not stalled
+        stats.stalled_runs += 1
+        enqueued = len(outcome.planned) if self.dry_run else len(outcome.enqueued)
+        if enqueued and not self.dry_run:
+            stats.reconciled_runs += 1
+        stats.runs.append(StalledRun(run_id, blueprint_id, idle_s, enqueued,
+                                     sorted({j.node_id for j in outcome.planned})))
+
+
+def create_arq_reconciler(*, adapter: Any, redis: Redis, stalled_threshold_seconds: float = 300,
+                          key_prefix: str = keys.STATE_PREFIX, scan_count: int = 100,
+                          dry_run: bool = False) -> Reconciler:
+    return Reconciler(adapter, redis, stalled_threshold_seconds=stalled_threshold_seconds, key_prefix=key_prefix,
+                      scan_count=scan_count, dry_run=dry_run)
+
+
+def _s(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _json_str(value: Any) -> str | None:
+    """Meta fields are JSON: '"running"' -> 'running'."""
+    if value is None or isinstance(value, Exception):
+        return None
+    text = _s(value)
+    return text[1:-1] if len(text) >= 2 and text[0] == '"' == text[-1] else text

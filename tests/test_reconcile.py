@@ -1,0 +1,245 @@
+"""The reconciler (CONTRACT §7): finds stalled runs with a progress key's OBJECT IDLETIME, resumes only the
+steps routing decided, never touches finished or awaiting runs, and is not blinded by reads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+from redis.asyncio import Redis
+
+from flowcraft_cli.distributed.adapter import ArqAdapter
+from flowcraft_cli.distributed.keys import progress_key
+from flowcraft_cli.distributed.reconciler import create_arq_reconciler
+from flowcraft_cli.jobs import Job
+from tests.e2e import Project, wait_for
+from tests.harness import make_blueprints, make_registry
+
+ROUTED = """
+id: routed
+nodes:
+  - {id: a, uses: decide}
+  - {id: b, uses: tag}
+  - {id: c, uses: tag}
+  - {id: w, uses: wait}
+edges:
+  - {source: a, target: b, action: ok}
+  - {source: a, target: c, action: nope}
+"""
+SIMPLE = """
+id: simple
+nodes: [{id: x, uses: tag}, {id: y, uses: tag}]
+edges: [{source: x, target: y}]
+"""
+FAILS = """
+id: fails
+nodes: [{id: f, uses: boom}]
+edges: []
+"""
+
+
+def boom(ctx):
+    raise RuntimeError("no")
+
+
+NODES = {"decide": lambda ctx: __import__("flowcraft_cli").NodeResult("A", "ok"), "tag": lambda ctx: ctx.node_id,
+         "boom": boom}
+
+
+class Env:
+    """A loop, an adapter (the worker side and the client side), and helpers to make a run stall."""
+
+    def __init__(self, url: str, queue: str = "rec-queue") -> None:
+        self.loop = asyncio.new_event_loop()
+        self.url = url
+        registry = make_registry(NODES)
+        bps = make_blueprints([ROUTED, SIMPLE, FAILS], registry)
+
+        async def make():
+            return ArqAdapter(connection=Redis.from_url(url), queue_name=queue,
+                              runtime_options={"registry": registry, "blueprints": bps})
+
+        self.adapter = self.do(make())
+
+    def do(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def start_unqueued(self, bp: str) -> str:
+        """A run whose start jobs were committed but never queued: a client that crashed right after the commit."""
+        run_id, _ = self.do(self.adapter.engine.start_run(bp, {}))
+        return run_id
+
+    def step_without_queueing(self, job: Job) -> None:
+        """A worker that committed a step and died before queueing what follows."""
+        self.do(self.adapter.engine.handle(job))
+
+    def drain(self) -> None:
+        self.do(self.adapter.start(burst=True))
+
+    def sweep(self, threshold: float = 1, dry_run: bool = False):
+        rec = create_arq_reconciler(adapter=self.adapter, redis=self.adapter.redis,
+                                    stalled_threshold_seconds=threshold, dry_run=dry_run)
+        return self.do(rec.run())
+
+    def idle(self, run_id: str) -> int:
+        return self.do(self.adapter.redis.object("idletime", progress_key(run_id))) or 0
+
+    def wait_idle(self, run_id: str, seconds: float) -> None:
+        wait_for(lambda: self.idle(run_id) > seconds, 30, f"run {run_id} to be idle > {seconds}s", interval=0.2)
+
+    def status(self, run_id: str) -> str:
+        return self.do(self.adapter.inspect(run_id)).status
+
+    def close(self) -> None:
+        self.do(self.adapter.close())
+        self.do(self.adapter.redis.aclose())
+        self.loop.close()
+
+
+@pytest.fixture
+def env(redis_url, redis_sync):
+    e = Env(redis_url)
+    yield e
+    e.close()
+
+
+def test_stalled_run_is_found_and_resumed(env):
+    run_id = env.start_unqueued("simple")
+    env.wait_idle(run_id, 1)
+    stats = env.sweep(threshold=1)
+    assert stats.counts() == {"scanned_keys": 1, "stalled_runs": 1, "reconciled_runs": 1, "failed_runs": 0}
+    assert stats.runs[0].run_id == run_id and stats.runs[0].nodes == ["x"]
+    env.drain()
+    assert env.status(run_id) == "completed"
+    assert env.sweep(threshold=0).counts()["stalled_runs"] == 0  # finished: scanned, never stalled
+
+
+def test_reads_do_not_hide_a_stall(env):
+    run_id = env.start_unqueued("simple")
+    stop = threading.Event()
+
+    def poll():
+        import redis
+
+        r = redis.Redis.from_url(env.url)
+        while not stop.is_set():  # what `inspect --watch` reads, every 0.2 s
+            for kind in ("run", "nodes"):
+                r.hgetall(f"flowcraft:{kind}:{run_id}")
+            r.hgetall(f"workflow:state:{run_id}")
+            stop.wait(0.2)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    try:
+        env.wait_idle(run_id, 2)
+        # the seed's clock (the state hash's idle time, 1 s resolution) is reset by the reads: it sees no stall
+        assert env.do(env.adapter.redis.object("idletime", f"workflow:state:{run_id}")) <= 1
+        stats = env.sweep(threshold=2)
+    finally:
+        stop.set()
+        t.join()
+    assert stats.stalled_runs == 1 and stats.reconciled_runs == 1
+
+
+def test_finished_failed_and_awaiting_runs_are_never_stalled(env):
+    done = env.do(env.adapter.start_run("simple", {}))
+    failed = env.do(env.adapter.start_run("fails", {}))
+    awaiting_doc = ROUTED  # w is a wait node with no incoming edge: the run ends awaiting
+    assert "uses: wait" in awaiting_doc
+    awaiting = env.do(env.adapter.start_run("routed", {}))
+    env.drain()
+    assert [env.status(r) for r in (done, failed, awaiting)] == ["completed", "failed", "awaiting"]
+    for r in (done, failed, awaiting):
+        env.wait_idle(r, 1)
+    stats = env.sweep(threshold=1)
+    assert stats.counts() == {"scanned_keys": 3, "stalled_runs": 0, "reconciled_runs": 0, "failed_runs": 0}
+
+
+def test_resumes_only_the_branch_routing_took(env):
+    run_id, scheduled = env.do(env.adapter.engine.start_run("routed", {}))
+    env.do(env.adapter.flush([s for s in scheduled if s[1].node_id == "w"]))
+    a_job = next(job for _, job in scheduled if job.node_id == "a")
+    env.step_without_queueing(a_job)  # a chose "ok"; the job for b was committed, then the worker died
+    env.drain()  # runs w (awaits); b is lost
+    env.wait_idle(run_id, 1)
+    stats = env.sweep(threshold=1)
+    assert stats.stalled_runs == 1 and stats.runs[0].nodes == ["b"]
+    env.drain()
+    view = env.do(env.adapter.inspect(run_id))
+    statuses = {n.node_id: n.status for n in view.nodes}
+    assert statuses == {"a": "completed", "b": "completed", "c": "skipped", "w": "awaiting"}
+
+
+def test_healthy_long_node_is_not_stalled(env):
+    run_id = env.do(env.adapter.start_run("simple", {}))
+    # the job for x is queued in arq (alive): idle, but nothing is lost
+    env.wait_idle(run_id, 1)
+    stats = env.sweep(threshold=1)
+    assert stats.stalled_runs == 0 and stats.reconciled_runs == 0
+    assert env.do(env.adapter.reconcile(run_id)).planned == []
+
+
+def test_dry_run_changes_nothing(env, redis_sync):
+    env.start_unqueued("simple")
+    run_id = env.start_unqueued("routed")
+    env.wait_idle(run_id, 1)
+
+    def dump():
+        return {k: (redis_sync.type(k), redis_sync.dump(k), redis_sync.pttl(k) // 60000) for k in redis_sync.scan_iter("*")}
+
+    before = dump()  # DUMP reads every key, which resets their idle clocks: wait again
+    env.wait_idle(run_id, 1)
+    stats = env.sweep(threshold=1, dry_run=True)
+    assert stats.stalled_runs == 2 and stats.reconciled_runs == 0
+    assert sorted(r.enqueued for r in stats.runs) == [1, 2]  # simple: x; routed: a and w (two start nodes)
+    assert dump() == before
+
+
+def test_reconcile_one_run_api_and_failures_counted(env, redis_sync):
+    run_id = env.start_unqueued("simple")
+    outcome = env.do(env.adapter.reconcile(run_id))
+    assert [j.node_id for j in outcome.planned] == ["x"] and len(outcome.enqueued) == 1
+    assert env.do(env.adapter.reconcile(run_id)).planned == []  # now queued: nothing to do
+    # a corrupt run record: counted as failed, the sweep goes on
+    redis_sync.hset("flowcraft:run:broken", mapping={"status": '"running"', "blueprint_id": '"simple"',
+                                                     "blueprint_version": '"x"', "pending": "1", "updated_at": "0"})
+    redis_sync.hset("flowcraft:outbox:broken", "j", "{not json")
+    redis_sync.hset("workflow:state:broken", "k", "1")
+    stats = env.sweep(threshold=0)
+    assert stats.failed_runs == 1 and stats.runs[0].run_id == "broken" and stats.runs[0].error
+
+
+def test_two_reconcile_processes_enqueue_once(tmp_path, redis_url, redis_sync):
+    project = Project(tmp_path, redis_url, extra_blueprints={"simple": SIMPLE.replace("uses: tag", "uses: noop")})
+    env = Env(redis_url, queue=project.queue)
+    try:
+        lost = [env.start_unqueued("simple") for _ in range(20)]
+        env.wait_idle(lost[-1], 1)
+        cmd = [sys.executable, "-m", "flowcraft_cli", "reconcile", "--threshold", "1", "--json"]
+        procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        outs = [p.communicate(timeout=60) for p in procs]
+        docs = [json.loads(o) for o, _ in outs]
+        assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
+        enqueued = sum(r["enqueued"] for d in docs for r in d["runs"])
+        assert enqueued == 20
+        assert redis_sync.zcard(project.queue) == 20
+        assert sum(d["reconciled_runs"] for d in docs) == 20
+    finally:
+        env.close()
+
+
+def test_reconcile_cli_table_and_exit_code(tmp_path, redis_url, redis_sync):
+    project = Project(tmp_path, redis_url)
+    r = project.cli("reconcile", "--threshold", "1")
+    assert r.returncode == 0 and "scanned_keys" in r.stdout
+    redis_sync.hset("flowcraft:run:broken", mapping={"status": '"running"', "blueprint_id": '"nope"',
+                                                     "blueprint_version": '"x"', "pending": "1", "updated_at": "0"})
+    redis_sync.hset("workflow:state:broken", "k", "1")
+    r = project.cli("reconcile", "--threshold", "0", "--json")
+    doc = json.loads(r.stdout)
+    assert r.returncode == 1 and doc["failed_runs"] == 1 and doc["runs"][0]["error"]
