@@ -139,6 +139,7 @@ class Engine:
         self.worker_id = worker_id
         self.settings = settings or EngineSettings()
         self.clock = clock
+        self.active_tokens: set[str] = set()  # claims held by steps running in this process right now
 
     # ------------------------------------------------------------------ starting, resuming, cancelling
 
@@ -305,7 +306,20 @@ class Engine:
             log.error("job %s: node %r is not in blueprint %r; dropped", job.job_id, job.node_id, bp.id)
             return Handled(note="unknown node")
         step = _Step(self, bp, node, job)
-        return Handled(scheduled=await step.run())
+        scheduled = await step.run()
+        if step.leased_until is not None:
+            # another live step holds this node (a duplicate delivered early): look again when its lease ends
+            wait_s = (step.leased_until - self.clock()) / 1000 + 0.5
+            return Handled(retry_after_s=min(30.0, max(0.5, wait_s)), note="leased")
+        return Handled(scheduled=scheduled, note="stale" if step.stale else "")
+
+    def _held_elsewhere(self, holder: dict[str, Any], now: int) -> bool:
+        """Is a claim still held by a live step? A lapsed lease is not; nor is a claim this very process
+        made for a step that is no longer running here (it died with a Redis error and was handed back)."""
+        lease = holder.get("lease_until")
+        if lease is None or lease <= now:
+            return False
+        return not (holder.get("worker") == self.worker_id and holder.get("token") not in self.active_tokens)
 
     async def _version_gate(self, job: Job, meta: dict[str, Any], bp: Blueprint | None) -> Handled:
         """A worker without the run's blueprint version leaves the job to one that has it; after the grace
@@ -775,6 +789,8 @@ class _Step:
         self.job = job
         self.run_id = job.run_id
         self.token = secrets.token_hex(6)
+        self.leased_until: int | None = None  # set when a live step of another delivery holds the node
+        self.stale = False  # set when the node no longer expects this step (duplicate or late delivery)
 
     async def txn(self, fn: Callable[[_RunTxn], Any]) -> Any:
         async def wrapped(t: Txn) -> Any:
@@ -786,12 +802,15 @@ class _Step:
         return await self.engine.store.transact(self.run_id, wrapped)
 
     async def run(self) -> list[tuple[str, Job]]:
+        self.engine.active_tokens.add(self.token)
         try:
             return await self._dispatch()
         except asyncio.CancelledError:
             # shutdown: hand the step back so the redelivered job can claim it at once
             await asyncio.shield(self._release())
             raise
+        finally:
+            self.engine.active_tokens.discard(self.token)
 
     async def _release(self) -> None:
         job = self.job
@@ -839,9 +858,9 @@ class _Step:
             if not rec or rec["seq"] != job.seq or rec.get("phase", "exec") != job.kind or rec["attempt"] != job.attempt:
                 return None
             if rec["status"] == NodeStatus.RUNNING:
-                lease = rec.get("lease_until")
-                if lease is not None and lease > now:
-                    return None  # still held by a live worker: a duplicate delivery
+                if self.engine._held_elsewhere(rec, now):
+                    self.leased_until = rec["lease_until"]
+                    return None
                 if rec.get("child") or rec.get("items") is not None:
                     return {**rec, "_resume": True}  # its child run / batch is already under way
             elif rec["status"] != NodeStatus.QUEUED:
@@ -855,7 +874,8 @@ class _Step:
 
         got = await self.txn(fn)
         if got is None or got[0] is None:
-            log.debug("job %s: not claimable (duplicate, stale or run finished)", job.job_id)
+            self.stale = self.leased_until is None and got is not None
+            log.debug("job %s: not claimable (duplicate, stale, leased or run finished)", job.job_id)
             return None
         return got[0]
 
@@ -1119,11 +1139,12 @@ class _Step:
             st = await run.t.get(BATCH, skey)
             if not st or st["attempt"] != job.attempt:
                 return None
-            if st["status"] == "running" and st.get("lease_until", 0) > now:
+            if st["status"] == "running" and self.engine._held_elsewhere(st, now):
+                self.leased_until = st["lease_until"]
                 return None
             if st["status"] not in ("queued", "running"):
                 return None
-            run.t.put(BATCH, skey, {**st, "status": "running", "token": self.token,
+            run.t.put(BATCH, skey, {**st, "status": "running", "token": self.token, "worker": self.engine.worker_id,
                                     "lease_until": now + int(self.engine.settings.lease_s * 1000)})
             return await run.t.get(BATCH, f"{prefix}|i|{job.item}"), rec["token"]
 

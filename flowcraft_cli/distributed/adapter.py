@@ -16,6 +16,7 @@ from arq import Retry
 from arq.worker import Worker, func
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..blueprint import Blueprint
@@ -155,8 +156,18 @@ class ArqAdapter:
         except ValueError as e:
             log.error("job %s rejected, not run: %s", ctx.get("job_id"), e)
             return "rejected"
-        handled = await self.engine.handle(job)
-        await self.flush(handled.scheduled)
+        try:
+            handled = await self.engine.handle(job)
+            await self.flush(handled.scheduled)
+            if handled.note == "stale":
+                # a redelivered step that already happened: its successors may have been lost between its
+                # commit and their queueing (the worker died there), so finish that part now
+                await self.reconcile(job.run_id)
+        except (RedisError, OSError) as e:
+            # Redis went away mid-step: hand the job back rather than let arq record it as failed; the
+            # claim is reclaimed by this worker at once, or by another when its lease lapses
+            log.warning("job %s: Redis error (%s: %s); handing it back", job.job_id, type(e).__name__, e)
+            raise Retry(defer=1) from e
         if handled.retry_after_s is not None:
             raise Retry(defer=handled.retry_after_s)
         return handled.note or "ok"
