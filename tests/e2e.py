@@ -113,12 +113,12 @@ class Project:
         assert proc.stdout.strip(), f"no JSON on stdout (exit {proc.returncode}): {proc.stderr}"
         return json.loads(proc.stdout)
 
-    def start_worker(self, *extra: str) -> subprocess.Popen[bytes]:
+    def start_worker(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         n = len(self.workers)
         out = open(self.root / f"worker{n}.out", "wb")
         err = open(self.root / f"worker{n}.err", "wb")
         proc = subprocess.Popen([sys.executable, "-m", "flowcraft_cli", "worker", "start", *extra], cwd=self.root,
-                                env=self.env(), stdout=out, stderr=err)
+                                env={**self.env(), **(env or {})}, stdout=out, stderr=err)
         self.workers.append(proc)
         wait_for(lambda: b"flowcraft worker" in (self.root / f"worker{n}.out").read_bytes() or proc.poll() is not None,
                  30, f"worker {n} to start")
@@ -127,6 +127,10 @@ class Project:
 
     def worker_log(self, n: int) -> str:
         return (self.root / f"worker{n}.err").read_text()
+
+    def wait_run(self, run_id: str, timeout: float = 90, statuses: tuple[str, ...] = ("completed", "failed")) -> Any:
+        return wait_for(lambda: (v := self.cli_json("inspect", run_id))["status"] in statuses and v, timeout,
+                        f"run {run_id} to reach {statuses}", interval=0.3)
 
     def stop_all(self) -> None:
         for w in self.workers:

@@ -32,6 +32,9 @@ from .redis_store import RedisStore
 log = logging.getLogger("flowcraft.worker")
 
 DEFAULT_QUEUE = "flowcraft-queue"
+# Test-only fault injection (like a failpoint): FLOWCRAFT_FAILPOINT=after-commit:<node_id> makes this worker
+# process exit right after committing that node's step and before queueing what follows.
+_FAILPOINT = os.environ.get("FLOWCRAFT_FAILPOINT", "")
 
 
 @dataclass
@@ -158,6 +161,8 @@ class ArqAdapter:
             return "rejected"
         try:
             handled = await self.engine.handle(job)
+            if _FAILPOINT and _FAILPOINT == f"after-commit:{job.node_id}":
+                os._exit(137)  # fault-injection for the crash tests: die between a commit and its queueing
             await self.flush(handled.scheduled)
             if handled.note == "stale":
                 # a redelivered step that already happened: its successors may have been lost between its
