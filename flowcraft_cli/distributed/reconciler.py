@@ -22,12 +22,41 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from ..store import RUN
 from . import keys
 
 log = logging.getLogger("flowcraft.reconciler")
+
+# One call per SCAN page: for each run id (ARGV[5..]), skip unless the run's meta says "running"; take its idle
+# time from OBJECT IDLETIME of its progress key (never read by anything, so reads of the run cannot reset it),
+# else, where OBJECT is refused (an LFU eviction policy) or the key is missing, from the meta's updated_at.
+# Returns {run_id, blueprint_id, idle_ms} for the running runs idle longer than the threshold.
+# ARGV: [1] meta key prefix, [2] progress key prefix, [3] now (ms), [4] threshold (s), [5..] run ids.
+# Keys are derived from run ids inside the script, which standalone Redis allows (arq rules out Cluster anyway).
+_TRIAGE = """
+local out = {}
+local now, threshold_ms = tonumber(ARGV[3]), tonumber(ARGV[4]) * 1000
+for i = 5, #ARGV do
+  local run_id = ARGV[i]
+  local meta = redis.call('HMGET', ARGV[1] .. run_id, 'status', 'blueprint_id', 'updated_at')
+  if meta[1] == '"running"' then
+    local idle_ms = nil
+    local ok, idle = pcall(redis.call, 'OBJECT', 'IDLETIME', ARGV[2] .. run_id)
+    if ok and idle then
+      idle_ms = idle * 1000
+    elseif meta[3] then
+      idle_ms = now - tonumber(meta[3])
+    else
+      idle_ms = threshold_ms + 1
+    end
+    if idle_ms > threshold_ms then
+      out[#out + 1] = {run_id, meta[2] or 'null', tostring(math.floor(idle_ms))}
+    end
+  end
+end
+return out
+"""
 
 
 @dataclass
@@ -67,10 +96,11 @@ class Reconciler:
         self.key_prefix = key_prefix
         self.scan_count = scan_count
         self.dry_run = dry_run
+        self._triage = redis.register_script(_TRIAGE)
 
     async def run(self) -> ReconciliationStats:
-        """One sweep: SCAN the run-state keys; one pipelined round trip per SCAN page reads each run's idle
-        time and status; only idle running runs are looked at more closely."""
+        """One sweep: SCAN the run-state keys; one script call per SCAN page picks the running runs idle
+        past the threshold (no per-key round trip); only those are looked at more closely."""
         stats = ReconciliationStats()
         cursor: int | bytes = 0
         match = self.key_prefix + "*"
@@ -83,27 +113,13 @@ class Reconciler:
         return stats
 
     async def _check_page(self, run_ids: list[str], stats: ReconciliationStats) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for run_id in run_ids:
-                pipe.object("idletime", keys.progress_key(run_id))
-                pipe.hmget(keys.kind_key(RUN, run_id), ["status", "updated_at", "blueprint_id"])
-            replies = await pipe.execute(raise_on_error=False)
-        now_ms = time.time() * 1000
-        for i, run_id in enumerate(run_ids):
-            stats.scanned_keys += 1
-            idletime, (status, updated_at, blueprint_id) = replies[2 * i], replies[2 * i + 1]
-            status = _json_str(status)
-            if status != "running":
-                continue  # finished, awaiting, or not a flowcraft run: never stalled
-            if isinstance(idletime, int):
-                idle_s = float(idletime)
-            elif updated_at is not None:  # no progress key, or OBJECT refused (LFU policy)
-                idle_s = max(0.0, (now_ms - float(_s(updated_at))) / 1000)
-            else:
-                idle_s = float("inf")
-            if idle_s <= self.threshold_s:
-                continue
-            await self._reconcile(run_id, _json_str(blueprint_id), idle_s, stats)
+        stats.scanned_keys += len(run_ids)
+        replies = await self._triage(
+            keys=[],
+            args=[keys.kind_key(RUN, ""), keys.progress_key(""), int(time.time() * 1000), self.threshold_s, *run_ids],
+        )
+        for run_id, blueprint_id, idle_ms in replies:
+            await self._reconcile(_s(run_id), _json_str(blueprint_id), int(idle_ms) / 1000, stats)
 
     async def _reconcile(self, run_id: str, blueprint_id: str | None, idle_s: float,
                          stats: ReconciliationStats) -> None:
