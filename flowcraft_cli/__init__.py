@@ -26,7 +26,24 @@ _LAZY = {
     "create_arq_reconciler": ("distributed.reconciler", "create_arq_reconciler"),
 }
 
-__all__ = sorted(["Blueprint", "FlowcraftError", "NodeContext", "NodeRegistry", "NodeResult", "node", *_LAZY])
+__all__ = [
+    "ArqAdapter",
+    "Blueprint",
+    "FlowRuntime",
+    "FlowcraftError",
+    "NodeContext",
+    "NodeRegistry",
+    "NodeResult",
+    "RedisContext",
+    "RedisCoordinationStore",
+    "RunResult",
+    "Settings",
+    "create_arq_reconciler",
+    "load_blueprints",
+    "load_settings",
+    "node",
+    "parse_blueprint",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -39,7 +39,7 @@ from .expressions import Expression, compile_expression
 from .jobs import Job
 from .node_api import _MISSING, NodeContext, NodeResult, RunContext, SyncRunContext
 from .registry import NodeRegistry
-from .store import JOINS, MISSING, NODES, OUTBOX, RUN, STATE, BATCH, Store, Txn, dumps
+from .store import BATCH, JOINS, MISSING, NODES, OUTBOX, RUN, STATE, Store, Txn, dumps
 
 log = logging.getLogger("flowcraft.engine")
 
@@ -923,7 +923,8 @@ class _Step:
         try:
             output, action, writes = await self._call(runner, node_input, self.job.attempt)
         except NodeFailure as e:
-            return await self._commit(lambda run, r: run.fail_node(node, r, self.job, str(e), e.fatal))
+            error, fatal = str(e), e.fatal
+            return await self._commit(lambda run, r: run.fail_node(node, r, self.job, error, fatal))
         return await self._succeed(output, action, writes, node_input, runner)
 
     async def _succeed(self, output: Any, action: str | None, writes: Mapping[str, Any], node_input: Any,
@@ -1073,7 +1074,8 @@ class _Step:
         try:
             duration = parse_duration_ms(self.node.params.get("duration"))
         except ValueError as e:
-            return await self._commit(lambda run, r: run.fail_node(self.node, r, self.job, str(e), True))
+            error = str(e)
+            return await self._commit(lambda run, r: run.fail_node(self.node, r, self.job, error, True))
         wake_at = self.engine.clock() + duration
 
         async def fn(run: _RunTxn, r: dict[str, Any]) -> None:
@@ -1239,8 +1241,10 @@ class _Step:
         try:
             _, jobs = await self.engine.start_run(child_bp, child_input, run_id=child_id, parent=parent, seed=seed)
         except InvalidInput as e:
+            error = str(e)
+            token = rec.get("token") if rec.get("_resume") else None
             return scheduled + await self._commit(
-                lambda run, r: run.fail_node(self.node, r, self.job, str(e), True), token=rec.get("token") if rec.get("_resume") else None)
+                lambda run, r: run.fail_node(self.node, r, self.job, error, True), token=token)
         return scheduled + jobs
 
     async def _still_child(self, child_id: str) -> bool:
@@ -1279,4 +1283,6 @@ class _Step:
 
 
 def _is_async(fn: Any) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+    # an object with an async __call__ counts too
+    call = type(fn).__dict__.get("__call__") if not inspect.isfunction(fn) else None
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
