@@ -4,7 +4,8 @@ and (for distributed commands) a checked Redis connection and an ArqAdapter."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,6 +88,17 @@ async def connect_redis(url: str) -> Any:
         await client.aclose()
         raise RedisUnavailable(f"cannot reach Redis at {redact_url(url)}: {e}; is redis-server running?") from None
     return client
+
+
+@asynccontextmanager
+async def connected(project: Project, **kw: Any) -> AsyncIterator[ArqAdapter]:
+    """An ArqAdapter on a checked connection, closed (queue pool and client) on the way out."""
+    adapter = await open_adapter(project, **kw)
+    try:
+        yield adapter
+    finally:
+        await adapter.close()
+        await adapter.redis.aclose()
 
 
 async def open_adapter(project: Project, **kw: Any) -> ArqAdapter:

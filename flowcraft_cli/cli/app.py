@@ -117,26 +117,22 @@ def worker_start(
 ) -> None:
     """Validate everything, print a summary, then process jobs until SIGTERM/SIGINT."""
     from ..config import redact_url
-    from ..project import load_project, open_adapter
+    from ..project import connected, load_project
 
     _setup_logging(verbose=True)
     project = load_project(config, overrides={"worker.concurrency": concurrency})
     s = project.settings
 
     async def go() -> None:
-        adapter = await open_adapter(project)
-        render.key_values("flowcraft worker", [
-            ("worker", adapter.worker_id), ("redis", redact_url(s.redis.url)), ("queue", s.queue.name),
-            ("concurrency", s.worker.concurrency), ("job timeout", f"{s.worker.job_timeout_seconds} s"),
-            ("blueprints", ", ".join(f"{b.id}@{b.version}" for b in project.blueprints.values()) or "none"),
-            ("nodes", ", ".join(project.registry.names()) or "none"),
-        ])
-        render.out.file.flush()
-        try:
+        async with connected(project) as adapter:
+            render.key_values("flowcraft worker", [
+                ("worker", adapter.worker_id), ("redis", redact_url(s.redis.url)), ("queue", s.queue.name),
+                ("concurrency", s.worker.concurrency), ("job timeout", f"{s.worker.job_timeout_seconds} s"),
+                ("blueprints", ", ".join(f"{b.id}@{b.version}" for b in project.blueprints.values()) or "none"),
+                ("nodes", ", ".join(project.registry.names()) or "none"),
+            ])
+            render.out.file.flush()
             await adapter.start(burst=burst, install_signals=True)
-        finally:
-            await adapter.close()
-            await adapter.redis.aclose()
         render.info("worker stopped")
 
     asyncio.run(go())
@@ -154,7 +150,7 @@ def enqueue(
     config: ConfigOpt = None,
 ) -> None:
     """Start a run on the workers; prints its run id."""
-    from ..project import load_project, open_adapter
+    from ..project import connected, load_project
 
     _setup_logging()
     run_input = parse_input_checked(input, input_file)
@@ -162,8 +158,7 @@ def enqueue(
     project.blueprint(blueprint_id)
 
     async def go() -> int:
-        adapter = await open_adapter(project)
-        try:
+        async with connected(project) as adapter:
             rid = await adapter.start_run(blueprint_id, run_input, run_id=run_id)
             if not wait:
                 if json_out:
@@ -183,9 +178,6 @@ def enqueue(
             else:
                 render.print_run(view)
             return _exit_for(view.status)
-        finally:
-            await adapter.close()
-            await adapter.redis.aclose()
 
     raise typer.Exit(asyncio.run(go()))
 
@@ -223,14 +215,13 @@ def inspect(
     config: ConfigOpt = None,
 ) -> None:
     """Show a run: summary, node table (status, attempts, duration, error) and context."""
-    from ..project import load_project, open_adapter
+    from ..project import connected, load_project
 
     _setup_logging()
     project = load_project(config)
 
     async def go() -> int:
-        adapter = await open_adapter(project)
-        try:
+        async with connected(project) as adapter:
             view = await adapter.inspect(run_id)
             if watch and not json_out:
                 from rich.live import Live
@@ -245,9 +236,6 @@ def inspect(
             else:
                 render.print_run(view)
             return 0
-        finally:
-            await adapter.close()
-            await adapter.redis.aclose()
 
     raise typer.Exit(asyncio.run(go()))
 
@@ -261,19 +249,15 @@ def resume(
     config: ConfigOpt = None,
 ) -> None:
     """Give an awaiting `wait` node its output and action; the run continues on the workers."""
-    from ..project import load_project, open_adapter, parse_json
+    from ..project import connected, load_project, parse_json
 
     _setup_logging()
     value = parse_json(output, "--output") if output is not None else None
     project = load_project(config)
 
     async def go() -> None:
-        adapter = await open_adapter(project)
-        try:
+        async with connected(project) as adapter:
             await adapter.resume(run_id, node_id, output=value, action=action)
-        finally:
-            await adapter.close()
-            await adapter.redis.aclose()
 
     asyncio.run(go())
     render.info(f"run {run_id} resumed with action {action!r}")
@@ -282,18 +266,14 @@ def resume(
 @app.command()
 def cancel(run_id: Annotated[str, typer.Argument()], config: ConfigOpt = None) -> None:
     """Cancel a run: its status becomes cancelled and no further node of it starts."""
-    from ..project import load_project, open_adapter
+    from ..project import connected, load_project
 
     _setup_logging()
     project = load_project(config)
 
     async def go() -> bool:
-        adapter = await open_adapter(project)
-        try:
+        async with connected(project) as adapter:
             return await adapter.cancel(run_id)
-        finally:
-            await adapter.close()
-            await adapter.redis.aclose()
 
     changed = asyncio.run(go())
     render.info(f"run {run_id} cancelled" if changed else f"run {run_id} had already finished; nothing changed")
@@ -312,7 +292,7 @@ def reconcile(
     import signal
 
     from ..distributed.reconciler import create_arq_reconciler
-    from ..project import load_project, open_adapter
+    from ..project import connected, load_project
 
     _setup_logging()
     project = load_project(config, overrides={"reconciler.threshold_seconds": threshold,
@@ -320,14 +300,13 @@ def reconcile(
     s = project.settings
 
     async def go() -> int:
-        adapter = await open_adapter(project)
         stop = asyncio.Event()
         if interval is not None:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
         failed = 0
-        try:
+        async with connected(project) as adapter:
             reconciler = create_arq_reconciler(adapter=adapter, redis=adapter.redis,
                                                stalled_threshold_seconds=s.reconciler.threshold_seconds,
                                                scan_count=s.reconciler.scan_count, dry_run=dry_run)
@@ -345,9 +324,6 @@ def reconcile(
                     break
                 except TimeoutError:
                     continue
-        finally:
-            await adapter.close()
-            await adapter.redis.aclose()
         return 1 if failed else 0
 
     raise typer.Exit(asyncio.run(go()))
