@@ -207,6 +207,9 @@ class Engine:
         if node_id not in waiting:
             raise InvalidInput(f"node {node_id!r} of run {run_id!r} is not awaiting (awaiting: {', '.join(waiting)})")
         node = bp.node_map[node_id]
+        rec = (await self.store.read(run_id, NODES, [node_id]))[0]
+        if rec is not MISSING and rec.get("child"):
+            return await self._resume_child(run_id, bp, node_id, rec["child"], output, action)
         decisions = await self._decide(bp, node, run_id, output, action, {}, await self._node_input(bp, node, run_id))
 
         async def txn_fn(t: Txn) -> list[tuple[str, Job]]:
@@ -224,6 +227,30 @@ class Engine:
             return run.scheduled
 
         return await self.store.transact(run_id, txn_fn)
+
+    async def _resume_child(self, run_id: str, bp: Blueprint, node_id: str, child_id: str, output: Any,
+                            action: str | None) -> list[tuple[str, Job]]:
+        """Resume a subflow node: the waiting happens in its child run, so the resume goes there; the node
+        runs again until the child ends (and a ``child`` job completes it)."""
+        child_meta = await self._read_meta(child_id)
+        waiting = list(child_meta.get("awaiting_nodes") or [])
+        if len(waiting) != 1:
+            raise InvalidInput(f"subflow node {node_id!r} waits in child run {child_id!r} on "
+                               f"{', '.join(waiting) or 'nothing'}: resume the child run itself")
+
+        async def txn_fn(t: Txn) -> None:
+            run = _RunTxn(self, t, bp)
+            m = await run.meta()
+            rec = await t.get(NODES, node_id)
+            if not rec or rec["status"] != NodeStatus.AWAITING:
+                raise InvalidInput(f"node {node_id!r} of run {run_id!r} is no longer awaiting")
+            t.put(NODES, node_id, {**rec, "status": NodeStatus.RUNNING.value})
+            run.set_meta("awaiting_nodes", [n for n in m["awaiting_nodes"] if n != node_id])
+            run.set_meta("status", RunStatus.RUNNING.value)
+            run.add_pending(1)
+
+        await self.store.transact(run_id, txn_fn)
+        return await self.resume(child_id, waiting[0], output=output, action=action)
 
     async def cancel(self, run_id: str, reason: str = "cancelled by user") -> bool:
         """Cancel a run that has not finished; no further node of it starts. Children are cancelled too."""
@@ -723,6 +750,8 @@ class _RunTxn:
             if m["status"] != RunStatus.AWAITING:
                 self.set_meta("status", RunStatus.AWAITING.value)
                 self.t.event({"type": "run_awaiting", "ts": self.engine.clock(), "nodes": m["awaiting_nodes"]})
+                if parent := m.get("parent"):  # a subflow that waits makes its parent node wait too
+                    self.schedule(Job(parent["run_id"], parent["node_id"], parent["seq"], "child", parent["attempt"]))
             return
         await self.finalize(RunStatus.COMPLETED, None)
 
@@ -1251,6 +1280,19 @@ class _Step:
         r = (await self.engine.store.read(self.run_id, NODES, [self.node.id]))[0]
         return r is not MISSING and r.get("child") == child_id
 
+    async def _child_awaits(self, rec: dict[str, Any], child_id: str) -> list[tuple[str, Job]]:
+        """The child run rests awaiting: this node awaits too, so the parent run can rest; a resume of this
+        node is passed on to the child."""
+        async def fn(run: _RunTxn, r: dict[str, Any]) -> None:
+            m = await run.meta()
+            run.t.put(NODES, self.node.id, {**r, "status": NodeStatus.AWAITING.value, "lease_until": None})
+            run.set_meta("awaiting_nodes", [*(m["awaiting_nodes"] or []), self.node.id])
+            run.add_pending(-1)
+            run.t.event({"type": "node_awaiting", "ts": self.engine.clock(), "node": self.node.id,
+                         "child": child_id})
+
+        return await self._commit(fn, token=rec.get("token"))
+
     async def _run_child(self) -> list[tuple[str, Job]]:
         r = (await self.engine.store.read(self.run_id, NODES, [self.node.id]))[0]
         if r is MISSING or r["seq"] != self.job.seq or r["status"] != NodeStatus.RUNNING or not r.get("child"):
@@ -1258,6 +1300,9 @@ class _Step:
         child_id = r["child"]
         status = await self.engine.store.read_status(child_id)
         if status is None:
+            child_meta = await self.engine._read_meta(child_id, missing_ok=True)
+            if child_meta and child_meta["status"] == RunStatus.AWAITING:
+                return await self._child_awaits(r, child_id)
             return []
         runner = self.node if r.get("phase", "exec") == "exec" else self.bp.node_map[self.node.config.fallback or ""]
         job = Job(self.run_id, self.node.id, self.job.seq, r.get("phase", "exec"), r["attempt"])

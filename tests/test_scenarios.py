@@ -661,3 +661,35 @@ edges: []
     assert r.status == "failed"
     assert "'a'" in r.reason and "datetime" in r.reason
     assert calls["a"] == 1  # not retried: the same code returns the same type
+
+
+def test_wait_inside_subflow_pauses_parent_and_resume_continues(flow):
+    parent = """
+id: main
+nodes:
+  - {id: main-start, uses: v42}
+  - {id: subflow, uses: subflow, params: {blueprintId: hitl-sub}}
+  - {id: main-end, uses: add10}
+edges:
+  - {source: main-start, target: subflow}
+  - {source: subflow, target: main-end}
+"""
+    sub = """
+id: hitl-sub
+nodes:
+  - {id: sub-start, uses: echo}
+  - {id: sub-wait, uses: wait}
+  - {id: sub-end, uses: add5}
+edges:
+  - {source: sub-start, target: sub-wait}
+  - {source: sub-wait, target: sub-end}
+"""
+    s = flow.session([parent, sub], {"v42": lambda ctx: 42, "echo": lambda ctx: ctx.input,
+                                     "add5": lambda ctx: ctx.input["value"] + 5,
+                                     "add10": lambda ctx: {"final": ctx.input + 10}})
+    r = s.run("main")
+    assert r.status == "awaiting", r.reason
+    assert r.view.awaiting_nodes == ["subflow"]
+    r = s.resume(r.run_id, "subflow", output={"value": 47})
+    assert r.status == "completed", r.reason
+    assert r.outputs["main-end"] == {"final": 62}

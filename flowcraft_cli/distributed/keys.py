@@ -19,7 +19,6 @@ Shared:
 
   flowcraft:coord:<name>       coordination-store keys (RedisCoordinationStore); the reconciler's
                                per-run lock is flowcraft:coord:reconcile:<run_id>
-  flowcraft:workers            HASH   worker id -> last heartbeat (JSON)
   <queue name>, arq:job:<id>, arq:in-progress:<id>, arq:retry:<id>   arq's own keys (see arq.constants)
 """
 
@@ -32,7 +31,6 @@ STATUS_PREFIX = "workflow:status:"
 EVENTS_PREFIX = "flowcraft:events:"
 PROGRESS_PREFIX = "flowcraft:progress:"
 COORD_PREFIX = "flowcraft:coord:"
-WORKERS = "flowcraft:workers"
 
 _KIND_PREFIX = {
     STATE: STATE_PREFIX,
