@@ -730,7 +730,8 @@ class _RunTxn:
                                         "finished_at": ts, "fallback_for": fallback_of,
                                         "runs": 1, "worker": rec.get("worker")})
         self.t.event({"type": "node_completed", "ts": ts, "node": fallback_of or node.id, "action": action,
-                      **({"fallback": node.id} if fallback_of else {})})
+                      "attempt": rec.get("attempt"), "started_at": rec.get("attempt_started_at"),
+                      "worker": rec.get("worker"), **({"fallback": node.id} if fallback_of else {})})
         for d in decisions:
             if not d.target:
                 self.t.event({"type": "expression_error", "ts": ts, "node": node.id, **d.value})
@@ -783,6 +784,7 @@ class _RunTxn:
         cfg = owner.config
         attempt = rec.get("attempt", 1) if job.kind in ("gather", "child") else job.attempt
         self.t.event({"type": "attempt_failed", "ts": ts, "node": node.id, "phase": phase, "attempt": attempt,
+                      "started_at": rec.get("attempt_started_at"),
                       "error": error, "worker": self.engine.worker_id})
         if not fatal and attempt < cfg.max_retries and job.kind != "item":
             delay = cfg.retry_delay_ms * (2 ** (attempt - 1))

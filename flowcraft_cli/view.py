@@ -57,6 +57,7 @@ class RunView:
     context: dict[str, Any]
     awaiting_nodes: list[str] = field(default_factory=list)
     parent: dict[str, Any] | None = None
+    timeline: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def outputs(self) -> dict[str, Any]:
@@ -67,7 +68,9 @@ class RunView:
                 "blueprint_version": self.blueprint_version, "status": self.status, "reason": self.reason,
                 "created_at": iso(self.created_at), "finished_at": iso(self.finished_at),
                 "awaiting_nodes": self.awaiting_nodes,
-                "nodes": [n.to_json() for n in self.nodes], "context": self.context, "outputs": self.outputs}
+                "nodes": [n.to_json() for n in self.nodes], "context": self.context, "outputs": self.outputs,
+                "timeline": [{**e, "started_at": iso(e.get("started_at")), "finished_at": iso(e.get("finished_at"))}
+                             for e in self.timeline]}
 
 
 async def read_run(store: Store, blueprints: Mapping[str, Blueprint], run_id: str) -> RunView:
@@ -105,6 +108,23 @@ async def read_run(store: Store, blueprints: Mapping[str, Blueprint], run_id: st
                               rec.get("error"), rec.get("worker"), rec.get("runs", 0), note))
     return RunView(run_id, meta["blueprint_id"], meta.get("blueprint_version", ""), meta["status"], meta.get("reason"),
                    meta.get("created_at"), meta.get("finished_at"), nodes, context,
-                   list(meta.get("awaiting_nodes") or []), meta.get("parent"))
+                   list(meta.get("awaiting_nodes") or []), meta.get("parent"),
+                   timeline_of(await store.read_events(run_id)))
+
+
+def timeline_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every attempt that ended, in order: node, attempt, worker, start, end, duration, error."""
+    out = []
+    for e in events:
+        if e.get("type") not in ("node_completed", "attempt_failed"):
+            continue
+        start = e.get("started_at")
+        out.append({"node_id": e["node"], "attempt": e.get("attempt"), "worker": e.get("worker"),
+                    "started_at": start, "finished_at": e["ts"],
+                    "duration_ms": None if start is None else max(0, e["ts"] - start),
+                    "outcome": "failed" if e["type"] == "attempt_failed" else "completed",
+                    "error": e.get("error"), **({"item": e["item"]} if "item" in e else {}),
+                    **({"fallback": e["fallback"]} if "fallback" in e else {})})
+    return out
 
 

@@ -65,7 +65,24 @@ def run_view(view: RunView, *, context_limit: int = 20) -> Group:
     if len(items) > context_limit:
         ctx.add_row(Text(f"… {len(items) - context_limit} more", style="dim"), Text(""))
     parts.append(ctx)
+    if view.timeline and any(t["outcome"] == "failed" for t in view.timeline):
+        parts.append(timeline_table(view))
     return Group(*parts)
+
+
+def timeline_table(view: RunView, limit: int = 40) -> Table:
+    """Attempts in the order they ended, with real durations (shown when any attempt failed)."""
+    t = Table(title="attempts", title_justify="left", expand=False)
+    for col in ("+ms", "node", "attempt", "worker", "duration", "outcome"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("error", overflow="fold")
+    origin = view.created_at or 0
+    rows = view.timeline[-limit:]
+    for r in rows:
+        label = r["node_id"] + (f"[{r['item']}]" if "item" in r else "") + (f" via {r['fallback']}" if "fallback" in r else "")
+        t.add_row(str((r["started_at"] or r["finished_at"]) - origin), Text(label), str(r["attempt"] or "–"),
+                  Text(r["worker"] or "–"), duration(r["duration_ms"]), status_text(r["outcome"]), Text(r["error"] or ""))
+    return t
 
 
 def print_run(view: RunView) -> None:
