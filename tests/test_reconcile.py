@@ -243,3 +243,20 @@ def test_reconcile_cli_table_and_exit_code(tmp_path, redis_url, redis_sync):
     r = project.cli("reconcile", "--threshold", "0", "--json")
     doc = json.loads(r.stdout)
     assert r.returncode == 1 and doc["failed_runs"] == 1 and doc["runs"][0]["error"]
+
+
+def test_reconcile_interval_sweeps_until_sigterm(tmp_path, redis_url, redis_sync):
+    import signal as sig
+
+    Project(tmp_path, redis_url)
+    proc = subprocess.Popen([sys.executable, "-m", "flowcraft_cli", "reconcile", "--interval", "0.2", "--json"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        wait_for(lambda: lines.append(proc.stdout.readline()) or len(lines) >= 3, 30, "three sweeps")
+    finally:
+        proc.send_signal(sig.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    docs = [json.loads(line) for line in lines + out.splitlines() if line.strip()]
+    assert len(docs) >= 3 and all(d["failed_runs"] == 0 and "scanned_keys" in d for d in docs)

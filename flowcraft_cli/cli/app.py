@@ -313,8 +313,8 @@ def reconcile(
             while True:
                 stats = await reconciler.run()
                 failed += stats.failed_runs
-                if json_out:
-                    render.print_json(stats.to_json())
+                if json_out:  # with --interval: one line per sweep (JSON Lines)
+                    render.print_json(stats.to_json(), compact=interval is not None)
                 else:
                     render.stats_table(stats.counts(), [vars(r) for r in stats.runs])
                 if interval is None:

@@ -89,8 +89,10 @@ def print_run(view: RunView) -> None:
     out.print(run_view(view))
 
 
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
+def print_json(data: Any, *, compact: bool = False) -> None:
+    """One JSON document; ``compact`` puts it on one line (a stream of them is then JSON Lines)."""
+    text = json.dumps(data, ensure_ascii=False, default=str, **({} if compact else {"indent": 2}))
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 
