@@ -149,3 +149,12 @@ class Blueprint:
             lc: frozenset(p for p in self.predecessors[lc] if p not in body)
             for lc, body in self.loop_bodies.items()
         }
+
+    @cached_property
+    def loops_containing(self) -> dict[str, tuple[str, ...]]:
+        """Per node: the loop-controllers whose body it belongs to."""
+        out: dict[str, list[str]] = {}
+        for lc, body in self.loop_bodies.items():
+            for n in body:
+                out.setdefault(n, []).append(lc)
+        return {k: tuple(v) for k, v in out.items()}

@@ -585,8 +585,8 @@ class _RunTxn:
         rec = await self.t.get(NODES, node_id)
         seq = (rec["seq"] if rec else 0) + 1
         gen = rec["gen"] if rec else 0
-        new = {"status": NodeStatus.QUEUED.value, "seq": seq, "gen": gen, "attempt": 1, "phase": "exec",
-               "queued_at": self.engine.clock(), "runs": (rec or {}).get("runs", 0)}
+        new = {"status": NodeStatus.QUEUED.value, "seq": seq, "gen": gen, "fired_gen": gen, "attempt": 1,
+               "phase": "exec", "queued_at": self.engine.clock(), "runs": (rec or {}).get("runs", 0)}
         if self.bp.is_loop_controller(node_id):
             new["iter"] = 0 if (loop_entry or not rec) else rec.get("iter", 0)
         self.t.put(NODES, node_id, new)
@@ -597,7 +597,9 @@ class _RunTxn:
     async def arrive(self, source: str, decisions: list[Decision]) -> None:
         """Deliver a finished node's decisions; fire or skip successors whose join is now decided.
         Iterative (not recursive) so a skip can run down a 10,000-node chain."""
-        work: deque[tuple[str, Decision]] = deque((source, d) for d in decisions if d.target)
+        await self._drain(deque((source, d) for d in decisions if d.target))
+
+    async def _drain(self, work: deque[tuple[str, Decision]]) -> None:
         while work:
             src, d = work.popleft()
             tgt = d.target
@@ -607,20 +609,44 @@ class _RunTxn:
             if node.uses == "loop-controller":
                 await self._arrive_loop(src, d, node, rec, gen, work)
                 continue
-            if rec and rec["status"] != NodeStatus.PENDING:
+            if rec and rec.get("fired_gen", gen if rec["status"] != NodeStatus.PENDING else -1) == gen:
                 continue  # already fired or skipped in this generation: a duplicate or late arrival
             counts = await self._record_arrival(tgt, gen, src, d)
             if counts is None:
                 continue
-            decided, taken = counts
-            n_preds = len(self.bp.predecessors[tgt])
-            if node.config.join_strategy == JoinStrategy.ANY and d.taken:
-                await self.fire(tgt, await self._value_of(src, d))
-            elif decided >= n_preds:
-                if taken:
-                    await self.fire(tgt, await self._join_input(tgt, gen, node))
-                else:
-                    self._skip(tgt, rec, gen, work)
+            if rec and rec["status"] in _ACTIVE_NODE:
+                continue  # still busy with the previous loop iteration: its completion looks at this join
+            await self._decide_join(tgt, node, rec, gen, counts, (src, d) if d.taken else None, work)
+
+    async def _decide_join(self, tgt: str, node: NodeDef, rec: dict | None, gen: int, counts: tuple[int, int],
+                           trigger: tuple[str, Decision] | None, work: deque[tuple[str, Decision]]) -> None:
+        """``any``: fire on a taken arrival; ``all``: once every predecessor decided, fire if one was taken,
+        else skip (and the skip travels on)."""
+        decided, taken = counts
+        if node.config.join_strategy == JoinStrategy.ANY and taken:
+            if trigger is None:  # re-checked after a busy node finished: any taken arrival will do
+                arrivals = await self.t.get_many(JOINS, [f"{tgt}|{gen}|{p}" for p in self.bp.predecessors[tgt]])
+                src = next(p for p in self.bp.predecessors[tgt] if arrivals.get(f"{tgt}|{gen}|{p}", {}).get("t"))
+                trigger = (src, Decision(tgt, True, arrivals[f"{tgt}|{gen}|{src}"].get("v", _REF)))
+            await self.fire(tgt, await self._value_of(*trigger))
+        elif decided >= len(self.bp.predecessors[tgt]):
+            if taken:
+                await self.fire(tgt, await self._join_input(tgt, gen, node))
+            else:
+                self._skip(tgt, rec, gen, work)
+
+    async def recheck_join(self, node_id: str) -> None:
+        """A node that finished after a loop ``continue`` moved it to a new generation: the arrivals of
+        that generation may already decide it."""
+        rec = await self.t.get(NODES, node_id)
+        if not rec or rec.get("fired_gen", rec["gen"]) == rec["gen"] or rec["status"] in _ACTIVE_NODE:
+            return
+        gen = rec["gen"]
+        counts = await self.t.get(JOINS, f"{node_id}|{gen}|#")
+        if counts:
+            work: deque[tuple[str, Decision]] = deque()
+            await self._decide_join(node_id, self.bp.node_map[node_id], rec, gen, tuple(counts), None, work)
+            await self._drain(work)
 
     async def _record_arrival(self, tgt: str, gen: int, src: str, d: Decision) -> tuple[int, int] | None:
         key = f"{tgt}|{gen}|{src}"
@@ -643,6 +669,11 @@ class _RunTxn:
                 self.t.event({"type": "loop_arrival_ignored", "ts": self.engine.clock(), "node": node.id,
                               "source": src, "why": "the controller is already running"})
                 return
+            if not entry and await self._body_busy(node.id):
+                # iterations do not overlap: the next one starts when every node of this one rests
+                held = {"src": src, **({} if d.value is _REF else {"v": d.value})}
+                self.t.put(NODES, node.id, {**(rec or {"seq": 0, "runs": 0}), "held": held})
+                return
             if entry:
                 await self._record_arrival(node.id, gen, src, d)
             await self.fire(node.id, await self._value_of(src, d), loop_entry=entry)
@@ -651,8 +682,25 @@ class _RunTxn:
             if counts and counts[0] >= len(self.bp.loop_entry_sources[node.id]) and counts[1] == 0:
                 self._skip(node.id, rec, gen, work)
 
+    async def _body_busy(self, controller: str) -> bool:
+        recs = await self.t.get_many(NODES, self.bp.loop_bodies[controller])
+        return any(r["status"] in _ACTIVE_NODE for r in recs.values())
+
+    async def release_held_loops(self, node_id: str) -> None:
+        """A loop-back arrival waits while its body is busy; the last body node to finish lets it in."""
+        for controller in self.bp.loops_containing.get(node_id, ()):
+            rec = await self.t.get(NODES, controller)
+            if not rec or not rec.get("held") or await self._body_busy(controller):
+                continue
+            held = rec["held"]
+            self.t.put(NODES, controller, {**rec, "held": None})
+            src = held["src"]
+            value = held["v"] if "v" in held else await self.t.get(STATE, f"_outputs.{src}")
+            await self.fire(controller, value)
+
     def _skip(self, node_id: str, rec: dict | None, gen: int, work: deque[tuple[str, Decision]]) -> None:
-        self.t.put(NODES, node_id, {**(rec or {"seq": 0, "runs": 0}), "status": NodeStatus.SKIPPED.value, "gen": gen})
+        self.t.put(NODES, node_id, {**(rec or {"seq": 0, "runs": 0}), "status": NodeStatus.SKIPPED.value, "gen": gen,
+                                    "fired_gen": gen})
         for tgt in dict.fromkeys(e.target for e in self.bp.out_edges[node_id]):
             work.append((node_id, Decision(tgt, False)))
 
@@ -680,12 +728,12 @@ class _RunTxn:
         recs = await self.t.get_many(NODES, body)
         for node_id in body:
             rec = recs.get(node_id)
-            if rec and rec["status"] in _ACTIVE_NODE:
-                continue
             old_gen = rec["gen"] if rec else 0
             new_gen = old_gen + 1
-            base = rec or {"seq": 0, "runs": 0}
-            self.t.put(NODES, node_id, {**base, "status": NodeStatus.PENDING.value, "gen": new_gen})
+            base = rec or {"seq": 0, "runs": 0, "fired_gen": -1}
+            busy = bool(rec and rec["status"] in _ACTIVE_NODE)  # keeps running; its next iteration waits for it
+            self.t.put(NODES, node_id, {**base, "gen": new_gen,
+                                        **({} if busy else {"status": NodeStatus.PENDING.value})})
             outside = [p for p in self.bp.predecessors[node_id] if p not in body and p != controller]
             old = await self.t.get_many(JOINS, [f"{node_id}|{old_gen}|{p}" for p in self.bp.predecessors[node_id]])
             decided = taken = 0
@@ -737,6 +785,8 @@ class _RunTxn:
                 self.t.event({"type": "expression_error", "ts": ts, "node": node.id, **d.value})
         self.add_pending(-1)
         await self.arrive(fallback_of or node.id, decisions)
+        await self.recheck_join(fallback_of or node.id)
+        await self.release_held_loops(fallback_of or node.id)
 
     async def settle(self) -> None:
         """CONTRACT §5.8: completed when nothing is pending, queued, running, sleeping or awaiting."""

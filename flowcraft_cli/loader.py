@@ -552,6 +552,19 @@ class _Parser:
                 del d.config["fallback"]
             else:
                 fallback_of.setdefault(fb, []).append(d.id)
+                target = drafts[fb]
+                if target.uses in BUILTINS:
+                    self.add(
+                        d.fallback_path or d.path,
+                        f"fallback node {fb!r} uses the built-in {target.uses!r}; a fallback must be a registered "
+                        "node function",
+                    )
+                elif target.config.get("fallback") is not None:
+                    self.add(
+                        d.fallback_path or d.path,
+                        f"fallback node {fb!r} has a fallback of its own ({target.config['fallback']!r}); "
+                        "fallbacks do not chain: give {d.id!r} the last resort directly".replace("{d.id!r}", repr(d.id)),
+                    )
                 if incoming[fb]:
                     sources = _list_names(dict.fromkeys(e.source for e in incoming[fb]))
                     self.add(

@@ -693,3 +693,33 @@ edges:
     r = s.resume(r.run_id, "subflow", output={"value": 47})
     assert r.status == "completed", r.reason
     assert r.outputs["main-end"] == {"final": 62}
+
+
+def test_loop_side_branch_runs_every_iteration_and_iterations_do_not_overlap(flow):
+    doc = """
+id: loop-side
+nodes:
+  - {id: init, uses: init}
+  - {id: loop, uses: loop-controller, params: {condition: "counter < 6"}}
+  - {id: a, uses: inc}
+  - {id: log, uses: log}
+  - {id: end, uses: end}
+edges:
+  - {source: init, target: loop}
+  - {source: loop, target: a, action: continue}
+  - {source: a, target: loop}
+  - {source: a, target: log}
+  - {source: loop, target: end, action: break}
+"""
+    seen: list[int] = []
+
+    async def log(ctx):
+        import asyncio
+
+        await asyncio.sleep(0.02)  # slower than the loop-back: the next iteration must wait for it
+        seen.append(ctx.input)
+
+    r = flow.run(doc, {"init": _init, "inc": _inc, "log": log, "end": lambda ctx: "done"})
+    assert r.status == "completed"
+    assert seen == [1, 2, 3, 4, 5, 6]
+    assert r.outputs["end"] == "done"
