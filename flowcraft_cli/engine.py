@@ -140,6 +140,7 @@ class Engine:
         self.settings = settings or EngineSettings()
         self.clock = clock
         self.active_tokens: set[str] = set()  # claims held by steps running in this process right now
+        self.draining = False  # set on shutdown: a cancelled step is handed back, not counted as failed
 
     # ------------------------------------------------------------------ starting, resuming, cancelling
 
@@ -263,31 +264,55 @@ class Engine:
             if m["status"] in FINAL_STATUSES:
                 return False, []
             nodes = await t.get_all(NODES)
-            children = [r["child"] for r in nodes.values() if r.get("child") and r["status"] == NodeStatus.RUNNING]
+            children = [r["child"] for r in nodes.values()
+                        if r.get("child") and r["status"] in (NodeStatus.RUNNING, NodeStatus.AWAITING)]
             await run.finalize(RunStatus.CANCELLED, reason)
             return True, children
 
         changed, children = await self.store.transact(run_id, txn_fn)
         for child in children:
-            await self.cancel(child, f"parent run {run_id} cancelled")
+            try:
+                await self.cancel(child, f"parent run {run_id} cancelled")
+            except RunNotFound:
+                await self._tombstone(child, meta["blueprint_id"], f"parent run {run_id} cancelled")
         return changed
+
+    async def _tombstone(self, run_id: str, blueprint_id: str, reason: str) -> None:
+        """A child the parent recorded but had not created yet: create it as cancelled, so the step that was
+        about to start it finds it exists and starts nothing."""
+        async def fn(t: Txn) -> None:
+            if await t.get(RUN, "status") is None:
+                for key, value in {"status": RunStatus.CANCELLED.value, "reason": reason,
+                                   "blueprint_id": blueprint_id, "blueprint_version": "", "pending": 0,
+                                   "awaiting_nodes": [], "finished_at": self.clock()}.items():
+                    t.put(RUN, key, value)
+                t.final = ({"status": RunStatus.CANCELLED.value, "reason": reason, "payload": None},
+                           self.settings.ttl_s)
+        await self.store.transact(run_id, fn)
 
     async def expected_jobs(self, run_id: str) -> list[tuple[str, Job]]:
         """Every step a running run is waiting for, as the jobs that would carry them: its outbox, and each
         queued, running, sleeping or batch step. The reconciler queues those whose job is gone; queueing one
         that still exists is a no-op (same job id), and a stale one is dropped at its claim."""
         meta = await self._read_meta(run_id, missing_ok=True)
-        if meta is None or meta["status"] != RunStatus.RUNNING:
+        if meta is None:
             return []
-        self._blueprint_for(meta, run_id)  # a run no loaded blueprint describes cannot be resumed from here
+        running = meta["status"] == RunStatus.RUNNING
+        if running:
+            self._blueprint_for(meta, run_id)  # a run no loaded blueprint describes cannot be resumed from here
         now = self.clock()
         jobs: dict[str, Job] = {}
-        records = await self.store.read_all(run_id, NODES)
+        records = await self.store.read_all(run_id, NODES) if running else {}
         for data in (await self.store.read_all(run_id, OUTBOX)).values():
             job = Job.from_dict(data)
             rec = records.get(job.node_id) if job.run_id == run_id else None
+            # a finished child's note to its parent always counts; a step of this run only while expected
             if job.run_id != run_id or (rec and rec.get("seq") == job.seq and rec["status"] in _ACTIVE_NODE):
                 jobs[job.job_id] = job  # else: the step already happened; a leftover entry, not a lost job
+        if meta["status"] == RunStatus.AWAITING and (parent := meta.get("parent")):
+            # a waiting child tells its parent (idempotent), in case that note was lost
+            wait = Job(parent["run_id"], parent["node_id"], parent["seq"], "child_wait", parent["attempt"])
+            jobs[wait.job_id] = wait
         for node_id, rec in records.items():
             status, seq, phase = rec["status"], rec.get("seq", 0), rec.get("phase", "exec")
             lease = rec.get("lease_until")
@@ -296,9 +321,12 @@ class Engine:
                 found.append(Job(run_id, node_id, seq, phase, rec["attempt"], not_before_ms=rec.get("retry_at") or 0))
             elif status == NodeStatus.SLEEPING:
                 found.append(Job(run_id, node_id, seq, "wake", 1, not_before_ms=rec.get("wake_at") or 0))
-            elif status == NodeStatus.RUNNING and rec.get("child"):
+            elif status in (NodeStatus.RUNNING, NodeStatus.AWAITING) and rec.get("child"):
                 if (st := await self.store.read_status(rec["child"])) and st["status"] in FINAL_STATUSES:
                     found.append(Job(run_id, node_id, seq, "child", rec["attempt"]))
+                elif status == NodeStatus.RUNNING and (
+                        (cm := await self._read_meta(rec["child"], missing_ok=True)) and cm["status"] == RunStatus.AWAITING):
+                    found.append(Job(run_id, node_id, seq, "child_wait", rec["attempt"]))
             elif status == NodeStatus.RUNNING and rec.get("items") is not None:
                 prefix = f"{node_id}|{seq}"
                 n, done = await self.store.read(run_id, BATCH, [f"{prefix}|n", f"{prefix}|done"])
@@ -332,6 +360,8 @@ class Engine:
         if node is None:
             log.error("job %s: node %r is not in blueprint %r; dropped", job.job_id, job.node_id, bp.id)
             return Handled(note="unknown node")
+        if meta.get("version_wait_since") is not None:
+            await self._clear_version_wait(job.run_id)  # a matching worker is here: the grace clock restarts
         step = _Step(self, bp, node, job)
         scheduled = await step.run()
         if step.leased_until is not None:
@@ -347,6 +377,12 @@ class Engine:
         if lease is None or lease <= now:
             return False
         return not (holder.get("worker") == self.worker_id and holder.get("token") not in self.active_tokens)
+
+    async def _clear_version_wait(self, run_id: str) -> None:
+        async def fn(t: Txn) -> None:
+            if await t.get(RUN, "version_wait_since") is not None:
+                t.put(RUN, "version_wait_since", None)
+        await self.store.transact(run_id, fn)
 
     async def _version_gate(self, job: Job, meta: dict[str, Any], bp: Blueprint | None) -> Handled:
         """A worker without the run's blueprint version leaves the job to one that has it; after the grace
@@ -802,7 +838,8 @@ class _RunTxn:
                 self.set_meta("status", RunStatus.AWAITING.value)
                 self.t.event({"type": "run_awaiting", "ts": self.engine.clock(), "nodes": m["awaiting_nodes"]})
                 if parent := m.get("parent"):  # a subflow that waits makes its parent node wait too
-                    self.schedule(Job(parent["run_id"], parent["node_id"], parent["seq"], "child", parent["attempt"]))
+                    self.schedule(Job(parent["run_id"], parent["node_id"], parent["seq"], "child_wait",
+                                      parent["attempt"]))
             return
         await self.finalize(RunStatus.COMPLETED, None)
 
@@ -884,14 +921,30 @@ class _Step:
 
     async def run(self) -> list[tuple[str, Job]]:
         self.engine.active_tokens.add(self.token)
+        started = time.monotonic()
         try:
             return await self._dispatch()
         except asyncio.CancelledError:
-            # shutdown: hand the step back so the redelivered job can claim it at once
-            await asyncio.shield(self._release())
+            cap = self.engine.settings.max_attempt_s
+            if cap is not None and time.monotonic() - started >= cap and not self.engine.draining \
+                    and self.job.kind in ("exec", "fallback"):
+                # cancelled by the queue's job timeout, past the engine's own attempt cap (the event loop was
+                # blocked): the queue will not run this job again, so it counts as a failed attempt
+                await asyncio.shield(self._fail_blocked())
+            else:
+                # shutdown or lost Redis: hand the step back so the redelivered job can claim it at once
+                await asyncio.shield(self._release())
             raise
         finally:
             self.engine.active_tokens.discard(self.token)
+
+    async def _fail_blocked(self) -> None:
+        msg = (f"attempt {self.job.attempt} was cancelled after the worker's job timeout "
+               "(did a blocking call run inside an async node?)")
+        try:
+            await self._commit(lambda run, r: run.fail_node(self.node, r, self.job, msg, False))
+        except Exception:
+            log.warning("job %s: could not record its timeout; the reconciler will find it", self.job.job_id)
 
     async def _release(self) -> None:
         job = self.job
@@ -925,7 +978,7 @@ class _Step:
             return await self._run_gather()
         if kind == "wake":
             return await self._run_wake()
-        if kind == "child":
+        if kind in ("child", "child_wait"):
             return await self._run_child()
         return []
 
@@ -977,6 +1030,7 @@ class _Step:
         if got is None or not got[0]:
             log.info("job %s: result discarded (the node moved on: duplicate delivery or run finished)",
                      self.job.job_id)
+            self.stale = True
             return []
         return got[1]
 
@@ -1170,6 +1224,7 @@ class _Step:
         rec = await self.engine.store.read(self.run_id, NODES, [self.node.id])
         r = rec[0]
         if r is MISSING or r["seq"] != self.job.seq or r["status"] != NodeStatus.SLEEPING:
+            self.stale = True
             return []
         node_input = await self.engine._node_input(self.bp, self.node, self.run_id)
         return await self._succeed_with_status(node_input, None, {}, node_input, r.get("token"), NodeStatus.SLEEPING)
@@ -1188,6 +1243,7 @@ class _Step:
         """batch: one job per item of the input list (``params.worker`` runs each); the output is the list
         of results in item order."""
         if rec.get("_resume"):
+            self.stale = True
             return []  # already expanded; its items are under way
         if node_input is None:
             node_input = []
@@ -1233,6 +1289,7 @@ class _Step:
 
         got = await self.txn(claim)
         if got is None or got[0] is None:
+            self.stale = self.leased_until is None
             return []
         item, node_token = got[0]
         worker = str(node.params.get("worker"))
@@ -1290,10 +1347,12 @@ class _Step:
         recs = await self.engine.store.read(self.run_id, NODES, [node.id])
         rec = recs[0]
         if rec is MISSING or rec["seq"] != self.job.seq or rec["status"] != NodeStatus.RUNNING:
+            self.stale = True
             return []
         n = (await self.engine.store.read(self.run_id, BATCH, [f"{prefix}|n"]))[0]
         results = await self.engine.store.read(self.run_id, BATCH, [f"{prefix}|r|{i}" for i in range(n)])
         if any(r is MISSING for r in results):
+            self.stale = True
             return []
         node_input = await self.engine._node_input(self.bp, node, self.run_id)
         return await self._succeed(list(results), None, {}, node_input, token=rec.get("token"))
@@ -1347,15 +1406,27 @@ class _Step:
 
     async def _run_child(self) -> list[tuple[str, Job]]:
         r = (await self.engine.store.read(self.run_id, NODES, [self.node.id]))[0]
-        if r is MISSING or r["seq"] != self.job.seq or r["status"] != NodeStatus.RUNNING or not r.get("child"):
+        if r is MISSING or r["seq"] != self.job.seq or not r.get("child") or \
+                r["status"] not in (NodeStatus.RUNNING, NodeStatus.AWAITING):
+            self.stale = True
             return []
         child_id = r["child"]
         status = await self.engine.store.read_status(child_id)
         if status is None:
             child_meta = await self.engine._read_meta(child_id, missing_ok=True)
-            if child_meta and child_meta["status"] == RunStatus.AWAITING:
+            if child_meta and child_meta["status"] == RunStatus.AWAITING and r["status"] == NodeStatus.RUNNING:
                 return await self._child_awaits(r, child_id)
             return []
+        if r["status"] == NodeStatus.AWAITING:
+            # the child was resumed directly and has ended: this node is busy again until it settles below
+            async def wake(run: _RunTxn, rr: dict[str, Any]) -> None:
+                m = await run.meta()
+                run.t.put(NODES, self.node.id, {**rr, "status": NodeStatus.RUNNING.value})
+                run.set_meta("awaiting_nodes", [n for n in m["awaiting_nodes"] or [] if n != self.node.id])
+                run.add_pending(1)
+
+            await self._commit(wake, token=r.get("token"), status=NodeStatus.AWAITING)
+            r = {**r, "status": NodeStatus.RUNNING.value}
         runner = self.node if r.get("phase", "exec") == "exec" else self.bp.node_map[self.node.config.fallback or ""]
         job = Job(self.run_id, self.node.id, self.job.seq, r.get("phase", "exec"), r["attempt"])
         if status["status"] != RunStatus.COMPLETED:

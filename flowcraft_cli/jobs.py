@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 #: exec: run the node (attempt N) · fallback: run the node's fallback (attempt N) · item: one batch item ·
-#: gather: finish a batch · wake: end a sleep · child: a subflow's child run has finished
-JOB_KINDS = frozenset({"exec", "fallback", "item", "gather", "wake", "child"})
+#: gather: finish a batch · wake: end a sleep · child: a subflow's child run has finished ·
+#: child_wait: a subflow's child run rests awaiting
+JOB_KINDS = frozenset({"exec", "fallback", "item", "gather", "wake", "child", "child_wait"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,9 @@ class MemorySession:
     def events(self, run_id: str) -> list[dict[str, Any]]:
         return self.loop.run_until_complete(self.runtime.store.read_events(run_id))
 
+    def result(self, run_id: str) -> RunResult:
+        return self.loop.run_until_complete(self.runtime.result(run_id))
+
     def close(self) -> None:
         self.loop.close()
 
@@ -122,6 +125,10 @@ class ArqSession:
 
     def events(self, run_id: str) -> list[dict[str, Any]]:
         return self.loop.run_until_complete(self.adapter.store.read_events(run_id))
+
+    def result(self, run_id: str) -> RunResult:
+        self._drain()
+        return self._result(run_id)
 
     def close(self) -> None:
         async def shut() -> None:

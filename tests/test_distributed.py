@@ -165,3 +165,30 @@ def test_worker_survives_a_redis_restart(tmp_path):
     finally:
         server.close()
 
+
+
+def test_version_grace_restarts_after_a_matching_worker_runs_a_step(redis_url, redis_sync):
+    v1 = JOIN.replace("id: join", "id: join\nmetadata: {version: '1'}")
+    v2 = JOIN.replace("id: join", "id: join\nmetadata: {version: '2'}")
+    now = [1_000_000_000_000]
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        good = _adapter(redis, [v1], {"count": lambda ctx: ctx.node_id}, version_grace_s=1.0)
+        old = _adapter(redis, [v2], {"count": lambda ctx: ctx.node_id}, version_grace_s=1.0)
+        old.engine.clock = lambda: now[0]  # a clock the test moves, instead of sleeping
+        run_id, scheduled = await good.engine.start_run("join", {})
+        jobs = {job.node_id: job for _, job in scheduled}
+        assert (await old.engine.handle(jobs["a"])).retry_after_s is not None  # starts the grace clock
+        await good.engine.handle(jobs["a"])  # a matching worker took a step: the clock is reset
+        now[0] += 3_600_000  # an hour later the mismatched worker sees b
+        handled = await old.engine.handle(jobs["b"])
+        view = await good.inspect(run_id)
+        await good.close()
+        await old.close()
+        await redis.aclose()
+        return handled, view
+
+    handled, view = asyncio.run(go())
+    assert handled.retry_after_s is not None  # it waits again instead of failing a healthy run
+    assert view.status == "running"

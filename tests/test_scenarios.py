@@ -723,3 +723,42 @@ edges:
     assert r.status == "completed"
     assert seen == [1, 2, 3, 4, 5, 6]
     assert r.outputs["end"] == "done"
+
+
+def test_child_with_two_waits_resumed_directly_completes_parent(flow):
+    parent = """
+id: p2
+nodes:
+  - {id: call, uses: subflow, params: {blueprintId: two-waits}}
+  - {id: after, uses: echo}
+edges:
+  - {source: call, target: after}
+"""
+    sub = """
+id: two-waits
+nodes:
+  - {id: w1, uses: wait}
+  - {id: w2, uses: wait}
+  - {id: join, uses: echo}
+edges:
+  - {source: w1, target: join}
+  - {source: w2, target: join}
+"""
+    s = flow.session([parent, sub], {"echo": lambda ctx: ctx.input})
+    r = s.run("p2")
+    assert r.status == "awaiting" and r.view.awaiting_nodes == ["call"]
+    import pytest
+
+    from flowcraft_cli.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="resume the child run itself"):
+        s.resume(r.run_id, "call", output=1)
+    child = next(n for n in r.view.nodes if n.node_id == "call")
+    assert child.status == "awaiting"
+    child_id = f"{r.run_id}.call.1.1"
+    s.resume(child_id, "w1", output="one")
+    r2 = s.resume(child_id, "w2", output="two")
+    assert r2.status == "completed"
+    final = s.result(r.run_id)
+    assert final.status == "completed", final.reason
+    assert final.outputs["after"] == {"w1": "one", "w2": "two"}

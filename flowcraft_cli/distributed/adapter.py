@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import socket
 from collections.abc import Mapping
@@ -78,7 +79,8 @@ class ArqAdapter:
         self.job_timeout_s = job_timeout_s
         self.poll_delay_s = poll_delay_s
         self.shutdown_wait_s = shutdown_wait_s
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        # hostname:pid alone is not unique (two adapters in one process, containers that are all PID 1)
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self.store = RedisStore(connection, running_ttl_s=running_ttl_s)
         self.queue = ArqQueue(arq_pool_for(connection, queue_name), queue_name)
         # The lease must lapse before arq redelivers a lost job (its lock is job timeout + 10 s), and a
@@ -115,8 +117,8 @@ class ArqAdapter:
         """Queue the steps of one run whose jobs are gone (lost between commit and queueing, or after a
         worker crash that arq did not recover). ``planned``: steps with no live job; ``enqueued``: the ids
         really added (another reconciler may have won the race for some)."""
-        lock = f"reconcile:{run_id}"
-        if not dry_run and not await self.coordination_store.set_if_not_exist(lock, self.worker_id, 30):
+        lock, token = f"reconcile:{run_id}", f"{self.worker_id}:{secrets.token_hex(4)}"
+        if not dry_run and not await self.coordination_store.set_if_not_exist(lock, token, 30):
             return ReconcileOutcome([], [], "another reconciler holds this run")
         try:
             expected = await self.engine.expected_jobs(run_id)
@@ -135,7 +137,7 @@ class ArqAdapter:
             return ReconcileOutcome(planned, enqueued)
         finally:
             if not dry_run:
-                await self.coordination_store.delete(lock)
+                await self.coordination_store.release(lock, token)  # only if still ours
 
     async def flush(self, scheduled: list[tuple[str, Job]]) -> None:
         """Queue jobs a committed step decided, then clear them from their run's outbox."""
@@ -164,9 +166,9 @@ class ArqAdapter:
             if _FAILPOINT and _FAILPOINT == f"after-commit:{job.node_id}":
                 os._exit(137)  # fault-injection for the crash tests: die between a commit and its queueing
             await self.flush(handled.scheduled)
-            if handled.note == "stale":
-                # a redelivered step that already happened: its successors may have been lost between its
-                # commit and their queueing (the worker died there), so finish that part now
+            if handled.note == "stale" or handled.note.startswith("run is"):
+                # a redelivered step that already happened: what it decided may have been lost between its
+                # commit and the queueing (the worker died there), so finish that part now
                 await self.reconcile(job.run_id)
         except (RedisError, OSError) as e:
             # Redis went away mid-step: hand the job back rather than let arq record it as failed; the
@@ -226,6 +228,7 @@ class ArqAdapter:
 
     def stop(self) -> None:
         """Stop picking jobs; in-flight steps get ``shutdown_wait_s`` to finish, then are handed back."""
+        self.engine.draining = True
         if not self._stopping.is_set():
             log.info("stopping: finishing in-flight steps (up to %.0fs), then handing back the rest",
                      self.shutdown_wait_s)

@@ -16,10 +16,18 @@ return v
 """
 
 
+# delete only if the value is still the caller's: a lock that expired and was taken by someone else stays
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class RedisCoordinationStore:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self._incr = redis.register_script(_INCR)
+        self._release = redis.register_script(_RELEASE)
 
     async def increment(self, key: str, ttl_s: int, by: int = 1) -> int:
         return int(await self._incr(keys=[keys.coord_key(key)], args=[by, ttl_s]))
@@ -36,3 +44,7 @@ class RedisCoordinationStore:
     async def get(self, key: str) -> str | None:
         raw = await self.redis.get(keys.coord_key(key))
         return raw.decode() if isinstance(raw, bytes) else raw
+
+    async def release(self, key: str, value: str) -> bool:
+        """Delete ``key`` only if it still holds ``value`` (a lock released by its owner)."""
+        return bool(await self._release(keys=[keys.coord_key(key)], args=[value]))
