@@ -63,6 +63,7 @@ class WorkerSettings:
     job_timeout_seconds: float = 300
     version_grace_seconds: float = 300
     shutdown_wait_seconds: float = 10  # on SIGTERM/SIGINT: time for in-flight steps before they are handed back
+    poll_delay_seconds: float = 0.01  # how often an idle worker asks the queue for jobs (latency per step)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,7 @@ class Settings:
                 "job_timeout_seconds": self.worker.job_timeout_seconds,
                 "version_grace_seconds": self.worker.version_grace_seconds,
                 "shutdown_wait_seconds": self.worker.shutdown_wait_seconds,
+                "poll_delay_seconds": self.worker.poll_delay_seconds,
             },
             "reconciler": {
                 "threshold_seconds": self.reconciler.threshold_seconds,
@@ -201,6 +203,7 @@ _FIELDS: dict[str, _Field] = {
     "worker.job_timeout_seconds": _Field(_D.worker.job_timeout_seconds, _seconds(0, strict=True)),
     "worker.version_grace_seconds": _Field(_D.worker.version_grace_seconds, _seconds(0)),
     "worker.shutdown_wait_seconds": _Field(_D.worker.shutdown_wait_seconds, _seconds(0)),
+    "worker.poll_delay_seconds": _Field(_D.worker.poll_delay_seconds, _seconds(0, strict=True)),
     "reconciler.threshold_seconds": _Field(_D.reconciler.threshold_seconds, _seconds(0)),
     "reconciler.scan_count": _Field(_D.reconciler.scan_count, _integer(1)),
 }
@@ -384,6 +387,7 @@ def load_settings(
             job_timeout_seconds=v["worker.job_timeout_seconds"],
             version_grace_seconds=v["worker.version_grace_seconds"],
             shutdown_wait_seconds=v["worker.shutdown_wait_seconds"],
+            poll_delay_seconds=v["worker.poll_delay_seconds"],
         ),
         reconciler=ReconcilerSettings(
             threshold_seconds=v["reconciler.threshold_seconds"], scan_count=v["reconciler.scan_count"]

@@ -636,10 +636,23 @@ class _RunTxn:
         await self._drain(deque((source, d) for d in decisions if d.target))
 
     async def _drain(self, work: deque[tuple[str, Decision]]) -> None:
-        while work:
+        loop_backs: deque[tuple[str, Decision]] = deque()
+        while work or loop_backs:
+            if not work:
+                # loop-backs last: the body's other successors of this step must be fired first, so that the
+                # controller sees the body busy and holds the next iteration until they finish
+                work.append(loop_backs.popleft())
+                src, d = work.popleft()
+                node = self.bp.node_map[d.target]
+                rec = await self.t.get(NODES, d.target)
+                await self._arrive_loop(src, d, node, rec, rec["gen"] if rec else 0, work)
+                continue
             src, d = work.popleft()
             tgt = d.target
             node = self.bp.node_map[tgt]
+            if node.uses == "loop-controller" and src not in self.bp.loop_entry_sources[tgt]:
+                loop_backs.append((src, d))
+                continue
             rec = await self.t.get(NODES, tgt)
             gen = rec["gen"] if rec else 0
             if node.uses == "loop-controller":
@@ -726,7 +739,7 @@ class _RunTxn:
         """A loop-back arrival waits while its body is busy; the last body node to finish lets it in."""
         for controller in self.bp.loops_containing.get(node_id, ()):
             rec = await self.t.get(NODES, controller)
-            if not rec or not rec.get("held") or await self._body_busy(controller):
+            if not rec or not rec.get("held") or rec["status"] in _ACTIVE_NODE or await self._body_busy(controller):
                 continue
             held = rec["held"]
             self.t.put(NODES, controller, {**rec, "held": None})
@@ -766,10 +779,10 @@ class _RunTxn:
             rec = recs.get(node_id)
             old_gen = rec["gen"] if rec else 0
             new_gen = old_gen + 1
+            if rec and rec["status"] in _ACTIVE_NODE:
+                continue  # cannot happen through the loop-back, which waits for an idle body
             base = rec or {"seq": 0, "runs": 0, "fired_gen": -1}
-            busy = bool(rec and rec["status"] in _ACTIVE_NODE)  # keeps running; its next iteration waits for it
-            self.t.put(NODES, node_id, {**base, "gen": new_gen,
-                                        **({} if busy else {"status": NodeStatus.PENDING.value})})
+            self.t.put(NODES, node_id, {**base, "gen": new_gen, "status": NodeStatus.PENDING.value})
             outside = [p for p in self.bp.predecessors[node_id] if p not in body and p != controller]
             old = await self.t.get_many(JOINS, [f"{node_id}|{old_gen}|{p}" for p in self.bp.predecessors[node_id]])
             decided = taken = 0

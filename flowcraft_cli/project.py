@@ -111,5 +111,6 @@ async def open_adapter(project: Project, **kw: Any) -> ArqAdapter:
         runtime_options={"registry": project.registry, "blueprints": project.blueprints},
         concurrency=s.worker.concurrency, job_timeout_s=s.worker.job_timeout_seconds,
         ttl_s=s.state.ttl_seconds, running_ttl_s=s.state.running_ttl_seconds,
-        version_grace_s=s.worker.version_grace_seconds, shutdown_wait_s=s.worker.shutdown_wait_seconds, **kw,
+        version_grace_s=s.worker.version_grace_seconds, shutdown_wait_s=s.worker.shutdown_wait_seconds,
+        poll_delay_s=s.worker.poll_delay_seconds, **kw,
     )

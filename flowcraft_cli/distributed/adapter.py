@@ -61,7 +61,7 @@ class ArqAdapter:
         ttl_s: int = 86400,
         running_ttl_s: int = 7 * 86400,
         version_grace_s: float = 300,
-        poll_delay_s: float = 0.05,
+        poll_delay_s: float = 0.01,
         shutdown_wait_s: float = 10,
         worker_id: str | None = None,
     ) -> None:

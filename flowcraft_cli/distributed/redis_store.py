@@ -4,7 +4,9 @@ two workers finishing predecessors of the same join serialize instead of both co
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -41,9 +43,11 @@ class RedisStore(Store):
     def __init__(self, redis: Redis, *, running_ttl_s: int = 7 * 86400) -> None:
         self.redis = redis
         self.running_ttl_s = running_ttl_s
+        self.conflicts = 0  # transactions retried because another step of the same run committed first
 
     async def transact(self, run_id: str, fn: Callable[[Txn], Awaitable[T]]) -> T:
         meta_key = keys.kind_key(RUN, run_id)
+        tries = 0
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
@@ -58,7 +62,11 @@ class RedisStore(Store):
                     await pipe.execute()
                     return result
                 except WatchError:
-                    continue  # another step of this run committed first: recompute on fresh state
+                    # another step of this run committed first: recompute on fresh state, after a short random
+                    # pause so that a crowd of siblings finishing together (a wide fan-in) spreads out
+                    self.conflicts += 1
+                    tries += 1
+            await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * tries)))
 
     def _queue_writes(self, pipe: Any, txn: Txn) -> None:
         run_id = txn.run_id
