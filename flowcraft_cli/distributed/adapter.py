@@ -26,6 +26,7 @@ from ..jobs import Job
 from ..registry import NodeRegistry
 from ..store import OUTBOX
 from ..view import RunView, read_run
+from . import keys
 from .coordination import RedisCoordinationStore
 from .queue import STEP_FUNCTION, ArqQueue, arq_pool_for
 from .redis_store import RedisStore
@@ -166,7 +167,8 @@ class ArqAdapter:
             if _FAILPOINT and _FAILPOINT == f"after-commit:{job.node_id}":
                 os._exit(137)  # fault-injection for the crash tests: die between a commit and its queueing
             await self.flush(handled.scheduled)
-            if handled.note == "stale" or handled.note.startswith("run is"):
+            if (handled.note == "stale" or handled.note.startswith("run is")) and \
+                    await self.redis.hlen(keys.kind_key(OUTBOX, job.run_id)):
                 # a redelivered step that already happened: what it decided may have been lost between its
                 # commit and the queueing (the worker died there), so finish that part now
                 await self.reconcile(job.run_id)
