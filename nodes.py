@@ -309,3 +309,29 @@ def collect(ctx: NodeContext) -> dict[str, Any]:
     """A join that summarises what arrived: how many predecessors delivered and which ones."""
     inputs = ctx.input if isinstance(ctx.input, dict) else {}
     return {"count": len(inputs), "from": sorted(inputs)}
+
+
+# --------------------------------------------------------------------------------------------------------
+# approval.yaml: a `wait` node, resumed with an action
+# --------------------------------------------------------------------------------------------------------
+
+
+@node("submit-expense")
+def submit_expense(ctx: NodeContext) -> dict[str, Any]:
+    """Normalise the expense that waits for review (``inputs: expense`` picks it out of the run input)."""
+    expense = ctx.input if isinstance(ctx.input, dict) else {}
+    return {"id": expense.get("id", "E-0"), "amount": float(expense.get("amount", 0))}
+
+
+@node("pay-expense")
+async def pay_expense(ctx: NodeContext) -> dict[str, Any]:
+    """Runs only when ``review`` was resumed with action ``approve``; its output is the reviewer's."""
+    decision = ctx.input["decision"] or {}
+    return {"id": ctx.input["expense"]["id"], "paid": ctx.input["expense"]["amount"], "approved_by": decision.get("by")}
+
+
+@node("decline-expense")
+async def decline_expense(ctx: NodeContext) -> dict[str, Any]:
+    """Runs only when ``review`` was resumed with action ``reject``."""
+    decision = ctx.input["decision"] or {}
+    return {"id": ctx.input["expense"]["id"], "declined": True, "reason": decision.get("reason", "not given")}

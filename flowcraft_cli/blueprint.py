@@ -152,9 +152,10 @@ class Blueprint:
 
     @cached_property
     def loops_containing(self) -> dict[str, tuple[str, ...]]:
-        """Per node: the loop-controllers whose body it belongs to."""
+        """Per node: the loop-controllers whose body it belongs to, innermost (smallest body) first, so an
+        inner loop takes its next iteration before the outer one looks at whether its body is idle."""
         out: dict[str, list[str]] = {}
         for lc, body in self.loop_bodies.items():
             for n in body:
                 out.setdefault(n, []).append(lc)
-        return {k: tuple(v) for k, v in out.items()}
+        return {k: tuple(sorted(v, key=lambda lc: len(self.loop_bodies[lc]))) for k, v in out.items()}

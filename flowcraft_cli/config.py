@@ -157,6 +157,13 @@ def _seconds(minimum: float, *, strict: bool = False) -> _Check:
 
 def _redis_url(value: Any, coerce: bool) -> str:
     if isinstance(value, str) and value.startswith(_URL_SCHEMES) and value.partition("://")[2]:
+        from urllib.parse import parse_qs, urlsplit
+
+        parts = urlsplit(value)
+        db = parts.path.strip("/") if parts.scheme != "unix" else ""
+        db = db or (parse_qs(parts.query).get("db") or [""])[0]
+        if db and not db.isdigit():
+            raise ValueError(f"the database in {_show(redact_url(value))} must be a number, got {db!r}")
         return value
     shown = _show(redact_url(value)) if isinstance(value, str) else _show(value)
     raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {shown}")

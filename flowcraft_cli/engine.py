@@ -208,6 +208,15 @@ class Engine:
         if node_id not in waiting:
             raise InvalidInput(f"node {node_id!r} of run {run_id!r} is not awaiting (awaiting: {', '.join(waiting)})")
         node = bp.node_map[node_id]
+        edges = bp.out_edges[node_id]
+        actions = sorted({e.action for e in edges if e.action})
+        if action is not None and actions and action not in actions and all(e.action for e in edges):
+            import difflib
+
+            close = difflib.get_close_matches(action, actions, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise InvalidInput(f"action {action!r} matches no edge of node {node_id!r} ({hint}its actions: "
+                               f"{', '.join(actions)})")
         rec = (await self.store.read(run_id, NODES, [node_id]))[0]
         if rec is not MISSING and rec.get("child"):
             return await self._resume_child(run_id, bp, node_id, rec["child"], output, action)
@@ -235,6 +244,9 @@ class Engine:
         runs again until the child ends (and a ``child`` job completes it)."""
         child_meta = await self._read_meta(child_id)
         waiting = list(child_meta.get("awaiting_nodes") or [])
+        if child_meta["status"] != RunStatus.AWAITING:
+            raise InvalidInput(f"subflow node {node_id!r}: its child run {child_id!r} is {child_meta['status']}, "
+                               "not awaiting")
         if len(waiting) != 1:
             raise InvalidInput(f"subflow node {node_id!r} waits in child run {child_id!r} on "
                                f"{', '.join(waiting) or 'nothing'}: resume the child run itself")
@@ -253,29 +265,30 @@ class Engine:
         await self.store.transact(run_id, txn_fn)
         return await self.resume(child_id, waiting[0], output=output, action=action)
 
-    async def cancel(self, run_id: str, reason: str = "cancelled by user") -> bool:
-        """Cancel a run that has not finished; no further node of it starts. Children are cancelled too."""
+    async def cancel(self, run_id: str, reason: str = "cancelled by user") -> tuple[bool, list[tuple[str, Job]]]:
+        """Cancel a run that has not finished; no further node of it starts. Children are cancelled too.
+        Returns whether anything changed, and the jobs to queue (a cancelled child tells its parent)."""
         meta = await self._read_meta(run_id)
         bp = self._blueprint_for(meta, run_id)
 
-        async def txn_fn(t: Txn) -> tuple[bool, list[str]]:
+        async def txn_fn(t: Txn) -> tuple[bool, list[tuple[str, str]], list[tuple[str, Job]]]:
             run = _RunTxn(self, t, bp)
             m = await run.meta()
             if m["status"] in FINAL_STATUSES:
-                return False, []
+                return False, [], []
             nodes = await t.get_all(NODES)
-            children = [r["child"] for r in nodes.values()
+            children = [(r["child"], str(bp.node_map[n].params.get("blueprintId"))) for n, r in nodes.items()
                         if r.get("child") and r["status"] in (NodeStatus.RUNNING, NodeStatus.AWAITING)]
             await run.finalize(RunStatus.CANCELLED, reason)
-            return True, children
+            return True, children, run.scheduled
 
-        changed, children = await self.store.transact(run_id, txn_fn)
-        for child in children:
+        changed, children, scheduled = await self.store.transact(run_id, txn_fn)
+        for child, child_bp in children:
             try:
-                await self.cancel(child, f"parent run {run_id} cancelled")
+                scheduled += (await self.cancel(child, f"parent run {run_id} cancelled"))[1]
             except RunNotFound:
-                await self._tombstone(child, meta["blueprint_id"], f"parent run {run_id} cancelled")
-        return changed
+                await self._tombstone(child, child_bp, f"parent run {run_id} cancelled")
+        return changed, scheduled
 
     async def _tombstone(self, run_id: str, blueprint_id: str, reason: str) -> None:
         """A child the parent recorded but had not created yet: create it as cancelled, so the step that was
@@ -302,7 +315,8 @@ class Engine:
             self._blueprint_for(meta, run_id)  # a run no loaded blueprint describes cannot be resumed from here
         now = self.clock()
         jobs: dict[str, Job] = {}
-        records = await self.store.read_all(run_id, NODES) if running else {}
+        live = running or meta["status"] == RunStatus.AWAITING
+        records = await self.store.read_all(run_id, NODES) if live else {}
         for data in (await self.store.read_all(run_id, OUTBOX)).values():
             job = Job.from_dict(data)
             rec = records.get(job.node_id) if job.run_id == run_id else None
@@ -732,8 +746,9 @@ class _RunTxn:
                 self._skip(node.id, rec, gen, work)
 
     async def _body_busy(self, controller: str) -> bool:
+        """A body node still running, or an inner loop whose own next iteration is waiting, keeps it busy."""
         recs = await self.t.get_many(NODES, self.bp.loop_bodies[controller])
-        return any(r["status"] in _ACTIVE_NODE for r in recs.values())
+        return any(r["status"] in _ACTIVE_NODE or r.get("held") for r in recs.values())
 
     async def release_held_loops(self, node_id: str) -> None:
         """A loop-back arrival waits while its body is busy; the last body node to finish lets it in."""
@@ -782,7 +797,7 @@ class _RunTxn:
             if rec and rec["status"] in _ACTIVE_NODE:
                 continue  # cannot happen through the loop-back, which waits for an idle body
             base = rec or {"seq": 0, "runs": 0, "fired_gen": -1}
-            self.t.put(NODES, node_id, {**base, "gen": new_gen, "status": NodeStatus.PENDING.value})
+            self.t.put(NODES, node_id, {**base, "gen": new_gen, "status": NodeStatus.PENDING.value, "held": None})
             outside = [p for p in self.bp.predecessors[node_id] if p not in body and p != controller]
             old = await self.t.get_many(JOINS, [f"{node_id}|{old_gen}|{p}" for p in self.bp.predecessors[node_id]])
             decided = taken = 0
@@ -870,6 +885,14 @@ class _RunTxn:
             terminals = self.bp.terminal_nodes
             got = await self.t.get_many(STATE, [f"_outputs.{n}" for n in terminals])
             payload = {"outputs": {n: got[f"_outputs.{n}"] for n in terminals if f"_outputs.{n}" in got}}
+        else:
+            # nodes still queued or running will never finish in this run: say so, rather than leave them "running"
+            why = "the run was cancelled" if status == RunStatus.CANCELLED else "the run failed"
+            for node_id, rec in (await self.t.get_all(NODES)).items():
+                if rec["status"] in _ACTIVE_NODE:
+                    self.t.put(NODES, node_id, {**rec, "status": NodeStatus.FAILED.value, "finished_at": ts,
+                                                "error": rec.get("error") or f"stopped: {why} before it finished",
+                                                "token": None})
         self.t.final = ({"status": status.value, "reason": reason, "payload": payload}, self.engine.settings.ttl_s)
         self.t.event({"type": "run_finished", "ts": ts, "status": status.value, "reason": reason})
         parent = m.get("parent")
@@ -934,30 +957,16 @@ class _Step:
 
     async def run(self) -> list[tuple[str, Job]]:
         self.engine.active_tokens.add(self.token)
-        started = time.monotonic()
         try:
             return await self._dispatch()
         except asyncio.CancelledError:
-            cap = self.engine.settings.max_attempt_s
-            if cap is not None and time.monotonic() - started >= cap and not self.engine.draining \
-                    and self.job.kind in ("exec", "fallback"):
-                # cancelled by the queue's job timeout, past the engine's own attempt cap (the event loop was
-                # blocked): the queue will not run this job again, so it counts as a failed attempt
-                await asyncio.shield(self._fail_blocked())
-            else:
-                # shutdown or lost Redis: hand the step back so the redelivered job can claim it at once
-                await asyncio.shield(self._release())
+            # shutdown, lost Redis, or the queue's own timeout (only if the event loop was blocked past the
+            # engine's attempt cap): hand the step back; a redelivered job claims it at once, and a job the
+            # queue gave up on is queued again by the reconciler
+            await asyncio.shield(self._release())
             raise
         finally:
             self.engine.active_tokens.discard(self.token)
-
-    async def _fail_blocked(self) -> None:
-        msg = (f"attempt {self.job.attempt} was cancelled after the worker's job timeout "
-               "(did a blocking call run inside an async node?)")
-        try:
-            await self._commit(lambda run, r: run.fail_node(self.node, r, self.job, msg, False))
-        except Exception:
-            log.warning("job %s: could not record its timeout; the reconciler will find it", self.job.job_id)
 
     async def _release(self) -> None:
         job = self.job
@@ -1415,7 +1424,11 @@ class _Step:
             run.t.event({"type": "node_awaiting", "ts": self.engine.clock(), "node": self.node.id,
                          "child": child_id})
 
-        return await self._commit(fn, token=rec.get("token"))
+        scheduled = await self._commit(fn, token=rec.get("token"))
+        if await self.engine.store.read_status(child_id) is not None:
+            # the child ended meanwhile (resumed directly): wake this node and finish it now
+            return scheduled + await self._run_child()
+        return scheduled
 
     async def _run_child(self) -> list[tuple[str, Job]]:
         r = (await self.engine.store.read(self.run_id, NODES, [self.node.id]))[0]

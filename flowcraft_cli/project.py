@@ -29,13 +29,21 @@ class Project:
     def blueprint(self, blueprint_id: str) -> Blueprint:
         bp = self.blueprints.get(blueprint_id)
         if bp is None:
+            import difflib
+
+            close = difflib.get_close_matches(blueprint_id, list(self.blueprints), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             known = ", ".join(sorted(self.blueprints)) or "none (check `blueprints:` in your config)"
-            raise InvalidInput(f"unknown blueprint id {blueprint_id!r} (known: {known})")
+            raise InvalidInput(f"unknown blueprint id {blueprint_id!r} ({hint}known: {known})")
         return bp
 
 
 def load_project(config: str | None = None, overrides: Mapping[str, Any] | None = None) -> Project:
     settings = load_settings(config, overrides=overrides)
+    if settings.config_file is None and not any(Path(p).exists() for p in settings.blueprints):
+        raise InvalidInput(
+            f"no flowcraft.yaml in {Path.cwd()} and no blueprints at {', '.join(settings.blueprints)}: run from your "
+            "project folder, or pass --config (or set FLOWCRAFT_CONFIG / FLOWCRAFT_BLUEPRINTS)")
     if settings.config_file:
         # the config file's folder is importable too, so `--config elsewhere/flowcraft.yaml` finds its nodes
         import sys
@@ -76,7 +84,7 @@ def parse_json(text: str, what: str) -> Any:
 async def connect_redis(url: str) -> Any:
     """A redis.asyncio client that has answered PING, or RedisUnavailable naming the redacted URL."""
     from redis.asyncio import Redis
-    from redis.exceptions import RedisError
+    from redis.exceptions import AuthenticationError, RedisError
 
     try:
         client = Redis.from_url(url, socket_connect_timeout=3, health_check_interval=10)
@@ -84,9 +92,13 @@ async def connect_redis(url: str) -> Any:
         raise InvalidInput(f"redis.url: {redact_url(url)!r} is not a valid Redis URL: {e}") from None
     try:
         await client.ping()
+    except AuthenticationError as e:
+        await client.aclose()
+        raise RedisUnavailable(f"Redis at {redact_url(url)} refused the credentials: {str(e).rstrip('.')}") from None
     except (RedisError, OSError) as e:
         await client.aclose()
-        raise RedisUnavailable(f"cannot reach Redis at {redact_url(url)}: {e}; is redis-server running?") from None
+        raise RedisUnavailable(f"cannot reach Redis at {redact_url(url)}: {str(e).rstrip('.')}; "
+                               "is redis-server running?") from None
     return client
 
 

@@ -65,7 +65,9 @@ class FlowRuntime:
         return await self.result(run_id)
 
     async def cancel(self, run_id: str) -> bool:
-        return await self.engine.cancel(run_id)
+        changed, scheduled = await self.engine.cancel(run_id)
+        await self._drive(scheduled)
+        return changed
 
     async def result(self, run_id: str) -> RunResult:
         view = await read_run(self.store, self.engine.blueprints, run_id)

@@ -51,6 +51,9 @@ class MemorySession:
     def result(self, run_id: str) -> RunResult:
         return self.loop.run_until_complete(self.runtime.result(run_id))
 
+    def cancel(self, run_id: str) -> bool:
+        return self.loop.run_until_complete(self.runtime.cancel(run_id))
+
     def close(self) -> None:
         self.loop.close()
 
@@ -129,6 +132,9 @@ class ArqSession:
     def result(self, run_id: str) -> RunResult:
         self._drain()
         return self._result(run_id)
+
+    def cancel(self, run_id: str) -> bool:
+        return self.loop.run_until_complete(self.adapter.cancel(run_id))
 
     def close(self) -> None:
         async def shut() -> None:

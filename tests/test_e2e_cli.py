@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import signal
+import textwrap
 import time
 
 import pytest
@@ -165,5 +166,43 @@ def test_sigterm_hands_back_a_step_it_cannot_finish(tmp_path, redis_url):
                         "completion on the second worker")
         assert _slow_calls(project, "start") == 2 and _slow_calls(project, "end") == 1
         assert sum(1 for c in project.calls() if c.startswith("join run")) == 1
+    finally:
+        project.stop_all()
+
+
+def test_cancel_marks_unfinished_nodes_and_resume_checks_the_action(project):
+    project.start_worker()
+    run_id = project.cli("enqueue", "chain", check=True).stdout.strip()
+    wait_for(lambda: _slow_calls(project, "start") == 1, 30, "the slow node to start")
+    assert project.cli("cancel", run_id).returncode == 0
+    view = project.cli_json("inspect", run_id)
+    assert view["status"] == "cancelled"
+    slow = next(n for n in view["nodes"] if n["node_id"] == "slow")
+    assert slow["status"] == "failed" and "cancelled" in slow["error"]
+    wait_for(lambda: _slow_calls(project, "end") == 1, 30, "the slow step to end")
+    assert project.cli_json("inspect", run_id)["outputs"].get("join") is None  # nothing ran after the cancel
+
+
+def test_resume_refuses_an_action_no_edge_takes(tmp_path, redis_url):
+    redis_lib.Redis.from_url(redis_url).flushdb()
+    project = Project(tmp_path, redis_url, extra_blueprints={"review": textwrap.dedent("""
+        nodes:
+          - {id: w, uses: wait}
+          - {id: approved, uses: noop}
+          - {id: declined, uses: noop}
+        edges:
+          - {source: w, target: approved, action: approve}
+          - {source: w, target: declined, action: reject}
+    """)})
+    try:
+        project.start_worker()
+        run_id = project.cli("enqueue", "review", check=True).stdout.strip()
+        project.wait_run(run_id, statuses=("awaiting",))
+        typo = project.cli("resume", run_id, "--action", "aprove")
+        assert typo.returncode == 2 and "did you mean 'approve'" in typo.stderr
+        assert project.cli("resume", run_id, "--action", "approve", "--output", '{"by": "me"}').returncode == 0
+        view = project.wait_run(run_id)
+        assert view["status"] == "completed"
+        assert {n["node_id"]: n["status"] for n in view["nodes"]} == {"w": "completed", "approved": "completed", "declined": "skipped"}
     finally:
         project.stop_all()

@@ -61,7 +61,7 @@ QUICK_INPUTS = {
 
 def test_the_bundled_set_is_what_the_readme_lists(examples):
     _, blueprints = examples
-    assert set(blueprints) == set(QUICK_INPUTS)
+    assert set(blueprints) == set(QUICK_INPUTS) | {"approval"}
     for bp_id, bp in blueprints.items():
         assert Path(bp.source).stem == bp_id  # one blueprint per file, id == file stem
 
@@ -287,3 +287,22 @@ def test_slow_chain_default_duration(examples):
     r, _ = run(examples, "slow-chain", {"job": "demo"})  # params.seconds: 2, the real default (takes 2 s)
     assert r.status == "completed", r.reason
     assert r.outputs["end"] == {"count": 2, "from": ["left", "right"]}
+
+
+# -- approval: a wait node resumed with an action ---------------------------------------------------------
+
+
+def test_approval_waits_then_follows_the_resume_action(examples):
+    registry, blueprints = examples
+
+    async def go():
+        rt = FlowRuntime(blueprints, registry)
+        r = await rt.run("approval", {"expense": {"id": "E-7", "amount": 120}})
+        assert r.status == "awaiting" and r.view.awaiting_nodes == ["review"]
+        done = await rt.resume(r.run_id, output={"by": "dana"}, action="approve")
+        return done
+
+    r = asyncio.run(go())
+    assert r.status == "completed"
+    assert r.outputs["pay"] == {"id": "E-7", "paid": 120.0, "approved_by": "dana"}
+    assert statuses(r)["decline"] == "skipped"

@@ -157,7 +157,9 @@ def test_blueprint_file_changed_under_a_run(project):
     view = project.wait_run(run_id, timeout=60)
     assert view["status"] == "failed"
     assert "version" in view["reason"] and view["blueprint_version"] in view["reason"]
-    assert {n["node_id"]: n["status"] for n in view["nodes"]}["a"] == "queued"  # nothing ran against new code
+    a = next(n for n in view["nodes"] if n["node_id"] == "a")
+    assert a["status"] == "failed" and a["error"].startswith("stopped") and a["attempts"] == 1  # never ran
+    assert "a" not in view["outputs"]  # nothing ran against the new code
 
 
 def test_worker_that_cannot_reach_redis_at_start(tmp_path):

@@ -762,3 +762,76 @@ edges:
     final = s.result(r.run_id)
     assert final.status == "completed", final.reason
     assert final.outputs["after"] == {"w1": "one", "w2": "two"}
+
+
+def test_nested_loops_with_a_slow_side_branch(flow):
+    doc = """
+id: nested
+nodes:
+  - {id: init, uses: init2}
+  - {id: outer, uses: loop-controller, params: {condition: "i < 2"}}
+  - {id: inner, uses: loop-controller, params: {condition: "j < 3"}}
+  - {id: oinc, uses: oinc}
+  - {id: b, uses: body}
+  - {id: side, uses: side}
+  - {id: c, uses: tag}
+  - {id: end, uses: tag}
+edges:
+  - {source: init, target: outer}
+  - {source: outer, target: oinc, action: continue}
+  - {source: oinc, target: inner}
+  - {source: inner, target: b, action: continue}
+  - {source: b, target: inner}
+  - {source: b, target: side}
+  - {source: inner, target: c, action: break}
+  - {source: c, target: outer}
+  - {source: outer, target: end, action: break}
+"""
+    seen: list[tuple[int, int]] = []
+
+    async def init2(ctx):
+        await ctx.context.set("i", 0)
+        await ctx.context.set("j", 0)
+
+    async def oinc(ctx):
+        await ctx.context.set("i", await ctx.context.get("i") + 1)
+        await ctx.context.set("j", 0)
+
+    async def body(ctx):
+        j = await ctx.context.get("j") + 1
+        await ctx.context.set("j", j)
+        seen.append((await ctx.context.get("i"), j))
+
+    async def side(ctx):
+        import asyncio
+
+        await asyncio.sleep(0.02)
+
+    r = flow.run(doc, {"init2": init2, "oinc": oinc, "body": body, "side": side, "tag": lambda ctx: ctx.node_id})
+    assert r.status == "completed", r.reason
+    assert seen == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+    assert r.outputs["end"] == "end"
+
+
+def test_cancelling_a_waiting_child_fails_its_subflow_node(flow):
+    parent = """
+id: pc
+nodes:
+  - {id: call, uses: subflow, params: {blueprintId: waits}}
+  - {id: after, uses: tag}
+edges:
+  - {source: call, target: after}
+"""
+    sub = """
+id: waits
+nodes: [{id: w, uses: wait}]
+edges: []
+"""
+    s = flow.session([parent, sub], {"tag": lambda ctx: ctx.node_id})
+    r = s.run("pc")
+    assert r.status == "awaiting"
+    child_id = f"{r.run_id}.call.1.1"
+    s.cancel(child_id)
+    final = s.result(r.run_id)
+    assert final.status == "failed" and "cancelled" in final.reason
+    assert "after" not in final.outputs

@@ -106,7 +106,9 @@ class ArqAdapter:
         await self.flush(await self.engine.resume(run_id, node_id, output=output, action=action))
 
     async def cancel(self, run_id: str) -> bool:
-        return await self.engine.cancel(run_id)
+        changed, scheduled = await self.engine.cancel(run_id)
+        await self.flush(scheduled)  # e.g. a cancelled child run tells its parent
+        return changed
 
     async def inspect(self, run_id: str) -> RunView:
         return await read_run(self.store, self.blueprints, run_id)
