@@ -307,7 +307,7 @@ class Engine:
         """Every step a running run is waiting for, as the jobs that would carry them: its outbox, and each
         queued, running, sleeping or batch step. The reconciler queues those whose job is gone; queueing one
         that still exists is a no-op (same job id), and a stale one is dropped at its claim."""
-        meta = await self._read_meta(run_id, missing_ok=True)
+        meta = await self._find_meta(run_id)
         if meta is None:
             return []
         running = meta["status"] == RunStatus.RUNNING
@@ -339,7 +339,7 @@ class Engine:
                 if (st := await self.store.read_status(rec["child"])) and st["status"] in FINAL_STATUSES:
                     found.append(Job(run_id, node_id, seq, "child", rec["attempt"]))
                 elif status == NodeStatus.RUNNING and (
-                        (cm := await self._read_meta(rec["child"], missing_ok=True)) and cm["status"] == RunStatus.AWAITING):
+                        (cm := await self._find_meta(rec["child"])) and cm["status"] == RunStatus.AWAITING):
                     found.append(Job(run_id, node_id, seq, "child_wait", rec["attempt"]))
             elif status == NodeStatus.RUNNING and rec.get("items") is not None:
                 prefix = f"{node_id}|{seq}"
@@ -361,7 +361,7 @@ class Engine:
     # ------------------------------------------------------------------ handling one job
 
     async def handle(self, job: Job) -> Handled:
-        meta = await self._read_meta(job.run_id, missing_ok=True)
+        meta = await self._find_meta(job.run_id)
         if meta is None:
             log.warning("job %s: run %r does not exist (expired or never started); dropped", job.job_id, job.run_id)
             return Handled(note="unknown run")
@@ -429,12 +429,14 @@ class Engine:
 
     # ------------------------------------------------------------------ helpers shared by steps
 
-    async def _read_meta(self, run_id: str, missing_ok: bool = False) -> dict[str, Any] | None:
+    async def _find_meta(self, run_id: str) -> dict[str, Any] | None:
         values = await self.store.read(run_id, RUN, list(_META_FIELDS))
         meta = {k: (None if v is MISSING else v) for k, v in zip(_META_FIELDS, values, strict=True)}
-        if meta["status"] is None:
-            if missing_ok:
-                return None
+        return None if meta["status"] is None else meta
+
+    async def _read_meta(self, run_id: str) -> dict[str, Any]:
+        meta = await self._find_meta(run_id)
+        if meta is None:
             raise RunNotFound(f"run {run_id!r} not found (it never existed or its keys expired)")
         return meta
 
@@ -1439,7 +1441,7 @@ class _Step:
         child_id = r["child"]
         status = await self.engine.store.read_status(child_id)
         if status is None:
-            child_meta = await self.engine._read_meta(child_id, missing_ok=True)
+            child_meta = await self.engine._find_meta(child_id)
             if child_meta and child_meta["status"] == RunStatus.AWAITING and r["status"] == NodeStatus.RUNNING:
                 return await self._child_awaits(r, child_id)
             return []

@@ -91,7 +91,7 @@ def print_run(view: RunView) -> None:
 
 def print_json(data: Any, *, compact: bool = False) -> None:
     """One JSON document; ``compact`` puts it on one line (a stream of them is then JSON Lines)."""
-    text = json.dumps(data, ensure_ascii=False, default=str, **({} if compact else {"indent": 2}))
+    text = json.dumps(data, ensure_ascii=False, default=str, indent=None if compact else 2)
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
 

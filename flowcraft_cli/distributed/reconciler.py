@@ -102,10 +102,11 @@ class Reconciler:
         """One sweep: SCAN the run-state keys; one script call per SCAN page picks the running runs idle
         past the threshold (no per-key round trip); only those are looked at more closely."""
         stats = ReconciliationStats()
-        cursor: int | bytes = 0
+        cursor = 0
         match = self.key_prefix + "*"
         while True:
-            cursor, page = await self.redis.scan(cursor=cursor, match=match, count=self.scan_count)
+            next_cursor, page = await self.redis.scan(cursor=cursor, match=match, count=self.scan_count)
+            cursor = int(next_cursor)
             if page:
                 await self._check_page([_s(k)[len(self.key_prefix):] for k in page], stats)
             if int(cursor) == 0:
