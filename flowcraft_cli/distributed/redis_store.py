@@ -44,8 +44,24 @@ class RedisStore(Store):
         self.redis = redis
         self.running_ttl_s = running_ttl_s
         self.conflicts = 0  # transactions retried because another step of the same run committed first
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # run id -> (lock, callers holding or waiting)
 
     async def transact(self, run_id: str, fn: Callable[[Txn], Awaitable[T]]) -> T:
+        # Steps of one run inside this process take turns: optimistic locking then only has to settle races
+        # with other processes, instead of siblings of a wide fan-in retrying each other's work here.
+        lock, users = self._locks.get(run_id) or (asyncio.Lock(), 0)
+        self._locks[run_id] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._transact(run_id, fn)
+        finally:
+            lock, users = self._locks[run_id]
+            if users == 1:
+                del self._locks[run_id]  # nobody else waits on it: forget it, so the dict stays small
+            else:
+                self._locks[run_id] = (lock, users - 1)
+
+    async def _transact(self, run_id: str, fn: Callable[[Txn], Awaitable[T]]) -> T:
         meta_key = keys.kind_key(RUN, run_id)
         tries = 0
         while True:
