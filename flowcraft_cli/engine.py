@@ -1087,14 +1087,17 @@ class _Step:
         return await self._succeed(output, action, writes, node_input, runner)
 
     async def _succeed(self, output: Any, action: str | None, writes: Mapping[str, Any], node_input: Any,
-                       runner: NodeDef | None = None, token: str | None = None) -> list[tuple[str, Job]]:
+                       runner: NodeDef | None = None, token: str | None = None,
+                       status: NodeStatus = NodeStatus.RUNNING) -> list[tuple[str, Job]]:
+        """Route the result (reads outside the transaction), then commit it if the node is still ``status``
+        with this step's token."""
         decisions = await self.engine._decide(self.bp, self.node, self.run_id, output, action, writes, node_input)
         fallback_of = self.node.id if runner is not None and runner.id != self.node.id else None
 
         async def fn(run: _RunTxn, rec: dict[str, Any]) -> None:
             await run.complete(runner or self.node, rec, output, action, decisions, writes, fallback_of=fallback_of)
 
-        return await self._commit(fn, token=token)
+        return await self._commit(fn, token=token, status=status)
 
     async def _call(self, runner: NodeDef, node_input: Any, attempt: int, *, uses: str | None = None,
                     extra: dict[str, Any] | None = None) -> tuple[Any, str | None, dict[str, Any]]:
@@ -1251,17 +1254,7 @@ class _Step:
             self.stale = True
             return []
         node_input = await self.engine._node_input(self.bp, self.node, self.run_id)
-        return await self._succeed_with_status(node_input, None, {}, node_input, r.get("token"), NodeStatus.SLEEPING)
-
-    async def _succeed_with_status(self, output: Any, action: str | None, writes: Mapping[str, Any], node_input: Any,
-                                   token: str | None, status: NodeStatus, extra: Mapping[str, Any] | None = None,
-                                   ) -> list[tuple[str, Job]]:
-        decisions = await self.engine._decide(self.bp, self.node, self.run_id, output, action, writes, node_input)
-
-        async def fn(run: _RunTxn, rec: dict[str, Any]) -> None:
-            await run.complete(self.node, rec, output, action, decisions, writes, extra=extra)
-
-        return await self._commit(fn, token=token, status=status)
+        return await self._succeed(node_input, None, {}, node_input, token=r.get("token"), status=NodeStatus.SLEEPING)
 
     async def _batch(self, rec: dict[str, Any], node_input: Any) -> list[tuple[str, Job]]:
         """batch: one job per item of the input list (``params.worker`` runs each); the output is the list

@@ -317,7 +317,7 @@ def test_timeout_fails_the_attempt(flow):
     doc = """
 id: timeout
 nodes:
-  - {id: a, uses: slow, config: {timeout: 50, maxRetries: 2}}
+  - {id: a, uses: slow, config: {timeout: 400, maxRetries: 2}}
 edges: []
 """
     calls = Counter()
@@ -327,7 +327,7 @@ edges: []
 
         calls["a"] += 1
         if ctx.attempt == 1:
-            await asyncio.sleep(2)
+            await asyncio.sleep(5)  # far past the timeout; attempt 2 returns at once (the margin absorbs a busy CI box)
         return "fast enough"
 
     r = flow.run(doc, {"slow": slow})
