@@ -257,7 +257,7 @@ edges:
         return ctx.input
 
     def slow(ctx):
-        time.sleep(0.05)
+        time.sleep(0.3)
         return "b"
 
     r = flow.run(doc, {"v": lambda ctx: ctx.node_id, "slow": slow, "join": join})
