@@ -913,6 +913,7 @@ class _RunTxn:
                       "error": error, "worker": self.engine.worker_id})
         if not fatal and attempt < cfg.max_retries and job.kind != "item":
             delay = cfg.retry_delay_ms * (2 ** (attempt - 1))
+            self.t.events[-1]["retry_in_ms"] = delay
             self.t.put(NODES, node.id, {**rec, "status": NodeStatus.QUEUED.value, "attempt": attempt + 1,
                                         "error": error, "child": None, "items": None, "token": None,
                                         "retry_at": ts + delay})
