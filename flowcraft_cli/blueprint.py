@@ -159,3 +159,9 @@ class Blueprint:
             for n in body:
                 out.setdefault(n, []).append(lc)
         return {k: tuple(sorted(v, key=lambda lc: len(self.loop_bodies[lc]))) for k, v in out.items()}
+
+    @cached_property
+    def inner_loops(self) -> dict[str, tuple[str, ...]]:
+        """Per loop-controller: the loop-controllers inside its body."""
+        return {lc: tuple(n for n in body if self.node_map[n].uses == "loop-controller")
+                for lc, body in self.loop_bodies.items()}

@@ -641,10 +641,19 @@ class _RunTxn:
                "phase": "exec", "queued_at": self.engine.clock(), "runs": (rec or {}).get("runs", 0)}
         if self.bp.is_loop_controller(node_id):
             new["iter"] = 0 if (loop_entry or not rec) else rec.get("iter", 0)
+            new["busy"] = (rec or {}).get("busy", 0)
         self.t.put(NODES, node_id, new)
         self.t.put(STATE, f"_inputs.{node_id}", value)
         self.add_pending(1)
+        await self._count_busy(node_id, +1)
         self.schedule(Job(self.t.run_id, node_id, seq))
+
+    async def _count_busy(self, node_id: str, delta: int) -> None:
+        """Each loop-controller counts the body nodes fired and not yet finished, so telling whether its body
+        is idle costs one read, not a read of the whole body."""
+        for controller in self.bp.loops_containing.get(node_id, ()):
+            rec = await self.t.get(NODES, controller) or {"seq": 0, "runs": 0, "gen": 0, "status": "pending"}
+            self.t.put(NODES, controller, {**rec, "busy": max(0, rec.get("busy", 0) + delta)})
 
     async def arrive(self, source: str, decisions: list[Decision]) -> None:
         """Deliver a finished node's decisions; fire or skip successors whose join is now decided.
@@ -749,8 +758,11 @@ class _RunTxn:
 
     async def _body_busy(self, controller: str) -> bool:
         """A body node still running, or an inner loop whose own next iteration is waiting, keeps it busy."""
-        recs = await self.t.get_many(NODES, self.bp.loop_bodies[controller])
-        return any(r["status"] in _ACTIVE_NODE or r.get("held") for r in recs.values())
+        rec = await self.t.get(NODES, controller)
+        if rec and rec.get("busy", 0) > 0:
+            return True
+        inner = await self.t.get_many(NODES, self.bp.inner_loops[controller])
+        return any(r.get("held") for r in inner.values())
 
     async def release_held_loops(self, node_id: str) -> None:
         """A loop-back arrival waits while its body is busy; the last body node to finish lets it in."""
@@ -850,6 +862,7 @@ class _RunTxn:
             if not d.target:
                 self.t.event({"type": "expression_error", "ts": ts, "node": node.id, **d.value})
         self.add_pending(-1)
+        await self._count_busy(fallback_of or node.id, -1)
         await self.arrive(fallback_of or node.id, decisions)
         await self.recheck_join(fallback_of or node.id)
         await self.release_held_loops(fallback_of or node.id)

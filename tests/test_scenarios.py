@@ -838,3 +838,34 @@ edges: []
     final = s.result(r.run_id)
     assert final.status == "failed" and "cancelled" in final.reason
     assert "after" not in final.outputs
+
+
+def test_wide_loop_body_with_an_early_loop_back(flow):
+    """The loop-back arrives while 40 body nodes are still busy: the next iteration waits for all of them."""
+    wide = 40
+    nodes = "\n".join(f"  - {{id: w{i}, uses: tick}}" for i in range(wide))
+    edges = "\n".join(f"  - {{source: a, target: w{i}}}" for i in range(wide))
+    doc = f"""
+id: wide-loop
+nodes:
+  - {{id: init, uses: init}}
+  - {{id: loop, uses: loop-controller, params: {{condition: "counter < 3"}}}}
+  - {{id: a, uses: inc}}
+{nodes}
+  - {{id: end, uses: tag}}
+edges:
+  - {{source: init, target: loop}}
+  - {{source: loop, target: a, action: continue}}
+  - {{source: a, target: loop}}
+{edges}
+  - {{source: loop, target: end, action: break}}
+"""
+    ticks: list[int] = []
+
+    async def tick(ctx):
+        ticks.append(ctx.input)
+
+    r = flow.run(doc, {"init": _init, "inc": _inc, "tick": tick, "tag": lambda ctx: ctx.node_id})
+    assert r.status == "completed", r.reason
+    assert sorted(ticks) == [1] * wide + [2] * wide + [3] * wide
+    assert ticks == sorted(ticks)  # iteration k+1 started only after every tick of iteration k
