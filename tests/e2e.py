@@ -44,6 +44,11 @@ def join(ctx):
 @node("decide")
 def decide(ctx):
     return NodeResult(output={"total": 150}, action="ok")
+
+@node("step")
+async def step(ctx):
+    await asyncio.sleep(0.01 * (ctx.params["value"] % 3))  # uneven, so the two workers interleave
+    return NodeResult(output=ctx.params["value"], action=ctx.params["action"])
 '''
 
 

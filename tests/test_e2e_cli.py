@@ -210,3 +210,20 @@ def test_resume_refuses_an_action_no_edge_takes(tmp_path, redis_url):
         assert {n["node_id"]: n["status"] for n in view["nodes"]} == {"w": "completed", "approved": "completed", "declined": "skipped"}
     finally:
         project.stop_all()
+
+
+def test_random_dags_across_two_worker_processes(project):
+    import json as _json
+
+    from tests.test_random_dags import make_dag
+
+    dags = [make_dag(seed) for seed in range(100, 106)]
+    for bp, _, _ in dags:
+        (project.root / "blueprints" / f"{bp['id']}.json").write_text(_json.dumps(bp))
+    project.start_worker()
+    project.start_worker()
+    runs = [(project.cli("enqueue", bp["id"], check=True).stdout.strip(), expected) for bp, _, expected in dags]
+    for run_id, expected in runs:
+        view = project.wait_run(run_id, timeout=60)
+        assert view["status"] == "completed", view["reason"]
+        assert {n["node_id"]: n["status"] for n in view["nodes"]} == expected
