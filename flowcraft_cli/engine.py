@@ -35,8 +35,9 @@ from .errors import (
     NodeTimeout,
     RunNotFound,
 )
-from .expressions import Expression, compile_expression
+from .expressions import Expression
 from .jobs import Job
+from .loader import loop_condition, parse_duration_ms
 from .node_api import _MISSING, NodeContext, NodeResult, RunContext, SyncRunContext
 from .registry import NodeRegistry
 from .store import BATCH, JOINS, MISSING, NODES, OUTBOX, RUN, STATE, Store, Txn, dumps
@@ -75,25 +76,6 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def parse_duration_ms(value: Any) -> int:
-    from .loader import parse_duration_ms as parse
-
-    return parse(value)
-
-
-_loop_conditions: dict[str, Expression] = {}
-
-
-def loop_condition(node: NodeDef) -> Expression | None:
-    src = node.params.get("condition")
-    if src is None:
-        return None
-    expr = _loop_conditions.get(src)
-    if expr is None:
-        expr = _loop_conditions[src] = compile_expression(str(src))
-    return expr
-
-
 @dataclass(slots=True)
 class EngineSettings:
     ttl_s: int = 86400  # how long a finished run's keys stay; 0 = forever
@@ -110,6 +92,14 @@ class Decision:
     target: str
     taken: bool
     value: Any = _REF
+
+
+@dataclass(slots=True)
+class Route:
+    """A finished node's decisions, and the expression errors met while making them (recorded as events)."""
+
+    decisions: list[Decision]
+    errors: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -220,7 +210,7 @@ class Engine:
         rec = (await self.store.read(run_id, NODES, [node_id]))[0]
         if rec is not MISSING and rec.get("child"):
             return await self._resume_child(run_id, bp, node_id, rec["child"], output, action)
-        decisions = await self._decide(bp, node, run_id, output, action, {}, await self._node_input(bp, node, run_id))
+        route = await self._decide(bp, node, run_id, output, action, {}, await self._node_input(bp, node, run_id))
 
         async def txn_fn(t: Txn) -> list[tuple[str, Job]]:
             run = _RunTxn(self, t, bp)
@@ -232,7 +222,7 @@ class Engine:
             run.set_meta("status", RunStatus.RUNNING.value)
             run.add_pending(1)
             t.event({"type": "resumed", "ts": self.clock(), "node": node_id, "action": action})
-            await run.complete(node, rec, output, action, decisions, {})
+            await run.complete(node, rec, output, action, route, {})
             await run.settle()
             return run.scheduled
 
@@ -511,12 +501,12 @@ class Engine:
         writes: Mapping[str, Any],
         node_input: Any,
         edges: Iterable[EdgeDef] | None = None,
-    ) -> list[Decision]:
+    ) -> Route:
         """CONTRACT §5.4: the action's edges whose condition holds; if none, the default edges whose
         condition holds. Every other edge is not taken. A transform that fails counts as not taken."""
         edges = list(bp.out_edges[node.id] if edges is None else edges)
         if not edges:
-            return []
+            return Route([])
         names: set[str] = set()
         for e in edges:
             for expr in (e.condition, e.transform):
@@ -544,7 +534,7 @@ class Engine:
 def _aggregate(
     edges: list[EdgeDef], chosen: list[EdgeDef], scope: dict[str, Any], output: Any, events: list[str],
     node_id: str, run_id: str,
-) -> list[Decision]:
+) -> Route:
     """One decision per distinct target: taken if any edge to it was taken (first taken edge's value)."""
     by_target: dict[str, Decision] = {}
     chosen_ids = {id(e) for e in chosen}
@@ -562,10 +552,7 @@ def _aggregate(
         d.taken, d.value = True, value
     for msg in events:
         log.info("run %s node %s: %s (counts as not taken)", run_id, node_id, msg)
-    decisions = list(by_target.values())
-    if events:
-        decisions.append(Decision("", False, {"expression_errors": events}))
-    return decisions
+    return Route(list(by_target.values()), events)
 
 
 def _check_json(value: Any, what: str) -> str:
@@ -658,7 +645,7 @@ class _RunTxn:
     async def arrive(self, source: str, decisions: list[Decision]) -> None:
         """Deliver a finished node's decisions; fire or skip successors whose join is now decided.
         Iterative (not recursive) so a skip can run down a 10,000-node chain."""
-        await self._drain(deque((source, d) for d in decisions if d.target))
+        await self._drain(deque((source, d) for d in decisions))
 
     async def _drain(self, work: deque[tuple[str, Decision]]) -> None:
         loop_backs: deque[tuple[str, Decision]] = deque()
@@ -830,7 +817,7 @@ class _RunTxn:
     # ---- finishing nodes and runs
 
     async def complete(self, node: NodeDef, rec: dict[str, Any], output: Any, action: str | None,
-                       decisions: list[Decision], writes: Mapping[str, Any], *, fallback_of: str | None = None,
+                       route: Route, writes: Mapping[str, Any], *, fallback_of: str | None = None,
                        extra: Mapping[str, Any] | None = None) -> None:
         """A node (or the fallback standing in for it) finished: record everything, route, settle."""
         ts = self.engine.clock()
@@ -858,12 +845,11 @@ class _RunTxn:
         self.t.event({"type": "node_completed", "ts": ts, "node": fallback_of or node.id, "action": action,
                       "attempt": rec.get("attempt"), "started_at": rec.get("attempt_started_at"),
                       "worker": rec.get("worker"), **({"fallback": node.id} if fallback_of else {})})
-        for d in decisions:
-            if not d.target:
-                self.t.event({"type": "expression_error", "ts": ts, "node": node.id, **d.value})
+        if route.errors:
+            self.t.event({"type": "expression_error", "ts": ts, "node": node.id, "expression_errors": route.errors})
         self.add_pending(-1)
         await self._count_busy(fallback_of or node.id, -1)
-        await self.arrive(fallback_of or node.id, decisions)
+        await self.arrive(fallback_of or node.id, route.decisions)
         await self.recheck_join(fallback_of or node.id)
         await self.release_held_loops(fallback_of or node.id)
 
@@ -1105,11 +1091,11 @@ class _Step:
                        status: NodeStatus = NodeStatus.RUNNING) -> list[tuple[str, Job]]:
         """Route the result (reads outside the transaction), then commit it if the node is still ``status``
         with this step's token."""
-        decisions = await self.engine._decide(self.bp, self.node, self.run_id, output, action, writes, node_input)
+        route = await self.engine._decide(self.bp, self.node, self.run_id, output, action, writes, node_input)
         fallback_of = self.node.id if runner is not None and runner.id != self.node.id else None
 
         async def fn(run: _RunTxn, rec: dict[str, Any]) -> None:
-            await run.complete(runner or self.node, rec, output, action, decisions, writes, fallback_of=fallback_of)
+            await run.complete(runner or self.node, rec, output, action, route, writes, fallback_of=fallback_of)
 
         return await self._commit(fn, token=token, status=status)
 
@@ -1220,9 +1206,9 @@ class _Step:
                 chosen = [e for e in exits if e.action is None and holds(e.condition, f"edge {node.id}->{e.target} condition")]
         scope["result"] = {"output": None, "action": action}
         considered = list(cont) if action == CONTINUE else list(edges)
-        decisions = _aggregate(considered, chosen, scope, None, events, node.id, self.run_id)
+        route = _aggregate(considered, chosen, scope, None, events, node.id, self.run_id)
         if action == CONTINUE:
-            decisions = [d for d in decisions if d.taken or not d.target]  # a continue skips nothing
+            route.decisions = [d for d in route.decisions if d.taken]  # a continue skips nothing
 
         async def fn(run: _RunTxn, r: dict[str, Any]) -> None:
             if action == CONTINUE:
@@ -1231,7 +1217,7 @@ class _Step:
                 run.t.event({"type": "loop_max_iterations", "ts": self.engine.clock(), "node": node.id,
                              "iterations": iteration})
             extra = {"iter": iteration + 1 if action == CONTINUE else iteration}
-            await run.complete(node, {**r, **extra}, None, action, decisions, {})
+            await run.complete(node, {**r, **extra}, None, action, route, {})
 
         return await self._commit(fn)
 
