@@ -4,7 +4,7 @@
     python benchmarks/bench_distributed.py --n 1000
 
 One process, one redis-server it starts itself (unix socket), one arq worker in burst mode with the same
-settings flowcraft uses (max_jobs 10, poll_delay 0.01 s, JSON jobs). Baseline: N bare arq no-op jobs queued
+settings flowcraft uses (max_jobs 10, poll_delay 0.02 s, JSON jobs). Baseline: N bare arq no-op jobs queued
 at once, then drained. Each flowcraft node step is one arq job plus the engine's claim and commit
 transactions, so the ratio shows what the engine costs per step over the queue itself.
 """
@@ -113,5 +113,5 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--poll", type=float, default=0.01, help="worker poll delay in seconds (flowcraft's default)")
+    p.add_argument("--poll", type=float, default=0.02, help="worker poll delay in seconds (flowcraft's default)")
     asyncio.run(main(p.parse_args()))

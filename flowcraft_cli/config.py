@@ -63,7 +63,7 @@ class WorkerSettings:
     job_timeout_seconds: float = 300
     version_grace_seconds: float = 300
     shutdown_wait_seconds: float = 10  # on SIGTERM/SIGINT: time for in-flight steps before they are handed back
-    poll_delay_seconds: float = 0.01  # how often an idle worker asks the queue for jobs (latency per step)
+    poll_delay_seconds: float = 0.02  # how often an idle worker asks the queue for jobs (latency per step)
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,7 +68,7 @@ FINAL_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CAN
 RESTING_STATUSES = FINAL_STATUSES | {RunStatus.AWAITING}
 _ACTIVE_NODE = frozenset({NodeStatus.QUEUED, NodeStatus.RUNNING, NodeStatus.SLEEPING, NodeStatus.AWAITING})
 _META_FIELDS = ("status", "reason", "blueprint_id", "blueprint_version", "pending", "awaiting_nodes",
-                "created_at", "finished_at", "parent", "failed_node", "version_wait_since")
+                "created_at", "finished_at", "parent", "failed_node", "version_wait_since", "keep_until")
 _REF = object()  # "the source's output": resolved from _outputs.<source> when the target fires
 
 
@@ -599,7 +599,16 @@ class _RunTxn:
         if self._meta is None:
             got = await self.t.get_many(RUN, _META_FIELDS)
             self._meta = {k: got.get(k) for k in _META_FIELDS}
+            self._extend_expiry(self._meta.get("keep_until"))
         return self._meta
+
+    def _extend_expiry(self, keep_until: int | None) -> None:
+        """An unfinished run's keys live ``running_ttl_s`` past its last step, and past any wake-up it still
+        waits for (a sleep longer than that must not find its run expired)."""
+        if keep_until:
+            running = self.engine.settings.running_ttl_s
+            extra_s = max(0, (keep_until - self.engine.clock()) // 1000 + 1)
+            self.t.ttl_s = running + extra_s if running > 0 else 0
 
     def set_meta(self, key: str, value: Any) -> None:
         assert self._meta is not None
@@ -1243,6 +1252,9 @@ class _Step:
         async def fn(run: _RunTxn, r: dict[str, Any]) -> None:
             run.t.put(NODES, self.node.id, {**r, "status": NodeStatus.SLEEPING.value, "wake_at": wake_at,
                                             "lease_until": None})
+            keep_until = max(wake_at, (await run.meta()).get("keep_until") or 0)
+            run.set_meta("keep_until", keep_until)
+            run._extend_expiry(keep_until)
             run.schedule(Job(self.run_id, self.node.id, self.job.seq, "wake", 1, not_before_ms=wake_at))
 
         return await self._commit(fn)

@@ -192,3 +192,30 @@ def test_version_grace_restarts_after_a_matching_worker_runs_a_step(redis_url, r
     handled, view = asyncio.run(go())
     assert handled.retry_after_s is not None  # it waits again instead of failing a healthy run
     assert view.status == "running"
+
+
+def test_a_sleep_longer_than_the_running_ttl_keeps_its_run(redis_url, redis_sync):
+    doc = """
+id: nap
+nodes:
+  - {id: a, uses: count}
+  - {id: nap, uses: sleep, params: {duration: 3s}}
+  - {id: b, uses: count}
+edges:
+  - {source: a, target: nap}
+  - {source: nap, target: b}
+"""
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        adapter = _adapter(redis, [doc], {"count": lambda ctx: ctx.node_id}, running_ttl_s=1)
+        run_id = await adapter.start_run("nap", {})
+        await adapter.start(burst=True)
+        view = await adapter.inspect(run_id)
+        await adapter.close()
+        await redis.aclose()
+        return view
+
+    view = asyncio.run(go())
+    assert view.status == "completed"  # the keys outlived the 1 s running TTL because the run was asleep
+    assert view.outputs["b"] == "b"

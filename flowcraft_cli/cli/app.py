@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import FlowcraftError
+from ..errors import FlowcraftError, InvalidInput
 from . import render
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -112,7 +112,7 @@ def graph(blueprint_id: Annotated[str, typer.Argument()], config: ConfigOpt = No
 @worker_app.command("start")
 def worker_start(
     concurrency: Annotated[int | None, typer.Option("--concurrency", min=1, help="Steps run at once.")] = None,
-    burst: Annotated[bool, typer.Option("--burst", help="Exit when the queue is empty.")] = False,
+    burst: Annotated[bool, typer.Option("--burst", help="Exit when the queue is empty, including jobs scheduled for later (retry backoff, sleep).")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Validate everything, print a summary, then process jobs until SIGTERM/SIGINT."""
@@ -153,6 +153,8 @@ def enqueue(
     from ..project import connected, load_project
 
     _setup_logging()
+    if timeout is not None and not wait:
+        raise InvalidInput("--timeout only applies with --wait")
     run_input = parse_input_checked(input, input_file)
     project = load_project(config)
     project.blueprint(blueprint_id)
@@ -170,6 +172,10 @@ def enqueue(
                 render.info(f"run {rid} started; waiting")
             view = await _follow(adapter, rid, timeout, quiet=json_out)
             if view is None:
+                if json_out:  # still one document: the run as it stands
+                    now = await adapter.inspect(rid)
+                    render.print_json({"run_id": rid, "blueprint_id": now.blueprint_id, "status": now.status,
+                                       "reason": now.reason, "context": now.context, "outputs": now.outputs})
                 render.error(f"run {rid} did not rest within {timeout:g} s; it goes on (flowcraft inspect {rid})")
                 return EXIT_TIMEOUT
             if json_out:
@@ -291,6 +297,8 @@ def reconcile(
     """Find stalled runs and queue the steps they lost. Exit 1 when a run could not be reconciled."""
     import signal
 
+    from redis.exceptions import RedisError
+
     from ..distributed.reconciler import create_arq_reconciler
     from ..project import connected, load_project
 
@@ -311,7 +319,19 @@ def reconcile(
                                                stalled_threshold_seconds=s.reconciler.threshold_seconds,
                                                scan_count=s.reconciler.scan_count, dry_run=dry_run)
             while True:
-                stats = await reconciler.run()
+                try:
+                    stats = await reconciler.run()
+                except (RedisError, OSError) as e:
+                    if interval is None:
+                        raise
+                    # a daemon outlives a Redis restart: report the failed sweep and try again next time
+                    render.error(f"sweep failed: lost Redis: {type(e).__name__}: {e}")
+                    failed += 1
+                    try:
+                        await asyncio.wait_for(stop.wait(), interval)
+                        break
+                    except TimeoutError:
+                        continue
                 failed += stats.failed_runs
                 if json_out:  # with --interval: one line per sweep (JSON Lines)
                     render.print_json(stats.to_json(), compact=interval is not None)
@@ -331,8 +351,13 @@ def reconcile(
 
 def main() -> None:
     # typer's standalone mode turns usage errors into its own message and exit 2; our errors become one line
+    from redis.exceptions import RedisError
+
     try:
         app(prog_name="flowcraft")
     except FlowcraftError as e:
         render.error(str(e))
         sys.exit(e.exit_code)
+    except (RedisError, ConnectionError) as e:  # Redis went away mid-command (the URL was checked at connect)
+        render.error(f"lost Redis: {type(e).__name__}: {str(e).rstrip('.')}")
+        sys.exit(1)

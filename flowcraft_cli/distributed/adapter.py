@@ -16,9 +16,7 @@ from typing import Any
 from arq import Retry
 from arq.worker import Worker, func
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..blueprint import Blueprint
 from ..engine import Engine, EngineSettings
@@ -62,7 +60,7 @@ class ArqAdapter:
         ttl_s: int = 86400,
         running_ttl_s: int = 7 * 86400,
         version_grace_s: float = 300,
-        poll_delay_s: float = 0.01,
+        poll_delay_s: float = 0.02,
         shutdown_wait_s: float = 10,
         worker_id: str | None = None,
     ) -> None:
@@ -222,7 +220,9 @@ class ArqAdapter:
                     continue
                 await self._drain(worker, main)
                 return
-            except (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError) as e:
+            except (RedisError, ConnectionError, OSError) as e:
+                # any Redis failure (lost connection, READONLY after a failover, OOM, MISCONF): back off and
+                # try again rather than take the worker down
                 log.warning("lost Redis (%s: %s); reconnecting in %.1fs", type(e).__name__, e, delay)
                 await self._abandon(worker, main)
                 await asyncio.sleep(delay)

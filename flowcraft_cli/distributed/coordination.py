@@ -36,6 +36,9 @@ class RedisCoordinationStore:
         return bool(await self.redis.set(keys.coord_key(key), value, nx=True, ex=ttl_s if ttl_s > 0 else None))
 
     async def extend_ttl(self, key: str, ttl_s: int) -> bool:
+        """``ttl_s <= 0`` keeps the key forever, as in ``increment`` and ``set_if_not_exist``."""
+        if ttl_s <= 0:
+            return bool(await self.redis.persist(keys.coord_key(key)))
         return bool(await self.redis.expire(keys.coord_key(key), ttl_s))
 
     async def delete(self, key: str) -> None:

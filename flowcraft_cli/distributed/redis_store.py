@@ -105,7 +105,7 @@ class RedisStore(Store):
             ek = keys.events_key(run_id)
             pipe.rpush(ek, *(dumps(e) for e in txn.events))
             pipe.ltrim(ek, -EVENT_CAP, -1)
-        ttl = self.running_ttl_s
+        ttl = self.running_ttl_s if txn.ttl_s is None else txn.ttl_s  # the engine may ask for longer (sleeps)
         if txn.final is not None:
             doc, ttl = txn.final
             pipe.set(keys.status_key(run_id), dumps(doc))
