@@ -293,13 +293,14 @@ class Engine:
                            self.settings.ttl_s)
         await self.store.transact(run_id, fn)
 
-    async def expected_jobs(self, run_id: str) -> list[tuple[str, Job]]:
+    async def expected_jobs(self, run_id: str) -> tuple[list[Job], list[str]]:
         """Every step a running run is waiting for, as the jobs that would carry them: its outbox, and each
         queued, running, sleeping or batch step. The reconciler queues those whose job is gone; queueing one
-        that still exists is a no-op (same job id), and a stale one is dropped at its claim."""
+        that still exists is a no-op (same job id), and a stale one is dropped at its claim. Also returns the
+        outbox entries read, which the caller may clear once it has queued what they stand for."""
         meta = await self._find_meta(run_id)
         if meta is None:
-            return []
+            return [], []
         running = meta["status"] == RunStatus.RUNNING
         if running:
             self._blueprint_for(meta, run_id)  # a run no loaded blueprint describes cannot be resumed from here
@@ -307,7 +308,8 @@ class Engine:
         jobs: dict[str, Job] = {}
         live = running or meta["status"] == RunStatus.AWAITING
         records = await self.store.read_all(run_id, NODES) if live else {}
-        for data in (await self.store.read_all(run_id, OUTBOX)).values():
+        outbox = await self.store.read_all(run_id, OUTBOX)
+        for data in outbox.values():
             job = Job.from_dict(data)
             rec = records.get(job.node_id) if job.run_id == run_id else None
             # a finished child's note to its parent always counts; a step of this run only while expected
@@ -346,7 +348,7 @@ class Engine:
                 found.append(Job(run_id, node_id, seq, phase, rec["attempt"]))
             for job in found:
                 jobs.setdefault(job.job_id, job)
-        return [(run_id, job) for job in jobs.values()]
+        return list(jobs.values()), list(outbox)
 
     # ------------------------------------------------------------------ handling one job
 

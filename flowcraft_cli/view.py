@@ -73,7 +73,9 @@ class RunView:
                              for e in self.timeline]}
 
 
-async def read_run(store: Store, blueprints: Mapping[str, Blueprint], run_id: str) -> RunView:
+async def read_run(store: Store, blueprints: Mapping[str, Blueprint], run_id: str, *,
+                   timeline: bool = True) -> RunView:
+    """``timeline=False`` skips reading the run's events (a poller that only wants statuses)."""
     meta = await store.read_all(run_id, RUN)
     if not meta.get("status"):
         raise RunNotFound(f"run {run_id!r} not found (it never existed or its keys expired)")
@@ -109,7 +111,7 @@ async def read_run(store: Store, blueprints: Mapping[str, Blueprint], run_id: st
     return RunView(run_id, meta["blueprint_id"], meta.get("blueprint_version", ""), meta["status"], meta.get("reason"),
                    meta.get("created_at"), meta.get("finished_at"), nodes, context,
                    list(meta.get("awaiting_nodes") or []), meta.get("parent"),
-                   timeline_of(await store.read_events(run_id)))
+                   timeline_of(await store.read_events(run_id)) if timeline else [])
 
 
 def timeline_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

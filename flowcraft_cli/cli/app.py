@@ -199,7 +199,7 @@ async def _follow(adapter: Any, run_id: str, timeout: float | None, *, quiet: bo
     deadline = None if timeout is None else time.monotonic() + timeout
     seen: dict[str, tuple[str, int]] = {}
     while True:
-        view = await adapter.inspect(run_id)
+        view = await adapter.inspect(run_id, timeline=False)  # polled: statuses only, not the event log
         if not quiet:
             for n in view.nodes:
                 state = (n.status, n.attempts)
@@ -207,7 +207,7 @@ async def _follow(adapter: Any, run_id: str, timeout: float | None, *, quiet: bo
                     seen[n.node_id] = state
                     render.progress_line(n.node_id, n.status, f"attempt {n.attempts}" if n.attempts > 1 else "")
         if view.status in RESTING:
-            return view
+            return await adapter.inspect(run_id)  # the whole picture, attempt timeline included
         if deadline is not None and time.monotonic() >= deadline:
             return None
         await asyncio.sleep(0.2)

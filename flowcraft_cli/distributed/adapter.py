@@ -108,8 +108,8 @@ class ArqAdapter:
         await self.flush(scheduled)  # e.g. a cancelled child run tells its parent
         return changed
 
-    async def inspect(self, run_id: str) -> RunView:
-        return await read_run(self.store, self.blueprints, run_id)
+    async def inspect(self, run_id: str, *, timeline: bool = True) -> RunView:
+        return await read_run(self.store, self.blueprints, run_id, timeline=timeline)
 
     async def status(self, run_id: str) -> dict[str, Any] | None:
         return await self.store.read_status(run_id)
@@ -122,17 +122,14 @@ class ArqAdapter:
         if not dry_run and not await self.coordination_store.set_if_not_exist(lock, token, 30):
             return ReconcileOutcome([], [], "another reconciler holds this run")
         try:
-            expected = await self.engine.expected_jobs(run_id)
-            alive = await self.queue.state_of([job.job_id for _, job in expected])
-            planned = [job for _, job in expected if job.job_id not in alive]
+            expected, outbox_ids = await self.engine.expected_jobs(run_id)
+            alive = await self.queue.state_of([job.job_id for job in expected])
+            planned = [job for job in expected if job.job_id not in alive]
             if dry_run:
                 return ReconcileOutcome(planned, [])
-            leftovers = set(await self.store.read_all(run_id, OUTBOX))
-            if planned:
-                enqueued = await self.queue.enqueue(planned)
-            else:
-                enqueued = []
-            await self.store.ack_jobs(run_id, sorted(leftovers))  # queued now, or already done
+            enqueued = await self.queue.enqueue(planned) if planned else []
+            # only the entries read above: one written since then belongs to a step that queues it itself
+            await self.store.ack_jobs(run_id, outbox_ids)
             if enqueued:
                 log.info("reconciled run %s: queued %s", run_id, ", ".join(enqueued))
             return ReconcileOutcome(planned, enqueued)
