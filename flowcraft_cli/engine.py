@@ -1406,7 +1406,7 @@ class _Step:
             async def fn(run: _RunTxn, r: dict[str, Any]) -> None:
                 run.t.put(NODES, self.node.id, {**r, "child": child_id, "lease_until": None})
             scheduled = await self._commit(fn)
-            if not scheduled and not await self._still_child(child_id):
+            if self.stale:  # the node moved on (duplicate delivery, or the run finished): start no child
                 return []
         parent = {"run_id": self.run_id, "node_id": self.node.id, "seq": self.job.seq, "attempt": self.job.attempt}
         try:
@@ -1417,10 +1417,6 @@ class _Step:
             return scheduled + await self._commit(
                 lambda run, r: run.fail_node(self.node, r, self.job, error, True), token=token)
         return scheduled + jobs
-
-    async def _still_child(self, child_id: str) -> bool:
-        r = (await self.engine.store.read(self.run_id, NODES, [self.node.id]))[0]
-        return r is not MISSING and r.get("child") == child_id
 
     async def _child_awaits(self, rec: dict[str, Any], child_id: str) -> list[tuple[str, Job]]:
         """The child run rests awaiting: this node awaits too, so the parent run can rest; a resume of this
