@@ -60,7 +60,8 @@ class StateSettings:
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
     concurrency: int = 10
-    job_timeout_seconds: float = 300
+    job_timeout_seconds: float = 300  # an attempt's limit when its node sets no timeout; 0 = none
+    lease_seconds: float = 15  # a running step's claim lapses this long after its worker's last heartbeat
     version_grace_seconds: float = 300
     shutdown_wait_seconds: float = 10  # on SIGTERM/SIGINT: time for in-flight steps before they are handed back
     poll_delay_seconds: float = 0.02  # how often an idle worker asks the queue for jobs (latency per step)
@@ -98,6 +99,7 @@ class Settings:
             "worker": {
                 "concurrency": self.worker.concurrency,
                 "job_timeout_seconds": self.worker.job_timeout_seconds,
+                "lease_seconds": self.worker.lease_seconds,
                 "version_grace_seconds": self.worker.version_grace_seconds,
                 "shutdown_wait_seconds": self.worker.shutdown_wait_seconds,
                 "poll_delay_seconds": self.worker.poll_delay_seconds,
@@ -207,7 +209,8 @@ _FIELDS: dict[str, _Field] = {
     "state.ttl_seconds": _Field(_D.state.ttl_seconds, _integer(0, " (0 = forever)")),
     "state.running_ttl_seconds": _Field(_D.state.running_ttl_seconds, _integer(0, " (0 = forever)")),
     "worker.concurrency": _Field(_D.worker.concurrency, _integer(1)),
-    "worker.job_timeout_seconds": _Field(_D.worker.job_timeout_seconds, _seconds(0, strict=True)),
+    "worker.job_timeout_seconds": _Field(_D.worker.job_timeout_seconds, _seconds(0)),
+    "worker.lease_seconds": _Field(_D.worker.lease_seconds, _seconds(0, strict=True)),
     "worker.version_grace_seconds": _Field(_D.worker.version_grace_seconds, _seconds(0)),
     "worker.shutdown_wait_seconds": _Field(_D.worker.shutdown_wait_seconds, _seconds(0)),
     "worker.poll_delay_seconds": _Field(_D.worker.poll_delay_seconds, _seconds(0, strict=True)),
@@ -392,6 +395,7 @@ def load_settings(
         worker=WorkerSettings(
             concurrency=v["worker.concurrency"],
             job_timeout_seconds=v["worker.job_timeout_seconds"],
+            lease_seconds=v["worker.lease_seconds"],
             version_grace_seconds=v["worker.version_grace_seconds"],
             shutdown_wait_seconds=v["worker.shutdown_wait_seconds"],
             poll_delay_seconds=v["worker.poll_delay_seconds"],

@@ -17,12 +17,13 @@ loop ``continue`` starts a new generation of the loop body.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -80,9 +81,17 @@ def now_ms() -> int:
 class EngineSettings:
     ttl_s: int = 86400  # how long a finished run's keys stay; 0 = forever
     running_ttl_s: int = 7 * 86400  # how long an unfinished run's keys live after its last step
-    lease_s: float = 330.0  # a running step whose worker vanished is taken over after this
     version_grace_s: float = 300.0
-    max_attempt_s: float | None = None  # cap on any attempt (workers: a bit under arq's job timeout)
+    # an attempt's limit when its node sets no ``timeout`` (workers: ``job_timeout_seconds``); None = none
+    attempt_timeout_s: float | None = None
+
+
+class Recovery(StrEnum):
+    """What recovering a step of a dead (or dropped) claim found."""
+
+    NOTHING = "nothing"  # the step already moved on: nothing to do
+    REQUEUE = "requeue"  # the step was never claimed: queue the same job again
+    RECOVERED = "recovered"  # a claimed step was lost: recorded, and a new job (a new id) scheduled
 
 
 @dataclass(slots=True)
@@ -131,6 +140,9 @@ class Engine:
         self.clock = clock
         self.active_tokens: set[str] = set()  # claims held by steps running in this process right now
         self.draining = False  # set on shutdown: a cancelled step is handed back, not counted as failed
+        # Is a step claimed by another worker still held (worker alive and still running it)? The driver
+        # knows (workers: the heartbeat registry); with none, only this process's own steps are held.
+        self.is_held_remote: Callable[[str, str], Awaitable[bool]] | None = None
 
     # ------------------------------------------------------------------ starting, resuming, cancelling
 
@@ -293,19 +305,20 @@ class Engine:
                            self.settings.ttl_s)
         await self.store.transact(run_id, fn)
 
-    async def expected_jobs(self, run_id: str) -> tuple[list[Job], list[str]]:
+    async def expected_jobs(self, run_id: str) -> tuple[list[Job], list[str], list[tuple[Job, str]]]:
         """Every step a running run is waiting for, as the jobs that would carry them: its outbox, and each
-        queued, running, sleeping or batch step. The reconciler queues those whose job is gone; queueing one
-        that still exists is a no-op (same job id), and a stale one is dropped at its claim. Also returns the
-        outbox entries read, which the caller may clear once it has queued what they stand for."""
+        queued, sleeping or batch step. The reconciler queues those whose job is gone; queueing one that
+        still exists is a no-op (same job id), and a stale one is dropped at its claim. Also returns the
+        outbox entries read, which the caller may clear once it has queued what they stand for, and the
+        claimed steps no live worker holds any more, as (claim job, worker): ``recover`` those."""
         meta = await self._find_meta(run_id)
         if meta is None:
-            return [], []
+            return [], [], []
         running = meta["status"] == RunStatus.RUNNING
         if running:
             self._blueprint_for(meta, run_id)  # a run no loaded blueprint describes cannot be resumed from here
-        now = self.clock()
         jobs: dict[str, Job] = {}
+        lost: list[tuple[Job, str]] = []
         live = running or meta["status"] == RunStatus.AWAITING
         records = await self.store.read_all(run_id, NODES) if live else {}
         outbox = await self.store.read_all(run_id, OUTBOX)
@@ -321,10 +334,10 @@ class Engine:
             jobs[wait.job_id] = wait
         for node_id, rec in records.items():
             status, seq, phase = rec["status"], rec.get("seq", 0), rec.get("phase", "exec")
-            lease = rec.get("lease_until")
             found: list[Job] = []
             if status == NodeStatus.QUEUED:
-                found.append(Job(run_id, node_id, seq, phase, rec["attempt"], not_before_ms=rec.get("retry_at") or 0))
+                found.append(Job(run_id, node_id, seq, phase, rec["attempt"], not_before_ms=rec.get("retry_at") or 0,
+                                 recovery=rec.get("recovery", 0)))
             elif status == NodeStatus.SLEEPING:
                 found.append(Job(run_id, node_id, seq, "wake", 1, not_before_ms=rec.get("wake_at") or 0))
             elif status in (NodeStatus.RUNNING, NodeStatus.AWAITING) and rec.get("child"):
@@ -341,14 +354,20 @@ class Engine:
                 else:
                     states = await self.store.read(run_id, BATCH, [f"{prefix}|s|{i}" for i in range(int(n or 0))])
                     for i, st in enumerate(states):
-                        if st is not MISSING and (st["status"] == "queued" or
-                                                  (st["status"] == "running" and st.get("lease_until", 0) < now)):
-                            found.append(Job(run_id, node_id, seq, "item", st["attempt"], item=i))
-            elif status == NodeStatus.RUNNING and lease is not None and lease < now:
-                found.append(Job(run_id, node_id, seq, phase, rec["attempt"]))
+                        if st is MISSING:
+                            continue
+                        item_job = Job(run_id, node_id, seq, "item", st["attempt"], item=i,
+                                       recovery=st.get("recovery", 0))
+                        if st["status"] == "queued":
+                            found.append(item_job)
+                        elif st["status"] == "running" and not await self._held(st):
+                            lost.append((item_job, st.get("worker") or ""))
+            elif status == NodeStatus.RUNNING and rec.get("token") and not await self._held(rec):
+                lost.append((Job(run_id, node_id, seq, phase, rec["attempt"], recovery=rec.get("recovery", 0)),
+                             rec.get("worker") or ""))
             for job in found:
                 jobs.setdefault(job.job_id, job)
-        return list(jobs.values()), list(outbox)
+        return list(jobs.values()), list(outbox), lost
 
     # ------------------------------------------------------------------ handling one job
 
@@ -370,19 +389,113 @@ class Engine:
             await self._clear_version_wait(job.run_id)  # a matching worker is here: the grace clock restarts
         step = _Step(self, bp, node, job)
         scheduled = await step.run()
-        if step.leased_until is not None:
-            # another live step holds this node (a duplicate delivered early): look again when its lease ends
-            wait_s = (step.leased_until - self.clock()) / 1000 + 0.5
-            return Handled(retry_after_s=min(30.0, max(0.5, wait_s)), note="leased")
+        if step.held_elsewhere:
+            # a live worker runs this very step (a duplicate delivery): it commits, or, should it die, the
+            # step is recovered from its worker's list; this copy has nothing to do
+            return Handled(note="held elsewhere")
         return Handled(scheduled=scheduled, note="stale" if step.stale else "")
 
-    def _held_elsewhere(self, holder: dict[str, Any], now: int) -> bool:
-        """Is a claim still held by a live step? A lapsed lease is not; nor is a claim this very process
-        made for a step that is no longer running here (it died with a Redis error and was handed back)."""
-        lease = holder.get("lease_until")
-        if lease is None or lease <= now:
+    async def _held(self, holder: Mapping[str, Any]) -> bool:
+        """Is a claim (a node record or a batch item) still held by a live step? This process's own claims
+        are held while their step runs here (one that died with a Redis error and was handed back is not);
+        another worker's while that worker is alive and still lists the step (CONTRACT §6.1)."""
+        token, worker = holder.get("token"), holder.get("worker")
+        if not token:
             return False
-        return not (holder.get("worker") == self.worker_id and holder.get("token") not in self.active_tokens)
+        if worker == self.worker_id:
+            return token in self.active_tokens
+        if self.is_held_remote is None or not worker or not holder.get("job"):
+            return False
+        return await self.is_held_remote(worker, holder["job"])
+
+    async def recover(self, job: Job, worker: str, *, lost: bool = True) -> tuple[Recovery, list[tuple[str, Job]]]:
+        """Recover a step that ``worker`` was running and no longer holds (it died, was cut off past its
+        lease, or dropped the step after a Redis error). A step still waiting for its claim is queued again as
+        it is; a claimed one becomes a new job (recovery + 1, so a new id) and, when ``lost``, its attempt is
+        recorded as lost. ``maxRetries`` lost attempts in a row fail the node: one that kills its worker every
+        time must end. Serialized with every commit of the run, so a step that did commit meanwhile is
+        left alone, and a worker that comes back later finds its claim gone (fenced off)."""
+        meta = await self._find_meta(job.run_id)
+        if meta is None or meta["status"] in FINAL_STATUSES:
+            return Recovery.NOTHING, []
+        bp = self.blueprints.get(meta["blueprint_id"])
+        node = bp.node_map.get(job.node_id) if bp is not None and bp.version == meta["blueprint_version"] else None
+        if bp is None or node is None:
+            return Recovery.NOTHING, []
+        if job.kind not in ("exec", "fallback", "item"):
+            return Recovery.REQUEUE, []  # gather, wake, child: claim nothing; they check their own state
+        ts = self.clock()
+
+        def lost_event(holder: Mapping[str, Any]) -> dict[str, Any]:
+            return {"type": "attempt_lost", "ts": ts, "node": node.id, "attempt": job.attempt,
+                    "started_at": holder.get("attempt_started_at"), "worker": worker,
+                    "error": f"worker {worker} stopped heartbeating", **({"item": job.item} if job.item >= 0 else {})}
+
+        async def decide(run: _RunTxn, t: Txn) -> Recovery:
+            if (await run.meta())["status"] in FINAL_STATUSES:
+                return Recovery.NOTHING
+            rec = await t.get(NODES, node.id)
+            if not rec or rec["seq"] != job.seq:
+                return Recovery.NOTHING
+            if job.kind == "item":
+                key = f"{node.id}|{job.seq}|s|{job.item}"
+                st = await t.get(BATCH, key)
+                if not st or st["attempt"] != job.attempt or st.get("recovery", 0) != job.recovery:
+                    return Recovery.NOTHING
+                if st["status"] == "queued":
+                    return Recovery.REQUEUE
+                if st["status"] != "running" or st.get("worker") != worker or st.get("job") != job.job_id \
+                        or await self._held(st):
+                    return Recovery.NOTHING
+                in_row = st.get("lost_in_row", 0) + int(lost)
+                if lost:
+                    t.event(lost_event(st))
+                if lost and in_row >= _lost_limit(node):
+                    error = f"item {job.item}: lost {in_row} attempts in a row (worker {worker} died each time)"
+                    t.put(BATCH, key, {"status": "failed", "attempt": job.attempt, "error": error})
+                    await run.fail_node(node, rec, Job(job.run_id, node.id, job.seq, "exec", node.config.max_retries),
+                                        error, False, retry=False, event=False)
+                else:
+                    t.put(BATCH, key, {"status": "queued", "attempt": job.attempt, "recovery": job.recovery + 1,
+                                       "lost_in_row": in_row})
+                    run.schedule(Job(job.run_id, node.id, job.seq, "item", job.attempt, item=job.item,
+                                     recovery=job.recovery + 1))
+                await run.settle()
+                return Recovery.RECOVERED
+            if rec.get("phase", "exec") != job.kind or rec["attempt"] != job.attempt \
+                    or rec.get("recovery", 0) != job.recovery:
+                return Recovery.NOTHING
+            if rec["status"] == NodeStatus.QUEUED:
+                return Recovery.REQUEUE
+            if rec["status"] != NodeStatus.RUNNING or rec.get("worker") != worker or rec.get("job") != job.job_id \
+                    or await self._held(rec):
+                return Recovery.NOTHING
+            redo = Job(job.run_id, node.id, job.seq, job.kind, job.attempt, recovery=job.recovery + 1)
+            if rec.get("child") or rec.get("items") is not None:
+                # the attempt's work lives on (a child run, batch items): drive it again, lose nothing
+                t.put(NODES, node.id, {**rec, "recovery": job.recovery + 1})
+                run.schedule(redo)
+                return Recovery.RECOVERED
+            in_row = rec.get("lost_in_row", 0) + int(lost)
+            if lost:
+                t.event(lost_event(rec))
+            runner = node if job.kind == "exec" else bp.node_map[node.config.fallback or ""]
+            if lost and in_row >= _lost_limit(runner):
+                error = f"lost {in_row} attempts in a row: worker {worker} died each time"
+                await run.fail_node(node, {**rec, "lost_in_row": 0}, job, error, False, retry=False, event=False)
+            else:
+                t.put(NODES, node.id, {**rec, "status": NodeStatus.QUEUED.value, "token": None, "job": None,
+                                       "recovery": job.recovery + 1, "lost_in_row": in_row})
+                run.schedule(redo)
+            await run.settle()
+            return Recovery.RECOVERED
+
+        async def fn(t: Txn) -> tuple[Recovery, list[tuple[str, Job]]]:
+            run = _RunTxn(self, t, bp)
+            outcome = await decide(run, t)
+            return outcome, run.scheduled
+
+        return await self.store.transact(job.run_id, fn)
 
     async def _clear_version_wait(self, run_id: str) -> None:
         async def fn(t: Txn) -> None:
@@ -911,19 +1024,25 @@ class _RunTxn:
         if parent:
             self.schedule(Job(parent["run_id"], parent["node_id"], parent["seq"], "child", parent["attempt"]))
 
-    async def fail_node(self, node: NodeDef, rec: dict[str, Any], job: Job, error: str, fatal: bool) -> None:
-        """An attempt failed: retry with backoff, else run the fallback, else fail the run."""
+    async def fail_node(self, node: NodeDef, rec: dict[str, Any], job: Job, error: str, fatal: bool, *,
+                        retry: bool = True, event: bool = True) -> None:
+        """An attempt failed: retry with backoff, else run the fallback, else fail the run. ``retry=False``:
+        no further attempt (lost attempts in a row); ``event=False``: the attempt is already recorded."""
         ts = self.engine.clock()
         phase = "fallback" if job.kind == "fallback" else "exec"
         owner = node if phase == "exec" else self.bp.node_map[node.config.fallback or ""]
         cfg = owner.config
         attempt = rec.get("attempt", 1) if job.kind in ("gather", "child") else job.attempt
-        self.t.event({"type": "attempt_failed", "ts": ts, "node": node.id, "phase": phase, "attempt": attempt,
-                      "started_at": rec.get("attempt_started_at"),
-                      "error": error, "worker": self.engine.worker_id})
-        if not fatal and attempt < cfg.max_retries and job.kind != "item":
+        if event:
+            self.t.event({"type": "attempt_failed", "ts": ts, "node": node.id, "phase": phase, "attempt": attempt,
+                          "started_at": rec.get("attempt_started_at"),
+                          "error": error, "worker": self.engine.worker_id})
+        # this attempt ended (or ends the node), so it was not lost; whatever comes next is a fresh job
+        rec = {**rec, "lost_in_row": 0, "recovery": 0, "job": None}
+        if retry and not fatal and attempt < cfg.max_retries and job.kind != "item":
             delay = cfg.retry_delay_ms * (2 ** (attempt - 1))
-            self.t.events[-1]["retry_in_ms"] = delay
+            if event:
+                self.t.events[-1]["retry_in_ms"] = delay
             self.t.put(NODES, node.id, {**rec, "status": NodeStatus.QUEUED.value, "attempt": attempt + 1,
                                         "error": error, "child": None, "items": None, "token": None,
                                         "retry_at": ts + delay})
@@ -956,8 +1075,9 @@ class _Step:
         self.job = job
         self.run_id = job.run_id
         self.token = secrets.token_hex(6)
-        self.leased_until: int | None = None  # set when a live step of another delivery holds the node
+        self.held_elsewhere = False  # set when a live step of another delivery holds the node
         self.stale = False  # set when the node no longer expects this step (duplicate or late delivery)
+        self.claimed = False  # this step took the node's claim (its commit must still find its token)
 
     async def txn(self, fn: Callable[[_RunTxn], Any]) -> Any:
         async def wrapped(t: Txn) -> Any:
@@ -989,19 +1109,19 @@ class _Step:
                 key = f"{self.node.id}|{job.seq}|s|{job.item}"
                 st = await run.t.get(BATCH, key)
                 if st and st.get("token") == self.token and st["status"] == "running":
-                    run.t.put(BATCH, key, {**st, "status": "queued", "token": None, "lease_until": 0})
+                    run.t.put(BATCH, key, {**st, "status": "queued", "token": None, "job": None})
                 return
             rec = await run.t.get(NODES, self.node.id)
             if rec and rec.get("token") == self.token and rec["status"] == NodeStatus.RUNNING \
                     and not rec.get("child") and rec.get("items") is None:
                 run.t.put(NODES, self.node.id, {**rec, "status": NodeStatus.QUEUED.value, "token": None,
-                                                "lease_until": None})
+                                                "job": None})
 
         try:
             await self.txn(fn)
-        except Exception:  # Redis gone too: the lease runs out and the job is redelivered anyway
-            log.warning("job %s: could not hand back its claim; it is redelivered when the lease ends",
-                        job.job_id)
+        except Exception:  # Redis gone too: the claim is no longer held here, so the step is recovered
+            log.warning("job %s: could not hand back its claim; it is recovered once this worker's heartbeat "
+                        "(or the reconciler) sees it is no longer running here", job.job_id)
 
     async def _dispatch(self) -> list[tuple[str, Job]]:
         kind = self.job.kind
@@ -1024,18 +1144,21 @@ class _Step:
 
         async def fn(run: _RunTxn) -> dict[str, Any] | None:
             rec = await run.t.get(NODES, self.node.id)
-            if not rec or rec["seq"] != job.seq or rec.get("phase", "exec") != job.kind or rec["attempt"] != job.attempt:
+            if not rec or rec["seq"] != job.seq or rec.get("phase", "exec") != job.kind \
+                    or rec["attempt"] != job.attempt or rec.get("recovery", 0) != job.recovery:
                 return None
             if rec["status"] == NodeStatus.RUNNING:
-                if self.engine._held_elsewhere(rec, now):
-                    self.leased_until = rec["lease_until"]
+                if await self.engine._held(rec):
+                    self.held_elsewhere = True
                     return None
                 if rec.get("child") or rec.get("items") is not None:
-                    return {**rec, "_resume": True}  # its child run / batch is already under way
+                    # its child run / batch is already under way: take the claim over and drive it on
+                    run.t.put(NODES, self.node.id, {**rec, "worker": self.engine.worker_id, "job": job.job_id})
+                    return {**rec, "_resume": True}
             elif rec["status"] != NodeStatus.QUEUED:
                 return None
             new = {**rec, "status": NodeStatus.RUNNING.value, "token": self.token, "worker": self.engine.worker_id,
-                   "attempt_started_at": now, "lease_until": now + int(self.engine.settings.lease_s * 1000)}
+                   "job": job.job_id, "attempt_started_at": now}
             if job.attempt == 1 and job.kind == "exec":
                 new["started_at"] = now
             run.t.put(NODES, self.node.id, new)
@@ -1043,9 +1166,10 @@ class _Step:
 
         got = await self.txn(fn)
         if got is None or got[0] is None:
-            self.stale = self.leased_until is None and got is not None
-            log.debug("job %s: not claimable (duplicate, stale, leased or run finished)", job.job_id)
+            self.stale = not self.held_elsewhere and got is not None
+            log.debug("job %s: not claimable (duplicate, stale, held elsewhere or run finished)", job.job_id)
             return None
+        self.claimed = not got[0].get("_resume")
         return got[0]
 
     async def _commit(self, fn: Callable[[_RunTxn, dict[str, Any]], Any], *, token: str | None = None,
@@ -1063,8 +1187,13 @@ class _Step:
 
         got = await self.txn(wrapped)
         if got is None or not got[0]:
-            log.info("job %s: result discarded (the node moved on: duplicate delivery or run finished)",
-                     self.job.job_id)
+            if self.claimed:
+                log.warning("job %s: fenced off: node %r of run %s is no longer claimed by this worker (the run "
+                            "finished, or this worker missed its heartbeats and the step was recovered "
+                            "elsewhere); result dropped", self.job.job_id, self.node.id, self.run_id)
+            else:
+                log.info("job %s: result discarded (the node moved on: duplicate delivery or run finished)",
+                         self.job.job_id)
             self.stale = True
             return []
         return got[1]
@@ -1118,21 +1247,32 @@ class _Step:
         if fn is None:
             raise NodeFailure(f"node type {name!r} is not registered on worker {self.engine.worker_id}", fatal=True)
         engine, run_id = self.engine, self.run_id
+        store_errors: list[BaseException] = []
 
+        # A store error inside ctx.context is the worker's trouble, not the node's: remember it, so the
+        # attempt is handed back below even when the node's code caught it or raised something else
         async def read_one(key: str) -> Any:
-            value = await engine._read_context(run_id, key)
+            try:
+                value = await engine._read_context(run_id, key)
+            except Exception as e:
+                store_errors.append(e)
+                raise
             return _MISSING if value is MISSING else value
 
         async def read_all() -> dict[str, Any]:
-            return await engine.store.read_all(run_id, STATE)
+            try:
+                return await engine.store.read_all(run_id, STATE)
+            except Exception as e:
+                store_errors.append(e)
+                raise
 
         view = RunContext(read_one, read_all)
+        item = (extra or {}).get("item_index", -1)
         ctx = NodeContext(run_id=run_id, node_id=runner.id, blueprint_id=self.bp.id, attempt=attempt,
-                          input=node_input, params=runner.params, context=view, extra=extra or {})
-        timeout = runner.config.timeout_ms / 1000 if runner.config.timeout_ms else None
-        cap = self.engine.settings.max_attempt_s
-        if cap is not None and (timeout is None or timeout > cap):
-            timeout = cap
+                          input=node_input, params=runner.params, context=view, extra=extra or {},
+                          idempotency_key=idempotency_key(run_id, runner.id, self.job.seq, item))
+        # the attempt's own limit and nothing shorter (CONTRACT §6.1): the node's timeout, else the default
+        timeout = runner.config.timeout_ms / 1000 if runner.config.timeout_ms else self.engine.settings.attempt_timeout_s
         try:
             if _is_async(fn):
                 result = await asyncio.wait_for(fn(ctx), timeout)
@@ -1149,6 +1289,8 @@ class _Step:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the user's code failed: that is the attempt's error
+            if store_errors:
+                raise store_errors[0] from e  # the store failed under the node: hand the step back
             raise NodeFailure(f"{type(e).__name__}: {e}") from e
         if isinstance(result, NodeResult):
             output, action = result.output, result.action
@@ -1235,8 +1377,7 @@ class _Step:
     async def _wait(self) -> list[tuple[str, Job]]:
         async def fn(run: _RunTxn, rec: dict[str, Any]) -> None:
             m = await run.meta()
-            run.t.put(NODES, self.node.id, {**rec, "status": NodeStatus.AWAITING.value, "token": self.token,
-                                            "lease_until": None})
+            run.t.put(NODES, self.node.id, {**rec, "status": NodeStatus.AWAITING.value, "token": self.token})
             run.set_meta("awaiting_nodes", [*(m["awaiting_nodes"] or []), self.node.id])
             run.add_pending(-1)
             run.t.event({"type": "node_awaiting", "ts": self.engine.clock(), "node": self.node.id})
@@ -1252,8 +1393,7 @@ class _Step:
         wake_at = self.engine.clock() + duration
 
         async def fn(run: _RunTxn, r: dict[str, Any]) -> None:
-            run.t.put(NODES, self.node.id, {**r, "status": NodeStatus.SLEEPING.value, "wake_at": wake_at,
-                                            "lease_until": None})
+            run.t.put(NODES, self.node.id, {**r, "status": NodeStatus.SLEEPING.value, "wake_at": wake_at})
             keep_until = max(wake_at, (await run.meta()).get("keep_until") or 0)
             run.set_meta("keep_until", keep_until)
             run._extend_expiry(keep_until)
@@ -1286,7 +1426,7 @@ class _Step:
         seq, prefix = self.job.seq, f"{self.node.id}|{self.job.seq}"
 
         async def fn(run: _RunTxn, r: dict[str, Any]) -> None:
-            run.t.put(NODES, self.node.id, {**r, "items": len(node_input), "lease_until": None})
+            run.t.put(NODES, self.node.id, {**r, "items": len(node_input)})
             run.t.put(BATCH, f"{prefix}|n", len(node_input))
             run.t.put(BATCH, f"{prefix}|done", 0)
             for i, item in enumerate(node_input):
@@ -1307,21 +1447,22 @@ class _Step:
             if not rec or rec["seq"] != job.seq or rec["status"] != NodeStatus.RUNNING or rec.get("phase") != "exec":
                 return None
             st = await run.t.get(BATCH, skey)
-            if not st or st["attempt"] != job.attempt:
+            if not st or st["attempt"] != job.attempt or st.get("recovery", 0) != job.recovery:
                 return None
-            if st["status"] == "running" and self.engine._held_elsewhere(st, now):
-                self.leased_until = st["lease_until"]
+            if st["status"] == "running" and await self.engine._held(st):
+                self.held_elsewhere = True
                 return None
             if st["status"] not in ("queued", "running"):
                 return None
             run.t.put(BATCH, skey, {**st, "status": "running", "token": self.token, "worker": self.engine.worker_id,
-                                    "lease_until": now + int(self.engine.settings.lease_s * 1000)})
+                                    "job": job.job_id, "attempt_started_at": now})
             return await run.t.get(BATCH, f"{prefix}|i|{job.item}"), rec["token"]
 
         got = await self.txn(claim)
         if got is None or got[0] is None:
-            self.stale = self.leased_until is None
+            self.stale = not self.held_elsewhere
             return []
+        self.claimed = True
         item, node_token = got[0]
         worker = str(node.params.get("worker"))
         try:
@@ -1404,7 +1545,7 @@ class _Step:
         scheduled: list[tuple[str, Job]] = []
         if not rec.get("_resume"):
             async def fn(run: _RunTxn, r: dict[str, Any]) -> None:
-                run.t.put(NODES, self.node.id, {**r, "child": child_id, "lease_until": None})
+                run.t.put(NODES, self.node.id, {**r, "child": child_id})
             scheduled = await self._commit(fn)
             if self.stale:  # the node moved on (duplicate delivery, or the run finished): start no child
                 return []
@@ -1423,7 +1564,7 @@ class _Step:
         node is passed on to the child."""
         async def fn(run: _RunTxn, r: dict[str, Any]) -> None:
             m = await run.meta()
-            run.t.put(NODES, self.node.id, {**r, "status": NodeStatus.AWAITING.value, "lease_until": None})
+            run.t.put(NODES, self.node.id, {**r, "status": NodeStatus.AWAITING.value})
             run.set_meta("awaiting_nodes", [*(m["awaiting_nodes"] or []), self.node.id])
             run.add_pending(-1)
             run.t.event({"type": "node_awaiting", "ts": self.engine.clock(), "node": self.node.id,
@@ -1479,6 +1620,21 @@ class _Step:
         if runner is not self.node:
             return await self._succeed(output, None, writes, node_input, runner, token=r.get("token"))
         return await self._succeed(output, None, writes, node_input, token=r.get("token"))
+
+
+def _lost_limit(node: NodeDef) -> int:
+    """Lost attempts in a row that fail a node (CONTRACT §6.1: ``maxRetries``). At least two, so that one
+    crash never fails a node, even one with a single attempt (§6: a SIGKILLed worker loses nothing), while a
+    node that kills its worker every time still ends."""
+    return max(2, node.config.max_retries)
+
+
+def idempotency_key(run_id: str, node_id: str, seq: int, item: int = -1) -> str:
+    """CONTRACT §4: the same for every attempt and redelivery of one node execution (run, node, firing —
+    a loop iteration fires a node again with a new seq —, batch item) and different for any other. A hash,
+    so any node id gives a fixed-length key that payment APIs and database constraints accept."""
+    raw = dumps([run_id, node_id, seq, item])
+    return "fc_" + hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
 def _is_async(fn: Any) -> bool:

@@ -20,12 +20,17 @@ class Job:
     attempt: int = 1
     item: int = -1  # batch item index, for kind "item"
     not_before_ms: int = 0  # epoch ms before which the job must not run (retry backoff, sleep)
+    # how many times this step was recovered after its worker died or dropped it: a recovered step gets a
+    # new job id, so the queue's own lock on the dead job (and the dead job itself) cannot block it
+    recovery: int = 0
 
     @property
     def job_id(self) -> str:
         """Deterministic, so scheduling the same step twice is a no-op in the queue."""
         base = f"{self.run_id}|{self.node_id}|{self.seq}|{self.kind}|{self.attempt}"
-        return f"{base}|{self.item}" if self.item >= 0 else base
+        if self.item >= 0:
+            base = f"{base}|{self.item}"
+        return f"{base}|r{self.recovery}" if self.recovery else base
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -36,12 +41,12 @@ class Job:
         if not isinstance(data, dict):
             raise ValueError(f"job payload must be an object, got {type(data).__name__}")
         expected = {"run_id": str, "node_id": str, "seq": int, "kind": str, "attempt": int, "item": int,
-                    "not_before_ms": int}
+                    "not_before_ms": int, "recovery": int}
         unknown = set(data) - set(expected)
         if unknown:
             raise ValueError(f"job payload has unknown keys {sorted(unknown)}")
         for key, typ in expected.items():
-            if key in ("kind", "attempt", "item", "not_before_ms") and key not in data:
+            if key in ("kind", "attempt", "item", "not_before_ms", "recovery") and key not in data:
                 continue
             value = data.get(key)
             if not isinstance(value, typ) or isinstance(value, bool):
@@ -49,6 +54,6 @@ class Job:
         job = cls(**data)
         if job.kind not in JOB_KINDS:
             raise ValueError(f"job payload kind {job.kind!r} is not one of {sorted(JOB_KINDS)}")
-        if job.seq < 1 or job.attempt < 1:
-            raise ValueError("job payload seq and attempt must be >= 1")
+        if job.seq < 1 or job.attempt < 1 or job.recovery < 0:
+            raise ValueError("job payload seq and attempt must be >= 1, recovery >= 0")
         return job

@@ -91,3 +91,6 @@ class NodeContext:
     params: Mapping[str, Any]
     context: RunContext | SyncRunContext
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. batch item index
+    # the same for every attempt and redelivery of one node execution, different for any other: pass it to a
+    # payment API or an upsert so the side effect happens once although the node may run more than once
+    idempotency_key: str = ""

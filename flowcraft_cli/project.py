@@ -122,6 +122,7 @@ async def open_adapter(project: Project, **kw: Any) -> ArqAdapter:
         connection=redis, queue_name=s.queue.name,
         runtime_options={"registry": project.registry, "blueprints": project.blueprints},
         concurrency=s.worker.concurrency, job_timeout_s=s.worker.job_timeout_seconds,
+        lease_s=s.worker.lease_seconds,
         ttl_s=s.state.ttl_seconds, running_ttl_s=s.state.running_ttl_seconds,
         version_grace_s=s.worker.version_grace_seconds, shutdown_wait_s=s.worker.shutdown_wait_seconds,
         poll_delay_s=s.worker.poll_delay_seconds, **kw,

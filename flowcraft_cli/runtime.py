@@ -48,7 +48,7 @@ class FlowRuntime:
     ) -> None:
         self.store = store or MemoryStore()
         self.engine = Engine(self.store, blueprints, registry, worker_id="local",
-                             settings=EngineSettings(ttl_s=0, lease_s=10**9))
+                             settings=EngineSettings(ttl_s=0))
         self._sem = asyncio.Semaphore(concurrency) if concurrency > 0 else None
         self._on_event = on_event
         self._tasks: set[asyncio.Task[None]] = set()

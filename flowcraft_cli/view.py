@@ -31,6 +31,7 @@ class NodeView:
     worker: str | None = None
     runs: int = 0
     note: str = ""
+    detail: str = ""  # why a running or queued node is not progressing (worker lost, no worker serves it)
 
     @property
     def duration_ms(self) -> int | None:
@@ -41,7 +42,8 @@ class NodeView:
     def to_json(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "status": self.status, "attempts": self.attempts,
                 "started_at": iso(self.started_at), "finished_at": iso(self.finished_at),
-                "duration_ms": self.duration_ms, "error": self.error, "worker": self.worker, "runs": self.runs}
+                "duration_ms": self.duration_ms, "error": self.error, "worker": self.worker, "runs": self.runs,
+                **({"detail": self.detail} if self.detail else {})}
 
 
 @dataclass
@@ -115,16 +117,18 @@ async def read_run(store: Store, blueprints: Mapping[str, Blueprint], run_id: st
 
 
 def timeline_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every attempt that ended, in order: node, attempt, worker, start, end, duration, error."""
+    """Every attempt that ended, in order: node, attempt, worker, start, end, duration, error; an attempt whose
+    worker died is there too, as ``lost``."""
+    outcomes = {"node_completed": "completed", "attempt_failed": "failed", "attempt_lost": "lost"}
     out = []
     for e in events:
-        if e.get("type") not in ("node_completed", "attempt_failed"):
+        if e.get("type") not in outcomes:
             continue
         start = e.get("started_at")
         out.append({"node_id": e["node"], "attempt": e.get("attempt"), "worker": e.get("worker"),
                     "started_at": start, "finished_at": e["ts"],
                     "duration_ms": None if start is None else max(0, e["ts"] - start),
-                    "outcome": "failed" if e["type"] == "attempt_failed" else "completed",
+                    "outcome": outcomes[e["type"]],
                     "error": e.get("error"), **({"item": e["item"]} if "item" in e else {}),
                     **({"fallback": e["fallback"]} if "fallback" in e else {})})
     return out

@@ -53,14 +53,15 @@ async def step(ctx):
 
 
 class Project:
-    def __init__(self, root: Path, redis_url: str, *, job_timeout: int = 5, shutdown_wait: float = 10,
-                 extra_blueprints: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, redis_url: str, *, job_timeout: float = 5, shutdown_wait: float = 10,
+                 extra_blueprints: dict[str, str] | None = None, lease: float | None = None) -> None:
         self.root = root
         self.redis_url = redis_url
         self.queue = f"e2e-{uuid.uuid4().hex[:8]}"
         self.log = root / "calls.log"
         (root / "blueprints").mkdir(parents=True, exist_ok=True)
         (root / "e2e_nodes.py").write_text(NODES)
+        lease_line = "" if lease is None else f", lease_seconds: {lease}"
         (root / "flowcraft.yaml").write_text(textwrap.dedent(f"""
             redis: {{url: "{redis_url}"}}
             queue: {{name: {self.queue}}}
@@ -68,7 +69,7 @@ class Project:
             registry: [e2e_nodes]
             state: {{ttl_seconds: 600}}
             worker: {{concurrency: 8, job_timeout_seconds: {job_timeout}, version_grace_seconds: 5,
-                      shutdown_wait_seconds: {shutdown_wait}}}
+                      shutdown_wait_seconds: {shutdown_wait}{lease_line}}}
         """))
         wide_nodes = "\n".join(f"  - {{id: n{i:02d}, uses: noop}}" for i in range(50))
         wide_edges = "\n".join(f"  - {{source: start, target: n{i:02d}}}\n  - {{source: n{i:02d}, target: end}}" for i in range(50))

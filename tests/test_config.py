@@ -135,7 +135,7 @@ def test_unknown_keys_suggest(tmp_path: Path) -> None:
 def test_invalid_values_name_file_and_key(tmp_path: Path) -> None:
     f = write(
         tmp_path / "flowcraft.yaml",
-        "worker:\n  concurrency: ten\n  job_timeout_seconds: 0\n"
+        "worker:\n  concurrency: ten\n  job_timeout_seconds: -1\n  lease_seconds: 0\n"
         "state: {ttl_seconds: -1}\nreconciler: {scan_count: true}\n"
         "redis: {url: 'http://user:secret@host'}\nregistry: [my-app.nodes]\nqueue: []\n",
     )
@@ -143,7 +143,8 @@ def test_invalid_values_name_file_and_key(tmp_path: Path) -> None:
         load_settings(str(f), env={})
     lines = str(info.value).splitlines()
     assert f"{f}: worker.concurrency: must be an integer >= 1, got 'ten'" in lines
-    assert f"{f}: worker.job_timeout_seconds: must be a number of seconds > 0, got 0" in lines
+    assert f"{f}: worker.job_timeout_seconds: must be a number of seconds >= 0, got -1" in lines
+    assert f"{f}: worker.lease_seconds: must be a number of seconds > 0, got 0" in lines
     assert f"{f}: state.ttl_seconds: must be an integer >= 0 (0 = forever), got -1" in lines
     assert f"{f}: reconciler.scan_count: must be an integer >= 1, got True" in lines
     assert (

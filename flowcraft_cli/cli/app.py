@@ -127,7 +127,8 @@ def worker_start(
         async with connected(project) as adapter:
             render.key_values("flowcraft worker", [
                 ("worker", adapter.worker_id), ("redis", redact_url(s.redis.url)), ("queue", s.queue.name),
-                ("concurrency", s.worker.concurrency), ("job timeout", f"{s.worker.job_timeout_seconds} s"),
+                ("concurrency", s.worker.concurrency), ("job timeout", f"{s.worker.job_timeout_seconds} s" if s.worker.job_timeout_seconds else "none"),
+                ("lease", f"{s.worker.lease_seconds} s"),
                 ("blueprints", ", ".join(f"{b.id}@{b.version}" for b in project.blueprints.values()) or "none"),
                 ("nodes", ", ".join(project.registry.names()) or "none"),
             ])

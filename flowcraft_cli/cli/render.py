@@ -19,7 +19,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 STATUS_STYLE = {
     "completed": "green", "failed": "red", "cancelled": "magenta", "awaiting": "yellow", "running": "cyan",
-    "queued": "blue", "pending": "dim", "skipped": "dim", "sleeping": "yellow",
+    "queued": "blue", "pending": "dim", "skipped": "dim", "sleeping": "yellow", "lost": "red",
 }
 
 
@@ -53,7 +53,8 @@ def run_view(view: RunView, *, context_limit: int = 20) -> Group:
         table.add_column(col, no_wrap=col != "node")
     table.add_column("error / note", overflow="fold", ratio=1)
     for n in view.nodes:
-        table.add_row(Text(n.node_id), Text(n.uses), status_text(n.status), str(n.attempts or "–"),
+        status = status_text(n.status) + (Text(f" ({n.detail})", style="red") if n.detail else Text(""))
+        table.add_row(Text(n.node_id), Text(n.uses), status, str(n.attempts or "–"),
                       duration(n.duration_ms), Text(n.worker or "–"), Text(n.error or n.note or "", style="red" if n.error else "dim"))
     parts.append(table)
     ctx = Table(title="context", title_justify="left", expand=False)
@@ -65,13 +66,13 @@ def run_view(view: RunView, *, context_limit: int = 20) -> Group:
     if len(items) > context_limit:
         ctx.add_row(Text(f"… {len(items) - context_limit} more", style="dim"), Text(""))
     parts.append(ctx)
-    if view.timeline and any(t["outcome"] == "failed" for t in view.timeline):
+    if view.timeline and any(t["outcome"] in ("failed", "lost") for t in view.timeline):
         parts.append(timeline_table(view))
     return Group(*parts)
 
 
 def timeline_table(view: RunView, limit: int = 40) -> Table:
-    """Attempts in the order they ended, with real durations (shown when any attempt failed)."""
+    """Attempts in the order they ended, with real durations (shown when any attempt failed or was lost)."""
     t = Table(title="attempts", title_justify="left", expand=False)
     for col in ("+ms", "node", "attempt", "worker", "duration", "outcome"):
         t.add_column(col, no_wrap=True)

@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,15 +20,16 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ..blueprint import Blueprint
-from ..engine import Engine, EngineSettings
+from ..engine import Engine, EngineSettings, Recovery, now_ms
 from ..jobs import Job
 from ..registry import NodeRegistry
-from ..store import OUTBOX
+from ..store import OUTBOX, RUN
 from ..view import RunView, read_run
 from . import keys
 from .coordination import RedisCoordinationStore
 from .queue import STEP_FUNCTION, ArqQueue, arq_pool_for
 from .redis_store import RedisStore
+from .workers import WorkerRegistry, worker_fields
 
 log = logging.getLogger("flowcraft.worker")
 
@@ -35,6 +37,9 @@ DEFAULT_QUEUE = "flowcraft-queue"
 # Test-only fault injection (like a failpoint): FLOWCRAFT_FAILPOINT=after-commit:<node_id> makes this worker
 # process exit right after committing that node's step and before queueing what follows.
 _FAILPOINT = os.environ.get("FLOWCRAFT_FAILPOINT", "")
+# arq's own job timeout, kept out of the way (CONTRACT §6.1): an attempt ends at its own limit, enforced by
+# the engine, and a dead worker's step is recovered through heartbeat leases, never through arq's job lock.
+ARQ_JOB_TIMEOUT_S = 365 * 86400
 
 
 @dataclass
@@ -57,6 +62,7 @@ class ArqAdapter:
         runtime_options: Mapping[str, Any] | None = None,
         concurrency: int = 10,
         job_timeout_s: float = 300,
+        lease_s: float = 15,
         ttl_s: int = 86400,
         running_ttl_s: int = 7 * 86400,
         version_grace_s: float = 300,
@@ -76,20 +82,23 @@ class ArqAdapter:
         self.registry: NodeRegistry = registry
         self.concurrency = concurrency
         self.job_timeout_s = job_timeout_s
+        self.lease_s = lease_s
         self.poll_delay_s = poll_delay_s
         self.shutdown_wait_s = shutdown_wait_s
         # hostname:pid alone is not unique (two adapters in one process, containers that are all PID 1)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self.store = RedisStore(connection, running_ttl_s=running_ttl_s)
         self.queue = ArqQueue(arq_pool_for(connection, queue_name), queue_name)
-        # The lease must lapse before arq redelivers a lost job (its lock is job timeout + 10 s), and a
-        # step never outlives the job timeout because the engine's own attempt timeout is shorter.
+        self.workers = WorkerRegistry(connection, queue_name, self.worker_id, lease_s)
         self.engine = Engine(self.store, self.blueprints, self.registry, worker_id=self.worker_id,
                              settings=EngineSettings(ttl_s=ttl_s, running_ttl_s=running_ttl_s,
-                                                     lease_s=job_timeout_s + 5, version_grace_s=version_grace_s,
-                                                     max_attempt_s=max(1.0, job_timeout_s - 2)))
+                                                     version_grace_s=version_grace_s,
+                                                     attempt_timeout_s=job_timeout_s or None))
+        self.engine.is_held_remote = self.workers.is_held
         self._worker: Worker | None = None
         self._stopping = asyncio.Event()
+        self.in_flight: dict[str, Job] = {}  # arq job id -> the step this worker runs now
+        self.started_at = now_ms()
 
     # ---- client side
 
@@ -109,7 +118,33 @@ class ArqAdapter:
         return changed
 
     async def inspect(self, run_id: str, *, timeline: bool = True) -> RunView:
-        return await read_run(self.store, self.blueprints, run_id, timeline=timeline)
+        view = await read_run(self.store, self.blueprints, run_id, timeline=timeline)
+        await self._annotate(view)
+        return view
+
+    async def _annotate(self, view: RunView) -> None:
+        """Honest state while a fault is being recovered: a running node whose worker stopped heartbeating
+        says so, and a queued node that no live worker can run says why (CONTRACT §6.1)."""
+        running = [n for n in view.nodes if n.status == "running" and n.worker]
+        queued = [n for n in view.nodes if n.status == "queued"]
+        if not running and not queued or view.status not in ("running", "awaiting"):
+            return
+        workers = {w.worker_id: w for w in await self.workers.workers()}
+        now = await self.workers.server_time_ms()
+        for n in running:
+            w = workers.get(n.worker or "")
+            if w is None or not w.alive:
+                since = f" {max(0, now - w.heartbeat_at - self.workers.lease_ms) // 1000} s ago" \
+                    if w is not None and w.heartbeat_at else ""
+                n.detail = f"worker lost{since}"
+        live = [w for w in workers.values() if w.alive]
+        if queued and live and not any(w.blueprints.get(view.blueprint_id) == view.blueprint_version for w in live):
+            why = f"no live worker serves blueprint {view.blueprint_id!r} version {view.blueprint_version}"
+            for n in queued:
+                n.detail = why
+        elif queued and not live:
+            for n in queued:
+                n.detail = f"no live worker on queue {self.queue_name!r}"
 
     async def status(self, run_id: str) -> dict[str, Any] | None:
         return await self.store.read_status(run_id)
@@ -122,12 +157,14 @@ class ArqAdapter:
         if not dry_run and not await self.coordination_store.set_if_not_exist(lock, token, 30):
             return ReconcileOutcome([], [], "another reconciler holds this run")
         try:
-            expected, outbox_ids = await self.engine.expected_jobs(run_id)
+            expected, outbox_ids, lost = await self.engine.expected_jobs(run_id)
             alive = await self.queue.state_of([job.job_id for job in expected])
-            planned = [job for job in expected if job.job_id not in alive]
+            planned = [job for job in expected if job.job_id not in alive] + [job for job, _ in lost]
             if dry_run:
                 return ReconcileOutcome(planned, [])
-            enqueued = await self.queue.enqueue(planned) if planned else []
+            enqueued = await self.queue.enqueue([job for job in expected if job.job_id not in alive])
+            for job, worker in lost:  # claimed by a worker that no longer holds them
+                enqueued += await self._recover_step(job.job_id, job, worker)
             # only the entries read above: one written since then belongs to a step that queues it itself
             await self.store.ack_jobs(run_id, outbox_ids)
             if enqueued:
@@ -137,16 +174,108 @@ class ArqAdapter:
             if not dry_run:
                 await self.coordination_store.release(lock, token)  # only if still ours
 
-    async def flush(self, scheduled: list[tuple[str, Job]]) -> None:
+    async def flush(self, scheduled: list[tuple[str, Job]]) -> list[str]:
         """Queue jobs a committed step decided, then clear them from their run's outbox."""
         if not scheduled:
-            return
-        await self.queue.enqueue(job for _, job in scheduled)
+            return []
+        added = await self.queue.enqueue(job for _, job in scheduled)
         by_owner: dict[str, list[str]] = {}
         for owner, job in scheduled:
             by_owner.setdefault(owner, []).append(job.job_id)
         for owner, ids in by_owner.items():
             await self.store.ack_jobs(owner, ids)
+        return added
+
+    # ---- recovery (CONTRACT §6.1)
+
+    async def recover_dead_workers(self, dead: list[str] | None = None) -> int:
+        """Recover every step listed by a worker of this queue that stopped heartbeating. Any worker and the
+        reconciler call this; steps are recovered in transactions, so two at once recover each step once.
+        Returns the number of steps recovered or queued again."""
+        if dead is None:
+            dead = await self.workers.dead_workers()
+        count = 0
+        for worker_id in dead:
+            lock, token = f"recover:{worker_id}", f"{self.worker_id}:{secrets.token_hex(4)}"
+            if not await self.coordination_store.set_if_not_exist(lock, token, max(5, int(self.lease_s * 2))):
+                continue  # another worker is on it
+            try:
+                steps = await self.workers.steps_of(worker_id)
+                for job_id, job in steps.items():
+                    if job is not None:
+                        count += len(await self._recover_step(job_id, job, worker_id))
+                    else:
+                        await self.queue.discard([job_id])
+                    await self.workers.release([job_id], worker_id)
+                await self.workers.forget(worker_id)
+                if steps:
+                    log.warning("worker %s stopped heartbeating: recovered %d of its %d steps", worker_id, count,
+                                len(steps))
+            finally:
+                await self.coordination_store.release(lock, token)
+        return count
+
+    async def _recover_step(self, job_id: str, job: Job, worker_id: str, *, lost: bool = True) -> list[str]:
+        """One step a worker no longer holds: record the lost attempt and queue it anew (a new job id), or
+        queue it again as it was if it never got claimed. Returns the job ids really queued."""
+        outcome, scheduled = await self.engine.recover(job, worker_id, lost=lost)
+        if outcome == Recovery.NOTHING:
+            if worker_id != self.worker_id:
+                await self.queue.discard([job_id])  # its step is done; the dead worker never told arq
+            if await self.redis.hlen(keys.kind_key(OUTBOX, job.run_id)):
+                # a recovery that died between its commit and queueing left its decision in the outbox
+                return (await self.reconcile(job.run_id)).enqueued
+            return []
+        await self.queue.discard([job_id])  # the old job, locked in arq by the worker that held it
+        if outcome == Recovery.REQUEUE:
+            return await self.queue.enqueue([job])
+        for _, new in scheduled:
+            log.info("recovered %s (worker %s) as job %s", job_id, worker_id, new.job_id)
+        return await self.flush(scheduled)
+
+    async def _heartbeat(self) -> None:
+        """Every lease/3: renew this worker's lease, recover dead workers' steps, and recover this worker's
+        own steps that are listed but no longer running here (a step that died with a Redis error)."""
+        interval = self.lease_s / 3
+        while True:
+            try:
+                late = self.workers.last_beat is not None and time.monotonic() - self.workers.last_beat > self.lease_s
+                _, dead, mine = await self.workers.beat(self._fields())
+                if late:
+                    log.warning("this worker sent no heartbeat for more than its lease (%gs): the event loop was "
+                                "blocked or the process paused; its steps may have been recovered elsewhere, "
+                                "and their results here will be dropped", self.lease_s)
+                if dead:
+                    await self.recover_dead_workers(dead)
+                if any(j not in self.in_flight for j in mine):
+                    for job_id, job in (await self.workers.steps_of(self.worker_id)).items():
+                        if job_id in self.in_flight:
+                            continue
+                        if job is not None:
+                            await self._recover_step(job_id, job, self.worker_id, lost=False)
+                        if job_id not in self.in_flight:  # it may have been delivered here again meanwhile
+                            await self.workers.release([job_id])
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # Redis away: the lease lapses if it stays away; keep trying
+                log.warning("heartbeat failed (%s: %s)", type(e).__name__, e)
+            await asyncio.sleep(interval)
+
+    def _fields(self) -> dict[str, Any]:
+        return worker_fields(self.queue_name, {bp.id: bp.version for bp in self.blueprints.values()},
+                             self.concurrency, self.started_at, len(self.in_flight))
+
+    async def _check_fleet(self) -> None:
+        """Warn when the live workers of this queue serve other blueprint sets: a job of a blueprint only some
+        of them have waits for one of those."""
+        mine = {bp.id: bp.version for bp in self.blueprints.values()}
+        for w in await self.workers.workers():
+            if w.alive and w.worker_id != self.worker_id and w.blueprints != mine:
+                theirs = ", ".join(f"{k}@{v}" for k, v in sorted(w.blueprints.items())) or "none"
+                ours = ", ".join(f"{k}@{v}" for k, v in sorted(mine.items())) or "none"
+                log.warning("worker %s on queue %r serves other blueprints (%s) than this one (%s): a job "
+                            "waits for a worker that has its blueprint version; use one queue per project",
+                            w.worker_id, self.queue_name, theirs, ours)
 
     # ---- worker side
 
@@ -159,7 +288,11 @@ class ArqAdapter:
         except ValueError as e:
             log.error("job %s rejected, not run: %s", ctx.get("job_id"), e)
             return "rejected"
+        job_id = str(ctx.get("job_id") or job.job_id)
+        self.in_flight[job_id] = job
         try:
+            # listed before anything is claimed, so a crash at any later point leaves it to be recovered
+            await self.workers.hold(job_id, job)
             handled = await self.engine.handle(job)
             if _FAILPOINT and _FAILPOINT == f"after-commit:{job.node_id}":
                 os._exit(137)  # fault-injection for the crash tests: die between a commit and its queueing
@@ -174,9 +307,23 @@ class ArqAdapter:
             # claim is reclaimed by this worker at once, or by another when its lease lapses
             log.warning("job %s: Redis error (%s: %s); handing it back", job.job_id, type(e).__name__, e)
             raise Retry(defer=1) from e
+        finally:
+            self.in_flight.pop(job_id, None)
+            try:
+                await asyncio.shield(self.workers.release([job_id]))
+            except (RedisError, OSError):
+                pass  # still listed: this worker's heartbeat recovers it once Redis answers
         if handled.retry_after_s is not None:
-            raise Retry(defer=handled.retry_after_s)
+            defer = handled.retry_after_s
+            if handled.note == "version mismatch" and await self._served_elsewhere(job):
+                defer = 0.2  # a live worker has the right version: let it have the job soon
+            raise Retry(defer=defer)
         return handled.note or "ok"
+
+    async def _served_elsewhere(self, job: Job) -> bool:
+        meta = await self.store.read(job.run_id, RUN, ["blueprint_id", "blueprint_version"])
+        return any(w.alive and w.blueprints.get(meta[0]) == meta[1] for w in await self.workers.workers()
+                   if w.worker_id != self.worker_id)
 
     def create_worker(self, *, burst: bool = False) -> Worker:
         return Worker(
@@ -185,7 +332,7 @@ class ArqAdapter:
             redis_pool=self.queue.pool,
             burst=burst,
             max_jobs=self.concurrency,
-            job_timeout=self.job_timeout_s,
+            job_timeout=ARQ_JOB_TIMEOUT_S,
             keep_result=0,
             poll_delay=self.poll_delay_s,
             queue_read_limit=max(1000, 5 * self.concurrency),
@@ -203,6 +350,24 @@ class ArqAdapter:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
         delay = 0.2
+        heartbeat: asyncio.Task[None] | None = None
+        try:
+            await self.workers.beat(self._fields())  # registered before the first job is taken
+            await self._check_fleet()
+        except (RedisError, OSError) as e:
+            log.warning("could not register this worker yet (%s: %s)", type(e).__name__, e)
+        heartbeat = asyncio.ensure_future(self._heartbeat())
+        try:
+            await self._process(burst, delay)
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            try:
+                await self.workers.unregister()
+            except (RedisError, OSError):
+                pass  # its key expires after lease_s anyway
+
+    async def _process(self, burst: bool, delay: float) -> None:
         while not self._stopping.is_set():
             worker = self._worker = self.create_worker(burst=burst)
             main = asyncio.ensure_future(worker.main())

@@ -15,6 +15,18 @@ last step of a run that never ends):
                                       so its OBJECT IDLETIME is "time since progress" (reads of the run,
                                       e.g. `inspect`, do not reset it, unlike the state hash's)
 
+Workers (CONTRACT §6.1):
+
+  flowcraft:worker:<id>        HASH   a live worker: host, pid, queue, blueprints (id -> version), concurrency,
+                                      started_at, heartbeat_at, running; expires lease_seconds after its
+                                      last heartbeat, so "the key exists" is "the worker is alive"
+  flowcraft:worker-steps:<id>  HASH   arq job id -> job: the steps this worker is running now, written when a
+                                      step starts and deleted when it ends; what is left when the worker dies
+                                      is what to recover (outlives the worker key on purpose)
+  flowcraft:workers:<queue>    ZSET   worker id -> last heartbeat (Redis server time, ms): the workers of
+                                      one queue, live and recently dead; a dead one is removed once its
+                                      steps are recovered
+
 Shared:
 
   flowcraft:coord:<name>       coordination-store keys (RedisCoordinationStore); the reconciler's
@@ -31,6 +43,9 @@ STATUS_PREFIX = "workflow:status:"
 EVENTS_PREFIX = "flowcraft:events:"
 PROGRESS_PREFIX = "flowcraft:progress:"
 COORD_PREFIX = "flowcraft:coord:"
+WORKER_PREFIX = "flowcraft:worker:"
+WORKER_STEPS_PREFIX = "flowcraft:worker-steps:"
+WORKERS_PREFIX = "flowcraft:workers:"
 
 _KIND_PREFIX = {
     STATE: STATE_PREFIX,
@@ -66,3 +81,15 @@ def run_keys(run_id: str) -> list[str]:
 
 def coord_key(name: str) -> str:
     return COORD_PREFIX + name
+
+
+def worker_key(worker_id: str) -> str:
+    return WORKER_PREFIX + worker_id
+
+
+def worker_steps_key(worker_id: str) -> str:
+    return WORKER_STEPS_PREFIX + worker_id
+
+
+def workers_key(queue_name: str) -> str:
+    return WORKERS_PREFIX + queue_name

@@ -75,5 +75,18 @@ class ArqQueue:
                 out[jid] = "queued"
         return out
 
+    async def discard(self, job_ids: list[str]) -> None:
+        """Forget jobs a dead worker held: arq would keep each one locked (its in-progress key lives as long
+        as arq's job timeout, which flowcraft keeps out of the way) and in the queue, looked at by every poll."""
+        from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+
+        if not job_ids:
+            return
+        async with self.pool.pipeline(transaction=False) as pipe:
+            pipe.zrem(self.queue_name, *job_ids)
+            pipe.delete(*(p + jid for jid in job_ids
+                          for p in (job_key_prefix, in_progress_key_prefix, retry_key_prefix)))
+            await pipe.execute()
+
     async def close(self) -> None:
         await self.pool.aclose()

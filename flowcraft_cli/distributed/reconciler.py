@@ -102,6 +102,10 @@ class Reconciler:
         """One sweep: SCAN the run-state keys; one script call per SCAN page picks the running runs idle
         past the threshold (no per-key round trip); only those are looked at more closely."""
         stats = ReconciliationStats()
+        if not self.dry_run:
+            # the steps of workers that stopped heartbeating: every live worker recovers them too, so this
+            # matters only when no worker of the queue is left
+            await self.adapter.recover_dead_workers()
         cursor = 0
         match = self.key_prefix + "*"
         while True:

@@ -1,0 +1,190 @@
+"""The worker registry and heartbeat leases (CONTRACT §6.1).
+
+A worker is alive while ``flowcraft:worker:<id>`` exists: every heartbeat (each ``lease_s / 3``) rewrites it
+with a ``lease_s`` expiry, on the Redis server's clock, so clock skew between machines cannot make a live
+worker look dead. Each step a worker runs is listed in ``flowcraft:worker-steps:<id>`` from its start to its
+end. When a worker dies its key expires ``lease_s`` after its last heartbeat, while its steps list stays:
+that list is exactly what another worker (or the reconciler) must recover. A step is *held* while its
+worker is alive and lists it; nothing else (not arq's own job lock) decides whether a step is running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from ..jobs import Job
+from . import keys
+
+# One heartbeat, one round trip. KEYS: [1] worker hash, [2] the queue's workers zset, [3] worker steps hash.
+# ARGV: [1] lease ms, [2] worker id, [3] worker key prefix, [4] steps-list ttl ms, [5..] field, value pairs.
+# Writes the worker's fields with heartbeat_at = server time, renews its expiry, and returns
+# {server time ms, ids of this queue's workers whose key is gone (dead: their steps need recovery),
+#  this worker's listed steps}. Keys of other workers are derived inside the script (standalone Redis).
+_BEAT = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local lease = tonumber(ARGV[1])
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'heartbeat_at', now)
+redis.call('PEXPIRE', KEYS[1], lease)
+redis.call('ZADD', KEYS[2], now, ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[4]) end
+local dead = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - lease)) do
+  if redis.call('EXISTS', ARGV[3] .. id) == 0 then dead[#dead + 1] = id end
+end
+return {now, dead, redis.call('HKEYS', KEYS[3])}
+"""
+
+# The queue's workers whose key is gone. KEYS: [1] the queue's workers zset; ARGV: [1] lease ms, [2] worker
+# key prefix.
+_DEAD = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local dead = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))) do
+  if redis.call('EXISTS', ARGV[2] .. id) == 0 then dead[#dead + 1] = id end
+end
+return dead
+"""
+
+# A step is held when its worker is alive and still lists it. KEYS: [1] worker hash, [2] steps hash;
+# ARGV: [1] arq job id.
+_HELD = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HEXISTS', KEYS[2], ARGV[1])
+"""
+
+# How long a worker's steps list survives it when no other worker ever looks (nobody serves the queue any
+# more): long enough for a fleet restart, short enough not to leak.
+STEPS_TTL_S = 7 * 86400
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    alive: bool
+    heartbeat_at: int | None  # server ms
+    fields: dict[str, Any]
+
+    @property
+    def blueprints(self) -> dict[str, str]:
+        return dict(self.fields.get("blueprints") or {})
+
+
+class WorkerRegistry:
+    def __init__(self, redis: Redis, queue_name: str, worker_id: str, lease_s: float) -> None:
+        self.redis = redis
+        self.queue_name = queue_name
+        self.worker_id = worker_id
+        self.lease_ms = max(1, int(lease_s * 1000))
+        self._beat = redis.register_script(_BEAT)
+        self._held = redis.register_script(_HELD)
+        self._dead = redis.register_script(_DEAD)
+        self.last_beat: float | None = None  # monotonic time of the last heartbeat that reached Redis
+
+    async def beat(self, info: Mapping[str, Any]) -> tuple[int, list[str], list[str]]:
+        """Heartbeat: returns (server time ms, dead workers of this queue, the steps this worker lists)."""
+        args: list[Any] = [self.lease_ms, self.worker_id, keys.WORKER_PREFIX, STEPS_TTL_S * 1000]
+        for name, value in info.items():
+            args += [name, json.dumps(value, separators=(",", ":"))]
+        now, dead, mine = await self._beat(
+            keys=[keys.worker_key(self.worker_id), keys.workers_key(self.queue_name),
+                  keys.worker_steps_key(self.worker_id)], args=args)
+        self.last_beat = time.monotonic()
+        return int(now), [_s(d) for d in dead], [_s(m) for m in mine]
+
+    async def dead_workers(self) -> list[str]:
+        """Workers of this queue that stopped heartbeating and whose steps are not recovered yet."""
+        dead = await self._dead(keys=[keys.workers_key(self.queue_name)], args=[self.lease_ms, keys.WORKER_PREFIX])
+        return [_s(d) for d in dead]
+
+    async def hold(self, job_id: str, job: Job) -> None:
+        """List a step as running on this worker (before it claims anything, so a crash at any later point
+        leaves it listed)."""
+        key = keys.worker_steps_key(self.worker_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, job_id, json.dumps(job.to_dict(), separators=(",", ":")))
+            pipe.expire(key, STEPS_TTL_S)
+            await pipe.execute()
+
+    async def release(self, job_ids: Iterable[str], worker_id: str | None = None) -> None:
+        ids = list(job_ids)
+        if ids:
+            await self.redis.hdel(keys.worker_steps_key(worker_id or self.worker_id), *ids)
+
+    async def steps_of(self, worker_id: str) -> dict[str, Job | None]:
+        """A worker's listed steps: arq job id -> job (None where the entry does not decode)."""
+        raw = await self.redis.hgetall(keys.worker_steps_key(worker_id))
+        out: dict[str, Job | None] = {}
+        for jid, data in raw.items():
+            try:
+                out[_s(jid)] = Job.from_dict(json.loads(_s(data)))
+            except ValueError:
+                out[_s(jid)] = None
+        return out
+
+    async def forget(self, worker_id: str) -> None:
+        """A dead worker whose steps were all recovered: drop its list and its registry entry."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(keys.worker_steps_key(worker_id))
+            pipe.zrem(keys.workers_key(self.queue_name), worker_id)
+            await pipe.execute()
+
+    async def unregister(self) -> None:
+        """A clean stop: this worker is gone now, not in ``lease_s``."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(keys.worker_key(self.worker_id))
+            pipe.zrem(keys.workers_key(self.queue_name), self.worker_id)
+            await pipe.execute()
+
+    async def is_held(self, worker_id: str, job_id: str) -> bool:
+        return bool(await self._held(keys=[keys.worker_key(worker_id), keys.worker_steps_key(worker_id)],
+                                     args=[job_id]))
+
+    async def workers(self) -> list[WorkerInfo]:
+        """This queue's workers, live first, with their registry fields (a dead one: only its last beat)."""
+        entries = await self.redis.zrange(keys.workers_key(self.queue_name), 0, -1, withscores=True)
+        if not entries:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid, _ in entries:
+                pipe.hgetall(keys.worker_key(_s(wid)))
+            hashes = await pipe.execute()
+        out = []
+        for (wid, score), fields in zip(entries, hashes, strict=True):
+            decoded = {_s(k): _loads(v) for k, v in fields.items()}
+            out.append(WorkerInfo(_s(wid), bool(fields), int(score), decoded))
+        out.sort(key=lambda w: (not w.alive, w.worker_id))
+        return out
+
+    async def server_time_ms(self) -> int:
+        sec, usec = await self.redis.time()
+        return int(sec) * 1000 + int(usec) // 1000
+
+
+def worker_fields(queue_name: str, blueprints: Mapping[str, str], concurrency: int, started_at: int,
+                  running: int) -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "queue": queue_name,
+            "blueprints": dict(blueprints), "concurrency": concurrency, "started_at": started_at,
+            "running": running}
+
+
+def _s(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _loads(value: Any) -> Any:
+    try:
+        return json.loads(_s(value))
+    except ValueError:
+        return _s(value)

@@ -1,0 +1,166 @@
+"""Heartbeat leases (CONTRACT §6.1): a killed worker's step is recovered about ``lease_seconds`` after its
+last heartbeat, whatever ``job_timeout_seconds`` is; a worker that comes back after its lease lapsed is
+fenced off; no attempt is cut short by anything but its own limit. Real worker processes, real Redis."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import redis as redis_lib
+
+from tests.e2e import Project, wait_for
+
+SLOW_CHAIN = """
+nodes:
+  - {id: start, uses: noop, params: {log: "LOG"}}
+  - {id: slow, uses: slow, params: {seconds: SECONDS, log: "LOG"}}
+  - {id: end, uses: noop, params: {log: "LOG"}}
+edges:
+  - {source: start, target: slow}
+  - {source: slow, target: end}
+"""
+
+KILLER = """
+nodes:
+  - {id: start, uses: noop}
+  - {id: boom, uses: suicide, config: {maxRetries: 2}, params: {log: "LOG"}}
+edges:
+  - {source: start, target: boom}
+"""
+
+SUICIDE = '''
+
+@node("suicide")
+async def suicide(ctx):
+    _log(ctx, "start")
+    os.kill(os.getpid(), 9)
+'''
+
+
+def _count(project: Project, prefix: str) -> int:
+    return sum(1 for line in project.calls() if line.startswith(prefix))
+
+
+def _pids(project: Project, prefix: str) -> list[str]:
+    return [line.split()[-1] for line in project.calls() if line.startswith(prefix)]
+
+
+def _project(tmp_path, redis_url, *, seconds: float = 3, **kw) -> Project:
+    redis_lib.Redis.from_url(redis_url).flushdb()
+    p = Project(tmp_path, redis_url, **kw)
+    text = SLOW_CHAIN.replace("LOG", str(p.log)).replace("SECONDS", str(seconds))
+    (tmp_path / "blueprints" / "slow-chain.yaml").write_text(text)
+    return p
+
+
+def _lost(view: dict) -> list[dict]:
+    return [e for e in view["timeline"] if e["outcome"] == "lost"]
+
+
+@pytest.fixture
+def stop(request):
+    projects: list[Project] = []
+    yield projects.append
+    for p in projects:
+        p.stop_all()
+
+
+def test_sigkilled_worker_is_recovered_within_its_lease(tmp_path, redis_url, stop):
+    # job_timeout_seconds is 300: before heartbeat leases, recovery waited for arq's lock (310 s)
+    project = _project(tmp_path, redis_url, lease=3, job_timeout=300)
+    stop(project)
+    w0 = project.start_worker()
+    run_id = project.cli("enqueue", "slow-chain", check=True).stdout.strip()
+    wait_for(lambda: _count(project, "slow start") == 1, 30, "the slow node to start")
+    dead_pid = _pids(project, "slow start")[0]
+    w0.send_signal(signal.SIGKILL)
+    w0.wait()
+    view = project.cli_json("inspect", run_id)
+    slow = next(n for n in view["nodes"] if n["node_id"] == "slow")
+    assert slow["status"] == "running"
+    project.start_worker()  # no reconciler runs in this test
+    view = project.wait_run(run_id, timeout=30)
+    assert view["status"] == "completed"
+    assert _count(project, "slow end") == 1 and _count(project, "end run") == 1
+    lost = _lost(view)
+    assert len(lost) == 1 and lost[0]["node_id"] == "slow" and f":{dead_pid}:" in lost[0]["worker"]
+    slow = next(n for n in view["nodes"] if n["node_id"] == "slow")
+    assert slow["attempts"] == 1  # a lost attempt does not count against maxRetries
+
+
+def test_default_lease_recovers_in_about_fifteen_seconds(tmp_path, redis_url, stop):
+    project = _project(tmp_path, redis_url, job_timeout=300)
+    stop(project)
+    w0 = project.start_worker()
+    run_id = project.cli("enqueue", "slow-chain", check=True).stdout.strip()
+    wait_for(lambda: _count(project, "slow start") == 1, 30, "the slow node to start")
+    w0.send_signal(signal.SIGKILL)
+    w0.wait()
+    project.start_worker()
+    # lease 15 s + the slow node's 3 s + slack for a busy machine; arq's own lock would take 310 s
+    view = project.wait_run(run_id, timeout=45)
+    assert view["status"] == "completed"
+    assert len(_lost(view)) == 1
+
+
+def test_worker_paused_past_its_lease_is_fenced_off(tmp_path, redis_url, stop):
+    project = _project(tmp_path, redis_url, lease=2, job_timeout=300, seconds=4)
+    stop(project)
+    w0 = project.start_worker()
+    run_id = project.cli("enqueue", "slow-chain", check=True).stdout.strip()
+    wait_for(lambda: _count(project, "slow start") == 1, 30, "the slow node to start")
+    w0.send_signal(signal.SIGSTOP)  # a long GC pause, a partition: no heartbeats, but not dead
+    try:
+        w1 = project.start_worker()
+        wait_for(lambda: _count(project, "slow start") == 2, 30, "the step to be recovered on the second worker")
+        assert _pids(project, "slow start")[1] == str(w1.pid)
+    finally:
+        w0.send_signal(signal.SIGCONT)
+    view = project.wait_run(run_id, timeout=60)
+    assert view["status"] == "completed"
+    wait_for(lambda: _count(project, "slow end") == 2, 30, "the paused worker to finish its stale attempt")
+    wait_for(lambda: "fenced off" in project.worker_log(0), 30, "the paused worker to log that it was fenced off")
+    events = [json.loads(e) for e in redis_lib.Redis.from_url(redis_url).lrange(f"flowcraft:events:{run_id}", 0, -1)]
+    assert [e["worker"] for e in events if e["type"] == "node_completed" and e["node"] == "slow"] == \
+        [next(n for n in view["nodes"] if n["node_id"] == "slow")["worker"]]
+    assert _count(project, "end run") == 1
+    assert f":{w1.pid}:" in next(n for n in view["nodes"] if n["node_id"] == "slow")["worker"]
+
+
+def test_attempt_is_not_cut_short_by_a_hidden_cap(tmp_path, redis_url, stop):
+    # job_timeout_seconds 5 and a 4-second node: the engine used to cap every attempt at job_timeout - 2
+    project = _project(tmp_path, redis_url, lease=3, job_timeout=5, seconds=4)
+    stop(project)
+    project.start_worker()
+    result = project.cli_json("enqueue", "slow-chain", "--wait", "--timeout", "60")
+    assert result["status"] == "completed", result["reason"]
+
+
+def test_node_that_kills_its_worker_every_time_ends_failed(tmp_path, redis_url, stop):
+    redis_lib.Redis.from_url(redis_url).flushdb()
+    project = Project(tmp_path, redis_url, lease=1.5, job_timeout=300)
+    stop(project)
+    (project.root / "e2e_nodes.py").write_text((project.root / "e2e_nodes.py").read_text() + SUICIDE)
+    (project.root / "blueprints" / "killer.yaml").write_text(KILLER.replace("LOG", str(project.log)))
+    run_id = project.cli("enqueue", "killer", check=True).stdout.strip()
+
+    def finished_or_restart() -> bool:
+        if project.cli_json("inspect", run_id)["status"] in ("completed", "failed"):
+            return True
+        if all(w.poll() is not None for w in project.workers):
+            # not start_worker(): this one may well die before it is seen alive
+            project.workers.append(subprocess.Popen([sys.executable, "-m", "flowcraft_cli", "worker", "start"],
+                                                    cwd=project.root, env=project.env(),
+                                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return False
+
+    wait_for(finished_or_restart, 90, "the run to end", interval=0.5)
+    view = project.cli_json("inspect", run_id)
+    assert view["status"] == "failed"
+    assert "lost" in view["reason"]
+    assert _count(project, "boom start") == 2
+    assert [e["node_id"] for e in _lost(view)] == ["boom", "boom"]
