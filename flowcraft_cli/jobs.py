@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .ids import field_name
+
 #: exec: run the node (attempt N) · fallback: run the node's fallback (attempt N) · item: one batch item ·
 #: gather: finish a batch · wake: end a sleep · child: a subflow's child run has finished ·
 #: child_wait: a subflow's child run rests awaiting
@@ -24,8 +26,8 @@ class Job:
     @property
     def job_id(self) -> str:
         """Deterministic, so scheduling the same step twice is a no-op in the queue."""
-        base = f"{self.run_id}|{self.node_id}|{self.seq}|{self.kind}|{self.attempt}"
-        return f"{base}|{self.item}" if self.item >= 0 else base
+        parts: tuple[object, ...] = (self.run_id, self.node_id, self.seq, self.kind, self.attempt)
+        return field_name(*parts, self.item) if self.item >= 0 else field_name(*parts)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

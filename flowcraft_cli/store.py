@@ -11,6 +11,7 @@ A run's state is a few hashes of JSON values, named by *kind*:
   NODES   node_id -> node record (status, seq, gen, attempt, timings, error)
   JOINS   "<target>|<gen>|<source>" -> arrival, "<target>|<gen>|#" -> [decided, taken]
   BATCH   "<node>|<seq>|..." -> batch item bookkeeping
+          (every part of these names, and of job ids, is escaped by ``ids.field_name``: node ids may hold ``|``)
   OUTBOX  job_id -> job: written in the same transaction that decides the job, deleted once queued
   STATE   the run context (Flowcraft keys: _outputs.<node>, _inputs.<node>, blueprintId, ...)
 """

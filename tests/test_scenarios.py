@@ -869,3 +869,46 @@ edges:
     assert r.status == "completed", r.reason
     assert sorted(ticks) == [1] * wide + [2] * wide + [3] * wide
     assert ticks == sorted(ticks)  # iteration k+1 started only after every tick of iteration k
+
+
+
+def test_node_ids_with_separators_never_share_a_join_field(flow):
+    """``b -> a|0`` and ``0|b -> a`` are two different arrivals (their fields were both ``a|0|0|b``)."""
+    doc = """
+id: separators
+nodes:
+  - {id: b, uses: tag}
+  - {id: "0|b", uses: tag}
+  - {id: "a|0", uses: tag}
+  - {id: a, uses: tag}
+edges:
+  - {source: b, target: "a|0"}
+  - {source: "0|b", target: a}
+"""
+    r = flow.run(doc, {"tag": lambda ctx: ctx.node_id})
+    assert r.status == "completed", r.reason
+    assert {n.node_id: n.status for n in r.view.nodes} == dict.fromkeys(["b", "0|b", "a|0", "a"], "completed")
+    assert r.context["_inputs.a"] == "0|b" and r.context["_inputs.a|0"] == "b"
+
+
+def test_a_node_named_like_a_marker_or_an_escape_is_one_more_predecessor(flow):
+    """An arrival from node ``#`` is not the join's count; ``p%7Cq`` and ``p|q`` are two predecessors."""
+    doc = """
+id: markers
+nodes:
+  - {id: "#", uses: tag}
+  - {id: x, uses: tag}
+  - {id: t, uses: tag}
+  - {id: "p%7Cq", uses: tag}
+  - {id: "p|q", uses: tag}
+  - {id: u, uses: tag}
+edges:
+  - {source: "#", target: t}
+  - {source: x, target: t}
+  - {source: "p%7Cq", target: u}
+  - {source: "p|q", target: u}
+"""
+    r = flow.run(doc, {"tag": lambda ctx: ctx.input if ctx.node_id in ("t", "u") else ctx.node_id})
+    assert r.status == "completed", r.reason
+    assert r.outputs["t"] == {"#": "#", "x": "x"}
+    assert r.outputs["u"] == {"p%7Cq": "p%7Cq", "p|q": "p|q"}
