@@ -36,7 +36,7 @@ from .errors import (
     RunNotFound,
 )
 from .expressions import Expression
-from .ids import field_name
+from .ids import check_run_id, child_run_id, field_name
 from .jobs import Job
 from .loader import loop_condition, parse_duration_ms
 from .node_api import _MISSING, NodeContext, NodeResult, RunContext, SyncRunContext
@@ -150,6 +150,8 @@ class Engine:
         if bp is None:
             known = ", ".join(sorted(self.blueprints)) or "none loaded"
             raise InvalidInput(f"unknown blueprint id {blueprint_id!r} (known: {known})")
+        if parent is None and run_id is not None:
+            check_run_id(run_id)  # a child's id is derived (ids.child_run_id), never given by a user
         run_id = run_id or secrets.token_hex(8)
         context_seed = dict(run_input) if isinstance(run_input, Mapping) else {}
         if seed is not None:
@@ -1398,7 +1400,7 @@ class _Step:
         """subflow: a child run linked to this node; the child's end schedules a ``child`` job here."""
         params = runner.params
         child_bp = str(params.get("blueprintId"))
-        child_id = f"{self.run_id}.{self.node.id}.{self.job.seq}.{self.job.attempt}"
+        child_id = child_run_id(self.run_id, self.node.id, self.job.seq, self.job.attempt)
         mapping = params.get("inputs")
         seed: dict[str, Any] | None = None
         if isinstance(mapping, Mapping):

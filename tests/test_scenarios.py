@@ -758,7 +758,7 @@ edges:
         s.resume(r.run_id, "call", output=1)
     child = next(n for n in r.view.nodes if n.node_id == "call")
     assert child.status == "awaiting"
-    child_id = f"{r.run_id}.call.1.1"
+    child_id = f"{r.run_id}::call.1.1"
     s.resume(child_id, "w1", output="one")
     r2 = s.resume(child_id, "w2", output="two")
     assert r2.status == "completed"
@@ -833,7 +833,7 @@ edges: []
     s = flow.session([parent, sub], {"tag": lambda ctx: ctx.node_id})
     r = s.run("pc")
     assert r.status == "awaiting"
-    child_id = f"{r.run_id}.call.1.1"
+    child_id = f"{r.run_id}::call.1.1"
     s.cancel(child_id)
     final = s.result(r.run_id)
     assert final.status == "failed" and "cancelled" in final.reason
@@ -912,3 +912,34 @@ edges:
     assert r.status == "completed", r.reason
     assert r.outputs["t"] == {"#": "#", "x": "x"}
     assert r.outputs["u"] == {"p%7Cq": "p%7Cq", "p|q": "p|q"}
+
+
+def test_run_ids_are_checked_and_no_user_id_is_a_child_id(flow):
+    import hashlib
+
+    import pytest
+
+    from flowcraft_cli.errors import InvalidInput
+
+    parent = """
+id: pw
+nodes:
+  - {id: "call me", uses: subflow, params: {blueprintId: waits}}
+edges: []
+"""
+    sub = """
+id: waits
+nodes: [{id: w, uses: wait}]
+edges: []
+"""
+    s = flow.session([parent, sub])
+    r = s.run("pw", run_id="R")
+    assert r.status == "awaiting"
+    child_id = f"R::h{hashlib.sha256(b'call me').hexdigest()[:12]}.1.1"
+    assert s.result(child_id).status == "awaiting"
+    assert s.run("waits", run_id="R.call me.1.1".replace(" ", "_")).status == "awaiting"  # an ordinary user id
+    for bad, needle in [(child_id, "reserved for subflow child runs"), ("a b", "' ' not allowed"),
+                        ("x" * 129, "at most 128"), ("", "must not be empty")]:
+        with pytest.raises(InvalidInput, match=needle):
+            s.run("waits", run_id=bad)
+    assert s.run("waits", run_id="x" * 128).status == "awaiting"

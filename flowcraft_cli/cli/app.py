@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import FlowcraftError, InvalidInput
+from ..ids import check_run_id, check_run_ref
 from . import render
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -155,6 +156,8 @@ def enqueue(
     _setup_logging()
     if timeout is not None and not wait:
         raise InvalidInput("--timeout only applies with --wait")
+    if run_id is not None:
+        check_run_id(run_id)
     run_input = parse_input_checked(input, input_file)
     project = load_project(config)
     project.blueprint(blueprint_id)
@@ -224,6 +227,7 @@ def inspect(
     from ..project import connected, load_project
 
     _setup_logging()
+    check_run_ref(run_id)
     project = load_project(config)
 
     async def go() -> int:
@@ -258,6 +262,7 @@ def resume(
     from ..project import connected, load_project, parse_json
 
     _setup_logging()
+    check_run_ref(run_id)
     value = parse_json(output, "--output") if output is not None else None
     project = load_project(config)
 
@@ -275,6 +280,7 @@ def cancel(run_id: Annotated[str, typer.Argument()], config: ConfigOpt = None) -
     from ..project import connected, load_project
 
     _setup_logging()
+    check_run_ref(run_id)
     project = load_project(config)
 
     async def go() -> bool:
