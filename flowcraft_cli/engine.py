@@ -34,6 +34,7 @@ from .errors import (
     NodeFailure,
     NodeTimeout,
     RunNotFound,
+    StateConflict,
 )
 from .expressions import Expression
 from .ids import check_run_id, child_run_id, field_name
@@ -193,13 +194,15 @@ class Engine:
         bp = self._blueprint_for(meta, run_id)
         waiting = list(meta.get("awaiting_nodes") or [])
         if meta["status"] not in (RunStatus.AWAITING, RunStatus.RUNNING) or not waiting:
-            raise InvalidInput(f"run {run_id!r} is {meta['status']}, not awaiting a resume")
+            raise StateConflict(f"run {run_id!r} is {meta['status']}, not awaiting a resume")
         if node_id is None:
             if len(waiting) > 1:
                 raise InvalidInput(f"run {run_id!r} awaits several nodes ({', '.join(waiting)}): pass --node")
             node_id = waiting[0]
+        if node_id not in bp.node_map:
+            raise InvalidInput(f"run {run_id!r}: blueprint {bp.id!r} has no node {node_id!r}")
         if node_id not in waiting:
-            raise InvalidInput(f"node {node_id!r} of run {run_id!r} is not awaiting (awaiting: {', '.join(waiting)})")
+            raise StateConflict(f"node {node_id!r} of run {run_id!r} is not awaiting (awaiting: {', '.join(waiting)})")
         node = bp.node_map[node_id]
         edges = bp.out_edges[node_id]
         actions = sorted({e.action for e in edges if e.action})
@@ -220,7 +223,7 @@ class Engine:
             m = await run.meta()
             rec = await t.get(NODES, node_id)
             if m["status"] not in (RunStatus.AWAITING, RunStatus.RUNNING) or not rec or rec["status"] != NodeStatus.AWAITING:
-                raise InvalidInput(f"node {node_id!r} of run {run_id!r} is no longer awaiting")
+                raise StateConflict(f"node {node_id!r} of run {run_id!r} is no longer awaiting")
             run.set_meta("awaiting_nodes", [n for n in m["awaiting_nodes"] if n != node_id])
             run.set_meta("status", RunStatus.RUNNING.value)
             run.add_pending(1)
@@ -238,8 +241,8 @@ class Engine:
         child_meta = await self._read_meta(child_id)
         waiting = list(child_meta.get("awaiting_nodes") or [])
         if child_meta["status"] != RunStatus.AWAITING:
-            raise InvalidInput(f"subflow node {node_id!r}: its child run {child_id!r} is {child_meta['status']}, "
-                               "not awaiting")
+            raise StateConflict(f"subflow node {node_id!r}: its child run {child_id!r} is {child_meta['status']}, "
+                                "not awaiting")
         if len(waiting) != 1:
             raise InvalidInput(f"subflow node {node_id!r} waits in child run {child_id!r} on "
                                f"{', '.join(waiting) or 'nothing'}: resume the child run itself")
@@ -249,7 +252,7 @@ class Engine:
             m = await run.meta()
             rec = await t.get(NODES, node_id)
             if not rec or rec["status"] != NodeStatus.AWAITING:
-                raise InvalidInput(f"node {node_id!r} of run {run_id!r} is no longer awaiting")
+                raise StateConflict(f"node {node_id!r} of run {run_id!r} is no longer awaiting")
             t.put(NODES, node_id, {**rec, "status": NodeStatus.RUNNING.value})
             run.set_meta("awaiting_nodes", [n for n in m["awaiting_nodes"] if n != node_id])
             run.set_meta("status", RunStatus.RUNNING.value)

@@ -9,7 +9,8 @@
     │   └── ExpressionError        an expression that does not compile (syntax, forbidden construct)
     ├── OperationalError           exit 1: Redis unreachable, run not found, ...
     │   ├── RedisUnavailable
-    │   └── RunNotFound
+    │   ├── RunNotFound
+    │   └── StateConflict          the request does not fit the run's state (cancel a finished run, ...)
     └── NodeFailure                a node attempt failed (raised inside the engine, recorded, never shown raw)
         └── NodeTimeout
 
@@ -58,6 +59,10 @@ class RedisUnavailable(OperationalError):
 
 class RunNotFound(OperationalError):
     pass
+
+
+class StateConflict(OperationalError):
+    """Right input, wrong moment: cancelling a finished run, resuming what does not await (CONTRACT §8)."""
 
 
 class NodeFailure(FlowcraftError):

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import FlowcraftError, InvalidInput
+from ..errors import FlowcraftError, InvalidInput, StateConflict
 from ..ids import check_run_id, check_run_ref
 from . import render
 
@@ -283,12 +283,14 @@ def cancel(run_id: Annotated[str, typer.Argument()], config: ConfigOpt = None) -
     check_run_ref(run_id)
     project = load_project(config)
 
-    async def go() -> bool:
+    async def go() -> None:
         async with connected(project) as adapter:
-            return await adapter.cancel(run_id)
+            if not await adapter.cancel(run_id):
+                status = (await adapter.status(run_id) or {}).get("status", "finished")
+                raise StateConflict(f"run {run_id!r} is {status}; nothing to cancel")
 
-    changed = asyncio.run(go())
-    render.info(f"run {run_id} cancelled" if changed else f"run {run_id} had already finished; nothing changed")
+    asyncio.run(go())
+    render.info(f"run {run_id} cancelled")
 
 
 @app.command()
