@@ -219,3 +219,25 @@ edges:
     view = asyncio.run(go())
     assert view.status == "completed"  # the keys outlived the 1 s running TTL because the run was asleep
     assert view.outputs["b"] == "b"
+
+
+def test_redis_context_set_never_leaves_the_state_key_without_expiry(redis_url, redis_sync):
+    from flowcraft_cli.distributed.context import RedisContext
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        await RedisContext(redis, "fresh", running_ttl_s=100).set("k", None)  # creates the key
+        redis_sync.hset("workflow:state:kept", "a", "1")
+        redis_sync.expire("workflow:state:kept", 5000)
+        await RedisContext(redis, "kept", running_ttl_s=100).set("k", 2)  # keeps the run's own expiry
+        redis_sync.hset("workflow:state:bare", "a", "1")
+        await RedisContext(redis, "bare", running_ttl_s=100).set("k", 3)
+        await RedisContext(redis, "forever", running_ttl_s=0).set("k", 4)  # 0 = forever, as for steps
+        await redis.aclose()
+
+    asyncio.run(go())
+    assert redis_sync.hget("workflow:state:fresh", "k") == b"null"
+    assert 90 <= redis_sync.ttl("workflow:state:fresh") <= 100
+    assert 4990 <= redis_sync.ttl("workflow:state:kept") <= 5000
+    assert 90 <= redis_sync.ttl("workflow:state:bare") <= 100
+    assert redis_sync.ttl("workflow:state:forever") == -1 and redis_sync.hget("workflow:state:forever", "k") == b"4"
