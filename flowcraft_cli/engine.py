@@ -35,6 +35,7 @@ from .errors import (
     NodeTimeout,
     RunNotFound,
     StateConflict,
+    UndecodableValue,
 )
 from .expressions import Expression
 from .ids import check_run_id, child_run_id, field_name
@@ -990,8 +991,26 @@ class _Step:
             # queue gave up on is queued again by the reconciler
             await asyncio.shield(self._release())
             raise
+        except UndecodableValue as e:
+            return await self._fail_undecodable(e)
         finally:
             self.engine.active_tokens.discard(self.token)
+
+    async def _fail_undecodable(self, error: UndecodableValue) -> list[tuple[str, Job]]:
+        """A value in the run's hash is not JSON (CONTRACT §6.1): every retry would meet it again, so the run
+        fails now. If even that cannot be written (the run's own records are corrupt), the job is dropped."""
+        log.error("job %s: %s; failing the run", self.job.job_id, error)
+
+        async def fn(run: _RunTxn) -> None:
+            run.set_meta("failed_node", self.node.id)
+            await run.finalize(RunStatus.FAILED, f"node {self.node.id!r}: {error}")
+
+        try:
+            got = await self.txn(fn)
+        except UndecodableValue as again:
+            log.error("job %s: cannot fail run %s either (%s); dropped", self.job.job_id, self.run_id, again)
+            return []
+        return got[1] if got else []
 
     async def _release(self) -> None:
         job = self.job

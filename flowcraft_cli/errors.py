@@ -10,7 +10,8 @@
     ├── OperationalError           exit 1: Redis unreachable, run not found, ...
     │   ├── RedisUnavailable
     │   ├── RunNotFound
-    │   └── StateConflict          the request does not fit the run's state (cancel a finished run, ...)
+    │   ├── StateConflict          the request does not fit the run's state (cancel a finished run, ...)
+    │   └── UndecodableValue       a stored value that is not JSON (corrupt, or planted)
     └── NodeFailure                a node attempt failed (raised inside the engine, recorded, never shown raw)
         └── NodeTimeout
 
@@ -63,6 +64,10 @@ class RunNotFound(OperationalError):
 
 class StateConflict(OperationalError):
     """Right input, wrong moment: cancelling a finished run, resuming what does not await (CONTRACT §8)."""
+
+
+class UndecodableValue(OperationalError):
+    """A value in a run's hash that is not JSON: it is never unpickled or evaluated (CONTRACT §6.1)."""
 
 
 class NodeFailure(FlowcraftError):

@@ -240,3 +240,22 @@ def test_random_dags_across_two_worker_processes(project):
         view = project.wait_run(run_id, timeout=60)
         assert view["status"] == "completed", view["reason"]
         assert {n["node_id"]: n["status"] for n in view["nodes"]} == expected
+
+
+def test_inspect_shows_undecodable_values(project, redis_url):
+    project.start_worker()
+    run_id = project.cli("enqueue", "routed", check=True).stdout.strip()
+    assert project.wait_run(run_id)["status"] == "completed"
+    r = redis_lib.Redis.from_url(redis_url)
+    r.hset(f"workflow:state:{run_id}", mapping={"bytes": b"\xff\xfe", "text": b"{not json",
+                                                "pickled": pickle.dumps({"x": 1})})
+    r.hset(f"flowcraft:nodes:{run_id}", "b", b"\x80garbage")
+    view = project.cli_json("inspect", run_id)
+    assert view["context"]["bytes"] == "<undecodable: 2 bytes>"
+    assert view["context"]["text"] == "<undecodable: 9 bytes>"
+    assert view["context"]["pickled"].startswith("<undecodable: ")  # never unpickled
+    b = next(n for n in view["nodes"] if n["node_id"] == "b")
+    assert b["status"] == "?" and b["error"] == "<undecodable: 8 bytes>"
+    human = project.cli("inspect", run_id)
+    assert human.returncode == 0 and "Traceback" not in human.stderr, human.stderr
+    assert "<undecodable: 2 bytes>" in human.stdout and "<undecodable: 9 bytes>" in human.stdout

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from redis.asyncio import Redis
 
-from ..store import STATE, dumps
+from ..store import STATE, dumps, loads
 from . import keys
 
 # KEYS[1] the run's state hash; ARGV: [1] field, [2] JSON value, [3] running TTL in s (0 = forever).
@@ -33,7 +32,7 @@ class RedisContext:
 
     async def get(self, key: str, default: Any = None) -> Any:
         raw = await self.redis.hget(self.key, key)
-        return default if raw is None else json.loads(raw)
+        return default if raw is None else loads(raw, where=f"run {self.run_id!r}: context key {key!r}")
 
     async def set(self, key: str, value: Any) -> None:
         await self._set(keys=[self.key], args=[key, dumps(value), self.running_ttl_s])
@@ -46,4 +45,8 @@ class RedisContext:
 
     async def to_dict(self) -> dict[str, Any]:
         raw = await self.redis.hgetall(self.key)
-        return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+        out = {}
+        for k, v in raw.items():
+            name = k.decode() if isinstance(k, bytes) else k
+            out[name] = loads(v, where=f"run {self.run_id!r}: context key {name!r}")
+        return out
