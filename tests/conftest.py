@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,11 @@ from tests.harness import ArqSession, Flow, MemorySession
 from tests.redis_server import RedisServer, test_redis_url
 
 RUNTIMES = ["memory", "arq"]
+
+# Subprocesses (the real `flowcraft` CLI, worker processes) must run the checkout under test, not whatever
+# `pip install -e` points at (a second worktree would otherwise test the first one's code).
+_ROOT = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH", "")) if p)
 
 
 @pytest.fixture(scope="session")
