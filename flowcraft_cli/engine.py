@@ -35,8 +35,11 @@ from .errors import (
     NodeFailure,
     NodeTimeout,
     RunNotFound,
+    StateConflict,
+    UndecodableValue,
 )
 from .expressions import Expression
+from .ids import check_run_id, child_run_id, field_name
 from .jobs import Job
 from .loader import loop_condition, parse_duration_ms
 from .node_api import _MISSING, NodeContext, NodeResult, RunContext, SyncRunContext
@@ -161,6 +164,8 @@ class Engine:
         if bp is None:
             known = ", ".join(sorted(self.blueprints)) or "none loaded"
             raise InvalidInput(f"unknown blueprint id {blueprint_id!r} (known: {known})")
+        if parent is None and run_id is not None:
+            check_run_id(run_id)  # a child's id is derived (ids.child_run_id), never given by a user
         run_id = run_id or secrets.token_hex(8)
         context_seed = dict(run_input) if isinstance(run_input, Mapping) else {}
         if seed is not None:
@@ -202,13 +207,15 @@ class Engine:
         bp = self._blueprint_for(meta, run_id)
         waiting = list(meta.get("awaiting_nodes") or [])
         if meta["status"] not in (RunStatus.AWAITING, RunStatus.RUNNING) or not waiting:
-            raise InvalidInput(f"run {run_id!r} is {meta['status']}, not awaiting a resume")
+            raise StateConflict(f"run {run_id!r} is {meta['status']}, not awaiting a resume")
         if node_id is None:
             if len(waiting) > 1:
                 raise InvalidInput(f"run {run_id!r} awaits several nodes ({', '.join(waiting)}): pass --node")
             node_id = waiting[0]
+        if node_id not in bp.node_map:
+            raise InvalidInput(f"run {run_id!r}: blueprint {bp.id!r} has no node {node_id!r}")
         if node_id not in waiting:
-            raise InvalidInput(f"node {node_id!r} of run {run_id!r} is not awaiting (awaiting: {', '.join(waiting)})")
+            raise StateConflict(f"node {node_id!r} of run {run_id!r} is not awaiting (awaiting: {', '.join(waiting)})")
         node = bp.node_map[node_id]
         edges = bp.out_edges[node_id]
         actions = sorted({e.action for e in edges if e.action})
@@ -229,7 +236,7 @@ class Engine:
             m = await run.meta()
             rec = await t.get(NODES, node_id)
             if m["status"] not in (RunStatus.AWAITING, RunStatus.RUNNING) or not rec or rec["status"] != NodeStatus.AWAITING:
-                raise InvalidInput(f"node {node_id!r} of run {run_id!r} is no longer awaiting")
+                raise StateConflict(f"node {node_id!r} of run {run_id!r} is no longer awaiting")
             run.set_meta("awaiting_nodes", [n for n in m["awaiting_nodes"] if n != node_id])
             run.set_meta("status", RunStatus.RUNNING.value)
             run.add_pending(1)
@@ -247,8 +254,8 @@ class Engine:
         child_meta = await self._read_meta(child_id)
         waiting = list(child_meta.get("awaiting_nodes") or [])
         if child_meta["status"] != RunStatus.AWAITING:
-            raise InvalidInput(f"subflow node {node_id!r}: its child run {child_id!r} is {child_meta['status']}, "
-                               "not awaiting")
+            raise StateConflict(f"subflow node {node_id!r}: its child run {child_id!r} is {child_meta['status']}, "
+                                "not awaiting")
         if len(waiting) != 1:
             raise InvalidInput(f"subflow node {node_id!r} waits in child run {child_id!r} on "
                                f"{', '.join(waiting) or 'nothing'}: resume the child run itself")
@@ -258,7 +265,7 @@ class Engine:
             m = await run.meta()
             rec = await t.get(NODES, node_id)
             if not rec or rec["status"] != NodeStatus.AWAITING:
-                raise InvalidInput(f"node {node_id!r} of run {run_id!r} is no longer awaiting")
+                raise StateConflict(f"node {node_id!r} of run {run_id!r} is no longer awaiting")
             t.put(NODES, node_id, {**rec, "status": NodeStatus.RUNNING.value})
             run.set_meta("awaiting_nodes", [n for n in m["awaiting_nodes"] if n != node_id])
             run.set_meta("status", RunStatus.RUNNING.value)
@@ -347,12 +354,13 @@ class Engine:
                         (cm := await self._find_meta(rec["child"])) and cm["status"] == RunStatus.AWAITING):
                     found.append(Job(run_id, node_id, seq, "child_wait", rec["attempt"]))
             elif status == NodeStatus.RUNNING and rec.get("items") is not None:
-                prefix = f"{node_id}|{seq}"
-                n, done = await self.store.read(run_id, BATCH, [f"{prefix}|n", f"{prefix}|done"])
+                n, done = await self.store.read(run_id, BATCH, [field_name(node_id, seq, "n"),
+                                                                field_name(node_id, seq, "done")])
                 if done is not MISSING and n is not MISSING and done >= n:
                     found.append(Job(run_id, node_id, seq, "gather", 1))
                 else:
-                    states = await self.store.read(run_id, BATCH, [f"{prefix}|s|{i}" for i in range(int(n or 0))])
+                    states = await self.store.read(run_id, BATCH, [field_name(node_id, seq, "s", i)
+                                                                for i in range(int(n or 0))])
                     for i, st in enumerate(states):
                         if st is MISSING:
                             continue
@@ -438,7 +446,7 @@ class Engine:
             if not rec or rec["seq"] != job.seq:
                 return Recovery.NOTHING
             if job.kind == "item":
-                key = f"{node.id}|{job.seq}|s|{job.item}"
+                key = field_name(node.id, job.seq, "s", job.item)
                 st = await t.get(BATCH, key)
                 if not st or st["attempt"] != job.attempt or st.get("recovery", 0) != job.recovery:
                     return Recovery.NOTHING
@@ -670,6 +678,11 @@ def _aggregate(
     return Route(list(by_target.values()), events)
 
 
+def _count_field(tgt: str, gen: int) -> str:
+    """A join's ``[decided, taken]`` count: a bare ``#`` part, which no escaped source id can be."""
+    return field_name(tgt, gen) + "|#"
+
+
 def _check_json(value: Any, what: str) -> str:
     try:
         return dumps(value)
@@ -810,9 +823,9 @@ class _RunTxn:
         decided, taken = counts
         if node.config.join_strategy == JoinStrategy.ANY and taken:
             if trigger is None:  # re-checked after a busy node finished: any taken arrival will do
-                arrivals = await self.t.get_many(JOINS, [f"{tgt}|{gen}|{p}" for p in self.bp.predecessors[tgt]])
-                src = next(p for p in self.bp.predecessors[tgt] if arrivals.get(f"{tgt}|{gen}|{p}", {}).get("t"))
-                trigger = (src, Decision(tgt, True, arrivals[f"{tgt}|{gen}|{src}"].get("v", _REF)))
+                arrivals = await self.t.get_many(JOINS, [field_name(tgt, gen, p) for p in self.bp.predecessors[tgt]])
+                src = next(p for p in self.bp.predecessors[tgt] if arrivals.get(field_name(tgt, gen, p), {}).get("t"))
+                trigger = (src, Decision(tgt, True, arrivals[field_name(tgt, gen, src)].get("v", _REF)))
             await self.fire(tgt, await self._value_of(*trigger))
         elif decided >= len(self.bp.predecessors[tgt]):
             if taken:
@@ -827,20 +840,20 @@ class _RunTxn:
         if not rec or rec.get("fired_gen", rec["gen"]) == rec["gen"] or rec["status"] in _ACTIVE_NODE:
             return
         gen = rec["gen"]
-        counts = await self.t.get(JOINS, f"{node_id}|{gen}|#")
+        counts = await self.t.get(JOINS, _count_field(node_id, gen))
         if counts:
             work: deque[tuple[str, Decision]] = deque()
             await self._decide_join(node_id, self.bp.node_map[node_id], rec, gen, tuple(counts), None, work)
             await self._drain(work)
 
     async def _record_arrival(self, tgt: str, gen: int, src: str, d: Decision) -> tuple[int, int] | None:
-        key = f"{tgt}|{gen}|{src}"
+        key = field_name(tgt, gen, src)
         if await self.t.get(JOINS, key) is not None:
             return None  # this predecessor already arrived in this generation
         self.t.put(JOINS, key, {"t": d.taken} if d.value is _REF or not d.taken else {"t": True, "v": d.value})
-        decided, taken = await self.t.get(JOINS, f"{tgt}|{gen}|#", [0, 0])
+        decided, taken = await self.t.get(JOINS, _count_field(tgt, gen), [0, 0])
         counts = (decided + 1, taken + int(d.taken))
-        self.t.put(JOINS, f"{tgt}|{gen}|#", list(counts))
+        self.t.put(JOINS, _count_field(tgt, gen), list(counts))
         return counts
 
     async def _arrive_loop(self, src: str, d: Decision, node: NodeDef, rec: dict | None, gen: int,
@@ -902,8 +915,8 @@ class _RunTxn:
         """A single predecessor delivers its value; several deliver ``{source_id: value}`` of the edges
         that were taken."""
         preds = self.bp.predecessors[tgt]
-        arrivals = await self.t.get_many(JOINS, [f"{tgt}|{gen}|{p}" for p in preds])
-        taken = [(p, arrivals[f"{tgt}|{gen}|{p}"]) for p in preds if arrivals.get(f"{tgt}|{gen}|{p}", {}).get("t")]
+        arrivals = await self.t.get_many(JOINS, [field_name(tgt, gen, p) for p in preds])
+        taken = [(p, arrivals[field_name(tgt, gen, p)]) for p in preds if arrivals.get(field_name(tgt, gen, p), {}).get("t")]
         refs = await self.t.get_many(STATE, [f"_outputs.{p}" for p, a in taken if "v" not in a])
         values = {p: (a["v"] if "v" in a else refs.get(f"_outputs.{p}")) for p, a in taken}
         if len(preds) == 1:
@@ -924,19 +937,19 @@ class _RunTxn:
             base = rec or {"seq": 0, "runs": 0, "fired_gen": -1}
             self.t.put(NODES, node_id, {**base, "gen": new_gen, "status": NodeStatus.PENDING.value, "held": None})
             outside = [p for p in self.bp.predecessors[node_id] if p not in body and p != controller]
-            old = await self.t.get_many(JOINS, [f"{node_id}|{old_gen}|{p}" for p in self.bp.predecessors[node_id]])
+            old = await self.t.get_many(JOINS, [field_name(node_id, old_gen, p) for p in self.bp.predecessors[node_id]])
             decided = taken = 0
             for p in outside:
-                a = old.get(f"{node_id}|{old_gen}|{p}")
+                a = old.get(field_name(node_id, old_gen, p))
                 if a is not None:
-                    self.t.put(JOINS, f"{node_id}|{new_gen}|{p}", a)
+                    self.t.put(JOINS, field_name(node_id, new_gen, p), a)
                     decided += 1
                     taken += int(bool(a.get("t")))
             if decided:
-                self.t.put(JOINS, f"{node_id}|{new_gen}|#", [decided, taken])
+                self.t.put(JOINS, _count_field(node_id, new_gen), [decided, taken])
             for key in old:
                 self.t.delete(JOINS, key)
-            self.t.delete(JOINS, f"{node_id}|{old_gen}|#")
+            self.t.delete(JOINS, _count_field(node_id, old_gen))
 
     # ---- finishing nodes and runs
 
@@ -1098,15 +1111,33 @@ class _Step:
             # queue gave up on is queued again by the reconciler
             await asyncio.shield(self._release())
             raise
+        except UndecodableValue as e:
+            return await self._fail_undecodable(e)
         finally:
             self.engine.active_tokens.discard(self.token)
+
+    async def _fail_undecodable(self, error: UndecodableValue) -> list[tuple[str, Job]]:
+        """A value in the run's hash is not JSON (CONTRACT §6.1): every retry would meet it again, so the run
+        fails now. If even that cannot be written (the run's own records are corrupt), the job is dropped."""
+        log.error("job %s: %s; failing the run", self.job.job_id, error)
+
+        async def fn(run: _RunTxn) -> None:
+            run.set_meta("failed_node", self.node.id)
+            await run.finalize(RunStatus.FAILED, f"node {self.node.id!r}: {error}")
+
+        try:
+            got = await self.txn(fn)
+        except UndecodableValue as again:
+            log.error("job %s: cannot fail run %s either (%s); dropped", self.job.job_id, self.run_id, again)
+            return []
+        return got[1] if got else []
 
     async def _release(self) -> None:
         job = self.job
 
         async def fn(run: _RunTxn) -> None:
             if job.kind == "item":
-                key = f"{self.node.id}|{job.seq}|s|{job.item}"
+                key = field_name(self.node.id, job.seq, "s", job.item)
                 st = await run.t.get(BATCH, key)
                 if st and st.get("token") == self.token and st["status"] == "running":
                     run.t.put(BATCH, key, {**st, "status": "queued", "token": None, "job": None})
@@ -1423,23 +1454,22 @@ class _Step:
             return await self._commit(lambda run, r: run.fail_node(self.node, r, self.job, msg, False))
         if not node_input:
             return await self._succeed([], None, {}, node_input)
-        seq, prefix = self.job.seq, f"{self.node.id}|{self.job.seq}"
+        seq = self.job.seq
 
         async def fn(run: _RunTxn, r: dict[str, Any]) -> None:
             run.t.put(NODES, self.node.id, {**r, "items": len(node_input)})
-            run.t.put(BATCH, f"{prefix}|n", len(node_input))
-            run.t.put(BATCH, f"{prefix}|done", 0)
+            run.t.put(BATCH, field_name(self.node.id, seq, "n"), len(node_input))
+            run.t.put(BATCH, field_name(self.node.id, seq, "done"), 0)
             for i, item in enumerate(node_input):
-                run.t.put(BATCH, f"{prefix}|i|{i}", item)
-                run.t.put(BATCH, f"{prefix}|s|{i}", {"status": "queued", "attempt": 1})
+                run.t.put(BATCH, field_name(self.node.id, seq, "i", i), item)
+                run.t.put(BATCH, field_name(self.node.id, seq, "s", i), {"status": "queued", "attempt": 1})
                 run.schedule(Job(self.run_id, self.node.id, seq, "item", 1, item=i))
 
         return await self._commit(fn)
 
     async def _run_item(self) -> list[tuple[str, Job]]:
         job, node = self.job, self.node
-        prefix = f"{node.id}|{job.seq}"
-        skey = f"{prefix}|s|{job.item}"
+        skey = field_name(node.id, job.seq, "s", job.item)
         now = self.engine.clock()
 
         async def claim(run: _RunTxn) -> tuple[Any, str] | None:
@@ -1456,7 +1486,7 @@ class _Step:
                 return None
             run.t.put(BATCH, skey, {**st, "status": "running", "token": self.token, "worker": self.engine.worker_id,
                                     "job": job.job_id, "attempt_started_at": now})
-            return await run.t.get(BATCH, f"{prefix}|i|{job.item}"), rec["token"]
+            return await run.t.get(BATCH, field_name(node.id, job.seq, "i", job.item)), rec["token"]
 
         got = await self.txn(claim)
         if got is None or got[0] is None:
@@ -1504,10 +1534,10 @@ class _Step:
                 else:
                     run.t.put(STATE, key, value)
             run.t.put(BATCH, skey, {"status": "done", "attempt": job.attempt})
-            run.t.put(BATCH, f"{prefix}|r|{job.item}", output)
-            n_done = await run.t.get(BATCH, f"{prefix}|done", 0) + 1
-            run.t.put(BATCH, f"{prefix}|done", n_done)
-            if n_done >= await run.t.get(BATCH, f"{prefix}|n", 0):
+            run.t.put(BATCH, field_name(node.id, job.seq, "r", job.item), output)
+            n_done = await run.t.get(BATCH, field_name(node.id, job.seq, "done"), 0) + 1
+            run.t.put(BATCH, field_name(node.id, job.seq, "done"), n_done)
+            if n_done >= await run.t.get(BATCH, field_name(node.id, job.seq, "n"), 0):
                 run.schedule(Job(self.run_id, node.id, job.seq, "gather", 1))
             return True
 
@@ -1515,14 +1545,14 @@ class _Step:
         return res[1] if res and res[0] else []
 
     async def _run_gather(self) -> list[tuple[str, Job]]:
-        node, prefix = self.node, f"{self.node.id}|{self.job.seq}"
+        node, seq = self.node, self.job.seq
         recs = await self.engine.store.read(self.run_id, NODES, [node.id])
         rec = recs[0]
         if rec is MISSING or rec["seq"] != self.job.seq or rec["status"] != NodeStatus.RUNNING:
             self.stale = True
             return []
-        n = (await self.engine.store.read(self.run_id, BATCH, [f"{prefix}|n"]))[0]
-        results = await self.engine.store.read(self.run_id, BATCH, [f"{prefix}|r|{i}" for i in range(n)])
+        n = (await self.engine.store.read(self.run_id, BATCH, [field_name(node.id, seq, "n")]))[0]
+        results = await self.engine.store.read(self.run_id, BATCH, [field_name(node.id, seq, "r", i) for i in range(n)])
         if any(r is MISSING for r in results):
             self.stale = True
             return []
@@ -1533,7 +1563,7 @@ class _Step:
         """subflow: a child run linked to this node; the child's end schedules a ``child`` job here."""
         params = runner.params
         child_bp = str(params.get("blueprintId"))
-        child_id = f"{self.run_id}.{self.node.id}.{self.job.seq}.{self.job.attempt}"
+        child_id = child_run_id(self.run_id, self.node.id, self.job.seq, self.job.attempt)
         mapping = params.get("inputs")
         seed: dict[str, Any] | None = None
         if isinstance(mapping, Mapping):

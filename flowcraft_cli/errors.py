@@ -9,7 +9,9 @@
     │   └── ExpressionError        an expression that does not compile (syntax, forbidden construct)
     ├── OperationalError           exit 1: Redis unreachable, run not found, ...
     │   ├── RedisUnavailable
-    │   └── RunNotFound
+    │   ├── RunNotFound
+    │   ├── StateConflict          the request does not fit the run's state (cancel a finished run, ...)
+    │   └── UndecodableValue       a stored value that is not JSON (corrupt, or planted)
     └── NodeFailure                a node attempt failed (raised inside the engine, recorded, never shown raw)
         └── NodeTimeout
 
@@ -58,6 +60,14 @@ class RedisUnavailable(OperationalError):
 
 class RunNotFound(OperationalError):
     pass
+
+
+class StateConflict(OperationalError):
+    """Right input, wrong moment: cancelling a finished run, resuming what does not await (CONTRACT §8)."""
+
+
+class UndecodableValue(OperationalError):
+    """A value in a run's hash that is not JSON: it is never unpickled or evaluated (CONTRACT §6.1)."""
 
 
 class NodeFailure(FlowcraftError):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .ids import field_name
+
 #: exec: run the node (attempt N) · fallback: run the node's fallback (attempt N) · item: one batch item ·
 #: gather: finish a batch · wake: end a sleep · child: a subflow's child run has finished ·
 #: child_wait: a subflow's child run rests awaiting
@@ -27,10 +29,12 @@ class Job:
     @property
     def job_id(self) -> str:
         """Deterministic, so scheduling the same step twice is a no-op in the queue."""
-        base = f"{self.run_id}|{self.node_id}|{self.seq}|{self.kind}|{self.attempt}"
+        parts: tuple[object, ...] = (self.run_id, self.node_id, self.seq, self.kind, self.attempt)
         if self.item >= 0:
-            base = f"{base}|{self.item}"
-        return f"{base}|r{self.recovery}" if self.recovery else base
+            parts = (*parts, self.item)
+        if self.recovery:
+            parts = (*parts, f"r{self.recovery}")
+        return field_name(*parts)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

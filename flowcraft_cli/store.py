@@ -11,6 +11,7 @@ A run's state is a few hashes of JSON values, named by *kind*:
   NODES   node_id -> node record (status, seq, gen, attempt, timings, error)
   JOINS   "<target>|<gen>|<source>" -> arrival, "<target>|<gen>|#" -> [decided, taken]
   BATCH   "<node>|<seq>|..." -> batch item bookkeeping
+          (every part of these names, and of job ids, is escaped by ``ids.field_name``: node ids may hold ``|``)
   OUTBOX  job_id -> job: written in the same transaction that decides the job, deleted once queued
   STATE   the run context (Flowcraft keys: _outputs.<node>, _inputs.<node>, blueprintId, ...)
 """
@@ -23,6 +24,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
+from .errors import UndecodableValue
+
 RUN, NODES, JOINS, BATCH, OUTBOX, STATE = "run", "nodes", "joins", "batch", "outbox", "state"
 KINDS = (RUN, NODES, JOINS, BATCH, OUTBOX, STATE)
 MISSING: Any = object()
@@ -31,6 +34,18 @@ T = TypeVar("T")
 
 def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def loads(raw: str | bytes, *, lenient: bool = False, where: str = "a stored value") -> Any:
+    """One stored value. One that is not JSON (corrupt, or planted) raises UndecodableValue naming
+    ``where``, or with ``lenient`` (what a view shows) reads as the string ``<undecodable: N bytes>``."""
+    try:
+        return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
+        size = len(raw if isinstance(raw, bytes) else raw.encode(errors="surrogatepass"))
+        if lenient:
+            return f"<undecodable: {size} bytes>"
+        raise UndecodableValue(f"{where}: {size} bytes that are not JSON") from None
 
 
 class Txn(ABC):
@@ -45,10 +60,10 @@ class Txn(ABC):
         self.ttl_s: int | None = None  # expiry to set on every key of the run at commit
 
     @abstractmethod
-    async def _load(self, kind: str, fields: list[str]) -> list[str | None]: ...
+    async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]: ...
 
     @abstractmethod
-    async def _load_all(self, kind: str) -> dict[str, str]: ...
+    async def _load_all(self, kind: str) -> dict[str, str | bytes]: ...
 
     async def get(self, kind: str, field: str, default: Any = None) -> Any:
         key = (kind, field)
@@ -57,7 +72,7 @@ class Txn(ABC):
             return default if v is MISSING else v
         if key not in self._cache:
             raw = (await self._load(kind, [field]))[0]
-            self._cache[key] = MISSING if raw is None else json.loads(raw)
+            self._cache[key] = MISSING if raw is None else self._loads(kind, field, raw)
         v = self._cache[key]
         return default if v is MISSING else v
 
@@ -66,7 +81,7 @@ class Txn(ABC):
         todo = [f for f in fields if (kind, f) not in self._writes and (kind, f) not in self._cache]
         if todo:
             for f, raw in zip(todo, await self._load(kind, todo), strict=True):
-                self._cache[(kind, f)] = MISSING if raw is None else json.loads(raw)
+                self._cache[(kind, f)] = MISSING if raw is None else self._loads(kind, f, raw)
         out: dict[str, Any] = {}
         for f in fields:
             v = self._writes.get((kind, f), self._cache.get((kind, f), MISSING))
@@ -75,7 +90,7 @@ class Txn(ABC):
         return out
 
     async def get_all(self, kind: str) -> dict[str, Any]:
-        out = {f: json.loads(raw) for f, raw in (await self._load_all(kind)).items()}
+        out = {f: self._loads(kind, f, raw) for f, raw in (await self._load_all(kind)).items()}
         for (k, f), v in self._writes.items():
             if k == kind:
                 if v is MISSING:
@@ -83,6 +98,9 @@ class Txn(ABC):
                 else:
                     out[f] = v
         return out
+
+    def _loads(self, kind: str, field: str, raw: str | bytes) -> Any:
+        return loads(raw, where=f"run {self.run_id!r}: {kind} field {field!r}")
 
     def put(self, kind: str, field: str, value: Any) -> None:
         self._writes[(kind, field)] = value
@@ -109,7 +127,8 @@ class Store(ABC):
         """Non-transactional read of some fields (MISSING where absent)."""
 
     @abstractmethod
-    async def read_all(self, run_id: str, kind: str) -> dict[str, Any]: ...
+    async def read_all(self, run_id: str, kind: str, *, lenient: bool = False) -> dict[str, Any]:
+        """``lenient``: a value that is not JSON reads as ``<undecodable: N bytes>`` (see ``loads``)."""
 
     @abstractmethod
     async def read_status(self, run_id: str) -> dict[str, Any] | None: ...
@@ -131,12 +150,12 @@ class _MemoryTxn(Txn):
         super().__init__(run_id)
         self._data = data
 
-    async def _load(self, kind: str, fields: list[str]) -> list[str | None]:
+    async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]:
         h = self._data.get(kind, {})
         return [h.get(f) for f in fields]
 
-    async def _load_all(self, kind: str) -> dict[str, str]:
-        return dict(self._data.get(kind, {}))
+    async def _load_all(self, kind: str) -> dict[str, str | bytes]:
+        return {**self._data.get(kind, {})}
 
 
 class MemoryStore(Store):
@@ -177,8 +196,8 @@ class MemoryStore(Store):
         h = self._runs.get(run_id, {}).get(kind, {})
         return [json.loads(h[f]) if f in h else MISSING for f in fields]
 
-    async def read_all(self, run_id: str, kind: str) -> dict[str, Any]:
-        return {f: json.loads(v) for f, v in self._runs.get(run_id, {}).get(kind, {}).items()}
+    async def read_all(self, run_id: str, kind: str, *, lenient: bool = False) -> dict[str, Any]:
+        return {f: loads(v, lenient=lenient) for f, v in self._runs.get(run_id, {}).get(kind, {}).items()}
 
     async def read_status(self, run_id: str) -> dict[str, Any] | None:
         return self._status.get(run_id)

@@ -81,8 +81,8 @@ async def read_run(store: Store, blueprints: Mapping[str, Blueprint], run_id: st
     meta = await store.read_all(run_id, RUN)
     if not meta.get("status"):
         raise RunNotFound(f"run {run_id!r} not found (it never existed or its keys expired)")
-    records = await store.read_all(run_id, NODES)
-    context = await store.read_all(run_id, STATE)
+    records = await store.read_all(run_id, NODES, lenient=True)
+    context = await store.read_all(run_id, STATE, lenient=True)  # a corrupt value is shown, not fatal
     bp = blueprints.get(meta["blueprint_id"])
     order = [n.id for n in bp.nodes] if bp else []
     known = set(order)
@@ -95,6 +95,9 @@ async def read_run(store: Store, blueprints: Mapping[str, Blueprint], run_id: st
         if rec is None:
             # never reached: in a completed run that means no taken edge led there (e.g. an unused fallback)
             nodes.append(NodeView(node_id, uses, "skipped" if finished_ok else "pending", 0, None, None, None))
+            continue
+        if isinstance(rec, str):  # a record that is not JSON (store.loads): shown, not fatal
+            nodes.append(NodeView(node_id, uses, "?", 0, None, None, rec))
             continue
         note = ""
         if rec.get("fallback"):

@@ -125,3 +125,29 @@ def test_failed_run_exits_1(proj):
     assert r.returncode == 1
     doc = json.loads(r.stdout)
     assert doc["status"] == "failed" and "it broke" in doc["reason"]
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("enqueue", "good", "--run-id", "R::call.1.1"), "'::' is reserved for subflow child runs"),
+    (("enqueue", "good", "--run-id", "a/b"), "run id 'a/b': '/' not allowed"),
+    (("enqueue", "good", "--run-id", "x" * 129), "129 characters; at most 128 allowed"),
+    (("run", "good", "--run-id", "a b"), "run id 'a b': ' ' not allowed"),
+    (("inspect", "a*"), "run id 'a*': '*' not allowed"),
+    (("resume", "a b", "--action", "go"), "run id 'a b': ' ' not allowed"),
+    (("cancel", "a\nb"), "not allowed"),
+])
+def test_bad_run_id_is_one_line_exit_2(proj, args, needle):
+    # refused before any connection is made: the project's Redis URL is never used
+    (proj / "flowcraft.yaml").write_text("blueprints: [./blueprints]\nregistry: [nodes]\n"
+                                         "redis: {url: 'redis://127.0.0.1:1/0'}\n")
+    r = cli(proj, *args)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_a_long_child_run_id_is_looked_up(proj, redis_url):
+    (proj / "flowcraft.yaml").write_text(f"blueprints: [./blueprints]\nregistry: [nodes]\nredis: {{url: '{redis_url}'}}\n")
+    long_child = "R" + "::call.1.1" * 20  # nested subflows: longer than a user's 128 characters
+    r = cli(proj, "inspect", long_child)
+    assert r.returncode == 1 and r.stderr.startswith(f"error: run '{long_child}' not found"), r.stderr

@@ -219,3 +219,56 @@ edges:
     view = asyncio.run(go())
     assert view.status == "completed"  # the keys outlived the 1 s running TTL because the run was asleep
     assert view.outputs["b"] == "b"
+
+
+def test_redis_context_set_never_leaves_the_state_key_without_expiry(redis_url, redis_sync):
+    from flowcraft_cli.distributed.context import RedisContext
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        await RedisContext(redis, "fresh", running_ttl_s=100).set("k", None)  # creates the key
+        redis_sync.hset("workflow:state:kept", "a", "1")
+        redis_sync.expire("workflow:state:kept", 5000)
+        await RedisContext(redis, "kept", running_ttl_s=100).set("k", 2)  # keeps the run's own expiry
+        redis_sync.hset("workflow:state:bare", "a", "1")
+        await RedisContext(redis, "bare", running_ttl_s=100).set("k", 3)
+        await RedisContext(redis, "forever", running_ttl_s=0).set("k", 4)  # 0 = forever, as for steps
+        await redis.aclose()
+
+    asyncio.run(go())
+    assert redis_sync.hget("workflow:state:fresh", "k") == b"null"
+    assert 90 <= redis_sync.ttl("workflow:state:fresh") <= 100
+    assert 4990 <= redis_sync.ttl("workflow:state:kept") <= 5000
+    assert 90 <= redis_sync.ttl("workflow:state:bare") <= 100
+    assert redis_sync.ttl("workflow:state:forever") == -1 and redis_sync.hget("workflow:state:forever", "k") == b"4"
+
+
+def test_a_worker_meeting_an_undecodable_value_fails_only_that_run(redis_url, redis_sync):
+    doc = """
+id: corrupt
+nodes:
+  - {id: w, uses: wait}
+  - {id: n, uses: count, inputs: payload}
+edges:
+  - {source: w, target: n}
+"""
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        adapter = _adapter(redis, [doc, JOIN], {"count": lambda ctx: ctx.node_id}, queue_name="corrupt-queue")
+        bad = await adapter.start_run("corrupt", {"payload": 1})
+        good = await adapter.start_run("join", {})
+        await adapter.start(burst=True)
+        redis_sync.hset(f"workflow:state:{bad}", "payload", b"\xff\xfe")  # planted: not JSON, not even UTF-8
+        await adapter.resume(bad, action=None)
+        await adapter.start(burst=True)  # the worker survives the step that meets it
+        views = await adapter.inspect(bad), await adapter.inspect(good)
+        await adapter.close()
+        await redis.aclose()
+        return views
+
+    bad_view, good_view = asyncio.run(go())
+    assert good_view.status == "completed"
+    assert bad_view.status == "failed", bad_view.status
+    assert "payload" in bad_view.reason and "not JSON" in bad_view.reason
+    assert bad_view.context["payload"] == "<undecodable: 2 bytes>"

@@ -185,6 +185,10 @@ def test_cancel_marks_unfinished_nodes_and_resume_checks_the_action(project):
     assert slow["status"] == "failed" and "cancelled" in slow["error"]
     wait_for(lambda: _slow_calls(project, "end") == 1, 30, "the slow step to end")
     assert project.cli_json("inspect", run_id)["outputs"].get("join") is None  # nothing ran after the cancel
+    again = project.cli("cancel", run_id)  # a request that conflicts with the run's state: exit 1, one line
+    assert again.returncode == 1 and again.stderr == f"error: run '{run_id}' is cancelled; nothing to cancel\n"
+    late = project.cli("resume", run_id, "--action", "go")
+    assert late.returncode == 1 and late.stderr == f"error: run '{run_id}' is cancelled, not awaiting a resume\n"
 
 
 def test_resume_refuses_an_action_no_edge_takes(tmp_path, redis_url):
@@ -204,10 +208,19 @@ def test_resume_refuses_an_action_no_edge_takes(tmp_path, redis_url):
         project.wait_run(run_id, statuses=("awaiting",))
         typo = project.cli("resume", run_id, "--action", "aprove")
         assert typo.returncode == 2 and "did you mean 'approve'" in typo.stderr
+        other = project.cli("resume", run_id, "--node", "approved", "--action", "approve")
+        assert other.returncode == 1, other.stderr
+        assert other.stderr == f"error: node 'approved' of run '{run_id}' is not awaiting (awaiting: w)\n"
+        unknown = project.cli("resume", run_id, "--node", "nope", "--action", "approve")
+        assert unknown.returncode == 2 and "has no node 'nope'" in unknown.stderr
         assert project.cli("resume", run_id, "--action", "approve", "--output", '{"by": "me"}').returncode == 0
         view = project.wait_run(run_id)
         assert view["status"] == "completed"
         assert {n["node_id"]: n["status"] for n in view["nodes"]} == {"w": "completed", "approved": "completed", "declined": "skipped"}
+        again = project.cli("resume", run_id, "--action", "approve")
+        assert again.returncode == 1 and again.stderr == f"error: run '{run_id}' is completed, not awaiting a resume\n"
+        done = project.cli("cancel", run_id)
+        assert done.returncode == 1 and done.stderr == f"error: run '{run_id}' is completed; nothing to cancel\n"
     finally:
         project.stop_all()
 
@@ -227,3 +240,22 @@ def test_random_dags_across_two_worker_processes(project):
         view = project.wait_run(run_id, timeout=60)
         assert view["status"] == "completed", view["reason"]
         assert {n["node_id"]: n["status"] for n in view["nodes"]} == expected
+
+
+def test_inspect_shows_undecodable_values(project, redis_url):
+    project.start_worker()
+    run_id = project.cli("enqueue", "routed", check=True).stdout.strip()
+    assert project.wait_run(run_id)["status"] == "completed"
+    r = redis_lib.Redis.from_url(redis_url)
+    r.hset(f"workflow:state:{run_id}", mapping={"bytes": b"\xff\xfe", "text": b"{not json",
+                                                "pickled": pickle.dumps({"x": 1})})
+    r.hset(f"flowcraft:nodes:{run_id}", "b", b"\x80garbage")
+    view = project.cli_json("inspect", run_id)
+    assert view["context"]["bytes"] == "<undecodable: 2 bytes>"
+    assert view["context"]["text"] == "<undecodable: 9 bytes>"
+    assert view["context"]["pickled"].startswith("<undecodable: ")  # never unpickled
+    b = next(n for n in view["nodes"] if n["node_id"] == "b")
+    assert b["status"] == "?" and b["error"] == "<undecodable: 8 bytes>"
+    human = project.cli("inspect", run_id)
+    assert human.returncode == 0 and "Traceback" not in human.stderr, human.stderr
+    assert "<undecodable: 2 bytes>" in human.stdout and "<undecodable: 9 bytes>" in human.stdout

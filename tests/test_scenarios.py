@@ -758,7 +758,7 @@ edges:
         s.resume(r.run_id, "call", output=1)
     child = next(n for n in r.view.nodes if n.node_id == "call")
     assert child.status == "awaiting"
-    child_id = f"{r.run_id}.call.1.1"
+    child_id = f"{r.run_id}::call.1.1"
     s.resume(child_id, "w1", output="one")
     r2 = s.resume(child_id, "w2", output="two")
     assert r2.status == "completed"
@@ -833,7 +833,7 @@ edges: []
     s = flow.session([parent, sub], {"tag": lambda ctx: ctx.node_id})
     r = s.run("pc")
     assert r.status == "awaiting"
-    child_id = f"{r.run_id}.call.1.1"
+    child_id = f"{r.run_id}::call.1.1"
     s.cancel(child_id)
     final = s.result(r.run_id)
     assert final.status == "failed" and "cancelled" in final.reason
@@ -869,3 +869,77 @@ edges:
     assert r.status == "completed", r.reason
     assert sorted(ticks) == [1] * wide + [2] * wide + [3] * wide
     assert ticks == sorted(ticks)  # iteration k+1 started only after every tick of iteration k
+
+
+
+def test_node_ids_with_separators_never_share_a_join_field(flow):
+    """``b -> a|0`` and ``0|b -> a`` are two different arrivals (their fields were both ``a|0|0|b``)."""
+    doc = """
+id: separators
+nodes:
+  - {id: b, uses: tag}
+  - {id: "0|b", uses: tag}
+  - {id: "a|0", uses: tag}
+  - {id: a, uses: tag}
+edges:
+  - {source: b, target: "a|0"}
+  - {source: "0|b", target: a}
+"""
+    r = flow.run(doc, {"tag": lambda ctx: ctx.node_id})
+    assert r.status == "completed", r.reason
+    assert {n.node_id: n.status for n in r.view.nodes} == dict.fromkeys(["b", "0|b", "a|0", "a"], "completed")
+    assert r.context["_inputs.a"] == "0|b" and r.context["_inputs.a|0"] == "b"
+
+
+def test_a_node_named_like_a_marker_or_an_escape_is_one_more_predecessor(flow):
+    """An arrival from node ``#`` is not the join's count; ``p%7Cq`` and ``p|q`` are two predecessors."""
+    doc = """
+id: markers
+nodes:
+  - {id: "#", uses: tag}
+  - {id: x, uses: tag}
+  - {id: t, uses: tag}
+  - {id: "p%7Cq", uses: tag}
+  - {id: "p|q", uses: tag}
+  - {id: u, uses: tag}
+edges:
+  - {source: "#", target: t}
+  - {source: x, target: t}
+  - {source: "p%7Cq", target: u}
+  - {source: "p|q", target: u}
+"""
+    r = flow.run(doc, {"tag": lambda ctx: ctx.input if ctx.node_id in ("t", "u") else ctx.node_id})
+    assert r.status == "completed", r.reason
+    assert r.outputs["t"] == {"#": "#", "x": "x"}
+    assert r.outputs["u"] == {"p%7Cq": "p%7Cq", "p|q": "p|q"}
+
+
+def test_run_ids_are_checked_and_no_user_id_is_a_child_id(flow):
+    import hashlib
+
+    import pytest
+
+    from flowcraft_cli.errors import InvalidInput
+
+    parent = """
+id: pw
+nodes:
+  - {id: "call me", uses: subflow, params: {blueprintId: waits}}
+edges: []
+"""
+    sub = """
+id: waits
+nodes: [{id: w, uses: wait}]
+edges: []
+"""
+    s = flow.session([parent, sub])
+    r = s.run("pw", run_id="R")
+    assert r.status == "awaiting"
+    child_id = f"R::h{hashlib.sha256(b'call me').hexdigest()[:12]}.1.1"
+    assert s.result(child_id).status == "awaiting"
+    assert s.run("waits", run_id="R.call me.1.1".replace(" ", "_")).status == "awaiting"  # an ordinary user id
+    for bad, needle in [(child_id, "reserved for subflow child runs"), ("a b", "' ' not allowed"),
+                        ("x" * 129, "at most 128"), ("", "must not be empty")]:
+        with pytest.raises(InvalidInput, match=needle):
+            s.run("waits", run_id=bad)
+    assert s.run("waits", run_id="x" * 128).status == "awaiting"

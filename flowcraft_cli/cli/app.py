@@ -11,7 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import FlowcraftError, InvalidInput
+from ..errors import FlowcraftError, InvalidInput, StateConflict
+from ..ids import check_run_id, check_run_ref
 from . import render
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -156,6 +157,8 @@ def enqueue(
     _setup_logging()
     if timeout is not None and not wait:
         raise InvalidInput("--timeout only applies with --wait")
+    if run_id is not None:
+        check_run_id(run_id)
     run_input = parse_input_checked(input, input_file)
     project = load_project(config)
     project.blueprint(blueprint_id)
@@ -225,6 +228,7 @@ def inspect(
     from ..project import connected, load_project
 
     _setup_logging()
+    check_run_ref(run_id)
     project = load_project(config)
 
     async def go() -> int:
@@ -259,6 +263,7 @@ def resume(
     from ..project import connected, load_project, parse_json
 
     _setup_logging()
+    check_run_ref(run_id)
     value = parse_json(output, "--output") if output is not None else None
     project = load_project(config)
 
@@ -276,14 +281,17 @@ def cancel(run_id: Annotated[str, typer.Argument()], config: ConfigOpt = None) -
     from ..project import connected, load_project
 
     _setup_logging()
+    check_run_ref(run_id)
     project = load_project(config)
 
-    async def go() -> bool:
+    async def go() -> None:
         async with connected(project) as adapter:
-            return await adapter.cancel(run_id)
+            if not await adapter.cancel(run_id):
+                status = (await adapter.status(run_id) or {}).get("status", "finished")
+                raise StateConflict(f"run {run_id!r} is {status}; nothing to cancel")
 
-    changed = asyncio.run(go())
-    render.info(f"run {run_id} cancelled" if changed else f"run {run_id} had already finished; nothing changed")
+    asyncio.run(go())
+    render.info(f"run {run_id} cancelled")
 
 
 @app.command()

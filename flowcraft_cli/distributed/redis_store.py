@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from ..store import KINDS, MISSING, RUN, Store, Txn, dumps
+from ..store import KINDS, MISSING, RUN, Store, Txn, dumps, loads
 from . import keys
 
 T = TypeVar("T")
@@ -30,13 +30,12 @@ class _RedisTxn(Txn):
         super().__init__(run_id)
         self._pipe = pipe
 
-    async def _load(self, kind: str, fields: list[str]) -> list[str | None]:
-        values = await self._pipe.hmget(keys.kind_key(kind, self.run_id), fields)
-        return [_s(v) for v in values]
+    async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]:
+        return list(await self._pipe.hmget(keys.kind_key(kind, self.run_id), fields))  # decoded by Txn
 
-    async def _load_all(self, kind: str) -> dict[str, str]:
+    async def _load_all(self, kind: str) -> dict[str, str | bytes]:
         raw = await self._pipe.hgetall(keys.kind_key(kind, self.run_id))
-        return {_s(k): _s(v) for k, v in raw.items()}
+        return {_s(k): v for k, v in raw.items()}
 
 
 class RedisStore(Store):
@@ -120,11 +119,13 @@ class RedisStore(Store):
         if not fields:
             return []
         values = await self.redis.hmget(keys.kind_key(kind, run_id), fields)
-        return [MISSING if v is None else json.loads(_s(v)) for v in values]
+        return [MISSING if v is None else loads(v, where=f"run {run_id!r}: {kind} field {f!r}")
+                for f, v in zip(fields, values, strict=True)]
 
-    async def read_all(self, run_id: str, kind: str) -> dict[str, Any]:
+    async def read_all(self, run_id: str, kind: str, *, lenient: bool = False) -> dict[str, Any]:
         raw = await self.redis.hgetall(keys.kind_key(kind, run_id))
-        return {_s(k): json.loads(_s(v)) for k, v in raw.items()}
+        return {_s(k): loads(v, lenient=lenient, where=f"run {run_id!r}: {kind} field {_s(k)!r}")
+                for k, v in raw.items()}
 
     async def read_status(self, run_id: str) -> dict[str, Any] | None:
         raw = await self.redis.get(keys.status_key(run_id))
