@@ -198,15 +198,7 @@ class Engine:
         if node_id not in waiting:
             raise InvalidInput(f"node {node_id!r} of run {run_id!r} is not awaiting (awaiting: {', '.join(waiting)})")
         node = bp.node_map[node_id]
-        edges = bp.out_edges[node_id]
-        actions = sorted({e.action for e in edges if e.action})
-        if action is not None and actions and action not in actions and all(e.action for e in edges):
-            import difflib
-
-            close = difflib.get_close_matches(action, actions, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise InvalidInput(f"action {action!r} matches no edge of node {node_id!r} ({hint}its actions: "
-                               f"{', '.join(actions)})")
+        _check_resume_action(bp, node_id, action)
         rec = (await self.store.read(run_id, NODES, [node_id]))[0]
         if rec is not MISSING and rec.get("child"):
             return await self._resume_child(run_id, bp, node_id, rec["child"], output, action)
@@ -240,6 +232,9 @@ class Engine:
         if len(waiting) != 1:
             raise InvalidInput(f"subflow node {node_id!r} waits in child run {child_id!r} on "
                                f"{', '.join(waiting) or 'nothing'}: resume the child run itself")
+        # refuse a bad action before the parent changes: a refused resume must leave the parent awaiting
+        _check_resume_action(self._blueprint_for(child_meta, child_id), waiting[0], action)
+        woken: dict[str, Any] = {}
 
         async def txn_fn(t: Txn) -> None:
             run = _RunTxn(self, t, bp)
@@ -247,13 +242,30 @@ class Engine:
             rec = await t.get(NODES, node_id)
             if not rec or rec["status"] != NodeStatus.AWAITING:
                 raise InvalidInput(f"node {node_id!r} of run {run_id!r} is no longer awaiting")
-            t.put(NODES, node_id, {**rec, "status": NodeStatus.RUNNING.value})
+            woken.update({**rec, "status": NodeStatus.RUNNING.value})
+            t.put(NODES, node_id, woken)
             run.set_meta("awaiting_nodes", [n for n in m["awaiting_nodes"] if n != node_id])
             run.set_meta("status", RunStatus.RUNNING.value)
             run.add_pending(1)
 
+        async def undo(t: Txn) -> None:
+            run = _RunTxn(self, t, bp)
+            m = await run.meta()
+            if await t.get(NODES, node_id) != woken or m["status"] != RunStatus.RUNNING:
+                return  # the node moved on meanwhile (the child ended and told it): nothing to put back
+            t.put(NODES, node_id, {**woken, "status": NodeStatus.AWAITING.value})
+            run.set_meta("awaiting_nodes", [*(m["awaiting_nodes"] or []), node_id])
+            run.add_pending(-1)
+            if int(m["pending"] or 0) == 0:
+                run.set_meta("status", RunStatus.AWAITING.value)
+
         await self.store.transact(run_id, txn_fn)
-        return await self.resume(child_id, waiting[0], output=output, action=action)
+        try:
+            return await self.resume(child_id, waiting[0], output=output, action=action)
+        except InvalidInput:
+            # the child refused after all (resumed by someone else meanwhile): the parent awaits as before
+            await self.store.transact(run_id, undo)
+            raise
 
     async def cancel(self, run_id: str, reason: str = "cancelled by user") -> tuple[bool, list[tuple[str, Job]]]:
         """Cancel a run that has not finished; no further node of it starts. Children are cancelled too.
@@ -555,6 +567,19 @@ def _aggregate(
     for msg in events:
         log.info("run %s node %s: %s (counts as not taken)", run_id, node_id, msg)
     return Route(list(by_target.values()), events)
+
+
+def _check_resume_action(bp: Blueprint, node_id: str, action: str | None) -> None:
+    """A resume's action must match an edge of the node when every edge of it has an action."""
+    edges = bp.out_edges[node_id]
+    actions = sorted({e.action for e in edges if e.action})
+    if action is not None and actions and action not in actions and all(e.action for e in edges):
+        import difflib
+
+        close = difflib.get_close_matches(action, actions, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise InvalidInput(f"action {action!r} matches no edge of node {node_id!r} ({hint}its actions: "
+                           f"{', '.join(actions)})")
 
 
 def _check_json(value: Any, what: str) -> str:

@@ -219,3 +219,59 @@ edges:
     view = asyncio.run(go())
     assert view.status == "completed"  # the keys outlived the 1 s running TTL because the run was asleep
     assert view.outputs["b"] == "b"
+
+
+ASKS = """
+id: asks
+nodes:
+  - {id: w, uses: wait}
+  - {id: ok, uses: count}
+edges:
+  - {source: w, target: ok, action: approve}
+"""
+CALLS_ASKS = """
+id: calls-asks
+nodes:
+  - {id: call, uses: subflow, params: {blueprintId: asks}}
+  - {id: after, uses: count}
+edges:
+  - {source: call, target: after}
+"""
+
+
+def test_a_child_resumed_by_another_client_meanwhile_puts_the_parent_back(redis_url, redis_sync):
+    """resume PARENT call: the parent's node is woken, then the child refuses (another client resumed it
+    directly in between): the parent awaits again, and the child's end still completes it."""
+    import pytest
+
+    from flowcraft_cli.errors import InvalidInput
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        adapter = _adapter(redis, [CALLS_ASKS, ASKS], {"count": lambda ctx: ctx.node_id})
+        engine = adapter.engine
+        run_id = await adapter.start_run("calls-asks", {})
+        await adapter.start(burst=True)
+        child_id = f"{run_id}.call.1.1"
+        original = engine.resume
+
+        async def racing_resume(rid, node_id=None, **kw):
+            if rid == child_id:  # the other client gets there first
+                await adapter.flush(await original(child_id, "w", output="direct", action="approve"))
+            return await original(rid, node_id, **kw)
+
+        engine.resume = racing_resume  # type: ignore[method-assign]
+        with pytest.raises(InvalidInput):
+            await engine.resume(run_id, "call", output="late", action="approve")
+        engine.resume = original  # type: ignore[method-assign]
+        between = await adapter.inspect(run_id)
+        await adapter.start(burst=True)
+        final = await adapter.inspect(run_id)
+        await adapter.close()
+        await redis.aclose()
+        return between, final
+
+    between, final = asyncio.run(go())
+    assert between.status == "awaiting" and between.awaiting_nodes == ["call"]
+    assert final.status == "completed", final.reason
+    assert final.outputs["after"] == "after"
