@@ -273,37 +273,48 @@ class Engine:
         meta = await self._read_meta(run_id)
         bp = self._blueprint_for(meta, run_id)
 
-        async def txn_fn(t: Txn) -> tuple[bool, list[tuple[str, str]], list[tuple[str, Job]]]:
+        async def txn_fn(t: Txn) -> tuple[bool, list[tuple[str, str, dict[str, Any]]], list[tuple[str, Job]]]:
             run = _RunTxn(self, t, bp)
             m = await run.meta()
             if m["status"] in FINAL_STATUSES:
                 return False, [], []
             nodes = await t.get_all(NODES)
-            children = [(r["child"], str(bp.node_map[n].params.get("blueprintId"))) for n, r in nodes.items()
+            # each child with the parent reference its start writes (as _Step._subflow builds it)
+            children = [(r["child"], str(bp.node_map[n].params.get("blueprintId")),
+                         {"run_id": run_id, "node_id": n, "seq": r["seq"], "attempt": r["attempt"]})
+                        for n, r in nodes.items()
                         if r.get("child") and r["status"] in (NodeStatus.RUNNING, NodeStatus.AWAITING)]
             await run.finalize(RunStatus.CANCELLED, reason)
             return True, children, run.scheduled
 
         changed, children, scheduled = await self.store.transact(run_id, txn_fn)
-        for child, child_bp in children:
-            try:
-                scheduled += (await self.cancel(child, f"parent run {run_id} cancelled"))[1]
-            except RunNotFound:
-                await self._tombstone(child, child_bp, f"parent run {run_id} cancelled")
+        for child, child_bp, parent in children:
+            # the child may be created at this very moment: either the tombstone or the child's start wins,
+            # and when the start won, the child now exists and is cancelled like any other
+            while True:
+                try:
+                    scheduled += (await self.cancel(child, f"parent run {run_id} cancelled"))[1]
+                    break
+                except RunNotFound:
+                    if await self._tombstone(child, child_bp, f"parent run {run_id} cancelled", parent):
+                        break
         return changed, scheduled
 
-    async def _tombstone(self, run_id: str, blueprint_id: str, reason: str) -> None:
-        """A child the parent recorded but had not created yet: create it as cancelled, so the step that was
-        about to start it finds it exists and starts nothing."""
-        async def fn(t: Txn) -> None:
-            if await t.get(RUN, "status") is None:
-                for key, value in {"status": RunStatus.CANCELLED.value, "reason": reason,
-                                   "blueprint_id": blueprint_id, "blueprint_version": "", "pending": 0,
-                                   "awaiting_nodes": [], "finished_at": self.clock()}.items():
-                    t.put(RUN, key, value)
-                t.final = ({"status": RunStatus.CANCELLED.value, "reason": reason, "payload": None},
-                           self.settings.ttl_s)
-        await self.store.transact(run_id, fn)
+    async def _tombstone(self, run_id: str, blueprint_id: str, reason: str, parent: dict[str, Any]) -> bool:
+        """A child the parent recorded but had not created yet: create it as cancelled (with the parent its
+        start would write), so the step that was about to start it finds it exists and starts nothing.
+        Returns False when the run exists already (its start won the race)."""
+        async def fn(t: Txn) -> bool:
+            if await t.get(RUN, "status") is not None:
+                return False
+            for key, value in {"status": RunStatus.CANCELLED.value, "reason": reason,
+                               "blueprint_id": blueprint_id, "blueprint_version": "", "pending": 0,
+                               "awaiting_nodes": [], "finished_at": self.clock(), "parent": parent}.items():
+                t.put(RUN, key, value)
+            t.final = ({"status": RunStatus.CANCELLED.value, "reason": reason, "payload": None},
+                       self.settings.ttl_s)
+            return True
+        return await self.store.transact(run_id, fn)
 
     async def expected_jobs(self, run_id: str) -> tuple[list[Job], list[str]]:
         """Every step a running run is waiting for, as the jobs that would carry them: its outbox, and each

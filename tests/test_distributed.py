@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from flowcraft_cli.distributed.adapter import ArqAdapter
@@ -242,8 +244,6 @@ edges:
 def test_a_child_resumed_by_another_client_meanwhile_puts_the_parent_back(redis_url, redis_sync):
     """resume PARENT call: the parent's node is woken, then the child refuses (another client resumed it
     directly in between): the parent awaits again, and the child's end still completes it."""
-    import pytest
-
     from flowcraft_cli.errors import InvalidInput
 
     async def go():
@@ -275,3 +275,74 @@ def test_a_child_resumed_by_another_client_meanwhile_puts_the_parent_back(redis_
     assert between.status == "awaiting" and between.awaiting_nodes == ["call"]
     assert final.status == "completed", final.reason
     assert final.outputs["after"] == "after"
+
+
+ONE = """
+id: one
+nodes: [{id: x, uses: count}]
+edges: []
+"""
+CALLS_ONE = """
+id: calls-one
+nodes: [{id: call, uses: subflow, params: {blueprintId: one}}]
+edges: []
+"""
+
+
+@pytest.mark.parametrize("child_starts", ["between-cancel-and-tombstone", "after-tombstone"])
+def test_cancel_racing_a_child_start_always_cancels_the_child(redis_url, redis_sync, child_starts):
+    """The subflow step has recorded its child but not created it when the parent is cancelled. Whether the
+    child's start commits between cancel's look at it and the tombstone, or after the tombstone, the child
+    ends cancelled (carrying its parent) and none of its nodes runs."""
+    from flowcraft_cli.errors import RunNotFound
+
+    calls: list[str] = []
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        adapter = _adapter(redis, [CALLS_ONE, ONE], {"count": lambda ctx: calls.append(ctx.node_id)})
+        engine = adapter.engine
+        run_id, scheduled = await engine.start_run("calls-one", {})
+        start_run, cancel = engine.start_run, engine.cancel
+        held: list[tuple[Any, ...]] = []
+
+        async def paused_start(blueprint_id, run_input=None, **kw):
+            held.append((blueprint_id, run_input, kw))  # the step stops right before creating its child
+            return kw["run_id"], []
+
+        engine.start_run = paused_start  # type: ignore[method-assign]
+        await engine.handle(scheduled[0][1])
+        engine.start_run = start_run  # type: ignore[method-assign]
+        blueprint_id, run_input, kw = held[0]
+        child_id = kw["run_id"]
+
+        async def start_child() -> None:
+            await adapter.flush((await start_run(blueprint_id, run_input, **kw))[1])
+
+        if child_starts == "after-tombstone":
+            await adapter.cancel(run_id)
+            await start_child()
+        else:
+            async def racing_cancel(rid, reason="cancelled by user"):
+                try:
+                    return await cancel(rid, reason)
+                except RunNotFound:
+                    if rid == child_id and not calls:
+                        calls.append("child started")
+                        await start_child()
+                    raise
+
+            engine.cancel = racing_cancel  # type: ignore[method-assign]
+            await adapter.cancel(run_id)
+            engine.cancel = cancel  # type: ignore[method-assign]
+        await adapter.start(burst=True)
+        views = await adapter.inspect(run_id), await adapter.inspect(child_id)
+        await adapter.close()
+        await redis.aclose()
+        return views, kw["parent"]
+
+    (parent, child), parent_ref = asyncio.run(go())
+    assert parent.status == "cancelled"
+    assert child.status == "cancelled" and "parent run" in (child.reason or "")
+    assert child.parent == parent_ref
+    assert "x" not in calls
