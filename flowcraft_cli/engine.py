@@ -335,13 +335,18 @@ class Engine:
         for data in outbox.values():
             job = Job.from_dict(data)
             rec = records.get(job.node_id) if job.run_id == run_id else None
-            # a finished child's note to its parent always counts; a step of this run only while expected
-            if job.run_id != run_id or (rec and rec.get("seq") == job.seq and rec["status"] in _ACTIVE_NODE):
+            # a finished child's note to its parent always counts; a step of this run only while expected (an
+            # awaiting node expects no job of its own: its resume or its child's note moves it)
+            if job.run_id != run_id or (rec and rec.get("seq") == job.seq and rec["status"] in _ACTIVE_NODE
+                                        and rec["status"] != NodeStatus.AWAITING):
                 jobs[job.job_id] = job  # else: the step already happened; a leftover entry, not a lost job
         if meta["status"] == RunStatus.AWAITING and (parent := meta.get("parent")):
-            # a waiting child tells its parent (idempotent), in case that note was lost
-            wait = Job(parent["run_id"], parent["node_id"], parent["seq"], "child_wait", parent["attempt"])
-            jobs[wait.job_id] = wait
+            # a waiting child tells its parent (idempotent), in case that note was lost: the parent's node
+            # still runs this child (once told, it awaits too)
+            prec = (await self.store.read(parent["run_id"], NODES, [parent["node_id"]]))[0]
+            if prec is not MISSING and prec.get("seq") == parent["seq"] and prec["status"] == NodeStatus.RUNNING:
+                wait = Job(parent["run_id"], parent["node_id"], parent["seq"], "child_wait", parent["attempt"])
+                jobs[wait.job_id] = wait
         for node_id, rec in records.items():
             status, seq, phase = rec["status"], rec.get("seq", 0), rec.get("phase", "exec")
             lease = rec.get("lease_until")
