@@ -68,7 +68,8 @@ FINAL_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CAN
 RESTING_STATUSES = FINAL_STATUSES | {RunStatus.AWAITING}
 _ACTIVE_NODE = frozenset({NodeStatus.QUEUED, NodeStatus.RUNNING, NodeStatus.SLEEPING, NodeStatus.AWAITING})
 _META_FIELDS = ("status", "reason", "blueprint_id", "blueprint_version", "pending", "awaiting_nodes",
-                "created_at", "finished_at", "parent", "failed_node", "version_wait_since", "keep_until")
+                "created_at", "finished_at", "parent", "failed_node", "version_wait_since", "keep_until",
+                "ancestors")
 _REF = object()  # "the source's output": resolved from _outputs.<source> when the target fires
 
 
@@ -156,6 +157,10 @@ class Engine:
         for key, value in context_seed.items():
             _check_json(value, f"run input key {key!r}")
         _check_json(run_input, "run input")
+        ancestors: list[str] = []  # outermost first, the parent last
+        if parent is not None:
+            above = (await self.store.read(parent["run_id"], RUN, ["ancestors"]))[0]
+            ancestors = [*(above if isinstance(above, list) else []), parent["run_id"]]
 
         async def txn_fn(t: Txn) -> list[tuple[str, Job]]:
             if await t.get(RUN, "status") is not None:
@@ -165,7 +170,7 @@ class Engine:
             ts = self.clock()
             for field_, value in {
                 "status": RunStatus.RUNNING.value, "blueprint_id": bp.id, "blueprint_version": bp.version,
-                "pending": 0, "awaiting_nodes": [], "created_at": ts, "parent": parent,
+                "pending": 0, "awaiting_nodes": [], "created_at": ts, "parent": parent, "ancestors": ancestors,
             }.items():
                 t.put(RUN, field_, value)
             for key, value in context_seed.items():
@@ -643,6 +648,7 @@ class _RunTxn:
             got = await self.t.get_many(RUN, _META_FIELDS)
             self._meta = {k: got.get(k) for k in _META_FIELDS}
             self._extend_expiry(self._meta.get("keep_until"))
+            self.t.ancestors = list(self._meta.get("ancestors") or [])  # they live as long as this run
         return self._meta
 
     def _extend_expiry(self, keep_until: int | None) -> None:

@@ -346,3 +346,72 @@ def test_cancel_racing_a_child_start_always_cancels_the_child(redis_url, redis_s
     assert child.status == "cancelled" and "parent run" in (child.reason or "")
     assert child.parent == parent_ref
     assert "x" not in calls
+
+
+def test_a_parent_outlives_its_child_sleeping_past_the_running_ttl(redis_url, redis_sync):
+    """The child sleeps longer than the running TTL while its parent has nothing to do: the child's steps
+    keep the parent's keys alive (CONTRACT §6.1), so its end still reaches the parent."""
+    parent = """
+id: calls-nap
+nodes:
+  - {id: call, uses: subflow, params: {blueprintId: grand-nap}}
+  - {id: after, uses: count}
+edges:
+  - {source: call, target: after}
+"""
+    middle = """
+id: grand-nap
+nodes: [{id: inner, uses: subflow, params: {blueprintId: nap-child}}]
+edges: []
+"""
+    child = """
+id: nap-child
+nodes:
+  - {id: nap, uses: sleep, params: {duration: 4s}}
+  - {id: b, uses: count}
+edges:
+  - {source: nap, target: b}
+"""
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        adapter = _adapter(redis, [parent, middle, child], {"count": lambda ctx: ctx.node_id}, running_ttl_s=2)
+        run_id = await adapter.start_run("calls-nap", {})
+        await adapter.start(burst=True)
+        view = await adapter.inspect(run_id)
+        await adapter.close()
+        await redis.aclose()
+        return view
+
+    view = asyncio.run(go())
+    assert view.status == "completed", view.reason  # a grandparent too: every ancestor outlived the sleep
+    assert view.outputs["after"] == "after"
+
+
+def test_a_child_step_extends_its_ancestors_expiry_and_never_shortens_it(redis_url, redis_sync):
+    from flowcraft_cli.distributed.redis_store import RedisStore
+    from flowcraft_cli.store import STATE
+
+    redis_sync.set("flowcraft:progress:gp", 1, px=1000)  # about to expire: extended
+    redis_sync.set("workflow:status:gp", "{}", ex=3600)  # finished long ago, an hour left: kept
+    redis_sync.hset("workflow:state:gp", "k", "1")  # kept forever: stays so
+    redis_sync.hset("workflow:state:p", "k", "1")
+    redis_sync.expire("workflow:state:p", 1)
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+
+        async def step(t):
+            t.ancestors = ["gp", "p"]
+            t.ttl_s = 60
+            t.put(STATE, "x", 1)
+
+        await RedisStore(redis).transact("child", step)
+        await redis.aclose()
+
+    asyncio.run(go())
+    assert 50_000 < redis_sync.pttl("flowcraft:progress:gp") <= 60_000
+    assert 3_500_000 < redis_sync.pttl("workflow:status:gp") <= 3_600_000
+    assert redis_sync.ttl("workflow:state:gp") == -1
+    assert 50 < redis_sync.ttl("workflow:state:p") <= 60
+    assert redis_sync.exists("flowcraft:run:gp") == 0  # a missing key is not created
