@@ -252,7 +252,7 @@ def test_a_child_resumed_by_another_client_meanwhile_puts_the_parent_back(redis_
         engine = adapter.engine
         run_id = await adapter.start_run("calls-asks", {})
         await adapter.start(burst=True)
-        child_id = f"{run_id}.call.1.1"
+        child_id = (await adapter.store.read(run_id, "nodes", ["call"]))[0]["child"]
         original = engine.resume
 
         async def racing_resume(rid, node_id=None, **kw):
