@@ -72,7 +72,8 @@ FINAL_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CAN
 RESTING_STATUSES = FINAL_STATUSES | {RunStatus.AWAITING}
 _ACTIVE_NODE = frozenset({NodeStatus.QUEUED, NodeStatus.RUNNING, NodeStatus.SLEEPING, NodeStatus.AWAITING})
 _META_FIELDS = ("status", "reason", "blueprint_id", "blueprint_version", "pending", "awaiting_nodes",
-                "created_at", "finished_at", "parent", "failed_node", "version_wait_since", "keep_until")
+                "created_at", "finished_at", "parent", "failed_node", "version_wait_since", "keep_until",
+                "ancestors")
 _REF = object()  # "the source's output": resolved from _outputs.<source> when the target fires
 
 
@@ -173,6 +174,10 @@ class Engine:
         for key, value in context_seed.items():
             _check_json(value, f"run input key {key!r}")
         _check_json(run_input, "run input")
+        ancestors: list[str] = []  # outermost first, the parent last
+        if parent is not None:
+            above = (await self.store.read(parent["run_id"], RUN, ["ancestors"]))[0]
+            ancestors = [*(above if isinstance(above, list) else []), parent["run_id"]]
 
         async def txn_fn(t: Txn) -> list[tuple[str, Job]]:
             if await t.get(RUN, "status") is not None:
@@ -182,7 +187,7 @@ class Engine:
             ts = self.clock()
             for field_, value in {
                 "status": RunStatus.RUNNING.value, "blueprint_id": bp.id, "blueprint_version": bp.version,
-                "pending": 0, "awaiting_nodes": [], "created_at": ts, "parent": parent,
+                "pending": 0, "awaiting_nodes": [], "created_at": ts, "parent": parent, "ancestors": ancestors,
             }.items():
                 t.put(RUN, field_, value)
             for key, value in context_seed.items():
@@ -217,15 +222,7 @@ class Engine:
         if node_id not in waiting:
             raise StateConflict(f"node {node_id!r} of run {run_id!r} is not awaiting (awaiting: {', '.join(waiting)})")
         node = bp.node_map[node_id]
-        edges = bp.out_edges[node_id]
-        actions = sorted({e.action for e in edges if e.action})
-        if action is not None and actions and action not in actions and all(e.action for e in edges):
-            import difflib
-
-            close = difflib.get_close_matches(action, actions, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise InvalidInput(f"action {action!r} matches no edge of node {node_id!r} ({hint}its actions: "
-                               f"{', '.join(actions)})")
+        _check_resume_action(bp, node_id, action)
         rec = (await self.store.read(run_id, NODES, [node_id]))[0]
         if rec is not MISSING and rec.get("child"):
             return await self._resume_child(run_id, bp, node_id, rec["child"], output, action)
@@ -259,6 +256,9 @@ class Engine:
         if len(waiting) != 1:
             raise InvalidInput(f"subflow node {node_id!r} waits in child run {child_id!r} on "
                                f"{', '.join(waiting) or 'nothing'}: resume the child run itself")
+        # refuse a bad action before the parent changes: a refused resume must leave the parent awaiting
+        _check_resume_action(self._blueprint_for(child_meta, child_id), waiting[0], action)
+        woken: dict[str, Any] = {}
 
         async def txn_fn(t: Txn) -> None:
             run = _RunTxn(self, t, bp)
@@ -266,13 +266,30 @@ class Engine:
             rec = await t.get(NODES, node_id)
             if not rec or rec["status"] != NodeStatus.AWAITING:
                 raise StateConflict(f"node {node_id!r} of run {run_id!r} is no longer awaiting")
-            t.put(NODES, node_id, {**rec, "status": NodeStatus.RUNNING.value})
+            woken.update({**rec, "status": NodeStatus.RUNNING.value})
+            t.put(NODES, node_id, woken)
             run.set_meta("awaiting_nodes", [n for n in m["awaiting_nodes"] if n != node_id])
             run.set_meta("status", RunStatus.RUNNING.value)
             run.add_pending(1)
 
+        async def undo(t: Txn) -> None:
+            run = _RunTxn(self, t, bp)
+            m = await run.meta()
+            if await t.get(NODES, node_id) != woken or m["status"] != RunStatus.RUNNING:
+                return  # the node moved on meanwhile (the child ended and told it): nothing to put back
+            t.put(NODES, node_id, {**woken, "status": NodeStatus.AWAITING.value})
+            run.set_meta("awaiting_nodes", [*(m["awaiting_nodes"] or []), node_id])
+            run.add_pending(-1)
+            if int(m["pending"] or 0) == 0:
+                run.set_meta("status", RunStatus.AWAITING.value)
+
         await self.store.transact(run_id, txn_fn)
-        return await self.resume(child_id, waiting[0], output=output, action=action)
+        try:
+            return await self.resume(child_id, waiting[0], output=output, action=action)
+        except (InvalidInput, StateConflict):
+            # the child refused after all (resumed by someone else meanwhile): the parent awaits as before
+            await self.store.transact(run_id, undo)
+            raise
 
     async def cancel(self, run_id: str, reason: str = "cancelled by user") -> tuple[bool, list[tuple[str, Job]]]:
         """Cancel a run that has not finished; no further node of it starts. Children are cancelled too.
@@ -280,37 +297,48 @@ class Engine:
         meta = await self._read_meta(run_id)
         bp = self._blueprint_for(meta, run_id)
 
-        async def txn_fn(t: Txn) -> tuple[bool, list[tuple[str, str]], list[tuple[str, Job]]]:
+        async def txn_fn(t: Txn) -> tuple[bool, list[tuple[str, str, dict[str, Any]]], list[tuple[str, Job]]]:
             run = _RunTxn(self, t, bp)
             m = await run.meta()
             if m["status"] in FINAL_STATUSES:
                 return False, [], []
             nodes = await t.get_all(NODES)
-            children = [(r["child"], str(bp.node_map[n].params.get("blueprintId"))) for n, r in nodes.items()
+            # each child with the parent reference its start writes (as _Step._subflow builds it)
+            children = [(r["child"], str(bp.node_map[n].params.get("blueprintId")),
+                         {"run_id": run_id, "node_id": n, "seq": r["seq"], "attempt": r["attempt"]})
+                        for n, r in nodes.items()
                         if r.get("child") and r["status"] in (NodeStatus.RUNNING, NodeStatus.AWAITING)]
             await run.finalize(RunStatus.CANCELLED, reason)
             return True, children, run.scheduled
 
         changed, children, scheduled = await self.store.transact(run_id, txn_fn)
-        for child, child_bp in children:
-            try:
-                scheduled += (await self.cancel(child, f"parent run {run_id} cancelled"))[1]
-            except RunNotFound:
-                await self._tombstone(child, child_bp, f"parent run {run_id} cancelled")
+        for child, child_bp, parent in children:
+            # the child may be created at this very moment: either the tombstone or the child's start wins,
+            # and when the start won, the child now exists and is cancelled like any other
+            while True:
+                try:
+                    scheduled += (await self.cancel(child, f"parent run {run_id} cancelled"))[1]
+                    break
+                except RunNotFound:
+                    if await self._tombstone(child, child_bp, f"parent run {run_id} cancelled", parent):
+                        break
         return changed, scheduled
 
-    async def _tombstone(self, run_id: str, blueprint_id: str, reason: str) -> None:
-        """A child the parent recorded but had not created yet: create it as cancelled, so the step that was
-        about to start it finds it exists and starts nothing."""
-        async def fn(t: Txn) -> None:
-            if await t.get(RUN, "status") is None:
-                for key, value in {"status": RunStatus.CANCELLED.value, "reason": reason,
-                                   "blueprint_id": blueprint_id, "blueprint_version": "", "pending": 0,
-                                   "awaiting_nodes": [], "finished_at": self.clock()}.items():
-                    t.put(RUN, key, value)
-                t.final = ({"status": RunStatus.CANCELLED.value, "reason": reason, "payload": None},
-                           self.settings.ttl_s)
-        await self.store.transact(run_id, fn)
+    async def _tombstone(self, run_id: str, blueprint_id: str, reason: str, parent: dict[str, Any]) -> bool:
+        """A child the parent recorded but had not created yet: create it as cancelled (with the parent its
+        start would write), so the step that was about to start it finds it exists and starts nothing.
+        Returns False when the run exists already (its start won the race)."""
+        async def fn(t: Txn) -> bool:
+            if await t.get(RUN, "status") is not None:
+                return False
+            for key, value in {"status": RunStatus.CANCELLED.value, "reason": reason,
+                               "blueprint_id": blueprint_id, "blueprint_version": "", "pending": 0,
+                               "awaiting_nodes": [], "finished_at": self.clock(), "parent": parent}.items():
+                t.put(RUN, key, value)
+            t.final = ({"status": RunStatus.CANCELLED.value, "reason": reason, "payload": None},
+                       self.settings.ttl_s)
+            return True
+        return await self.store.transact(run_id, fn)
 
     async def expected_jobs(self, run_id: str) -> tuple[list[Job], list[str], list[tuple[Job, str]]]:
         """Every step a running run is waiting for, as the jobs that would carry them: its outbox, and each
@@ -332,13 +360,18 @@ class Engine:
         for data in outbox.values():
             job = Job.from_dict(data)
             rec = records.get(job.node_id) if job.run_id == run_id else None
-            # a finished child's note to its parent always counts; a step of this run only while expected
-            if job.run_id != run_id or (rec and rec.get("seq") == job.seq and rec["status"] in _ACTIVE_NODE):
+            # a finished child's note to its parent always counts; a step of this run only while expected (an
+            # awaiting node expects no job of its own: its resume or its child's note moves it)
+            if job.run_id != run_id or (rec and rec.get("seq") == job.seq and rec["status"] in _ACTIVE_NODE
+                                        and rec["status"] != NodeStatus.AWAITING):
                 jobs[job.job_id] = job  # else: the step already happened; a leftover entry, not a lost job
         if meta["status"] == RunStatus.AWAITING and (parent := meta.get("parent")):
-            # a waiting child tells its parent (idempotent), in case that note was lost
-            wait = Job(parent["run_id"], parent["node_id"], parent["seq"], "child_wait", parent["attempt"])
-            jobs[wait.job_id] = wait
+            # a waiting child tells its parent (idempotent), in case that note was lost: the parent's node
+            # still runs this child (once told, it awaits too)
+            prec = (await self.store.read(parent["run_id"], NODES, [parent["node_id"]]))[0]
+            if prec is not MISSING and prec.get("seq") == parent["seq"] and prec["status"] == NodeStatus.RUNNING:
+                wait = Job(parent["run_id"], parent["node_id"], parent["seq"], "child_wait", parent["attempt"])
+                jobs[wait.job_id] = wait
         for node_id, rec in records.items():
             status, seq, phase = rec["status"], rec.get("seq", 0), rec.get("phase", "exec")
             found: list[Job] = []
@@ -683,6 +716,19 @@ def _count_field(tgt: str, gen: int) -> str:
     return field_name(tgt, gen) + "|#"
 
 
+def _check_resume_action(bp: Blueprint, node_id: str, action: str | None) -> None:
+    """A resume's action must match an edge of the node when every edge of it has an action."""
+    edges = bp.out_edges[node_id]
+    actions = sorted({e.action for e in edges if e.action})
+    if action is not None and actions and action not in actions and all(e.action for e in edges):
+        import difflib
+
+        close = difflib.get_close_matches(action, actions, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise InvalidInput(f"action {action!r} matches no edge of node {node_id!r} ({hint}its actions: "
+                           f"{', '.join(actions)})")
+
+
 def _check_json(value: Any, what: str) -> str:
     try:
         return dumps(value)
@@ -728,6 +774,7 @@ class _RunTxn:
             got = await self.t.get_many(RUN, _META_FIELDS)
             self._meta = {k: got.get(k) for k in _META_FIELDS}
             self._extend_expiry(self._meta.get("keep_until"))
+            self.t.ancestors = list(self._meta.get("ancestors") or [])  # they live as long as this run
         return self._meta
 
     def _extend_expiry(self, keep_until: int | None) -> None:

@@ -58,6 +58,7 @@ class Txn(ABC):
         self.events: list[dict[str, Any]] = []
         self.final: tuple[dict[str, Any], int] | None = None  # (status document, ttl_s)
         self.ttl_s: int | None = None  # expiry to set on every key of the run at commit
+        self.ancestors: list[str] = []  # subflow parents (outermost first): their keys get at least that expiry
 
     @abstractmethod
     async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]: ...

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from flowcraft_cli.distributed.adapter import ArqAdapter
@@ -272,3 +274,197 @@ edges:
     assert bad_view.status == "failed", bad_view.status
     assert "payload" in bad_view.reason and "not JSON" in bad_view.reason
     assert bad_view.context["payload"] == "<undecodable: 2 bytes>"
+
+
+ASKS = """
+id: asks
+nodes:
+  - {id: w, uses: wait}
+  - {id: ok, uses: count}
+edges:
+  - {source: w, target: ok, action: approve}
+"""
+CALLS_ASKS = """
+id: calls-asks
+nodes:
+  - {id: call, uses: subflow, params: {blueprintId: asks}}
+  - {id: after, uses: count}
+edges:
+  - {source: call, target: after}
+"""
+
+
+def test_a_child_resumed_by_another_client_meanwhile_puts_the_parent_back(redis_url, redis_sync):
+    """resume PARENT call: the parent's node is woken, then the child refuses (another client resumed it
+    directly in between): the parent awaits again, and the child's end still completes it."""
+    from flowcraft_cli.errors import StateConflict
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        adapter = _adapter(redis, [CALLS_ASKS, ASKS], {"count": lambda ctx: ctx.node_id})
+        engine = adapter.engine
+        run_id = await adapter.start_run("calls-asks", {})
+        await adapter.start(burst=True)
+        child_id = (await adapter.store.read(run_id, "nodes", ["call"]))[0]["child"]
+        original = engine.resume
+
+        async def racing_resume(rid, node_id=None, **kw):
+            if rid == child_id:  # the other client gets there first
+                await adapter.flush(await original(child_id, "w", output="direct", action="approve"))
+            return await original(rid, node_id, **kw)
+
+        engine.resume = racing_resume  # type: ignore[method-assign]
+        with pytest.raises(StateConflict):
+            await engine.resume(run_id, "call", output="late", action="approve")
+        engine.resume = original  # type: ignore[method-assign]
+        between = await adapter.inspect(run_id)
+        await adapter.start(burst=True)
+        final = await adapter.inspect(run_id)
+        await adapter.close()
+        await redis.aclose()
+        return between, final
+
+    between, final = asyncio.run(go())
+    assert between.status == "awaiting" and between.awaiting_nodes == ["call"]
+    assert final.status == "completed", final.reason
+    assert final.outputs["after"] == "after"
+
+
+ONE = """
+id: one
+nodes: [{id: x, uses: count}]
+edges: []
+"""
+CALLS_ONE = """
+id: calls-one
+nodes: [{id: call, uses: subflow, params: {blueprintId: one}}]
+edges: []
+"""
+
+
+@pytest.mark.parametrize("child_starts", ["between-cancel-and-tombstone", "after-tombstone"])
+def test_cancel_racing_a_child_start_always_cancels_the_child(redis_url, redis_sync, child_starts):
+    """The subflow step has recorded its child but not created it when the parent is cancelled. Whether the
+    child's start commits between cancel's look at it and the tombstone, or after the tombstone, the child
+    ends cancelled (carrying its parent) and none of its nodes runs."""
+    from flowcraft_cli.errors import RunNotFound
+
+    calls: list[str] = []
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        adapter = _adapter(redis, [CALLS_ONE, ONE], {"count": lambda ctx: calls.append(ctx.node_id)})
+        engine = adapter.engine
+        run_id, scheduled = await engine.start_run("calls-one", {})
+        start_run, cancel = engine.start_run, engine.cancel
+        held: list[tuple[Any, ...]] = []
+
+        async def paused_start(blueprint_id, run_input=None, **kw):
+            held.append((blueprint_id, run_input, kw))  # the step stops right before creating its child
+            return kw["run_id"], []
+
+        engine.start_run = paused_start  # type: ignore[method-assign]
+        await engine.handle(scheduled[0][1])
+        engine.start_run = start_run  # type: ignore[method-assign]
+        blueprint_id, run_input, kw = held[0]
+        child_id = kw["run_id"]
+
+        async def start_child() -> None:
+            await adapter.flush((await start_run(blueprint_id, run_input, **kw))[1])
+
+        if child_starts == "after-tombstone":
+            await adapter.cancel(run_id)
+            await start_child()
+        else:
+            async def racing_cancel(rid, reason="cancelled by user"):
+                try:
+                    return await cancel(rid, reason)
+                except RunNotFound:
+                    if rid == child_id and not calls:
+                        calls.append("child started")
+                        await start_child()
+                    raise
+
+            engine.cancel = racing_cancel  # type: ignore[method-assign]
+            await adapter.cancel(run_id)
+            engine.cancel = cancel  # type: ignore[method-assign]
+        await adapter.start(burst=True)
+        views = await adapter.inspect(run_id), await adapter.inspect(child_id)
+        await adapter.close()
+        await redis.aclose()
+        return views, kw["parent"]
+
+    (parent, child), parent_ref = asyncio.run(go())
+    assert parent.status == "cancelled"
+    assert child.status == "cancelled" and "parent run" in (child.reason or "")
+    assert child.parent == parent_ref
+    assert "x" not in calls
+
+
+def test_a_parent_outlives_its_child_sleeping_past_the_running_ttl(redis_url, redis_sync):
+    """The child sleeps longer than the running TTL while its parent has nothing to do: the child's steps
+    keep the parent's keys alive (CONTRACT §6.1), so its end still reaches the parent."""
+    parent = """
+id: calls-nap
+nodes:
+  - {id: call, uses: subflow, params: {blueprintId: grand-nap}}
+  - {id: after, uses: count}
+edges:
+  - {source: call, target: after}
+"""
+    middle = """
+id: grand-nap
+nodes: [{id: inner, uses: subflow, params: {blueprintId: nap-child}}]
+edges: []
+"""
+    child = """
+id: nap-child
+nodes:
+  - {id: nap, uses: sleep, params: {duration: 4s}}
+  - {id: b, uses: count}
+edges:
+  - {source: nap, target: b}
+"""
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        adapter = _adapter(redis, [parent, middle, child], {"count": lambda ctx: ctx.node_id}, running_ttl_s=2)
+        run_id = await adapter.start_run("calls-nap", {})
+        await adapter.start(burst=True)
+        view = await adapter.inspect(run_id)
+        await adapter.close()
+        await redis.aclose()
+        return view
+
+    view = asyncio.run(go())
+    assert view.status == "completed", view.reason  # a grandparent too: every ancestor outlived the sleep
+    assert view.outputs["after"] == "after"
+
+
+def test_a_child_step_extends_its_ancestors_expiry_and_never_shortens_it(redis_url, redis_sync):
+    from flowcraft_cli.distributed.redis_store import RedisStore
+    from flowcraft_cli.store import STATE
+
+    redis_sync.set("flowcraft:progress:gp", 1, px=1000)  # about to expire: extended
+    redis_sync.set("workflow:status:gp", "{}", ex=3600)  # finished long ago, an hour left: kept
+    redis_sync.hset("workflow:state:gp", "k", "1")  # kept forever: stays so
+    redis_sync.hset("workflow:state:p", "k", "1")
+    redis_sync.expire("workflow:state:p", 1)
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+
+        async def step(t):
+            t.ancestors = ["gp", "p"]
+            t.ttl_s = 60
+            t.put(STATE, "x", 1)
+
+        await RedisStore(redis).transact("child", step)
+        await redis.aclose()
+
+    asyncio.run(go())
+    assert 50_000 < redis_sync.pttl("flowcraft:progress:gp") <= 60_000
+    assert 3_500_000 < redis_sync.pttl("workflow:status:gp") <= 3_600_000
+    assert redis_sync.ttl("workflow:state:gp") == -1
+    assert 50 < redis_sync.ttl("workflow:state:p") <= 60
+    assert redis_sync.exists("flowcraft:run:gp") == 0  # a missing key is not created

@@ -16,6 +16,7 @@ from flowcraft_cli.distributed.adapter import ArqAdapter
 from flowcraft_cli.distributed.keys import progress_key
 from flowcraft_cli.distributed.reconciler import create_arq_reconciler
 from flowcraft_cli.jobs import Job
+from flowcraft_cli.store import NODES as NODE_RECORDS
 from tests.e2e import Project, wait_for
 from tests.harness import make_blueprints, make_registry
 
@@ -40,6 +41,19 @@ id: fails
 nodes: [{id: f, uses: boom}]
 edges: []
 """
+CALLS_WAITS = """
+id: calls-waits
+nodes:
+  - {id: call, uses: subflow, params: {blueprintId: waits}}
+  - {id: after, uses: tag}
+edges:
+  - {source: call, target: after}
+"""
+WAITS = """
+id: waits
+nodes: [{id: w, uses: wait}]
+edges: []
+"""
 
 
 def boom(ctx):
@@ -57,7 +71,7 @@ class Env:
         self.loop = asyncio.new_event_loop()
         self.url = url
         registry = make_registry(NODES)
-        bps = make_blueprints([ROUTED, SIMPLE, FAILS], registry)
+        bps = make_blueprints([ROUTED, SIMPLE, FAILS, CALLS_WAITS, WAITS], registry)
 
         async def make():
             return ArqAdapter(connection=Redis.from_url(url), queue_name=queue,
@@ -157,6 +171,54 @@ def test_finished_failed_and_awaiting_runs_are_never_stalled(env):
         env.wait_idle(r, 1)
     stats = env.sweep(threshold=1)
     assert stats.counts() == {"scanned_keys": 3, "stalled_runs": 0, "reconciled_runs": 0, "failed_runs": 0}
+
+
+@pytest.mark.parametrize("end", ["resume", "cancel"])
+def test_a_finished_childs_lost_note_reaches_its_awaiting_parent(env, end):
+    """`resume CHILD` / `cancel CHILD` committed the child's end (its note to the parent sits in the child's
+    outbox) and the client died before queueing it: the sweep finds the finished child by its outbox."""
+    parent_id = env.do(env.adapter.start_run("calls-waits", {}))
+    env.drain()
+    assert env.status(parent_id) == "awaiting"
+    child_id = env.do(env.adapter.store.read(parent_id, NODE_RECORDS, ["call"]))[0]["child"]
+    if end == "resume":
+        env.do(env.adapter.engine.resume(child_id, output="done"))  # the jobs it returns are never queued
+    else:
+        env.do(env.adapter.engine.cancel(child_id))
+    assert env.status(child_id) == ("completed" if end == "resume" else "cancelled")
+    env.wait_idle(child_id, 0)
+    stats = env.sweep(threshold=0)
+    assert (stats.stalled_runs, stats.reconciled_runs) == (1, 1) and stats.runs[0].run_id == child_id
+    env.drain()
+    parent = env.do(env.adapter.inspect(parent_id))
+    if end == "resume":
+        assert parent.status == "completed", parent.reason
+        assert parent.outputs == {"call": "done", "after": "after"}
+    else:
+        assert parent.status == "failed" and "cancelled" in (parent.reason or "")
+    env.wait_idle(parent_id, 0)
+    assert env.sweep(threshold=0).stalled_runs == 0  # nothing pending anywhere now
+
+
+def test_an_awaiting_run_with_only_leftover_outbox_entries_is_not_stalled(env, redis_sync):
+    """A client queued the start jobs and died before clearing them from the outbox: the run ran on and now
+    awaits. Those entries stand for steps that happened, so the sweep neither counts nor re-runs anything."""
+    run_id, scheduled = env.do(env.adapter.engine.start_run("routed", {}))
+    env.do(env.adapter.queue.enqueue(job for _, job in scheduled))
+    # and an awaiting subflow child (its parent already told) left with its start job's entry the same way
+    parent_id, parent_jobs = env.do(env.adapter.engine.start_run("calls-waits", {}))
+    env.do(env.adapter.flush(parent_jobs))
+    env.drain()
+    child_id = env.do(env.adapter.store.read(parent_id, NODE_RECORDS, ["call"]))[0]["child"]
+    child_start = Job(child_id, "w", 1)
+    redis_sync.hset(f"flowcraft:outbox:{child_id}", child_start.job_id, json.dumps(child_start.to_dict()))
+    assert [env.status(r) for r in (run_id, parent_id, child_id)] == ["awaiting"] * 3
+    env.wait_idle(child_id, 0)
+    stats = env.sweep(threshold=0)
+    assert stats.counts() == {"scanned_keys": 3, "stalled_runs": 0, "reconciled_runs": 0, "failed_runs": 0}
+    every_job = [job.job_id for _, job in scheduled + parent_jobs] + [child_start.job_id]
+    assert env.do(env.adapter.queue.state_of(every_job)) == {}
+    assert [env.status(r) for r in (run_id, parent_id, child_id)] == ["awaiting"] * 3
 
 
 def test_resumes_only_the_branch_routing_took(env):

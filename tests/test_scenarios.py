@@ -767,6 +767,40 @@ edges:
     assert final.outputs["after"] == {"w1": "one", "w2": "two"}
 
 
+def test_refused_resume_of_a_subflow_node_leaves_the_parent_awaiting(flow):
+    parent = """
+id: pr
+nodes:
+  - {id: call, uses: subflow, params: {blueprintId: asks}}
+  - {id: after, uses: echo}
+edges:
+  - {source: call, target: after}
+"""
+    sub = """
+id: asks
+nodes:
+  - {id: w, uses: wait}
+  - {id: ok, uses: echo}
+edges:
+  - {source: w, target: ok, action: approve}
+"""
+    import pytest
+
+    from flowcraft_cli.errors import InvalidInput
+
+    s = flow.session([parent, sub], {"echo": lambda ctx: ctx.input})
+    r = s.run("pr")
+    assert r.status == "awaiting" and r.view.awaiting_nodes == ["call"]
+    with pytest.raises(InvalidInput, match="matches no edge"):
+        s.resume(r.run_id, "call", output=1, action="aprove")
+    refused = s.result(r.run_id)
+    assert refused.status == "awaiting" and refused.view.awaiting_nodes == ["call"]
+    assert next(n for n in refused.view.nodes if n.node_id == "call").status == "awaiting"
+    final = s.resume(r.run_id, "call", output=7, action="approve")
+    assert final.status == "completed", final.reason
+    assert final.outputs["after"] == 7
+
+
 def test_nested_loops_with_a_slow_side_branch(flow):
     doc = """
 id: nested

@@ -1,7 +1,7 @@
 """Every Redis key flowcraft writes, in one place.
 
 Per run (all expire ``state.ttl_seconds`` after the run ends, and ``state.running_ttl_seconds`` after the
-last step of a run that never ends):
+last step of a run that never ends; a subflow child's steps extend its ancestors' keys as far as its own):
 
   workflow:state:<run_id>      HASH   the run context, JSON values (Flowcraft layout: _outputs.<node>, ...)
   workflow:status:<run_id>     STRING the final result {"status", "reason", "payload"}, written once

@@ -9,7 +9,10 @@ run last made progress, on the Redis server's clock. Where ``OBJECT IDLETIME`` i
 
 A run is *stalled* when it is ``running``, idle longer than the threshold, and some step it is waiting for
 is not alive: a job in its outbox that never reached the queue, or a queued/running/sleeping node whose arq
-job is gone and whose claim lease has lapsed. Finished and awaiting runs are never stalled; a healthy node
+job is gone and whose claim lease has lapsed. A run of any other status is looked at only when its outbox
+holds entries (a finished or awaiting subflow child whose note to its parent was never queued), and is
+stalled only if such a note is not alive. Finished and awaiting runs with nothing pending are never
+stalled; a healthy node
 that runs longer than the threshold is alive (its job is in progress), so it is not run twice; and since
 only steps that routing already decided are resumed, a branch that was not taken is never run.
 """
@@ -23,24 +26,26 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from ..store import RUN
+from ..store import OUTBOX, RUN
 from . import keys
 
 log = logging.getLogger("flowcraft.reconciler")
 
-# One call per SCAN page: for each run id (ARGV[5..]), skip unless the run's meta says "running"; take its idle
+# One call per SCAN page: for each run id (ARGV[6..]), skip unless the run's meta says "running" or its outbox
+# holds entries (whatever its status: a finished child's note to its parent may sit there); take its idle
 # time from OBJECT IDLETIME of its progress key (never read by anything, so reads of the run cannot reset it),
 # else, where OBJECT is refused (an LFU eviction policy) or the key is missing, from the meta's updated_at.
-# Returns {run_id, blueprint_id, idle_ms} for the running runs idle longer than the threshold.
-# ARGV: [1] meta key prefix, [2] progress key prefix, [3] now (ms), [4] threshold (s), [5..] run ids.
-# Keys are derived from run ids inside the script, which standalone Redis allows (arq rules out Cluster anyway).
+# Returns {run_id, blueprint_id, idle_ms} for those runs idle longer than the threshold.
+# ARGV: [1] meta key prefix, [2] progress key prefix, [3] now (ms), [4] threshold (s), [5] outbox key prefix,
+# [6..] run ids. Keys are derived from run ids inside the script, which standalone Redis allows (arq rules out
+# Cluster anyway).
 _TRIAGE = """
 local out = {}
 local now, threshold_ms = tonumber(ARGV[3]), tonumber(ARGV[4]) * 1000
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local run_id = ARGV[i]
   local meta = redis.call('HMGET', ARGV[1] .. run_id, 'status', 'blueprint_id', 'updated_at')
-  if meta[1] == '"running"' then
+  if meta[1] == '"running"' or (meta[1] and redis.call('EXISTS', ARGV[5] .. run_id) == 1) then
     local idle_ms = nil
     local ok, idle = pcall(redis.call, 'OBJECT', 'IDLETIME', ARGV[2] .. run_id)
     if ok and idle then
@@ -99,8 +104,8 @@ class Reconciler:
         self._triage = redis.register_script(_TRIAGE)
 
     async def run(self) -> ReconciliationStats:
-        """One sweep: SCAN the run-state keys; one script call per SCAN page picks the running runs idle
-        past the threshold (no per-key round trip); only those are looked at more closely."""
+        """One sweep: SCAN the run-state keys; one script call per SCAN page picks the runs idle past the
+        threshold that are running or hold undelivered jobs (no per-key round trip); only those are looked at more closely."""
         stats = ReconciliationStats()
         if not self.dry_run:
             # the steps of workers that stopped heartbeating: every live worker recovers them too, so this
@@ -121,7 +126,8 @@ class Reconciler:
         stats.scanned_keys += len(run_ids)
         replies = await self._triage(
             keys=[],
-            args=[keys.kind_key(RUN, ""), keys.progress_key(""), int(time.time() * 1000), self.threshold_s, *run_ids],
+            args=[keys.kind_key(RUN, ""), keys.progress_key(""), int(time.time() * 1000), self.threshold_s,
+                  keys.kind_key(OUTBOX, ""), *run_ids],
         )
         for run_id, blueprint_id, idle_ms in replies:
             await self._reconcile(_s(run_id), _json_str(blueprint_id), int(idle_ms) / 1000, stats)

@@ -19,6 +19,19 @@ from . import keys
 
 T = TypeVar("T")
 EVENT_CAP = 10_000
+# Extend keys' expiry, never shorten it: KEYS are an ancestor run's keys, ARGV[1] the expiry (ms) a child's
+# transaction gives its own keys, 0 = none. A key with a longer TTL, or none, keeps it; a missing key stays
+# missing. (EXPIRE ... GT would do, but needs Redis 7 and the contract promises 6.2.)
+_EXTEND_EXPIRY = """
+local ms = tonumber(ARGV[1])
+for _, key in ipairs(KEYS) do
+  local left = redis.call('PTTL', key)
+  if left >= 0 and (ms <= 0 or left < ms) then
+    if ms <= 0 then redis.call('PERSIST', key) else redis.call('PEXPIRE', key, ms) end
+  end
+end
+return 0
+"""
 
 
 def _s(value: Any) -> Any:
@@ -114,6 +127,14 @@ class RedisStore(Store):
                 pipe.expire(key, ttl)
             else:
                 pipe.persist(key)
+        self._extend_ancestors(pipe, txn, ttl)
+
+    def _extend_ancestors(self, pipe: Any, txn: Txn, ttl: int | None) -> None:
+        """A parent run's keys live at least as long as any of its live child runs (CONTRACT §6.1): while
+        the child runs (or sleeps) for longer than the running TTL, nothing else refreshes its parent's."""
+        if txn.ancestors:
+            ancestor_keys = [key for run_id in txn.ancestors for key in keys.run_keys(run_id)]
+            pipe.eval(_EXTEND_EXPIRY, len(ancestor_keys), *ancestor_keys, ttl * 1000 if ttl and ttl > 0 else 0)
 
     async def read(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
         if not fields:
