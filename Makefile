@@ -15,3 +15,4 @@ bench:
 	python3 benchmarks/bench_inprocess.py
 	python3 benchmarks/bench_distributed.py
 	python3 benchmarks/bench_reconcile.py
+	python3 benchmarks/bench_recovery.py

@@ -143,3 +143,12 @@ class ArqSession:
 
         self.loop.run_until_complete(shut())
         self.loop.close()
+
+
+def make_adapter(redis: Any, docs: list[str | dict], nodes: Mapping[str, Callable[..., Any]], **kw: Any) -> Any:
+    """An ArqAdapter on ``redis`` for scenario blueprints and node functions (tests that drive it by hand)."""
+    from flowcraft_cli.distributed.adapter import ArqAdapter
+
+    registry = make_registry(nodes)
+    return ArqAdapter(connection=redis, queue_name=kw.pop("queue_name", "dup-queue"),
+                      runtime_options={"registry": registry, "blueprints": make_blueprints(docs, registry)}, **kw)

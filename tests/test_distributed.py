@@ -14,7 +14,7 @@ from flowcraft_cli.distributed.adapter import ArqAdapter
 from flowcraft_cli.distributed.queue import STEP_FUNCTION
 from flowcraft_cli.jobs import Job
 from tests.e2e import Project, wait_for
-from tests.harness import make_blueprints, make_registry
+from tests.harness import make_adapter
 from tests.redis_server import RedisServer
 
 JOIN = """
@@ -30,9 +30,7 @@ edges:
 
 
 def _adapter(redis: Redis, docs, nodes, **kw) -> ArqAdapter:
-    registry = make_registry(nodes)
-    return ArqAdapter(connection=redis, queue_name=kw.pop("queue_name", "dup-queue"),
-                      runtime_options={"registry": registry, "blueprints": make_blueprints(docs, registry)}, **kw)
+    return make_adapter(redis, docs, nodes, **kw)
 
 
 def test_duplicate_delivery_counts_once_and_join_waits(redis_url, redis_sync):

@@ -82,6 +82,14 @@ def test_sigkilled_worker_is_recovered_within_its_lease(tmp_path, redis_url, sto
     view = project.cli_json("inspect", run_id)
     slow = next(n for n in view["nodes"] if n["node_id"] == "slow")
     assert slow["status"] == "running"
+
+    def shown_lost():
+        node = next(n for n in project.cli_json("inspect", run_id)["nodes"] if n["node_id"] == "slow")
+        return node["status"] == "running" and node.get("detail", "").startswith("worker lost") and node
+
+    wait_for(shown_lost, 30, "inspect to show the node's worker as lost", interval=0.3)
+    table = project.cli("inspect", run_id).stdout
+    assert "running (worker lost" in table
     project.start_worker()  # no reconciler runs in this test
     view = project.wait_run(run_id, timeout=30)
     assert view["status"] == "completed"

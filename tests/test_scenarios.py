@@ -977,3 +977,44 @@ edges: []
         with pytest.raises(InvalidInput, match=needle):
             s.run("waits", run_id=bad)
     assert s.run("waits", run_id="x" * 128).status == "awaiting"
+
+
+def test_idempotency_key_is_stable_per_execution_and_distinct_otherwise(flow):
+    """CONTRACT §4: one key for every attempt of one node execution; another for each loop iteration,
+    batch item, node and run."""
+    keys: dict[str, list[str]] = {}
+
+    def seen(ctx):
+        keys.setdefault(ctx.node_id + str(ctx.extra.get("item_index", "")), []).append(ctx.idempotency_key)
+
+    async def flaky(ctx):
+        seen(ctx)
+        if ctx.attempt < 3:
+            raise RuntimeError("try again")
+        return "ok"
+
+    async def inc(ctx):
+        seen(ctx)
+        return await _inc(ctx)
+
+    def item(ctx):
+        seen(ctx)
+        return ctx.input
+
+    doc = LOOP.replace("  - {id: end, uses: end}", """  - {id: end, uses: end}
+  - {id: retry, uses: flaky, config: {maxRetries: 3}}
+  - {id: items, uses: batch, params: {worker: item}}""").replace("  - {source: loop, target: end, action: break}", """  - {source: loop, target: end, action: break}
+  - {source: end, target: retry}
+  - {source: retry, target: items, transform: "[1, 2]"}""")
+    s = flow.session(doc, {"init": _init, "inc": inc, "end": lambda ctx: "finished", "flaky": flaky, "item": item})
+    r1 = s.run("loop", {})
+    assert r1.status == "completed", r1.reason
+    assert len(keys["retry"]) == 3 and len(set(keys["retry"])) == 1  # every attempt: one key
+    assert len(set(keys["body"])) == 3  # each loop iteration: its own key
+    assert keys["items0"] != keys["items1"]  # each batch item: its own key
+    first = {k: v[0] for k, v in keys.items()}
+    assert len(set(first.values())) == len(first)  # no two executions share a key
+    keys.clear()
+    s.run("loop", {})
+    assert not set(first.values()) & {v[0] for v in keys.values()}  # another run: other keys
+    assert all(v.startswith("fc_") and len(v) == 35 for v in first.values())

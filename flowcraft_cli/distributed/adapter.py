@@ -234,32 +234,46 @@ class ArqAdapter:
         return await self.flush(scheduled)
 
     async def _heartbeat(self) -> None:
-        """Every lease/3: renew this worker's lease, recover dead workers' steps, and recover this worker's
-        own steps that are listed but no longer running here (a step that died with a Redis error)."""
-        interval = self.lease_s / 3
+        """Every lease/3: renew this worker's lease, and recover this worker's own steps that are listed but no
+        longer running here (a step that died with a Redis error). Every second or so in between: look for
+        workers whose lease lapsed and recover their steps, so that recovery takes about ``lease_s`` after
+        the dead worker's last heartbeat, not up to one more heartbeat interval."""
+        beat_every = self.lease_s / 3
+        tick = min(1.0, beat_every)
+        next_beat = 0.0
         while True:
             try:
-                late = self.workers.last_beat is not None and time.monotonic() - self.workers.last_beat > self.lease_s
-                _, dead, mine = await self.workers.beat(self._fields())
-                if late:
-                    log.warning("this worker sent no heartbeat for more than its lease (%gs): the event loop was "
-                                "blocked or the process paused; its steps may have been recovered elsewhere, "
-                                "and their results here will be dropped", self.lease_s)
+                dead: list[str] = []
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + beat_every
+                    await self._beat()
+                else:
+                    dead = await self.workers.dead_workers()  # two commands inside one script
                 if dead:
                     await self.recover_dead_workers(dead)
-                if any(j not in self.in_flight for j in mine):
-                    for job_id, job in (await self.workers.steps_of(self.worker_id)).items():
-                        if job_id in self.in_flight:
-                            continue
-                        if job is not None:
-                            await self._recover_step(job_id, job, self.worker_id, lost=False)
-                        if job_id not in self.in_flight:  # it may have been delivered here again meanwhile
-                            await self.workers.release([job_id])
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # Redis away: the lease lapses if it stays away; keep trying
                 log.warning("heartbeat failed (%s: %s)", type(e).__name__, e)
-            await asyncio.sleep(interval)
+            await asyncio.sleep(tick)
+
+    async def _beat(self) -> None:
+        late = self.workers.last_beat is not None and time.monotonic() - self.workers.last_beat > self.lease_s
+        _, dead, mine = await self.workers.beat(self._fields())
+        if late:
+            log.warning("this worker sent no heartbeat for more than its lease (%gs): the event loop was "
+                        "blocked or the process paused; its steps may have been recovered elsewhere, "
+                        "and their results here will be dropped", self.lease_s)
+        if dead:
+            await self.recover_dead_workers(dead)
+        if any(j not in self.in_flight for j in mine):
+            for job_id, job in (await self.workers.steps_of(self.worker_id)).items():
+                if job_id in self.in_flight:
+                    continue
+                if job is not None:
+                    await self._recover_step(job_id, job, self.worker_id, lost=False)
+                if job_id not in self.in_flight:  # it may have been delivered here again meanwhile
+                    await self.workers.release([job_id])
 
     def _fields(self) -> dict[str, Any]:
         return worker_fields(self.queue_name, {bp.id: bp.version for bp in self.blueprints.values()},

@@ -1,0 +1,286 @@
+"""The step protocol under faults, driven by hand through the engine and the adapter against a real Redis:
+store errors inside a node, arq's job timeout, lost claims, fencing, the worker registry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+import yaml
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from flowcraft_cli.distributed import keys
+from flowcraft_cli.distributed.adapter import ArqAdapter
+from flowcraft_cli.engine import Recovery
+from flowcraft_cli.jobs import Job
+from tests.harness import make_adapter
+
+CHAIN = """
+id: chain
+nodes:
+  - {id: a, uses: reader}
+  - {id: b, uses: echo}
+edges:
+  - {source: a, target: b}
+"""
+
+
+def _adapter(redis: Redis, docs, nodes, **kw) -> ArqAdapter:
+    return make_adapter(redis, docs, nodes, **{"queue_name": "protocol-queue", **kw})
+
+
+def _run_one(redis_url: str, doc: str, nodes, **kw):
+    """Start one run of ``doc``, drain the queue with a burst worker, return the run's view."""
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        adapter = _adapter(redis, [doc], nodes, **kw)
+        run_id = await adapter.start_run(yaml.safe_load(doc)["id"], {})
+        await adapter.start(burst=True)
+        view = await adapter.inspect(run_id)
+        await adapter.close()
+        await redis.aclose()
+        return view
+
+    return asyncio.run(go())
+
+
+def test_a_store_error_inside_a_node_hands_the_step_back(redis_url, redis_sync):
+    """Hole 3: a Redis error inside ``ctx.context.get`` is the worker's trouble, not the node's: the attempt
+    is handed back (not recorded as failed, not retried as attempt 2) and runs again."""
+    calls: list[int] = []
+
+    async def reader(ctx):
+        calls.append(ctx.attempt)
+        if len(calls) == 1:  # the first time, Redis refuses the run context's key for a moment (NOPERM)
+            admin = Redis.from_url(redis_url)
+            await admin.execute_command("ACL", "SETUSER", "default", "resetkeys", "~flowcraft:*", "~arq:*")
+            try:
+                return await ctx.context.get("seed")
+            finally:
+                await admin.execute_command("ACL", "SETUSER", "default", "allkeys")
+                await admin.aclose()
+        return await ctx.context.get("seed")
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        adapter = _adapter(redis, [CHAIN], {"reader": reader, "echo": lambda ctx: ctx.input})
+        run_id, scheduled = await adapter.engine.start_run("chain", {"seed": 7})
+        job = scheduled[0][1]
+        try:
+            with pytest.raises(RedisError):
+                await adapter.engine.handle(job)  # the adapter turns this into arq's Retry (handed back)
+        finally:
+            await redis.execute_command("ACL", "SETUSER", "default", "allkeys")
+        rec = (await adapter.store.read(run_id, "nodes", ["a"]))[0]
+        handled = await adapter.engine.handle(job)  # redelivered: this worker takes its claim back
+        await adapter.flush(handled.scheduled)
+        await adapter.start(burst=True)
+        view = await adapter.inspect(run_id)
+        await adapter.close()
+        await redis.aclose()
+        return rec, view
+
+    rec, view = asyncio.run(go())
+    assert rec["status"] == "running" and rec["attempt"] == 1 and not rec.get("error")
+    assert view.status == "completed", view.reason
+    assert view.outputs == {"a": 7, "b": 7}
+    assert calls == [1, 1]  # the same attempt, run again; never counted as a failure
+    assert not [t for t in view.timeline if t["outcome"] == "failed"]
+
+
+SLOW = """
+id: slow
+nodes:
+  - {id: s, uses: nap, config: {timeout: 3000}}
+"""
+
+
+def test_arqs_job_timeout_never_ends_a_step(redis_url, redis_sync):
+    """Hole 5: with job_timeout_seconds 1, a node whose own timeout is 3 s and which takes 1.5 s completes.
+    Before, arq killed the step at 1 s and deleted its job while the node went back to queued."""
+
+    async def nap(ctx):
+        await asyncio.sleep(1.5)
+        return "rested"
+
+    view = _run_one(redis_url, SLOW, {"nap": nap}, job_timeout_s=1)
+    assert view.status == "completed", view.reason
+    assert view.outputs["s"] == "rested"
+
+
+def test_the_default_limit_is_job_timeout_exactly(redis_url, redis_sync):
+    """No hidden margin: a node without its own timeout gets job_timeout_seconds, and an overrun fails the
+    attempt with the limit named."""
+
+    async def nap(ctx):
+        await asyncio.sleep(3)
+
+    doc = "id: slow\nnodes:\n  - {id: s, uses: nap}\n"
+    view = _run_one(redis_url, doc, {"nap": nap}, job_timeout_s=0.5)
+    assert view.status == "failed"
+    assert "timed out after 500 ms" in view.reason
+
+
+def test_recovered_step_fences_off_its_old_claim(redis_url, redis_sync, caplog):
+    """A claim taken over by recovery: the old step's commit finds its token gone, drops its result and says
+    so; the lost attempt is history; the new job has a new id."""
+    gate = asyncio.Event()
+    runs: list[str] = []
+
+    async def reader(ctx):
+        runs.append(ctx.idempotency_key)
+        if len(runs) == 1:
+            await gate.wait()
+        return len(runs)
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        dead = _adapter(redis, [CHAIN], {"reader": reader, "echo": lambda ctx: ctx.input}, worker_id="dead-worker")
+        alive = _adapter(redis, [CHAIN], {"reader": reader, "echo": lambda ctx: ctx.input}, worker_id="alive-worker")
+        run_id, scheduled = await dead.engine.start_run("chain", {})
+        job = scheduled[0][1]
+        first = asyncio.ensure_future(dead.engine.handle(job))
+        while len(runs) < 1:
+            await asyncio.sleep(0.01)
+        # the first worker is "dead": it never registered, so no heartbeat holds its claim
+        outcome, redo = await alive.engine.recover(job, "dead-worker")
+        assert outcome == Recovery.RECOVERED and len(redo) == 1
+        assert redo[0][1].job_id != job.job_id and redo[0][1].recovery == 1
+        handled = await alive.engine.handle(redo[0][1])
+        gate.set()
+        stale = await first
+        await alive.flush(handled.scheduled)
+        await alive.start(burst=True)
+        view = await alive.inspect(run_id)
+        for a in (dead, alive):
+            await a.close()
+        await redis.aclose()
+        return view, stale
+
+    with caplog.at_level(logging.WARNING, logger="flowcraft.engine"):
+        view, stale = asyncio.run(go())
+    assert view.status == "completed"
+    assert view.outputs["a"] == 2  # the recovered attempt's result; the old one was dropped
+    assert stale.scheduled == [] and stale.note == "stale"
+    assert any("fenced off" in r.getMessage() for r in caplog.records)
+    assert len(set(runs)) == 1  # one idempotency key for both runs of the one execution
+    lost = [t for t in view.timeline if t["outcome"] == "lost"]
+    assert [(t["node_id"], t["worker"]) for t in lost] == [("a", "dead-worker")]
+
+
+def test_worker_registry_and_recovery_of_a_dead_worker(redis_url, redis_sync):
+    """A worker registers under flowcraft:worker:<id> with what it serves; a worker whose key expired has
+    its listed steps recovered by any other worker, and its arq job is discarded."""
+
+    async def reader(ctx):
+        return "ok"
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        nodes = {"reader": reader, "echo": lambda ctx: ctx.input}
+        ghost = _adapter(redis, [CHAIN], nodes, worker_id="ghost", lease_s=1)
+        live = _adapter(redis, [CHAIN], nodes, worker_id="live", lease_s=1)
+        await ghost.workers.beat(ghost._fields())
+        fields = await redis.hgetall(keys.worker_key("ghost"))
+        run_id, scheduled = await ghost.engine.start_run("chain", {})
+        job = scheduled[0][1]
+        await ghost.flush(scheduled)
+        # the ghost takes the job and claims it, then "dies": its key expires, its step list stays
+        await ghost.workers.hold(job.job_id, job)
+        rec_before = await ghost.engine.store.read(run_id, "nodes", ["a"])
+        await redis.delete(keys.worker_key("ghost"))
+        inspect_before = await live.inspect(run_id)
+        await asyncio.sleep(1.1)  # past the ghost's lease, on the server's clock
+        dead = await live.workers.dead_workers()
+        recovered = await live.recover_dead_workers(dead)
+        await live.start(burst=True)
+        view = await live.inspect(run_id)
+        left = await redis.exists(keys.worker_steps_key("ghost"))
+        for a in (ghost, live):
+            await a.close()
+        await redis.aclose()
+        return fields, rec_before, inspect_before, dead, recovered, view, left
+
+    fields, rec_before, inspect_before, dead, recovered, view, left = asyncio.run(go())
+    assert {k.decode() for k in fields} >= {"host", "pid", "queue", "blueprints", "concurrency", "started_at",
+                                           "heartbeat_at", "running"}
+    assert b'"chain"' in fields[b"blueprints"]
+    assert rec_before[0]["status"] == "queued"  # never claimed: queued again under the same id
+    assert dead == ["ghost"] and recovered == 1
+    assert view.status == "completed"
+    assert left == 0
+
+
+def test_inspect_says_why_a_queued_node_waits(redis_url, redis_sync):
+    """A job that no live worker can run shows the reason instead of sitting queued in silence."""
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        nodes = {"reader": lambda ctx: 1, "echo": lambda ctx: ctx.input}
+        client = _adapter(redis, [CHAIN], nodes, worker_id="client")
+        other = _adapter(redis, ["id: other\nnodes:\n  - {id: x, uses: echo}\n"], nodes, worker_id="other")
+        run_id = await client.start_run("chain", {})
+        no_worker = await client.inspect(run_id)
+        await other.workers.beat(other._fields())  # a live worker that serves another blueprint only
+        wrong_worker = await client.inspect(run_id)
+        await other.workers.unregister()
+        for a in (client, other):
+            await a.close()
+        await redis.aclose()
+        return no_worker, wrong_worker
+
+    no_worker, wrong_worker = asyncio.run(go())
+    a = next(n for n in no_worker.nodes if n.node_id == "a")
+    assert a.status == "queued" and "no live worker on queue" in a.detail
+    a = next(n for n in wrong_worker.nodes if n.node_id == "a")
+    assert a.detail == f"no live worker serves blueprint 'chain' version {wrong_worker.blueprint_version}"
+    assert a.to_json()["detail"] == a.detail
+
+
+def test_a_dead_workers_unclaimed_job_is_queued_again(redis_url, redis_sync):
+    """The worker died after arq handed it the job and before the claim: the job is queued again as it was."""
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        nodes = {"reader": lambda ctx: 1, "echo": lambda ctx: ctx.input}
+        live = _adapter(redis, [CHAIN], nodes, worker_id="live2")
+        run_id, scheduled = await live.engine.start_run("chain", {})
+        job = scheduled[0][1]
+        outcome, jobs = await live.engine.recover(job, "gone")
+        stale = Job(run_id, "a", job.seq, "exec", 2)
+        outcome_stale, _ = await live.engine.recover(stale, "gone")
+        await live.close()
+        await redis.aclose()
+        return outcome, jobs, outcome_stale
+
+    outcome, jobs, outcome_stale = asyncio.run(go())
+    assert outcome == Recovery.REQUEUE and jobs == []
+    assert outcome_stale == Recovery.NOTHING
+
+
+def test_worker_start_warns_about_a_fleet_serving_other_blueprints(redis_url, redis_sync, caplog):
+    async def go():
+        redis = Redis.from_url(redis_url)
+        nodes = {"reader": lambda ctx: 1, "echo": lambda ctx: ctx.input}
+        first = _adapter(redis, [CHAIN], nodes, worker_id="first", queue_name="fleet-queue")
+        second = _adapter(redis, ["id: other\nnodes:\n  - {id: x, uses: echo}\n"], nodes, worker_id="second",
+                          queue_name="fleet-queue")
+        same = _adapter(redis, [CHAIN], nodes, worker_id="same", queue_name="fleet-queue")
+        await first.workers.beat(first._fields())
+        with caplog.at_level(logging.WARNING, logger="flowcraft.worker"):
+            await same._check_fleet()
+            quiet = list(caplog.records)
+            await second._check_fleet()
+        await first.workers.unregister()
+        for a in (first, second, same):
+            await a.close()
+        await redis.aclose()
+        return quiet
+
+    quiet = asyncio.run(go())
+    assert quiet == []
+    warned = [r.getMessage() for r in caplog.records if "serves other blueprints" in r.getMessage()]
+    assert len(warned) == 1 and "chain@" in warned[0] and "other@" in warned[0]
