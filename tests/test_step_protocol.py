@@ -284,3 +284,26 @@ def test_worker_start_warns_about_a_fleet_serving_other_blueprints(redis_url, re
     assert quiet == []
     warned = [r.getMessage() for r in caplog.records if "serves other blueprints" in r.getMessage()]
     assert len(warned) == 1 and "chain@" in warned[0] and "other@" in warned[0]
+
+
+def test_a_job_arq_holds_in_progress_for_nobody_is_reconciled(redis_url, redis_sync):
+    """A worker went away while Redis failed under arq's bookkeeping: the job stays 'in progress' in arq (for
+    arq's year-long job timeout) though no live worker runs it. The reconciler takes it back."""
+    from arq.constants import in_progress_key_prefix
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        adapter = _adapter(redis, [CHAIN], {"reader": lambda ctx: 1, "echo": lambda ctx: ctx.input})
+        run_id = await adapter.start_run("chain", {})
+        job_id = (await redis.zrange(adapter.queue_name, 0, -1))[0].decode()
+        await redis.set(in_progress_key_prefix + job_id, b"1", ex=3600)
+        outcome = await adapter.reconcile(run_id)
+        await asyncio.wait_for(adapter.start(burst=True), 30)  # before: arq's burst waited on it forever
+        view = await adapter.inspect(run_id)
+        await adapter.close()
+        await redis.aclose()
+        return job_id, outcome, view
+
+    job_id, outcome, view = asyncio.run(go())
+    assert outcome.enqueued == [job_id]
+    assert view.status == "completed"

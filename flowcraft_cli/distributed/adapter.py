@@ -159,9 +159,16 @@ class ArqAdapter:
         try:
             expected, outbox_ids, lost = await self.engine.expected_jobs(run_id)
             alive = await self.queue.state_of([job.job_id for job in expected])
+            # arq keeps a job "in progress" for as long as its (year-long) job timeout: one whose worker went
+            # away without telling arq (Redis failed under its bookkeeping) is only alive if a live worker
+            # still lists it
+            orphans = [jid for jid, state in alive.items() if state == "running" and not await self._listed(jid)]
+            for jid in orphans:
+                del alive[jid]
             planned = [job for job in expected if job.job_id not in alive] + [job for job, _ in lost]
             if dry_run:
                 return ReconcileOutcome(planned, [])
+            await self.queue.discard(orphans)
             enqueued = await self.queue.enqueue([job for job in expected if job.job_id not in alive])
             for job, worker in lost:  # claimed by a worker that no longer holds them
                 enqueued += await self._recover_step(job.job_id, job, worker)
@@ -173,6 +180,13 @@ class ArqAdapter:
         finally:
             if not dry_run:
                 await self.coordination_store.release(lock, token)  # only if still ours
+
+    async def _listed(self, job_id: str) -> bool:
+        """Does a live worker of this queue list this job among the steps it runs?"""
+        for w in await self.workers.workers():
+            if w.alive and await self.workers.is_held(w.worker_id, job_id):
+                return True
+        return False
 
     async def flush(self, scheduled: list[tuple[str, Job]]) -> list[str]:
         """Queue jobs a committed step decided, then clear them from their run's outbox."""
