@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import inspect
 import logging
+import os
 import secrets
 import time
 from collections import deque
@@ -147,6 +148,7 @@ class Engine:
         # Is a step claimed by another worker still held (worker alive and still running it)? The driver
         # knows (workers: the heartbeat registry); with none, only this process's own steps are held.
         self.is_held_remote: Callable[[str, str], Awaitable[bool]] | None = None
+        self.log_failures = False  # workers log every failed attempt (with its traceback) at WARNING
 
     # ------------------------------------------------------------------ starting, resuming, cancelling
 
@@ -1085,7 +1087,7 @@ class _RunTxn:
             self.schedule(Job(parent["run_id"], parent["node_id"], parent["seq"], "child", parent["attempt"]))
 
     async def fail_node(self, node: NodeDef, rec: dict[str, Any], job: Job, error: str, fatal: bool, *,
-                        retry: bool = True, event: bool = True) -> None:
+                        retry: bool = True, event: bool = True, tb: str | None = None) -> None:
         """An attempt failed: retry with backoff, else run the fallback, else fail the run. ``retry=False``:
         no further attempt (lost attempts in a row); ``event=False``: the attempt is already recorded."""
         ts = self.engine.clock()
@@ -1096,7 +1098,7 @@ class _RunTxn:
         if event:
             self.t.event({"type": "attempt_failed", "ts": ts, "node": node.id, "phase": phase, "attempt": attempt,
                           "started_at": rec.get("attempt_started_at"),
-                          "error": error, "worker": self.engine.worker_id})
+                          "error": error, "worker": self.engine.worker_id, **({"traceback": tb} if tb else {})})
         # this attempt ended (or ends the node), so it was not lost; whatever comes next is a fresh job
         rec = {**rec, "lost_in_row": 0, "recovery": 0, "job": None}
         if retry and not fatal and attempt < cfg.max_retries and job.kind != "item":
@@ -1300,9 +1302,19 @@ class _Step:
         try:
             output, action, writes = await self._call(runner, node_input, self.job.attempt)
         except NodeFailure as e:
-            error, fatal = str(e), e.fatal
-            return await self._commit(lambda run, r: run.fail_node(node, r, self.job, error, fatal))
+            error, fatal, tb = str(e), e.fatal, e.traceback
+            self._log_failure(error, tb)
+            return await self._commit(lambda run, r: run.fail_node(node, r, self.job, error, fatal, tb=tb))
         return await self._succeed(output, action, writes, node_input, runner)
+
+    def _log_failure(self, error: str, tb: str | None) -> None:
+        """Workers log each failed attempt once (CONTRACT §10); in-process runs show it in the result."""
+        if self.engine.log_failures:
+            item = f" item {self.job.item}" if self.job.item >= 0 else ""
+            log.warning("run %s node %s%s attempt %d failed: %s%s", self.run_id, self.node.id, item, self.job.attempt,
+                        error, f"\n{tb.rstrip()}" if tb else "",
+                        extra={"run_id": self.run_id, "node_id": self.node.id, "attempt": self.job.attempt,
+                               "error": error, "traceback": tb})
 
     async def _succeed(self, output: Any, action: str | None, writes: Mapping[str, Any], node_input: Any,
                        runner: NodeDef | None = None, token: str | None = None,
@@ -1369,7 +1381,7 @@ class _Step:
         except Exception as e:  # the user's code failed: that is the attempt's error
             if store_errors:
                 raise store_errors[0] from e  # the store failed under the node: hand the step back
-            raise NodeFailure(f"{type(e).__name__}: {e}") from e
+            raise NodeFailure(f"{type(e).__name__}: {e}", traceback=user_traceback(e)) from e
         if isinstance(result, NodeResult):
             output, action = result.output, result.action
         else:
@@ -1546,7 +1558,8 @@ class _Step:
             output, _action, writes = await self._call(node, item, job.attempt, uses=worker,
                                                        extra={"item_index": job.item})
         except NodeFailure as e:
-            error, fatal = str(e), e.fatal
+            error, fatal, tb = str(e), e.fatal, e.traceback
+            self._log_failure(error, tb)
 
             async def failed(run: _RunTxn) -> bool:
                 rec = await run.t.get(NODES, node.id)
@@ -1557,13 +1570,14 @@ class _Step:
                     delay = node.config.retry_delay_ms * (2 ** (job.attempt - 1))
                     run.t.put(BATCH, skey, {"status": "queued", "attempt": job.attempt + 1, "error": error})
                     run.t.event({"type": "attempt_failed", "ts": now, "node": node.id, "item": job.item,
-                                 "attempt": job.attempt, "error": error, "worker": self.engine.worker_id})
+                                 "attempt": job.attempt, "error": error, "worker": self.engine.worker_id,
+                                 "started_at": st.get("attempt_started_at"), **({"traceback": tb} if tb else {})})
                     run.schedule(Job(self.run_id, node.id, job.seq, "item", job.attempt + 1, item=job.item,
                                      not_before_ms=self.engine.clock() + delay))
                 else:
                     run.t.put(BATCH, skey, {"status": "failed", "attempt": job.attempt, "error": error})
                     await run.fail_node(node, rec, Job(self.run_id, node.id, job.seq, "exec", node.config.max_retries),
-                                        f"item {job.item}: {error}", False)
+                                        f"item {job.item}: {error}", False, tb=tb)
                 await run.settle()
                 return True
 
@@ -1697,6 +1711,25 @@ class _Step:
         if runner is not self.node:
             return await self._succeed(output, None, writes, node_input, runner, token=r.get("token"))
         return await self._succeed(output, None, writes, node_input, token=r.get("token"))
+
+
+TRACEBACK_CAP = 8 * 1024
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_traceback(e: BaseException) -> str:
+    """The traceback of a node's exception, its own frames only (not flowcraft's, not asyncio's), at most 8 KB:
+    the end is kept, since the frames nearest the raise say the most."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith(_OWN_DIR) and "/asyncio/" not in f.filename
+              and "/concurrent/futures/" not in f.filename]
+    text = "Traceback (most recent call last):\n" + "".join(traceback.format_list(frames)) + \
+        "".join(traceback.format_exception_only(type(e), e))
+    if len(text.encode()) > TRACEBACK_CAP:
+        text = "…\n" + text.encode()[-(TRACEBACK_CAP - 4):].decode(errors="ignore")
+    return text
 
 
 def _lost_limit(node: NodeDef) -> int:

@@ -73,9 +73,10 @@ class UndecodableValue(OperationalError):
 class NodeFailure(FlowcraftError):
     """A failed node attempt. ``fatal`` skips the remaining attempts and the fallback."""
 
-    def __init__(self, message: str, *, fatal: bool = False) -> None:
+    def __init__(self, message: str, *, fatal: bool = False, traceback: str | None = None) -> None:
         super().__init__(message)
         self.fatal = fatal
+        self.traceback = traceback  # the node's own frames, when its code raised
 
 
 class NodeTimeout(NodeFailure):

@@ -132,7 +132,8 @@ def timeline_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "started_at": start, "finished_at": e["ts"],
                     "duration_ms": None if start is None else max(0, e["ts"] - start),
                     "outcome": outcomes[e["type"]],
-                    "error": e.get("error"), **({"item": e["item"]} if "item" in e else {}),
+                    "error": e.get("error"), "traceback": e.get("traceback"),
+                    **({"item": e["item"]} if "item" in e else {}),
                     **({"fallback": e["fallback"]} if "fallback" in e else {})})
     return out
 

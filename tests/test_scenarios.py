@@ -1018,3 +1018,22 @@ def test_idempotency_key_is_stable_per_execution_and_distinct_otherwise(flow):
     s.run("loop", {})
     assert not set(first.values()) & {v[0] for v in keys.values()}  # another run: other keys
     assert all(v.startswith("fc_") and len(v) == 35 for v in first.values())
+
+
+def test_a_failed_attempt_keeps_the_nodes_traceback(flow):
+    """CONTRACT §10: each failed attempt carries the node's own traceback (its frames, not flowcraft's)."""
+
+    def parse_amount(text):
+        return int(text)
+
+    def bad(ctx):
+        return parse_amount("twelve")
+
+    r = flow.run("id: tb\nnodes:\n  - {id: n, uses: bad, config: {maxRetries: 2}}\n", {"bad": bad})
+    assert r.status == "failed"
+    failed = [t for t in r.view.timeline if t["outcome"] == "failed"]
+    assert len(failed) == 2
+    tb = failed[0]["traceback"]
+    assert "test_scenarios.py" in tb and "parse_amount" in tb and tb.rstrip().endswith(
+        "ValueError: invalid literal for int() with base 10: 'twelve'")
+    assert "flowcraft_cli" not in tb and "asyncio" not in tb

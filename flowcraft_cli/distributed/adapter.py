@@ -95,6 +95,7 @@ class ArqAdapter:
                                                      version_grace_s=version_grace_s,
                                                      attempt_timeout_s=job_timeout_s or None))
         self.engine.is_held_remote = self.workers.is_held
+        self.engine.log_failures = True
         self._worker: Worker | None = None
         self._stopping = asyncio.Event()
         self.in_flight: dict[str, Job] = {}  # arq job id -> the step this worker runs now
