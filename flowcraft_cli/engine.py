@@ -326,6 +326,57 @@ class Engine:
                         break
         return changed, scheduled
 
+    async def retry(self, run_id: str) -> list[tuple[str, Job]]:
+        """A failed run goes on from where it failed (CONTRACT §10): the node that failed it, and every node
+        its failure stopped, run again under the same run id with fresh attempts; completed nodes keep their
+        outputs, and join arrivals already made still count. What the failure kept from running (its
+        successors) runs when routing reaches it, as in any run."""
+        meta = await self._read_meta(run_id)
+        bp = self._blueprint_for(meta, run_id)
+        if meta["status"] != RunStatus.FAILED:
+            raise StateConflict(f"run {run_id!r} is {meta['status']}; only a failed run can be retried")
+        if meta.get("parent"):
+            raise StateConflict(f"run {run_id!r} is a subflow of run {meta['parent']['run_id']!r}: retry that run")
+        if bp.version != meta["blueprint_version"]:
+            raise StateConflict(f"run {run_id!r} ran blueprint {bp.id!r} version {meta['blueprint_version']!r}; "
+                                f"this one has version {bp.version!r}")
+
+        async def txn_fn(t: Txn) -> list[tuple[str, Job]]:
+            run = _RunTxn(self, t, bp)
+            m = await run.meta()
+            if m["status"] != RunStatus.FAILED:
+                raise StateConflict(f"run {run_id!r} is {m['status']}; only a failed run can be retried")
+            records = await t.get_all(NODES)
+            again = [n.id for n in bp.nodes if (rec := records.get(n.id)) and rec["status"] == NodeStatus.FAILED
+                     and (n.id == m.get("failed_node") or str(rec.get("error") or "").startswith("stopped: "))]
+            if not again:
+                raise StateConflict(f"run {run_id!r} has no failed node to run again")
+            ts = self.clock()
+            reset: dict[str, Any] = {"status": RunStatus.RUNNING.value, "reason": None, "finished_at": None,
+                                     "failed_node": None, "awaiting_nodes": [], "pending": 0}
+            for key, value in reset.items():
+                run.set_meta(key, value)
+            t.unfinal = True
+            t.event({"type": "run_retried", "ts": ts, "nodes": again})
+            for node_id in again:
+                rec = records[node_id]
+                # the node's record starts over as never fired in this generation, its busy count undone
+                t.put(NODES, node_id, {**rec, "status": NodeStatus.PENDING.value, "error": None,
+                                       "fired_gen": rec.get("gen", 0) - 1, "token": None, "job": None,
+                                       "child": None, "items": None, "phase": "exec", "lost_in_row": 0,
+                                       "recovery": 0})
+                await run._count_busy(node_id, -1)
+                node_input: Any = await t.get(STATE, f"_inputs.{node_id}")
+                await run.fire(node_id, node_input)
+            # nodes still counted busy or pending from before the failure are the ones just fired
+            pending = sum(1 for r in (await t.get_all(NODES)).values()
+                          if r["status"] in (NodeStatus.QUEUED, NodeStatus.RUNNING, NodeStatus.SLEEPING))
+            run.set_meta("pending", pending)
+            await run.settle()
+            return run.scheduled
+
+        return await self.store.transact(run_id, txn_fn)
+
     async def _tombstone(self, run_id: str, blueprint_id: str, reason: str, parent: dict[str, Any]) -> bool:
         """A child the parent recorded but had not created yet: create it as cancelled (with the parent its
         start would write), so the step that was about to start it finds it exists and starts nothing.

@@ -64,6 +64,11 @@ class FlowRuntime:
         await self._drive(await self.engine.resume(run_id, node_id, output=output, action=action))
         return await self.result(run_id)
 
+    async def retry(self, run_id: str) -> RunResult:
+        """Run a failed run on from where it failed (its failed nodes again, fresh attempts)."""
+        await self._drive(await self.engine.retry(run_id))
+        return await self.result(run_id)
+
     async def cancel(self, run_id: str) -> bool:
         changed, scheduled = await self.engine.cancel(run_id)
         await self._drive(scheduled)

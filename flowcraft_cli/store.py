@@ -58,6 +58,7 @@ class Txn(ABC):
         self.events: list[dict[str, Any]] = []
         self.final: tuple[dict[str, Any], int] | None = None  # (status document, ttl_s)
         self.ttl_s: int | None = None  # expiry to set on every key of the run at commit
+        self.unfinal = False  # the run is not finished any more (a retry): forget its final status
         self.ancestors: list[str] = []  # subflow parents (outermost first): their keys get at least that expiry
 
     @abstractmethod
@@ -189,6 +190,8 @@ class MemoryStore(Store):
                     events = self._events.setdefault(run_id, [])
                     events.extend(txn.events)
                     del events[: max(0, len(events) - self.EVENT_CAP)]
+                if txn.unfinal:
+                    self._status.pop(run_id, None)
                 if txn.final:
                     self._status[run_id] = txn.final[0]
             return result

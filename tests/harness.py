@@ -54,6 +54,9 @@ class MemorySession:
     def cancel(self, run_id: str) -> bool:
         return self.loop.run_until_complete(self.runtime.cancel(run_id))
 
+    def retry(self, run_id: str) -> RunResult:
+        return self.loop.run_until_complete(self.runtime.retry(run_id))
+
     def close(self) -> None:
         self.loop.close()
 
@@ -135,6 +138,11 @@ class ArqSession:
 
     def cancel(self, run_id: str) -> bool:
         return self.loop.run_until_complete(self.adapter.cancel(run_id))
+
+    def retry(self, run_id: str) -> RunResult:
+        self.loop.run_until_complete(self.adapter.retry(run_id))
+        self._drain()
+        return self._result(run_id)
 
     def close(self) -> None:
         async def shut() -> None:

@@ -295,6 +295,34 @@ def cancel(run_id: Annotated[str, typer.Argument()], config: ConfigOpt = None) -
 
 
 @app.command()
+def retry(
+    run_id: Annotated[str, typer.Argument(help="Id of a failed run.")],
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Run a failed run on from where it failed: its failed nodes (and what their failure kept from running)
+    run again under the same run id with fresh attempts; completed nodes keep their outputs."""
+    from ..project import connected, load_project
+
+    _setup_logging()
+    check_run_ref(run_id)
+    project = load_project(config)
+
+    async def go() -> Any:
+        async with connected(project) as adapter:
+            await adapter.retry(run_id)
+            return await adapter.inspect(run_id, timeline=False)
+
+    view = asyncio.run(go())
+    again = [n.node_id for n in view.nodes if n.status == "queued"]
+    if json_out:
+        render.print_json({"run_id": run_id, "status": view.status, "queued": again})
+    else:
+        render.info(f"run {run_id} retried: {', '.join(again) or 'nothing'} queued again; "
+                    f"follow it with: flowcraft inspect {run_id} --watch")
+
+
+@app.command()
 def reconcile(
     threshold: Annotated[float | None, typer.Option("--threshold", min=0, help="Seconds without progress before a run counts as stalled.")] = None,
     scan_count: Annotated[int | None, typer.Option("--scan-count", min=1, help="SCAN page size.")] = None,

@@ -113,6 +113,10 @@ class ArqAdapter:
                      action: str | None = None) -> None:
         await self.flush(await self.engine.resume(run_id, node_id, output=output, action=action))
 
+    async def retry(self, run_id: str) -> None:
+        """A failed run goes on from where it failed, on the workers (CONTRACT §10)."""
+        await self.flush(await self.engine.retry(run_id))
+
     async def cancel(self, run_id: str) -> bool:
         changed, scheduled = await self.engine.cancel(run_id)
         await self.flush(scheduled)  # e.g. a cancelled child run tells its parent

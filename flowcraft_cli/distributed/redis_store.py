@@ -118,6 +118,8 @@ class RedisStore(Store):
             pipe.rpush(ek, *(dumps(e) for e in txn.events))
             pipe.ltrim(ek, -EVENT_CAP, -1)
         ttl = self.running_ttl_s if txn.ttl_s is None else txn.ttl_s  # the engine may ask for longer (sleeps)
+        if txn.unfinal:
+            pipe.delete(keys.status_key(run_id))
         if txn.final is not None:
             doc, ttl = txn.final
             pipe.set(keys.status_key(run_id), dumps(doc))
