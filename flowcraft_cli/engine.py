@@ -95,6 +95,7 @@ class Recovery(StrEnum):
     """What recovering a step of a dead (or dropped) claim found."""
 
     NOTHING = "nothing"  # the step already moved on: nothing to do
+    UNKNOWN = "unknown"  # this worker cannot judge the run (blueprint or version not loaded): leave it
     REQUEUE = "requeue"  # the step was never claimed: queue the same job again
     RECOVERED = "recovered"  # a claimed step was lost: recorded, and a new job (a new id) scheduled
 
@@ -513,17 +514,17 @@ class Engine:
         if meta is None or meta["status"] in FINAL_STATUSES:
             return Recovery.NOTHING, []
         bp = self.blueprints.get(meta["blueprint_id"])
-        node = bp.node_map.get(job.node_id) if bp is not None and bp.version == meta["blueprint_version"] else None
-        if bp is None or node is None:
+        if bp is None or bp.version != meta["blueprint_version"]:
+            return Recovery.UNKNOWN, []  # a worker with this blueprint version recovers it
+        node = bp.node_map.get(job.node_id)
+        if node is None:
             return Recovery.NOTHING, []
         if job.kind not in ("exec", "fallback", "item"):
             return Recovery.REQUEUE, []  # gather, wake, child: claim nothing; they check their own state
         ts = self.clock()
 
         def lost_event(holder: Mapping[str, Any]) -> dict[str, Any]:
-            return {"type": "attempt_lost", "ts": ts, "node": node.id, "attempt": job.attempt,
-                    "started_at": holder.get("attempt_started_at"), "worker": worker,
-                    "error": f"worker {worker} stopped heartbeating", **({"item": job.item} if job.item >= 0 else {})}
+            return _lost_event(node.id, job, holder, worker, ts)
 
         async def decide(run: _RunTxn, t: Txn) -> Recovery:
             if (await run.meta())["status"] in FINAL_STATUSES:
@@ -532,6 +533,9 @@ class Engine:
             if not rec or rec["seq"] != job.seq:
                 return Recovery.NOTHING
             if job.kind == "item":
+                if rec["status"] != NodeStatus.RUNNING or rec.get("phase", "exec") != "exec" \
+                        or rec.get("items") is None:
+                    return Recovery.NOTHING  # the batch node moved on (finished, failed over to its fallback)
                 key = field_name(node.id, job.seq, "s", job.item)
                 st = await t.get(BATCH, key)
                 if not st or st["attempt"] != job.attempt or st.get("recovery", 0) != job.recovery:
@@ -1286,6 +1290,16 @@ class _Step:
                     # its child run / batch is already under way: take the claim over and drive it on
                     run.t.put(NODES, self.node.id, {**rec, "worker": self.engine.worker_id, "job": job.job_id})
                     return {**rec, "_resume": True}
+                if rec.get("worker") and rec["worker"] != self.engine.worker_id:
+                    # arq handed on the job of a worker that died holding it: that attempt was lost
+                    rec = {**rec, "lost_in_row": rec.get("lost_in_row", 0) + 1}
+                    run.t.event(_lost_event(self.node.id, job, rec, rec["worker"], now))
+                    runner = self.node if job.kind == "exec" else self.bp.node_map[self.node.config.fallback or ""]
+                    if rec["lost_in_row"] >= _lost_limit(runner):
+                        error = f"lost {rec['lost_in_row']} attempts in a row: worker {rec['worker']} died each time"
+                        await run.fail_node(self.node, rec, job, error, False, retry=False, event=False)
+                        await run.settle()
+                        return None
             elif rec["status"] != NodeStatus.QUEUED:
                 return None
             new = {**rec, "status": NodeStatus.RUNNING.value, "token": self.token, "worker": self.engine.worker_id,
@@ -1594,6 +1608,17 @@ class _Step:
                 return None
             if st["status"] not in ("queued", "running"):
                 return None
+            if st["status"] == "running" and st.get("worker") and st["worker"] != self.engine.worker_id:
+                # arq handed on the job of a worker that died holding this item: that attempt was lost
+                st = {**st, "lost_in_row": st.get("lost_in_row", 0) + 1}
+                run.t.event(_lost_event(node.id, job, st, st["worker"], now))
+                if st["lost_in_row"] >= _lost_limit(node):
+                    error = f"item {job.item}: lost {st['lost_in_row']} attempts in a row (worker {st['worker']} died each time)"
+                    run.t.put(BATCH, skey, {"status": "failed", "attempt": job.attempt, "error": error})
+                    await run.fail_node(node, rec, Job(self.run_id, node.id, job.seq, "exec", node.config.max_retries),
+                                        error, False, retry=False, event=False)
+                    await run.settle()
+                    return None
             run.t.put(BATCH, skey, {**st, "status": "running", "token": self.token, "worker": self.engine.worker_id,
                                     "job": job.job_id, "attempt_started_at": now})
             return await run.t.get(BATCH, field_name(node.id, job.seq, "i", job.item)), rec["token"]
@@ -1694,6 +1719,9 @@ class _Step:
         parent = {"run_id": self.run_id, "node_id": self.node.id, "seq": self.job.seq, "attempt": self.job.attempt}
         try:
             _, jobs = await self.engine.start_run(child_bp, child_input, run_id=child_id, parent=parent, seed=seed)
+            if not jobs and rec.get("_resume"):
+                # driven on after a crash: the child may exist with its start jobs still in its outbox
+                jobs = [(child_id, Job.from_dict(d)) for d in (await self.engine.store.read_all(child_id, OUTBOX)).values()]
         except InvalidInput as e:
             error = str(e)
             token = rec.get("token") if rec.get("_resume") else None
@@ -1781,6 +1809,12 @@ def user_traceback(e: BaseException) -> str:
     if len(text.encode()) > TRACEBACK_CAP:
         text = "…\n" + text.encode()[-(TRACEBACK_CAP - 4):].decode(errors="ignore")
     return text
+
+
+def _lost_event(node_id: str, job: Job, holder: Mapping[str, Any], worker: str, ts: int) -> dict[str, Any]:
+    return {"type": "attempt_lost", "ts": ts, "node": node_id, "attempt": job.attempt,
+            "started_at": holder.get("attempt_started_at"), "worker": worker,
+            "error": f"worker {worker} stopped heartbeating", **({"item": job.item} if job.item >= 0 else {})}
 
 
 def _lost_limit(node: NodeDef) -> int:

@@ -172,3 +172,17 @@ def test_node_that_kills_its_worker_every_time_ends_failed(tmp_path, redis_url, 
     assert "lost" in view["reason"]
     assert _count(project, "boom start") == 2
     assert [e["node_id"] for e in _lost(view)] == ["boom", "boom"]
+
+
+def test_worker_killed_before_listing_its_step_is_covered_by_arqs_lease(tmp_path, redis_url, stop):
+    """The worker dies after arq handed it the job and before it listed the step: no heartbeat can see the
+    step, but arq's lock on the job is one lease long, so arq hands it to another worker itself."""
+    project = _project(tmp_path, redis_url, lease=2, job_timeout=300, seconds=0.1)
+    stop(project)
+    w0 = project.start_worker(env={"FLOWCRAFT_FAILPOINT": "before-hold:slow"})
+    run_id = project.cli("enqueue", "slow-chain", check=True).stdout.strip()
+    assert w0.wait(timeout=60) == 137
+    project.start_worker()
+    view = project.wait_run(run_id, timeout=30)  # before: arq's lock lasted job_timeout + 10 s (310 s)
+    assert view["status"] == "completed"
+    assert _count(project, "slow end") == 1

@@ -286,24 +286,152 @@ def test_worker_start_warns_about_a_fleet_serving_other_blueprints(redis_url, re
     assert len(warned) == 1 and "chain@" in warned[0] and "other@" in warned[0]
 
 
-def test_a_job_arq_holds_in_progress_for_nobody_is_reconciled(redis_url, redis_sync):
-    """A worker went away while Redis failed under arq's bookkeeping: the job stays 'in progress' in arq (for
-    arq's year-long job timeout) though no live worker runs it. The reconciler takes it back."""
-    from arq.constants import in_progress_key_prefix
+BATCH = """
+id: batch
+nodes:
+  - {id: each, uses: batch, params: {worker: echo}}
+"""
+PARENT = """
+id: parent
+nodes:
+  - {id: call, uses: subflow, params: {blueprintId: chain}}
+"""
+
+
+def _nodes():
+    return {"reader": lambda ctx: 1, "echo": lambda ctx: ctx.input}
+
+
+def test_recovery_review_findings(redis_url, redis_sync):
+    """Races found in review of the lease protocol, each pinned:
+    1. a worker without the run's blueprint version leaves a dead worker's step alone (no discard, no forget);
+    3. a worker never recovers itself; 4. forgetting a dead worker keeps what it listed after it came back;
+    8. one step that cannot be recovered does not block the others."""
 
     async def go():
         redis = Redis.from_url(redis_url)
-        adapter = _adapter(redis, [CHAIN], {"reader": lambda ctx: 1, "echo": lambda ctx: ctx.input})
-        run_id = await adapter.start_run("chain", {})
-        job_id = (await redis.zrange(adapter.queue_name, 0, -1))[0].decode()
-        await redis.set(in_progress_key_prefix + job_id, b"1", ex=3600)
-        outcome = await adapter.reconcile(run_id)
-        await asyncio.wait_for(adapter.start(burst=True), 30)  # before: arq's burst waited on it forever
-        view = await adapter.inspect(run_id)
-        await adapter.close()
+        dead = _adapter(redis, [CHAIN], _nodes(), worker_id="d1", lease_s=1)
+        foreign = _adapter(redis, [BATCH], _nodes(), worker_id="f1", lease_s=1)
+        capable = _adapter(redis, [CHAIN], _nodes(), worker_id="c1", lease_s=1)
+        await dead.workers.beat(dead._fields())
+        good, jobs = await dead.engine.start_run("chain", {})
+        await dead.flush(jobs)
+        bad, bad_jobs = await dead.engine.start_run("chain", {})
+        await dead.flush(bad_jobs)
+        for _, job in jobs + bad_jobs:
+            await dead.workers.hold(job.job_id, job)
+        redis_sync.hset(f"flowcraft:nodes:{bad}", "a", b"{not json")  # 8: a run nobody can judge
+        await redis.delete(keys.worker_key("d1"))  # the lease lapsed
+        # 3: d1 itself, back from a long pause, does not recover its own steps
+        assert await dead.recover_dead_workers(["d1"]) == 0
+        assert await redis.hlen(keys.worker_steps_key("d1")) == 2
+        # 1: a worker serving another blueprint cannot judge the runs: it leaves everything as it is
+        assert await foreign.recover_dead_workers(["d1"]) == 0
+        assert await redis.hlen(keys.worker_steps_key("d1")) == 2
+        assert await redis.zscore(foreign.queue_name, jobs[0][1].job_id) is not None
+        # 8: the capable worker recovers the good run although the bad one fails to load
+        assert await capable.recover_dead_workers(["d1"]) == 1
+        left = [k.decode() for k in await redis.hkeys(keys.worker_steps_key("d1"))]
+        # 4: d1 comes back and lists a new step before it is forgotten: that listing stays, so does d1
+        await dead.workers.beat(dead._fields())
+        await dead.workers.hold("new-job", jobs[0][1])
+        dropped = await capable.workers.forget("d1", left)
+        still = [k.decode() for k in await redis.hkeys(keys.worker_steps_key("d1"))]
+        in_zset = await redis.zscore(keys.workers_key(capable.queue_name), "d1") is not None
+        await capable.start(burst=True)
+        view = await capable.inspect(good)
+        for a in (dead, foreign, capable):
+            await a.close()
         await redis.aclose()
-        return job_id, outcome, view
+        return bad_jobs[0][1].job_id, left, dropped, still, in_zset, view
 
-    job_id, outcome, view = asyncio.run(go())
-    assert outcome.enqueued == [job_id]
+    bad_job, left, dropped, still, in_zset, view = asyncio.run(go())
+    assert left == [bad_job]  # the one that could not be recovered stays listed
+    assert not dropped and still == ["new-job"] and in_zset
     assert view.status == "completed"
+
+
+def test_a_redriven_subflow_queues_its_childs_start_jobs(redis_url, redis_sync):
+    """Finding 6: the worker died after creating the child run and before queueing its start jobs; the
+    recovered parent step finds the child and queues what is in the child's outbox."""
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        dead = _adapter(redis, [PARENT, CHAIN], _nodes(), worker_id="d2")
+        live = _adapter(redis, [PARENT, CHAIN], _nodes(), worker_id="l2")
+        run_id, jobs = await dead.engine.start_run("parent", {})
+        job = jobs[0][1]
+        handled = await dead.engine.handle(job)  # claims, creates the child; its jobs are never queued
+        assert handled.scheduled
+        outcome, redo = await live.engine.recover(job, "d2")
+        assert outcome == Recovery.RECOVERED
+        await live.flush(redo)
+        await live.start(burst=True)
+        view = await live.inspect(run_id)
+        for a in (dead, live):
+            await a.close()
+        await redis.aclose()
+        return view
+
+    view = asyncio.run(go())
+    assert view.status == "completed", view.reason
+
+
+def test_a_lost_item_of_a_batch_that_moved_on_changes_nothing(redis_url, redis_sync):
+    """Finding 7: an item whose worker died after its batch node finished does not reopen the node."""
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        doc = BATCH.replace("id: batch\n", "id: batch-w\n") + "  - {id: w, uses: wait}\n"
+        live = _adapter(redis, [doc], _nodes(), worker_id="l3")
+        run_id = await live.start_run("batch-w", [1, 2])  # the run rests awaiting: not finished
+        await live.start(burst=True)
+        # an item state left 'running' by a worker that died, lost once before
+        rec = (await live.store.read(run_id, "nodes", ["each"]))[0]
+        item = Job(run_id, "each", rec["seq"], "item", 1, item=0)
+        fields = await redis.hkeys(f"flowcraft:batch:{run_id}")
+        skey = next(f.decode() for f in fields if f.decode().endswith("|s|0"))
+        await redis.hset(f"flowcraft:batch:{run_id}", skey, '{"status": "running", "attempt": 1, "worker": "gone", '
+                         f'"job": "{item.job_id}", "token": "t", "lost_in_row": 1}}')
+        outcome, _ = await live.engine.recover(item, "gone")
+        view = await live.inspect(run_id)
+        await live.close()
+        await redis.aclose()
+        return outcome, view
+
+    outcome, view = asyncio.run(go())
+    assert outcome == Recovery.NOTHING
+    assert view.status == "awaiting" and view.outputs["each"] == [1, 2]
+    assert next(n for n in view.nodes if n.node_id == "each").status == "completed"
+
+
+def test_a_second_delivery_on_the_same_worker_leaves_the_listing_alone(redis_url, redis_sync):
+    """Finding 5: arq hands the same job to the worker already running it (its lock lapsed while the event
+    loop was blocked); the duplicate finds the step held and ends, and the running step stays listed."""
+    gate = asyncio.Event()
+
+    async def reader(ctx):
+        await gate.wait()
+        return 1
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        w = _adapter(redis, [CHAIN], {"reader": reader, "echo": lambda ctx: ctx.input}, worker_id="w5")
+        run_id, jobs = await w.engine.start_run("chain", {})
+        job = jobs[0][1]
+        ctx = {"job_id": job.job_id}
+        first = asyncio.ensure_future(w.step(ctx, job.to_dict()))
+        while not await redis.hexists(keys.worker_steps_key("w5"), job.job_id):
+            await asyncio.sleep(0.01)
+        second = await w.step(ctx, job.to_dict())
+        listed = await redis.hexists(keys.worker_steps_key("w5"), job.job_id)
+        gate.set()
+        await first
+        after = await redis.hexists(keys.worker_steps_key("w5"), job.job_id)
+        await w.close()
+        await redis.aclose()
+        return second, listed, after
+
+    second, listed, after = asyncio.run(go())
+    assert second == "held elsewhere"
+    assert listed and not after

@@ -38,7 +38,7 @@ DEFAULT_QUEUE = "flowcraft-queue"
 # process exit right after committing that node's step and before queueing what follows.
 _FAILPOINT = os.environ.get("FLOWCRAFT_FAILPOINT", "")
 # arq's own job timeout, kept out of the way (CONTRACT §6.1): an attempt ends at its own limit, enforced by
-# the engine, and a dead worker's step is recovered through heartbeat leases, never through arq's job lock.
+# the engine. arq's lock on a running job is one lease long and renewed by the heartbeat (create_worker).
 ARQ_JOB_TIMEOUT_S = 365 * 86400
 
 
@@ -164,19 +164,12 @@ class ArqAdapter:
         try:
             expected, outbox_ids, lost = await self.engine.expected_jobs(run_id)
             alive = await self.queue.state_of([job.job_id for job in expected])
-            # arq keeps a job "in progress" for as long as its (year-long) job timeout: one whose worker went
-            # away without telling arq (Redis failed under its bookkeeping) is only alive if a live worker
-            # still lists it
-            orphans = [jid for jid, state in alive.items() if state == "running" and not await self._listed(jid)]
-            for jid in orphans:
-                del alive[jid]
             planned = [job for job in expected if job.job_id not in alive] + [job for job, _ in lost]
             if dry_run:
                 return ReconcileOutcome(planned, [])
-            await self.queue.discard(orphans)
             enqueued = await self.queue.enqueue([job for job in expected if job.job_id not in alive])
             for job, worker in lost:  # claimed by a worker that no longer holds them
-                enqueued += await self._recover_step(job.job_id, job, worker)
+                enqueued += await self._recover_step(job.job_id, job, worker) or []
             # only the entries read above: one written since then belongs to a step that queues it itself
             await self.store.ack_jobs(run_id, outbox_ids)
             if enqueued:
@@ -185,13 +178,6 @@ class ArqAdapter:
         finally:
             if not dry_run:
                 await self.coordination_store.release(lock, token)  # only if still ours
-
-    async def _listed(self, job_id: str) -> bool:
-        """Does a live worker of this queue list this job among the steps it runs?"""
-        for w in await self.workers.workers():
-            if w.alive and await self.workers.is_held(w.worker_id, job_id):
-                return True
-        return False
 
     async def flush(self, scheduled: list[tuple[str, Job]]) -> list[str]:
         """Queue jobs a committed step decided, then clear them from their run's outbox."""
@@ -215,32 +201,46 @@ class ArqAdapter:
             dead = await self.workers.dead_workers()
         count = 0
         for worker_id in dead:
+            if worker_id == self.worker_id:
+                continue  # this worker was cut off past its lease and is back: its steps are its own
             lock, token = f"recover:{worker_id}", f"{self.worker_id}:{secrets.token_hex(4)}"
             if not await self.coordination_store.set_if_not_exist(lock, token, max(5, int(self.lease_s * 2))):
                 continue  # another worker is on it
             try:
                 steps = await self.workers.steps_of(worker_id)
+                done: list[str] = []
                 for job_id, job in steps.items():
-                    if job is not None:
-                        count += len(await self._recover_step(job_id, job, worker_id))
-                    else:
+                    if job is None:
                         await self.queue.discard([job_id])
-                    await self.workers.release([job_id], worker_id)
-                await self.workers.forget(worker_id)
-                if steps:
-                    log.warning("worker %s stopped heartbeating: recovered %d of its %d steps", worker_id, count,
+                        done.append(job_id)
+                        continue
+                    try:
+                        queued = await self._recover_step(job_id, job, worker_id)
+                    except Exception as e:  # one run that cannot be recovered must not block the others
+                        log.warning("could not recover %s of worker %s (%s: %s); leaving it listed", job_id,
+                                    worker_id, type(e).__name__, e)
+                        continue
+                    if queued is not None:  # None: this worker cannot judge it; one that can will
+                        count += len(queued)
+                        done.append(job_id)
+                await self.workers.forget(worker_id, done)
+                if done:
+                    log.warning("worker %s stopped heartbeating: recovered %d of its %d steps", worker_id, len(done),
                                 len(steps))
             finally:
                 await self.coordination_store.release(lock, token)
         return count
 
-    async def _recover_step(self, job_id: str, job: Job, worker_id: str, *, lost: bool = True) -> list[str]:
+    async def _recover_step(self, job_id: str, job: Job, worker_id: str, *, lost: bool = True) -> list[str] | None:
         """One step a worker no longer holds: record the lost attempt and queue it anew (a new job id), or
-        queue it again as it was if it never got claimed. Returns the job ids really queued."""
+        queue it again as it was if it never got claimed. Returns the job ids really queued, or None when
+        this worker cannot judge the step (its run's blueprint version is not loaded here)."""
         outcome, scheduled = await self.engine.recover(job, worker_id, lost=lost)
+        if outcome == Recovery.UNKNOWN:
+            return None
         if outcome == Recovery.NOTHING:
-            if worker_id != self.worker_id:
-                await self.queue.discard([job_id])  # its step is done; the dead worker never told arq
+            # the step moved on (done, or taken over by the worker arq handed the job to): its arq job, if
+            # any is left, is dropped as stale when it runs, and arq's lock on it lapses with the lease
             if await self.redis.hlen(keys.kind_key(OUTBOX, job.run_id)):
                 # a recovery that died between its commit and queueing left its decision in the outbox
                 return (await self.reconcile(job.run_id)).enqueued
@@ -267,7 +267,7 @@ class ArqAdapter:
                     next_beat = time.monotonic() + beat_every
                     await self._beat()
                 else:
-                    dead = await self.workers.dead_workers()  # two commands inside one script
+                    dead = [w for w in await self.workers.dead_workers() if w != self.worker_id]
                 if dead:
                     await self.recover_dead_workers(dead)
             except asyncio.CancelledError:
@@ -279,6 +279,9 @@ class ArqAdapter:
     async def _beat(self) -> None:
         late = self.workers.last_beat is not None and time.monotonic() - self.workers.last_beat > self.lease_s
         _, dead, mine = await self.workers.beat(self._fields())
+        if self._worker is not None:  # arq's lock on every job this worker runs lives one more lease
+            await self.queue.renew([jid for jid, t in self._worker.tasks.items() if not t.done()],
+                                   self.workers.lease_ms)
         if late:
             log.warning("this worker sent no heartbeat for more than its lease (%gs): the event loop was "
                         "blocked or the process paused; its steps may have been recovered elsewhere, "
@@ -289,8 +292,12 @@ class ArqAdapter:
             for job_id, job in (await self.workers.steps_of(self.worker_id)).items():
                 if job_id in self.in_flight:
                     continue
-                if job is not None:
-                    await self._recover_step(job_id, job, self.worker_id, lost=False)
+                try:
+                    if job is not None and await self._recover_step(job_id, job, self.worker_id, lost=False) is None:
+                        continue
+                except Exception as e:  # one broken run must not stop the heartbeat's other work
+                    log.warning("could not recover %s (%s: %s)", job_id, type(e).__name__, e)
+                    continue
                 if job_id not in self.in_flight:  # it may have been delivered here again meanwhile
                     await self.workers.release([job_id])
 
@@ -322,10 +329,17 @@ class ArqAdapter:
             log.error("job %s rejected, not run: %s", ctx.get("job_id"), e)
             return "rejected"
         job_id = str(ctx.get("job_id") or job.job_id)
-        self.in_flight[job_id] = job
+        # a second delivery of a job this worker is running (arq's lock lapsed while the event loop was blocked)
+        # must not list or unlist it: the first delivery owns the listing
+        owner = job_id not in self.in_flight
+        if owner:
+            self.in_flight[job_id] = job
         try:
+            if _FAILPOINT == f"before-hold:{job.node_id}":
+                os._exit(137)  # fault-injection: die after arq handed the job over, before it is listed
             # listed before anything is claimed, so a crash at any later point leaves it to be recovered
-            await self.workers.hold(job_id, job)
+            if owner:
+                await self.workers.hold(job_id, job)
             handled = await self.engine.handle(job)
             if _FAILPOINT and _FAILPOINT == f"after-commit:{job.node_id}":
                 os._exit(137)  # fault-injection for the crash tests: die between a commit and its queueing
@@ -341,11 +355,12 @@ class ArqAdapter:
             log.warning("job %s: Redis error (%s: %s); handing it back", job.job_id, type(e).__name__, e)
             raise Retry(defer=1) from e
         finally:
-            self.in_flight.pop(job_id, None)
-            try:
-                await asyncio.shield(self.workers.release([job_id]))
-            except (RedisError, OSError):
-                pass  # still listed: this worker's heartbeat recovers it once Redis answers
+            if owner:
+                self.in_flight.pop(job_id, None)
+                try:
+                    await asyncio.shield(self.workers.release([job_id]))
+                except (RedisError, OSError):
+                    pass  # still listed: this worker's heartbeat recovers it once Redis answers
         if handled.retry_after_s is not None:
             defer = handled.retry_after_s
             if handled.note == "version mismatch" and await self._served_elsewhere(job):
@@ -359,7 +374,7 @@ class ArqAdapter:
                    if w.worker_id != self.worker_id)
 
     def create_worker(self, *, burst: bool = False) -> Worker:
-        return Worker(
+        worker = Worker(
             functions=[func(self.step, name=STEP_FUNCTION, max_tries=100_000, keep_result=0)],
             queue_name=self.queue_name,
             redis_pool=self.queue.pool,
@@ -374,6 +389,11 @@ class ArqAdapter:
             job_deserializer=self.queue.pool.job_deserializer,
             log_results=False,
         )
+        # arq locks a running job for its job timeout + 10 s; here the lock lasts one lease and the heartbeat
+        # renews it (``_beat``), so a dead worker's job is handed to another worker by arq itself a lease
+        # after its last heartbeat, even in the moments it is not in the worker's list of steps
+        worker.in_progress_timeout_s = self.lease_s
+        return worker
 
     async def start(self, *, burst: bool = False, install_signals: bool = False) -> None:
         """Process jobs until stopped (or, with ``burst``, until the queue is empty). A Redis outage does

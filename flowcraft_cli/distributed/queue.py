@@ -88,5 +88,19 @@ class ArqQueue:
                           for p in (job_key_prefix, in_progress_key_prefix, retry_key_prefix)))
             await pipe.execute()
 
+    async def renew(self, job_ids: Iterable[str], lease_ms: int) -> None:
+        """Keep arq's lock on the jobs this worker runs for another lease. arq's lock then lapses ``lease_ms``
+        after a worker dies, and arq hands the job to another worker by itself: the backstop for every moment
+        a step is not (or no longer) in the worker's list of steps."""
+        from arq.constants import in_progress_key_prefix
+
+        ids = list(job_ids)
+        if not ids:
+            return
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for jid in ids:
+                pipe.pexpire(in_progress_key_prefix + jid, lease_ms)
+            await pipe.execute()
+
     async def close(self) -> None:
         await self.pool.aclose()

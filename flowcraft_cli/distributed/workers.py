@@ -64,6 +64,19 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 return redis.call('HEXISTS', KEYS[2], ARGV[1])
 """
 
+# Forget what was recovered of a worker that stopped heartbeating. KEYS: [1] worker hash, [2] steps hash,
+# [3] the queue's workers zset; ARGV: [1] worker id, [2..] the recovered job ids. Only those listings go: a worker
+# that came back meanwhile (a long pause) keeps the steps it listed since, and stays registered; a worker is
+# dropped from the zset only once it is gone and lists nothing.
+_FORGET = """
+if #ARGV > 1 then redis.call('HDEL', KEYS[2], unpack(ARGV, 2)) end
+if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('HLEN', KEYS[2]) == 0 then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return 1
+end
+return 0
+"""
+
 # How long a worker's steps list survives it when no other worker ever looks (nobody serves the queue any
 # more): long enough for a fleet restart, short enough not to leak.
 STEPS_TTL_S = 7 * 86400
@@ -90,6 +103,7 @@ class WorkerRegistry:
         self._beat = redis.register_script(_BEAT)
         self._held = redis.register_script(_HELD)
         self._dead = redis.register_script(_DEAD)
+        self._forget = redis.register_script(_FORGET)
         self.last_beat: float | None = None  # monotonic time of the last heartbeat that reached Redis
 
     async def beat(self, info: Mapping[str, Any]) -> tuple[int, list[str], list[str]]:
@@ -133,19 +147,18 @@ class WorkerRegistry:
                 out[_s(jid)] = None
         return out
 
-    async def forget(self, worker_id: str) -> None:
-        """A dead worker whose steps were all recovered: drop its list and its registry entry."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(keys.worker_steps_key(worker_id))
-            pipe.zrem(keys.workers_key(self.queue_name), worker_id)
-            await pipe.execute()
+    async def forget(self, worker_id: str, recovered: Iterable[str] = ()) -> bool:
+        """Drop the listings of a dead worker's recovered steps, and the worker itself once it is gone and lists
+        nothing more. Returns whether the worker was dropped."""
+        return bool(await self._forget(
+            keys=[keys.worker_key(worker_id), keys.worker_steps_key(worker_id), keys.workers_key(self.queue_name)],
+            args=[worker_id, *recovered]))
 
     async def unregister(self) -> None:
-        """A clean stop: this worker is gone now, not in ``lease_s``."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(keys.worker_key(self.worker_id))
-            pipe.zrem(keys.workers_key(self.queue_name), self.worker_id)
-            await pipe.execute()
+        """A clean stop: this worker is gone now, not in ``lease_s``. Steps it still lists (a hand-back whose
+        release failed) stay listed, so the next heartbeat of another worker recovers them."""
+        await self.redis.delete(keys.worker_key(self.worker_id))
+        await self.forget(self.worker_id)
 
     async def is_held(self, worker_id: str, job_id: str) -> bool:
         return bool(await self._held(keys=[keys.worker_key(worker_id), keys.worker_steps_key(worker_id)],
