@@ -358,6 +358,11 @@ def reconcile(
     raise typer.Exit(asyncio.run(go()))
 
 
+from . import fleet  # noqa: E402  (its commands are registered on `app`, defined above)
+
+fleet.register(app)
+
+
 def main() -> None:
     # typer's standalone mode turns usage errors into its own message and exit 2; our errors become one line
     from redis.exceptions import RedisError
