@@ -1,14 +1,16 @@
-"""Fleet views (CONTRACT §10), end to end: the real `flowcraft` CLI, real worker processes and a real
-redis-server: `workers`, `queue`."""
+"""Fleet views and worker telemetry (CONTRACT §10), end to end: the real `flowcraft` CLI, real worker
+processes and a real redis-server: `workers`, `queue`, `worker start --metrics-port`, `--log-format json`."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import textwrap
 import time
+import urllib.request
 
 import pytest
 import redis as redis_lib
@@ -129,3 +131,89 @@ def test_queue_counts_ready_deferred_and_in_progress(project, redis_url):
     project.start_worker()  # takes the ready job and runs it (a 60 s node); the deferred one stays
     counts = wait_for(lambda: (c := project.cli_json("queue"))["in_progress"] == 1 and c, 30, "the job to run")
     assert (counts["ready"], counts["deferred"], counts["oldest_ready_age_ms"]) == (0, 1, None), counts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """Samples of the /metrics page: 'name{labels}' -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        assert resp.status == 200
+        text = resp.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_port_serves_counters_that_follow_runs(project):
+    port = _free_port()
+    project.start_worker("--metrics-port", str(port))
+    assert f"http://127.0.0.1:{port}/metrics" in (project.root / "worker0.out").read_text()
+    before = _scrape(port)
+    assert before[f'flowcraft_queue_jobs{{queue="{project.queue}",state="ready"}}'] == 0
+    assert before["flowcraft_worker_steps_running"] == 0
+    assert not any(k.startswith("flowcraft_steps_started_total") for k in before)
+
+    assert project.cli_json("enqueue", "chain", "--wait", "--timeout", "60")["status"] == "completed"
+    assert project.cli_json("enqueue", "boomer", "--wait", "--timeout", "60")["status"] == "failed"
+
+    def settled() -> dict[str, float] | None:
+        m = _scrape(port)
+        done = m.get('flowcraft_runs_finished_total{blueprint="boomer",status="failed"}') == 1
+        return m if done and m.get('flowcraft_runs_finished_total{blueprint="chain",status="completed"}') == 1 \
+            else None
+
+    after = wait_for(settled, 30, "the runs to show in the metrics", interval=0.2)
+    for node in ("start", "slow", "side", "join"):
+        assert after[f'flowcraft_steps_started_total{{blueprint="chain",node="{node}"}}'] == 1
+        assert after[f'flowcraft_steps_completed_total{{blueprint="chain",node="{node}"}}'] == 1
+        assert after[f'flowcraft_step_duration_seconds_count{{blueprint="chain",node="{node}",outcome="completed"}}'] == 1
+    assert after['flowcraft_step_duration_seconds_sum{blueprint="chain",node="slow",outcome="completed"}'] >= 1.5
+    assert after['flowcraft_steps_started_total{blueprint="boomer",node="breaks"}'] == 2
+    assert after['flowcraft_steps_failed_total{blueprint="boomer",node="breaks"}'] == 2
+    assert 'flowcraft_steps_completed_total{blueprint="boomer",node="breaks"}' not in after
+    assert after['flowcraft_steps_completed_total{blueprint="boomer",node="first"}'] == 1
+
+
+def test_metrics_count_a_lost_step_on_the_worker_that_recovers_it(project):
+    victim = project.start_worker()
+    run_id = project.cli("enqueue", "long", check=True).stdout.strip()
+    wait_for(lambda: project.cli_json("inspect", run_id)["nodes"][0]["status"] == "running", 30, "the node to run")
+    port = _free_port()
+    project.start_worker("--metrics-port", str(port))
+    os.kill(victim.pid, signal.SIGKILL)  # its step is recovered, ~lease later, by the worker with metrics
+    m = wait_for(lambda: (s := _scrape(port)).get('flowcraft_steps_lost_total{blueprint="long",node="nap"}') and s,
+                 60, "the lost step to be counted", interval=0.2)
+    assert m['flowcraft_steps_lost_total{blueprint="long",node="nap"}'] == 1
+    wait_for(lambda: _scrape(port).get('flowcraft_steps_started_total{blueprint="long",node="nap"}') == 1, 30,
+             "the recovered step to start again here")
+
+
+def test_json_logs_parse_and_a_failed_attempt_logs_once_with_its_traceback(project):
+    project.start_worker("--log-format", "json")
+    assert project.cli_json("enqueue", "boomer", "--wait", "--timeout", "60")["status"] == "failed"
+    project.stop_all()
+    lines = [line for line in project.worker_log(0).splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    for r in records:
+        assert {"ts", "level", "logger", "message"} <= set(r), r
+    failed = [r for r in records if r["level"] == "WARNING" and r.get("node_id") == "breaks"]
+    assert [r["attempt"] for r in failed] == [1, 2]  # each failed attempt once
+    for r in failed:
+        assert r["logger"] == "flowcraft.engine" and r["run_id"]
+        assert r["error"].startswith("ValueError: save target is read-only")
+        assert str(project.root / "e2e_nodes.py") in r["traceback"] and "in boom" in r["traceback"]
+        assert "\n" not in r["message"]  # the traceback is its own field
+    arq = [r for r in records if r["logger"] == "arq.worker"]
+    assert arq, "arq's own lines are JSON too"
+    ends = [r["message"] for r in arq if "←" in r["message"]]
+    assert sum("✗" in m and "breaks" in m for m in ends) == 2, ends
+    assert not any("●" in m and "failed:" in m for m in ends), ends
+    assert any(r["message"] == "worker stopped" for r in records)
