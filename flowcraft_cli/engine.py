@@ -125,6 +125,7 @@ class Handled:
     scheduled: list[tuple[str, Job]] = field(default_factory=list)
     retry_after_s: float | None = None
     note: str = ""
+    failed: str | None = None  # the error of the node attempt this job ran, when it failed
 
 
 class Engine:
@@ -150,6 +151,8 @@ class Engine:
         # knows (workers: the heartbeat registry); with none, only this process's own steps are held.
         self.is_held_remote: Callable[[str, str], Awaitable[bool]] | None = None
         self.log_failures = False  # workers log every failed attempt (with its traceback) at WARNING
+        # told (blueprint id, job) when a step claims a node attempt: where an attempt starts (worker metrics)
+        self.on_claim: Callable[[str, Job], None] | None = None
 
     # ------------------------------------------------------------------ starting, resuming, cancelling
 
@@ -488,7 +491,7 @@ class Engine:
             # a live worker runs this very step (a duplicate delivery): it commits, or, should it die, the
             # step is recovered from its worker's list; this copy has nothing to do
             return Handled(note="held elsewhere")
-        return Handled(scheduled=scheduled, note="stale" if step.stale else "")
+        return Handled(scheduled=scheduled, note="stale" if step.stale else "", failed=step.failure)
 
     async def _held(self, holder: Mapping[str, Any]) -> bool:
         """Is a claim (a node record or a batch item) still held by a live step? This process's own claims
@@ -823,6 +826,7 @@ class _RunTxn:
         self.engine = engine
         self.t = t
         self.bp = bp
+        t.blueprint_id = bp.id
         self.scheduled: list[tuple[str, Job]] = []
         self._meta: dict[str, Any] | None = None
 
@@ -1195,6 +1199,7 @@ class _Step:
         self.held_elsewhere = False  # set when a live step of another delivery holds the node
         self.stale = False  # set when the node no longer expects this step (duplicate or late delivery)
         self.claimed = False  # this step took the node's claim (its commit must still find its token)
+        self.failure: str | None = None  # the error, when the attempt this step ran failed
 
     async def txn(self, fn: Callable[[_RunTxn], Any]) -> Any:
         async def wrapped(t: Txn) -> Any:
@@ -1315,6 +1320,8 @@ class _Step:
             log.debug("job %s: not claimable (duplicate, stale, held elsewhere or run finished)", job.job_id)
             return None
         self.claimed = not got[0].get("_resume")
+        if self.claimed and self.engine.on_claim is not None:
+            self.engine.on_claim(self.bp.id, job)
         return got[0]
 
     async def _commit(self, fn: Callable[[_RunTxn, dict[str, Any]], Any], *, token: str | None = None,
@@ -1373,7 +1380,10 @@ class _Step:
         return await self._succeed(output, action, writes, node_input, runner)
 
     def _log_failure(self, error: str, tb: str | None) -> None:
-        """Workers log each failed attempt once (CONTRACT §10); in-process runs show it in the result."""
+        """The attempt failed: note it as this step's outcome and, on workers, log it once (CONTRACT §10;
+        called before the commit, so a commit retried on a WATCH conflict does not log it again).
+        In-process runs show it in the result."""
+        self.failure = error
         if self.engine.log_failures:
             item = f" item {self.job.item}" if self.job.item >= 0 else ""
             log.warning("run %s node %s%s attempt %d failed: %s%s", self.run_id, self.node.id, item, self.job.attempt,

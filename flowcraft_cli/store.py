@@ -60,6 +60,7 @@ class Txn(ABC):
         self.ttl_s: int | None = None  # expiry to set on every key of the run at commit
         self.unfinal = False  # the run is not finished any more (a retry): forget its final status
         self.ancestors: list[str] = []  # subflow parents (outermost first): their keys get at least that expiry
+        self.blueprint_id: str | None = None  # the run's blueprint, when the engine knows it (for observers)
 
     @abstractmethod
     async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]: ...
@@ -119,7 +120,11 @@ class Txn(ABC):
 
 
 class Store(ABC):
-    """Where runs live. ``transact`` runs ``fn`` until it commits without a conflicting writer."""
+    """Where runs live. ``transact`` runs ``fn`` until it commits without a conflicting writer.
+    ``on_commit`` (optional) sees each committed transaction once, after its commit: a transaction retried
+    on a conflict is seen only as it finally committed (worker metrics count its events)."""
+
+    on_commit: Callable[[Txn], None] | None = None
 
     @abstractmethod
     async def transact(self, run_id: str, fn: Callable[[Txn], Awaitable[T]]) -> T: ...
@@ -194,6 +199,8 @@ class MemoryStore(Store):
                     self._status.pop(run_id, None)
                 if txn.final:
                     self._status[run_id] = txn.final[0]
+                if self.on_commit is not None:
+                    self.on_commit(txn)
             return result
 
     async def read(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:

@@ -14,6 +14,7 @@ import typer
 from ..errors import FlowcraftError, InvalidInput, StateConflict
 from ..ids import check_run_id, check_run_ref
 from . import render
+from .logs import LogFormat, setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run Flowcraft workflow blueprints in-process or across many machines (arq + Redis).")
@@ -29,9 +30,11 @@ EXIT_TIMEOUT = 124
 RESTING = {"completed", "failed", "cancelled", "awaiting"}
 
 
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+LogFormatOpt = Annotated[LogFormat, typer.Option("--log-format", help="text, or json: every log line one JSON object.")]
+
+
+def _setup_logging(verbose: bool = False, log_format: LogFormat = LogFormat.TEXT) -> None:
+    setup_logging(logging.INFO if verbose else logging.WARNING, log_format)
 
 
 def _exit_for(status: str) -> int:
@@ -114,28 +117,37 @@ def graph(blueprint_id: Annotated[str, typer.Argument()], config: ConfigOpt = No
 def worker_start(
     concurrency: Annotated[int | None, typer.Option("--concurrency", min=1, help="Steps run at once.")] = None,
     burst: Annotated[bool, typer.Option("--burst", help="Exit when the queue is empty, including jobs scheduled for later (retry backoff, sleep).")] = False,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", min=1, max=65535, help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics.")] = None,
+    log_format: LogFormatOpt = LogFormat.TEXT,
     config: ConfigOpt = None,
 ) -> None:
     """Validate everything, print a summary, then process jobs until SIGTERM/SIGINT."""
     from ..config import redact_url
     from ..project import connected, load_project
 
-    _setup_logging(verbose=True)
+    _setup_logging(verbose=True, log_format=log_format)
     project = load_project(config, overrides={"worker.concurrency": concurrency})
     s = project.settings
 
     async def go() -> None:
         async with connected(project) as adapter:
+            if metrics_port is not None:
+                from ..distributed.metrics import WorkerMetrics
+
+                metrics = WorkerMetrics()
+                metrics.attach(adapter)
+                metrics.serve(adapter, metrics_port)
             render.key_values("flowcraft worker", [
                 ("worker", adapter.worker_id), ("redis", redact_url(s.redis.url)), ("queue", s.queue.name),
                 ("concurrency", s.worker.concurrency), ("job timeout", f"{s.worker.job_timeout_seconds} s" if s.worker.job_timeout_seconds else "none"),
                 ("lease", f"{s.worker.lease_seconds} s"),
                 ("blueprints", ", ".join(f"{b.id}@{b.version}" for b in project.blueprints.values()) or "none"),
                 ("nodes", ", ".join(project.registry.names()) or "none"),
+                *([("metrics", f"http://127.0.0.1:{metrics_port}/metrics")] if metrics_port is not None else []),
             ])
             render.out.file.flush()
             await adapter.start(burst=burst, install_signals=True)
-        render.info("worker stopped")
+        logging.getLogger("flowcraft.worker").info("worker stopped")  # a log line: JSON with --log-format json
 
     asyncio.run(go())
 
@@ -329,6 +341,7 @@ def reconcile(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be queued; change nothing.")] = False,
     interval: Annotated[float | None, typer.Option("--interval", min=0.1, help="Sweep every S seconds until SIGTERM/SIGINT.")] = None,
     json_out: JsonOpt = False,
+    log_format: LogFormatOpt = LogFormat.TEXT,
     config: ConfigOpt = None,
 ) -> None:
     """Find stalled runs and queue the steps they lost. Exit 1 when a run could not be reconciled."""
@@ -339,7 +352,7 @@ def reconcile(
     from ..distributed.reconciler import create_arq_reconciler
     from ..project import connected, load_project
 
-    _setup_logging()
+    _setup_logging(log_format=log_format)
     project = load_project(config, overrides={"reconciler.threshold_seconds": threshold,
                                               "reconciler.scan_count": scan_count})
     s = project.settings
@@ -384,6 +397,11 @@ def reconcile(
         return 1 if failed else 0
 
     raise typer.Exit(asyncio.run(go()))
+
+
+from . import fleet  # noqa: E402  (its commands are registered on `app`, defined above)
+
+fleet.register(app)
 
 
 def main() -> None:

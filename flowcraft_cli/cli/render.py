@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console, Group
@@ -19,7 +19,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 STATUS_STYLE = {
     "completed": "green", "failed": "red", "cancelled": "magenta", "awaiting": "yellow", "running": "cyan",
-    "queued": "blue", "pending": "dim", "skipped": "dim", "sleeping": "yellow", "lost": "red",
+    "queued": "blue", "pending": "dim", "skipped": "dim", "sleeping": "yellow", "lost": "red", "alive": "green",
 }
 
 
@@ -122,6 +122,37 @@ def key_values(title: str, rows: Iterable[tuple[str, Any]]) -> None:
     for k, v in rows:
         table.add_row(Text(k), Text(str(v)))
     out.print(table)
+
+
+def age(ms: int | None) -> str:
+    if ms is None:
+        return "–"
+    if ms < 60_000:
+        return f"{ms / 1000:.1f} s"
+    if ms < 3_600_000:
+        return f"{ms // 60_000} min {ms % 60_000 // 1000} s"
+    return f"{ms // 3_600_000} h {ms % 3_600_000 // 60_000} min"
+
+
+def workers_table(queue: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    t = Table(title=f"workers on queue {queue}", title_justify="left")
+    for col in ("worker", "status", "host", "pid", "concurrency", "running", "blueprints", "last heartbeat"):
+        t.add_column(col, overflow="fold", no_wrap=col not in ("worker", "blueprints"))
+    for r in rows:
+        bps = ", ".join(f"{k}@{v}" for k, v in sorted(r["blueprints"].items())) or "–"
+        t.add_row(Text(r["worker_id"]), status_text(r["status"]), Text(str(r["host"] or "–")), str(r["pid"] or "–"),
+                  str(r["concurrency"] or "–"), str(r["steps_running"] if r["steps_running"] is not None else "–"),
+                  Text(bps), age(r["heartbeat_age_ms"]) + " ago")
+    out.print(t)
+    if not rows:
+        info(f"no live worker on queue {queue!r}")
+
+
+def queue_table(counts: Mapping[str, Any]) -> None:
+    key_values(f"queue {counts['queue']}", [
+        ("ready", counts["ready"]), ("deferred", counts["deferred"]), ("in progress", counts["in_progress"]),
+        ("oldest ready", age(counts["oldest_ready_age_ms"]) if counts["oldest_ready_age_ms"] is not None else "–"),
+    ])
 
 
 def stats_table(stats: Mapping[str, Any], runs: list[Mapping[str, Any]]) -> None:

@@ -42,6 +42,22 @@ _FAILPOINT = os.environ.get("FLOWCRAFT_FAILPOINT", "")
 ARQ_JOB_TIMEOUT_S = 365 * 86400
 
 
+FAILED_RESULT = "failed:"
+_ARQ_DONE = "%6.2fs ← %s ● %s"
+
+
+class _StepResultLine(logging.Filter):
+    """arq logs every job whose function returned as a success (``●``). A step whose node attempt failed
+    does return (the engine recorded the failure and queued the retry), so its line gets ``✗`` instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if record.msg == _ARQ_DONE and isinstance(args, tuple) and len(args) == 3 \
+                and str(args[2])[1:].startswith(FAILED_RESULT):  # repr() of the result: a quote first
+            record.msg = "%6.2fs ← %s ✗ %s"
+        return True
+
+
 @dataclass
 class ReconcileOutcome:
     planned: list[Job]
@@ -366,6 +382,9 @@ class ArqAdapter:
             if handled.note == "version mismatch" and await self._served_elsewhere(job):
                 defer = 0.2  # a live worker has the right version: let it have the job soon
             raise Retry(defer=defer)
+        if handled.failed is not None:
+            # arq saw the step return normally; this result makes its log line say the attempt failed
+            return f"{FAILED_RESULT} attempt {job.attempt} of node {job.node_id}: {handled.failed}"
         return handled.note or "ok"
 
     async def _served_elsewhere(self, job: Job) -> bool:
@@ -374,6 +393,9 @@ class ArqAdapter:
                    if w.worker_id != self.worker_id)
 
     def create_worker(self, *, burst: bool = False) -> Worker:
+        arq_log = logging.getLogger("arq.worker")
+        if not any(isinstance(f, _StepResultLine) for f in arq_log.filters):
+            arq_log.addFilter(_StepResultLine())
         worker = Worker(
             functions=[func(self.step, name=STEP_FUNCTION, max_tries=100_000, keep_result=0)],
             queue_name=self.queue_name,
@@ -387,7 +409,7 @@ class ArqAdapter:
             handle_signals=False,
             job_serializer=self.queue.pool.job_serializer,
             job_deserializer=self.queue.pool.job_deserializer,
-            log_results=False,
+            log_results=True,  # the step's outcome ('ok', 'stale', 'failed: ...'), never user data
         )
         # arq locks a running job for its job timeout + 10 s; here the lock lasts one lease and the heartbeat
         # renews it (``_beat``), so a dead worker's job is handed to another worker by arq itself a lease

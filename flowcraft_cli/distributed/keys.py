@@ -26,6 +26,10 @@ Workers (CONTRACT §6.1):
   flowcraft:workers:<queue>    ZSET   worker id -> last heartbeat (Redis server time, ms): the workers of
                                       one queue, live and recently dead; a dead one is removed once its
                                       steps are recovered
+  flowcraft:workers-seen:<queue> HASH worker id -> {"heartbeat_at", "fields"} as of its last heartbeat, so
+                                      `flowcraft workers` can still show a dead worker (host, pid) as lost;
+                                      an entry is dropped by a clean stop, or by any worker's heartbeat once
+                                      the worker has been gone for more than lease_seconds
 
 Shared:
 
@@ -46,6 +50,7 @@ COORD_PREFIX = "flowcraft:coord:"
 WORKER_PREFIX = "flowcraft:worker:"
 WORKER_STEPS_PREFIX = "flowcraft:worker-steps:"
 WORKERS_PREFIX = "flowcraft:workers:"
+WORKERS_SEEN_PREFIX = "flowcraft:workers-seen:"
 
 _KIND_PREFIX = {
     STATE: STATE_PREFIX,
@@ -93,3 +98,7 @@ def worker_steps_key(worker_id: str) -> str:
 
 def workers_key(queue_name: str) -> str:
     return WORKERS_PREFIX + queue_name
+
+
+def workers_seen_key(queue_name: str) -> str:
+    return WORKERS_SEEN_PREFIX + queue_name

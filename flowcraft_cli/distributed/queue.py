@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +18,43 @@ from ..jobs import Job
 log = logging.getLogger("flowcraft.queue")
 
 STEP_FUNCTION = "flowcraft_step"
+
+# How deep the queue is, in one round trip and without visiting every job. KEYS: [1] the queue's sorted set
+# (arq scores each job by the time it may run, in ms); ARGV: [1] arq's in-progress key prefix, [2] how many
+# of the oldest ready jobs to look at for in-progress ones. arq takes ready jobs oldest first, so the ones
+# it runs are among the oldest: only those are checked, never the whole queue. Returns {server time ms,
+# ready (in progress included), deferred, in progress, score of the oldest ready job not in progress or -1}.
+_COUNTS = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ready = redis.call('ZCOUNT', KEYS[1], '-inf', now)
+local deferred = redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+local running, oldest = 0, -1
+local head = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
+for i = 1, #head, 2 do
+  if redis.call('EXISTS', ARGV[1] .. head[i]) == 1 then
+    running = running + 1
+  elseif oldest < 0 then
+    oldest = tonumber(head[i + 1])
+  end
+end
+return {now, ready, deferred, running, oldest}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCounts:
+    """One reading of a queue: ``ready`` jobs wait for a worker now, ``deferred`` ones wait for their time
+    (retry backoff, sleeps, version-gate bounces), ``in_progress`` ones run on a worker."""
+
+    queue: str
+    ready: int
+    deferred: int
+    in_progress: int
+    oldest_ready_age_ms: int | None  # how long the oldest waiting job has been ready; None when none waits
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
 
 
 def serialize(data: Any) -> bytes:
@@ -101,6 +139,17 @@ class ArqQueue:
             for jid in ids:
                 pipe.pexpire(in_progress_key_prefix + jid, lease_ms)
             await pipe.execute()
+
+    async def counts(self, *, head: int = 10_000) -> QueueCounts:
+        """Jobs ready, deferred and in progress, and the oldest ready job's age (Redis server clock). Two
+        ZCOUNTs and a look at the ``head`` oldest ready jobs, whatever the queue's length."""
+        from arq.constants import in_progress_key_prefix
+
+        now, ready, deferred, running, oldest = await self.pool.eval(
+            _COUNTS, 1, self.queue_name, in_progress_key_prefix, str(head))
+        now, oldest = int(now), int(oldest)
+        return QueueCounts(self.queue_name, int(ready) - int(running), int(deferred), int(running),
+                           max(0, now - oldest) if oldest >= 0 else None)
 
     async def close(self) -> None:
         await self.pool.aclose()

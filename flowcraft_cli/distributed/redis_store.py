@@ -88,6 +88,8 @@ class RedisStore(Store):
                     pipe.multi()
                     self._queue_writes(pipe, txn)
                     await pipe.execute()
+                    if self.on_commit is not None:
+                        self.on_commit(txn)
                     return result
                 except WatchError:
                     # another step of this run committed first: recompute on fresh state, after a short random

@@ -23,21 +23,33 @@ from redis.asyncio import Redis
 from ..jobs import Job
 from . import keys
 
-# One heartbeat, one round trip. KEYS: [1] worker hash, [2] the queue's workers zset, [3] worker steps hash.
-# ARGV: [1] lease ms, [2] worker id, [3] worker key prefix, [4] steps-list ttl ms, [5..] field, value pairs.
-# Writes the worker's fields with heartbeat_at = server time, renews its expiry, and returns
+# One heartbeat, one round trip. KEYS: [1] worker hash, [2] the queue's workers zset, [3] worker steps hash,
+# [4] the queue's workers-seen hash. ARGV: [1] lease ms, [2] worker id, [3] worker key prefix, [4] steps-list
+# ttl ms, [5] the fields as one JSON object, [6..] field, value pairs.
+# Writes the worker's fields with heartbeat_at = server time, renews its expiry, keeps a copy of its fields
+# for `flowcraft workers` (dropping copies of workers gone for more than a lease), and returns
 # {server time ms, ids of this queue's workers whose key is gone (dead: their steps need recovery),
 #  this worker's listed steps}. Keys of other workers are derived inside the script (standalone Redis).
 _BEAT = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local lease = tonumber(ARGV[1])
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[1], 'heartbeat_at', now)
 redis.call('PEXPIRE', KEYS[1], lease)
 redis.call('ZADD', KEYS[2], now, ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[4]) end
+local seen = redis.call('HGETALL', KEYS[4])
+for i = 1, #seen, 2 do
+  local ok, entry = pcall(cjson.decode, seen[i + 1])
+  if not ok or type(entry) ~= 'table' or tonumber(entry.heartbeat_at) == nil
+      or tonumber(entry.heartbeat_at) < now - 2 * lease and redis.call('EXISTS', ARGV[3] .. seen[i]) == 0 then
+    redis.call('HDEL', KEYS[4], seen[i])
+  end
+end
+redis.call('HSET', KEYS[4], ARGV[2], '{"heartbeat_at":' .. now .. ',"fields":' .. ARGV[5] .. '}')
+redis.call('PEXPIRE', KEYS[4], ARGV[4])
 local dead = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - lease)) do
   if redis.call('EXISTS', ARGV[3] .. id) == 0 then dead[#dead + 1] = id end
@@ -108,12 +120,13 @@ class WorkerRegistry:
 
     async def beat(self, info: Mapping[str, Any]) -> tuple[int, list[str], list[str]]:
         """Heartbeat: returns (server time ms, dead workers of this queue, the steps this worker lists)."""
-        args: list[Any] = [self.lease_ms, self.worker_id, keys.WORKER_PREFIX, STEPS_TTL_S * 1000]
+        args: list[Any] = [self.lease_ms, self.worker_id, keys.WORKER_PREFIX, STEPS_TTL_S * 1000,
+                           json.dumps(dict(info), separators=(",", ":"))]
         for name, value in info.items():
             args += [name, json.dumps(value, separators=(",", ":"))]
         now, dead, mine = await self._beat(
             keys=[keys.worker_key(self.worker_id), keys.workers_key(self.queue_name),
-                  keys.worker_steps_key(self.worker_id)], args=args)
+                  keys.worker_steps_key(self.worker_id), keys.workers_seen_key(self.queue_name)], args=args)
         self.last_beat = time.monotonic()
         return int(now), [_s(d) for d in dead], [_s(m) for m in mine]
 
@@ -157,7 +170,10 @@ class WorkerRegistry:
     async def unregister(self) -> None:
         """A clean stop: this worker is gone now, not in ``lease_s``. Steps it still lists (a hand-back whose
         release failed) stay listed, so the next heartbeat of another worker recovers them."""
-        await self.redis.delete(keys.worker_key(self.worker_id))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(keys.worker_key(self.worker_id))
+            pipe.hdel(keys.workers_seen_key(self.queue_name), self.worker_id)
+            await pipe.execute()
         await self.forget(self.worker_id)
 
     async def is_held(self, worker_id: str, job_id: str) -> bool:
@@ -179,6 +195,40 @@ class WorkerRegistry:
             out.append(WorkerInfo(_s(wid), bool(fields), int(score), decoded))
         out.sort(key=lambda w: (not w.alive, w.worker_id))
         return out
+
+    async def fleet(self) -> tuple[int, list[WorkerInfo]]:
+        """What `flowcraft workers` shows: (server time ms, this queue's live workers and the ones whose lease
+        lapsed within the last lease, live first). A lost worker keeps the fields of its last heartbeat."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.zrange(keys.workers_key(self.queue_name), 0, -1, withscores=True)
+            pipe.hgetall(keys.workers_seen_key(self.queue_name))
+            (sec, usec), entries, seen_raw = await pipe.execute()
+        now = int(sec) * 1000 + int(usec) // 1000
+        beats: dict[str, int | None] = {_s(wid): int(score) for wid, score in entries}
+        seen: dict[str, dict[str, Any]] = {}
+        for wid, raw in seen_raw.items():
+            entry = _loads(raw)
+            if isinstance(entry, dict) and isinstance(entry.get("fields"), dict):
+                seen[_s(wid)] = entry
+                beats.setdefault(_s(wid), entry.get("heartbeat_at"))
+        ids = sorted(beats)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid in ids:
+                pipe.hgetall(keys.worker_key(wid))
+            hashes = await pipe.execute()
+        out = []
+        for wid, fields in zip(ids, hashes, strict=True):
+            if fields:
+                decoded = {_s(k): _loads(v) for k, v in fields.items()}
+                out.append(WorkerInfo(wid, True, decoded.get("heartbeat_at", beats[wid]), decoded))
+                continue
+            beat = beats[wid]
+            # its key expired lease_ms after its last heartbeat; it is shown for one more lease
+            if beat is not None and now - beat <= 2 * self.lease_ms:
+                out.append(WorkerInfo(wid, False, beat, dict(seen.get(wid, {}).get("fields") or {})))
+        out.sort(key=lambda w: (not w.alive, w.worker_id))
+        return now, out
 
     async def server_time_ms(self) -> int:
         sec, usec = await self.redis.time()
