@@ -247,8 +247,9 @@ def test_version_short_help_and_help_text(project):
 
 
 def test_every_argument_and_option_has_help():
-    from flowcraft_cli.cli.app import app
     from typer.main import get_command
+
+    from flowcraft_cli.cli.app import app
 
     def walk(cmd, path):
         for p in cmd.params:
