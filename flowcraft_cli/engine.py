@@ -38,6 +38,7 @@ from .errors import (
     RunNotFound,
     StateConflict,
     UndecodableValue,
+    json_type,
 )
 from .expressions import Expression
 from .ids import check_run_id, child_run_id, field_name
@@ -67,6 +68,7 @@ class NodeStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     SKIPPED = "skipped"
+    CANCELLED = "cancelled"  # was waiting or running when its run was cancelled
 
 
 FINAL_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
@@ -1133,10 +1135,16 @@ class _RunTxn:
             payload = {"outputs": {n: got[f"_outputs.{n}"] for n in terminals if f"_outputs.{n}" in got}}
         else:
             # nodes still queued or running will never finish in this run: say so, rather than leave them "running"
-            why = "the run was cancelled" if status == RunStatus.CANCELLED else "the run failed"
+            cancelled = status == RunStatus.CANCELLED
+            why = "the run was cancelled" if cancelled else "the run failed"
             for node_id, rec in (await self.t.get_all(NODES)).items():
                 if rec["status"] in _ACTIVE_NODE:
-                    self.t.put(NODES, node_id, {**rec, "status": NodeStatus.FAILED.value, "finished_at": ts,
+                    if cancelled and rec["status"] == NodeStatus.RUNNING:
+                        self.t.event({"type": "attempt_cancelled", "ts": ts, "node": node_id,
+                                      "attempt": rec.get("attempt"), "started_at": rec.get("attempt_started_at"),
+                                      "worker": rec.get("worker"), "error": f"stopped: {why}"})
+                    end = NodeStatus.CANCELLED if cancelled else NodeStatus.FAILED
+                    self.t.put(NODES, node_id, {**rec, "status": end.value, "finished_at": ts,
                                                 "error": rec.get("error") or f"stopped: {why} before it finished",
                                                 "token": None})
         self.t.final = ({"status": status.value, "reason": reason, "payload": payload}, self.engine.settings.ttl_s)
@@ -1462,7 +1470,7 @@ class _Step:
         else:
             output, action = result, None
         if action is not None and not isinstance(action, str):
-            raise NodeFailure(f"node {runner.id!r} returned an action of type {type(action).__name__}, not a string",
+            raise NodeFailure(f"node {runner.id!r} returned an action of type {json_type(action)}, not a string",
                               fatal=True)
         bad = _json_problem(output)
         if bad:
@@ -1584,7 +1592,7 @@ class _Step:
         if node_input is None:
             node_input = []
         if not isinstance(node_input, list):
-            msg = f"batch input must be a list, got {type(node_input).__name__}"
+            msg = f"batch input must be a list, got {json_type(node_input)}"
             return await self._commit(lambda run, r: run.fail_node(self.node, r, self.job, msg, False))
         if not node_input:
             return await self._succeed([], None, {}, node_input)

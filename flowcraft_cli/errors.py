@@ -81,3 +81,21 @@ class NodeFailure(FlowcraftError):
 
 class NodeTimeout(NodeFailure):
     pass
+
+
+def json_type(value: object) -> str:
+    """A value's type as a user knows it from JSON (null, object, array, string, number, boolean), for
+    messages; a value JSON cannot hold keeps its Python type name."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list | tuple):
+        return "array"
+    return type(value).__name__

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import ast
 import operator
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
-from .errors import ExpressionError, ExpressionEvalError
+from .errors import ExpressionError, ExpressionEvalError, json_type
 
 __all__ = ["Expression", "compile_expression"]
 
@@ -113,7 +114,7 @@ def _built(env: _Env, value: Any) -> Any:
 def _each(values: Any) -> Any:
     # Only data is iterated: a foreign iterable (a generator, an object with __getitem__) may never end.
     if not isinstance(values, _CONTAINERS):
-        raise _Refused(f"expected a list, tuple, set, dict or str, not {type(values).__name__}")
+        raise _Refused(f"expected an array, object or string, not {json_type(values)}")
     return values
 
 
@@ -151,7 +152,7 @@ def _mul(env: _Env, a: Any, b: Any) -> Any:
     if isinstance(b, _SEQUENCES) and isinstance(a, int):
         return _repeat(env, b, a)
     if not (isinstance(a, _NUMBERS) and isinstance(b, _NUMBERS)):  # closed world: no b"x" * 10**9, no numpy
-        raise _Refused(f"cannot multiply {type(a).__name__} by {type(b).__name__}")
+        raise _Refused(f"cannot multiply {json_type(a)} by {json_type(b)}")
     if isinstance(a, int) and isinstance(b, int) and a.bit_length() + b.bit_length() > MAX_INT_BITS + 1:
         raise _Refused(f"integer result exceeds {MAX_INT_BITS} bits")
     return _number(a * b)
@@ -262,7 +263,7 @@ def _item(obj: Any, key: Any, node: ast.expr) -> Any:
             raise _Refused(f"{_text(node)} has no key {_brief(key)}") from None
     if isinstance(obj, _SEQUENCES):
         return obj[key]
-    raise _Refused(f"{_text(node)} is {type(obj).__name__}, which cannot be subscripted")
+    raise _Refused(f"{_text(node)} is {json_type(obj)}, which cannot be subscripted")
 
 
 def _is_singleton(node: ast.expr) -> bool:
@@ -352,7 +353,7 @@ class _Compiler:
             obj = base(env)
             if not isinstance(obj, Mapping):  # the whole point: never getattr on a real object
                 raise _Refused(
-                    f"{_text(inner)}.{key}: attribute access needs a dict, not {type(obj).__name__}"
+                    f"{_text(inner)}.{key}: attribute access needs an object, not {json_type(obj)}"
                 )
             try:
                 return obj[key]
@@ -374,7 +375,7 @@ class _Compiler:
         def sliced(env: _Env) -> Any:
             obj = base(env)
             if not isinstance(obj, _SEQUENCES):
-                raise _Refused(f"{_text(inner)} is {type(obj).__name__}, which cannot be sliced")
+                raise _Refused(f"{_text(inner)} is {json_type(obj)}, which cannot be sliced")
             result = obj[slice(*(None if fn is None else fn(env) for fn in bounds))]
             _reserve(env, len(result))
             return result
@@ -470,6 +471,16 @@ class _Compiler:
         return lambda env: fn(env, *[a(env) for a in args])
 
 
+# Python's own messages name Python types ('NoneType' and 'int'); users write JSON and know JSON's names
+_PY_TYPE_NAMES = {"NoneType": "null", "int": "number", "float": "number", "str": "string", "dict": "object",
+                  "list": "array", "tuple": "array", "bool": "boolean"}
+_PY_TYPE_RE = re.compile(r"'(" + "|".join(_PY_TYPE_NAMES) + r")'")
+
+
+def _json_names(message: str) -> str:
+    return _PY_TYPE_RE.sub(lambda m: f"'{_PY_TYPE_NAMES[m.group(1)]}'", message)
+
+
 class Expression:
     """A compiled expression. Immutable; equal (and hashed) by source text; pickles as its source."""
 
@@ -481,7 +492,7 @@ class Expression:
     def __init__(self, source: str) -> None:
         if not isinstance(source, str):
             raise ExpressionError(
-                f"invalid expression {_brief(source)}: expected a string, got {type(source).__name__}"
+                f"invalid expression {_brief(source)}: expected a string, got {json_type(source)}"
             )
         compiler = _Compiler(source)
         tree = compiler.parse()
@@ -499,7 +510,7 @@ class Expression:
             raise ExpressionEvalError(f"cannot evaluate {_brief(self.source, 100)}: {exc}") from None
         except Exception as exc:  # by contract, any runtime failure on user data is an evaluation error
             try:
-                detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                detail = f"{type(exc).__name__}: {_json_names(str(exc))}" if str(exc) else type(exc).__name__
             except Exception:  # an exception raised by a scope object may not even print
                 detail = type(exc).__name__
             raise ExpressionEvalError(f"cannot evaluate {_brief(self.source, 100)}: {detail[:200]}") from exc

@@ -33,6 +33,7 @@ __all__ = [
     "decode_yaml",
     "load_blueprint_file",
     "load_blueprints",
+    "load_blueprints_lenient",
     "loop_condition",
     "parse_blueprint",
     "parse_duration_ms",
@@ -913,7 +914,20 @@ def load_blueprints(
     Problems from all files are collected into one BlueprintError: unreadable or invalid files, duplicate
     blueprint ids across files, subflows naming a blueprint that was not loaded.
     """
+    blueprints, problems, _ = load_blueprints_lenient(paths, registry)
+    if problems:
+        raise BlueprintError(problems)
+    return blueprints
+
+
+def load_blueprints_lenient(
+    paths: Iterable[str | os.PathLike[str]],
+    registry: NodeRegistry | None = None,
+) -> tuple[dict[str, Blueprint], list[str], set[str]]:
+    """Like :func:`load_blueprints`, but returns ``(blueprints that are valid, problems, ids with a problem)``
+    instead of raising: a command that runs one blueprint need not be stopped by a broken file elsewhere."""
     problems: list[str] = []
+    broken: set[str] = set()
     documents: list[tuple[str, str, Any]] = []  # (source, id, data) of files that decoded
     known: set[str] = set()
     for path, source in _collect_files(paths, problems):
@@ -923,6 +937,7 @@ def load_blueprints(
         known.add(blueprint_id)  # even for a broken file, so its subflow callers get no second complaint
         if file_problems:
             problems.extend(file_problems)
+            broken.add(blueprint_id)
         else:
             documents.append((source, blueprint_id, data))
 
@@ -936,16 +951,16 @@ def load_blueprints(
             )
         except BlueprintError as e:
             problems.extend(e.problems)
+            broken.add(blueprint_id)
             bp = None
         first = defined_in.get(blueprint_id)
         if first is not None:
             problems.append(
                 f"{source}: id: duplicate blueprint id {blueprint_id!r} (also defined in {first})"
             )
+            broken.add(blueprint_id)
             continue
         defined_in[blueprint_id] = source
         if bp is not None:
             blueprints[bp.id] = bp
-    if problems:
-        raise BlueprintError(problems)
-    return blueprints
+    return {k: v for k, v in blueprints.items() if k not in broken}, problems, broken

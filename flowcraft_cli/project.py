@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .blueprint import Blueprint
 from .config import Settings, load_settings, redact_url
-from .errors import InvalidInput, RedisUnavailable
-from .loader import load_blueprints
+from .errors import BlueprintError, ConfigError, InvalidInput, RedisUnavailable, json_type
+from .loader import load_blueprints, load_blueprints_lenient
 from .registry import NodeRegistry, load_registry
 
 if TYPE_CHECKING:
@@ -25,6 +25,8 @@ class Project:
     settings: Settings
     registry: NodeRegistry
     blueprints: dict[str, Blueprint]
+    #: problems in blueprint files the command does not need (``load_project(only=...)``): warnings
+    problems: list[str] = field(default_factory=list)
 
     def blueprint(self, blueprint_id: str) -> Blueprint:
         bp = self.blueprints.get(blueprint_id)
@@ -38,7 +40,10 @@ class Project:
         return bp
 
 
-def load_project(config: str | None = None, overrides: Mapping[str, Any] | None = None) -> Project:
+def load_project(config: str | None = None, overrides: Mapping[str, Any] | None = None, *,
+                 only: str | None = None) -> Project:
+    """``only``: the command runs this one blueprint, so a broken file elsewhere is a warning
+    (``Project.problems``), not an error, unless this blueprint or a subflow it calls is what is broken."""
     settings = load_settings(config, overrides=overrides)
     if settings.config_file is None and not any(Path(p).exists() for p in settings.blueprints):
         raise InvalidInput(
@@ -52,8 +57,20 @@ def load_project(config: str | None = None, overrides: Mapping[str, Any] | None 
         if folder not in sys.path:
             sys.path.append(folder)
     registry = load_registry(settings.registry)
-    blueprints = load_blueprints(settings.blueprints, registry)
-    return Project(settings, registry, blueprints)
+    if only is None:
+        return Project(settings, registry, load_blueprints(settings.blueprints, registry))
+    blueprints, problems, broken = load_blueprints_lenient(settings.blueprints, registry)
+    if problems:
+        needed, todo = set(), [only]
+        while todo:
+            bid = todo.pop()
+            if bid in broken:
+                raise BlueprintError(problems)
+            if bid in needed or bid not in blueprints:
+                continue
+            needed.add(bid)
+            todo += [str(n.params.get("blueprintId")) for n in blueprints[bid].nodes if n.uses == "subflow"]
+    return Project(settings, registry, blueprints, problems)
 
 
 def parse_input(text: str | None, file: str | None, *, what: str = "--input") -> dict[str, Any]:
@@ -70,7 +87,7 @@ def parse_input(text: str | None, file: str | None, *, what: str = "--input") ->
         return {}
     value = parse_json(text, what)
     if not isinstance(value, dict):
-        raise InvalidInput(f"{what}: must be a JSON object, got {type(value).__name__} {text.strip()[:60]!r}")
+        raise InvalidInput(f"{what}: must be a JSON object, got {json_type(value)} {text.strip()[:60]!r}")
     return value
 
 
@@ -97,6 +114,10 @@ async def connect_redis(url: str) -> Any:
         raise RedisUnavailable(f"Redis at {redact_url(url)} refused the credentials: {str(e).rstrip('.')}") from None
     except (RedisError, OSError) as e:
         await client.aclose()
+        if "DB index is out of range" in str(e):  # it answered: the server is there, the database is not
+            db = client.connection_pool.connection_kwargs.get("db", "?")
+            raise ConfigError(f"redis.url: database index {db} is out of range for the Redis server at "
+                              f"{redact_url(url)} (its `databases` setting, 16 by default, bounds it)") from None
         raise RedisUnavailable(f"cannot reach Redis at {redact_url(url)}: {str(e).rstrip('.')}; "
                                "is redis-server running?") from None
     return client

@@ -30,8 +30,8 @@ class RunResult:
     view: RunView = field(repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "blueprint_id": self.blueprint_id, "status": self.status,
-                "reason": self.reason, "context": self.context, "outputs": self.outputs}
+        """The run document, the same shape ``inspect --json`` prints (CONTRACT §10)."""
+        return self.view.to_json()
 
 
 class FlowRuntime:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ class NodeView:
     runs: int = 0
     note: str = ""
     detail: str = ""  # why a running or queued node is not progressing (worker lost, no worker serves it)
+    history: list[dict[str, Any]] = field(default_factory=list)  # its ended attempts, from the run's events
 
     @property
     def duration_ms(self) -> int | None:
@@ -43,7 +45,8 @@ class NodeView:
         return {"node_id": self.node_id, "status": self.status, "attempts": self.attempts,
                 "started_at": iso(self.started_at), "finished_at": iso(self.finished_at),
                 "duration_ms": self.duration_ms, "error": self.error, "worker": self.worker, "runs": self.runs,
-                **({"detail": self.detail} if self.detail else {})}
+                **({"detail": self.detail} if self.detail else {}),
+                "attempts_history": [attempt_json(a) for a in self.history]}
 
 
 @dataclass
@@ -113,25 +116,47 @@ async def read_run(store: Store, blueprints: Mapping[str, Blueprint], run_id: st
             note = f"succeeded on attempt {attempts}"
         nodes.append(NodeView(node_id, uses, rec["status"], attempts, rec.get("started_at"), rec.get("finished_at"),
                               rec.get("error"), rec.get("worker"), rec.get("runs", 0), note))
+    attempts = timeline_of(await store.read_events(run_id)) if timeline else []
+    by_node: dict[str, list[dict[str, Any]]] = {}
+    for a in attempts:
+        by_node.setdefault(a["node_id"], []).append(a)
+    for n in nodes:
+        n.history = by_node.get(n.node_id, [])
     return RunView(run_id, meta["blueprint_id"], meta.get("blueprint_version", ""), meta["status"], meta.get("reason"),
                    meta.get("created_at"), meta.get("finished_at"), nodes, context,
-                   list(meta.get("awaiting_nodes") or []), meta.get("parent"),
-                   timeline_of(await store.read_events(run_id)) if timeline else [])
+                   list(meta.get("awaiting_nodes") or []), meta.get("parent"), attempts)
+
+
+# the engine's NodeTimeout message, also behind a batch item's "item N: " prefix
+_TIMED_OUT = re.compile(r"^(item \d+: )?attempt \d+ timed out\b")
+
+
+def attempt_json(a: Mapping[str, Any]) -> dict[str, Any]:
+    """One entry of a node's ``attempts_history`` (CONTRACT §10)."""
+    return {"attempt": a["attempt"], "worker": a["worker"], "started_at": iso(a["started_at"]),
+            "finished_at": iso(a["finished_at"]), "outcome": a["outcome"], "error": a["error"],
+            "traceback": a["traceback"],
+            **({"item": a["item"]} if "item" in a else {}), **({"fallback": a["fallback"]} if "fallback" in a else {})}
 
 
 def timeline_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every attempt that ended, in order: node, attempt, worker, start, end, duration, error; an attempt whose
-    worker died is there too, as ``lost``."""
-    outcomes = {"node_completed": "completed", "attempt_failed": "failed", "attempt_lost": "lost"}
+    worker died is there too, as ``lost``, one cut short by a cancel as ``cancelled``, and one that overran its
+    limit as ``timed_out``."""
+    outcomes = {"node_completed": "completed", "attempt_failed": "failed", "attempt_lost": "lost",
+                "attempt_cancelled": "cancelled"}
     out = []
     for e in events:
         if e.get("type") not in outcomes:
             continue
         start = e.get("started_at")
+        outcome = outcomes[e["type"]]
+        if outcome == "failed" and _TIMED_OUT.match(e.get("error") or ""):
+            outcome = "timed_out"
         out.append({"node_id": e["node"], "attempt": e.get("attempt"), "worker": e.get("worker"),
                     "started_at": start, "finished_at": e["ts"],
                     "duration_ms": None if start is None else max(0, e["ts"] - start),
-                    "outcome": outcomes[e["type"]],
+                    "outcome": outcome,
                     "error": e.get("error"), "traceback": e.get("traceback"),
                     **({"item": e["item"]} if "item" in e else {}),
                     **({"fallback": e["fallback"]} if "fallback" in e else {})})

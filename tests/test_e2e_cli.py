@@ -182,7 +182,8 @@ def test_cancel_marks_unfinished_nodes_and_resume_checks_the_action(project):
     view = project.cli_json("inspect", run_id)
     assert view["status"] == "cancelled"
     slow = next(n for n in view["nodes"] if n["node_id"] == "slow")
-    assert slow["status"] == "failed" and "cancelled" in slow["error"]
+    assert slow["status"] == "cancelled" and "cancelled" in slow["error"]
+    assert [a["outcome"] for a in slow["attempts_history"]] == ["cancelled"]
     wait_for(lambda: _slow_calls(project, "end") == 1, 30, "the slow step to end")
     assert project.cli_json("inspect", run_id)["outputs"].get("join") is None  # nothing ran after the cancel
     again = project.cli("cancel", run_id)  # a request that conflicts with the run's state: exit 1, one line

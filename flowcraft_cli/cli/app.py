@@ -16,17 +16,57 @@ from ..ids import check_run_id, check_run_ref
 from . import render
 from .logs import LogFormat, setup_logging
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+_CONTEXT = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, context_settings=_CONTEXT,
                   help="Run Flowcraft workflow blueprints in-process or across many machines (arq + Redis).")
-worker_app = typer.Typer(no_args_is_help=True, help="Run a worker that executes node steps from the queue.")
+worker_app = typer.Typer(no_args_is_help=True, context_settings=_CONTEXT,
+                         help="Run a worker that executes node steps from the queue.")
 app.add_typer(worker_app, name="worker")
+
+
+def _flags_take_no_value() -> None:
+    """typer's rich help prints ``<bool>`` after every flag (``--json <bool>``), as if it took a value; a flag
+    takes none, so its type column stays empty."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_take_no_value()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("flowcraft-cli")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            v = "unknown"
+        sys.stdout.write(f"flowcraft {v}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Run Flowcraft workflow blueprints in-process or across many machines (arq + Redis)."""
 
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="Config file (default: $FLOWCRAFT_CONFIG, else ./flowcraft.yaml).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout and nothing else.")]
-InputOpt = Annotated[str | None, typer.Option("--input", "-i", help="Run input: a JSON object.")]
+InputOpt = Annotated[str | None, typer.Option("--input", "-i", help="Run input: a JSON object (default: {}).")]
 InputFileOpt = Annotated[str | None, typer.Option("--input-file", help="Read the run input (a JSON object) from a file.")]
+RunIdArg = Annotated[str, typer.Argument(metavar="RUN_ID", help="The run's id, as `enqueue` printed it.")]
 
 EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report a SIGINT
 RESTING = {"completed", "failed", "cancelled", "awaiting"}
 
 
@@ -46,7 +86,7 @@ def _exit_for(status: str) -> int:
 
 @app.command()
 def run(
-    blueprint_id: Annotated[str, typer.Argument(help="Id of the blueprint to run.")],
+    blueprint_id: Annotated[str, typer.Argument(metavar="BLUEPRINT_ID", help="Id of the blueprint to run.")],
     input: InputOpt = None,
     input_file: InputFileOpt = None,
     run_id: Annotated[str | None, typer.Option("--run-id", help="Run id (default: random).")] = None,
@@ -59,7 +99,8 @@ def run(
 
     _setup_logging()
     run_input = parse_input(input, input_file)
-    project = load_project(config)
+    project = load_project(config, only=blueprint_id)
+    _warn_problems(project)
     project.blueprint(blueprint_id)
 
     def on_event(kind: str, job: Any) -> None:
@@ -83,7 +124,8 @@ def run(
 
 @app.command()
 def validate(
-    paths: Annotated[list[str] | None, typer.Argument(help="Blueprint files or folders (default: from config).")] = None,
+    paths: Annotated[list[str] | None, typer.Argument(metavar="PATH", show_default=False,
+                                                      help="Blueprint files or folders (default: from config).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Check blueprints (and the registry they use); every problem is listed, one per line."""
@@ -101,7 +143,8 @@ def validate(
 
 
 @app.command()
-def graph(blueprint_id: Annotated[str, typer.Argument()], config: ConfigOpt = None) -> None:
+def graph(blueprint_id: Annotated[str, typer.Argument(metavar="BLUEPRINT_ID", help="Id of the blueprint to draw.")],
+          config: ConfigOpt = None) -> None:
     """Print a blueprint as a Mermaid flowchart."""
     from ..graph import render_mermaid
     from ..project import load_project
@@ -115,7 +158,7 @@ def graph(blueprint_id: Annotated[str, typer.Argument()], config: ConfigOpt = No
 
 @worker_app.command("start")
 def worker_start(
-    concurrency: Annotated[int | None, typer.Option("--concurrency", min=1, help="Steps run at once.")] = None,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", min=1, help="Steps run at once (default: worker.concurrency, 10).")] = None,
     burst: Annotated[bool, typer.Option("--burst", help="Exit when the queue is empty, including jobs scheduled for later (retry backoff, sleep).")] = False,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", min=1, max=65535, help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics.")] = None,
     log_format: LogFormatOpt = LogFormat.TEXT,
@@ -154,12 +197,12 @@ def worker_start(
 
 @app.command()
 def enqueue(
-    blueprint_id: Annotated[str, typer.Argument()],
+    blueprint_id: Annotated[str, typer.Argument(metavar="BLUEPRINT_ID", help="Id of the blueprint to run.")],
     input: InputOpt = None,
     input_file: InputFileOpt = None,
     run_id: Annotated[str | None, typer.Option("--run-id", help="Run id (default: random); an existing id is refused.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the run until it rests (completed/failed/cancelled/awaiting).")] = False,
-    timeout: Annotated[float | None, typer.Option("--timeout", min=0, help="With --wait: give up after S seconds (exit 124).")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", min=0, help="With --wait: give up after S seconds (exit 124; default: wait for as long as it takes).")] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -172,12 +215,15 @@ def enqueue(
     if run_id is not None:
         check_run_id(run_id)
     run_input = parse_input_checked(input, input_file)
-    project = load_project(config)
+    project = load_project(config, only=blueprint_id)
+    _warn_problems(project)
     project.blueprint(blueprint_id)
+    started: list[str] = []
 
     async def go() -> int:
         async with connected(project) as adapter:
             rid = await adapter.start_run(blueprint_id, run_input, run_id=run_id)
+            started.append(rid)
             if not wait:
                 if json_out:
                     render.print_json({"run_id": rid, "blueprint_id": blueprint_id, "status": "running"})
@@ -189,19 +235,28 @@ def enqueue(
             view = await _follow(adapter, rid, timeout, quiet=json_out)
             if view is None:
                 if json_out:  # still one document: the run as it stands
-                    now = await adapter.inspect(rid)
-                    render.print_json({"run_id": rid, "blueprint_id": now.blueprint_id, "status": now.status,
-                                       "reason": now.reason, "context": now.context, "outputs": now.outputs})
+                    render.print_json((await adapter.inspect(rid)).to_json())
                 render.error(f"run {rid} did not rest within {timeout:g} s; it goes on (flowcraft inspect {rid})")
                 return EXIT_TIMEOUT
             if json_out:
-                render.print_json({"run_id": rid, "blueprint_id": view.blueprint_id, "status": view.status,
-                                   "reason": view.reason, "context": view.context, "outputs": view.outputs})
+                render.print_json(view.to_json())
             else:
                 render.print_run(view)
             return _exit_for(view.status)
 
-    raise typer.Exit(asyncio.run(go()))
+    try:
+        code = asyncio.run(go())
+    except KeyboardInterrupt:
+        if started and wait:
+            render.info(f"interrupted; run {started[0]} goes on: follow it with `flowcraft inspect {started[0]} --watch`")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    raise typer.Exit(code)
+
+
+def _warn_problems(project: Any) -> None:
+    """A broken blueprint file the command does not need: said on stderr, and the command goes on."""
+    for problem in project.problems:
+        render.warning(f"{problem} (ignored: not needed by this command; `flowcraft validate` lists every problem)")
 
 
 def parse_input_checked(text: str | None, file: str | None) -> dict[str, Any]:
@@ -231,9 +286,11 @@ async def _follow(adapter: Any, run_id: str, timeout: float | None, *, quiet: bo
 
 @app.command()
 def inspect(
-    run_id: Annotated[str, typer.Argument()],
+    run_id: RunIdArg,
+    node_id: Annotated[str | None, typer.Option("--node", help="Show one node: its attempts, with their tracebacks.")] = None,
     json_out: JsonOpt = False,
-    watch: Annotated[bool, typer.Option("--watch", help="Refresh until the run rests.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Follow the run until it rests: a live table on a terminal, "
+                                        "else one line per node change; with --json one document per change (JSON Lines).")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Show a run: summary, node table (status, attempts, duration, error) and context."""
@@ -243,29 +300,73 @@ def inspect(
     check_run_ref(run_id)
     project = load_project(config)
 
+    def document(view: Any) -> dict[str, Any]:
+        return _node_of(view, node_id).to_json() if node_id is not None else view.to_json()
+
+    def show(view: Any) -> Any:
+        return render.node_view(view, _node_of(view, node_id)) if node_id is not None else render.run_view(view)
+
     async def go() -> int:
         async with connected(project) as adapter:
             view = await adapter.inspect(run_id)
-            if watch and not json_out:
+            document(view)  # an unknown --node is refused before anything is printed
+            if watch and json_out:
+                last = None
+                while True:
+                    doc = document(view)
+                    if doc != last:
+                        render.print_json(doc, compact=True)
+                        last = doc
+                    if view.status in RESTING:
+                        break
+                    await asyncio.sleep(0.5)
+                    view = await adapter.inspect(run_id)
+            elif watch and not sys.stdout.isatty():
+                await _watch_lines(adapter, view, node_id)
+            elif watch:
                 from rich.live import Live
 
-                with Live(render.run_view(view), console=render.out, refresh_per_second=4) as live:
+                with Live(show(view), console=render.out, refresh_per_second=4) as live:
                     while view.status not in RESTING:
                         await asyncio.sleep(0.5)
                         view = await adapter.inspect(run_id)
-                        live.update(render.run_view(view))
+                        live.update(show(view))
             elif json_out:
-                render.print_json(view.to_json())
+                render.print_json(document(view))
             else:
-                render.print_run(view)
+                render.out.print(show(view))
             return 0
 
     raise typer.Exit(asyncio.run(go()))
 
 
+def _node_of(view: Any, node_id: str) -> Any:
+    for n in view.nodes:
+        if n.node_id == node_id:
+            return n
+    raise InvalidInput(f"run {view.run_id!r} has no node {node_id!r} (nodes: {', '.join(n.node_id for n in view.nodes)})")
+
+
+async def _watch_lines(adapter: Any, view: Any, node_id: str | None) -> None:
+    """``--watch`` to a pipe or a file: one line per node transition, then one for the run's resting status;
+    a log, not a redrawn screen."""
+    seen: dict[str, tuple[str, int]] = {}
+    while True:
+        for n in view.nodes:
+            state = (n.status, n.attempts)
+            if (node_id is None or n.node_id == node_id) and seen.get(n.node_id, ("pending", 0)) != state:
+                seen[n.node_id] = state
+                render.transition_line(n.node_id, n.status, n.attempts, n.error)
+        if view.status in RESTING:
+            render.transition_line(None, view.status, 0, view.reason, run_id=view.run_id)
+            return
+        await asyncio.sleep(0.5)
+        view = await adapter.inspect(view.run_id, timeline=False)
+
+
 @app.command()
 def resume(
-    run_id: Annotated[str, typer.Argument()],
+    run_id: RunIdArg,
     action: Annotated[str, typer.Option("--action", help="Action that routes the awaiting node's edges.")],
     node_id: Annotated[str | None, typer.Option("--node", help="Which awaiting node (needed when several wait).")] = None,
     output: Annotated[str | None, typer.Option("--output", help="The node's output, as JSON.")] = None,
@@ -288,7 +389,7 @@ def resume(
 
 
 @app.command()
-def cancel(run_id: Annotated[str, typer.Argument()], config: ConfigOpt = None) -> None:
+def cancel(run_id: RunIdArg, config: ConfigOpt = None) -> None:
     """Cancel a run: its status becomes cancelled and no further node of it starts."""
     from ..project import connected, load_project
 
@@ -336,10 +437,10 @@ def retry(
 
 @app.command()
 def reconcile(
-    threshold: Annotated[float | None, typer.Option("--threshold", min=0, help="Seconds without progress before a run counts as stalled.")] = None,
-    scan_count: Annotated[int | None, typer.Option("--scan-count", min=1, help="SCAN page size.")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", min=0, help="Seconds without progress before a run counts as stalled (default: reconciler.threshold_seconds, 300).")] = None,
+    scan_count: Annotated[int | None, typer.Option("--scan-count", min=1, help="SCAN page size (default: reconciler.scan_count, 100).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be queued; change nothing.")] = False,
-    interval: Annotated[float | None, typer.Option("--interval", min=0.1, help="Sweep every S seconds until SIGTERM/SIGINT.")] = None,
+    interval: Annotated[float | None, typer.Option("--interval", min=0.1, help="Sweep every S seconds until SIGTERM/SIGINT (default: one sweep).")] = None,
     json_out: JsonOpt = False,
     log_format: LogFormatOpt = LogFormat.TEXT,
     config: ConfigOpt = None,
@@ -385,6 +486,8 @@ def reconcile(
                 failed += stats.failed_runs
                 if json_out:  # with --interval: one line per sweep (JSON Lines)
                     render.print_json(stats.to_json(), compact=interval is not None)
+                elif interval is not None and not sys.stdout.isatty():  # a daemon's log: one line per sweep
+                    render.sweep_line(stats.counts(), [vars(r) for r in stats.runs])
                 else:
                     render.stats_table(stats.counts(), [vars(r) for r in stats.runs])
                 if interval is None:

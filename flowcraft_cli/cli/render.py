@@ -11,7 +11,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ..view import RunView
+from ..view import NodeView, RunView, iso
 
 # piped output (CI logs, `| less`) gets a roomy fixed width instead of rich's 80-column fallback
 out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 160)
@@ -20,6 +20,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 STATUS_STYLE = {
     "completed": "green", "failed": "red", "cancelled": "magenta", "awaiting": "yellow", "running": "cyan",
     "queued": "blue", "pending": "dim", "skipped": "dim", "sleeping": "yellow", "lost": "red", "alive": "green",
+    "timed_out": "red",
 }
 
 
@@ -60,13 +61,13 @@ def run_view(view: RunView, *, context_limit: int = 20) -> Group:
     ctx = Table(title="context", title_justify="left", expand=False)
     ctx.add_column("key", overflow="fold")
     ctx.add_column("value", overflow="fold")
-    items = [(k, v) for k, v in view.context.items() if not k.startswith("_inputs.")]
+    items = sorted((k, v) for k, v in view.context.items() if not k.startswith("_inputs."))
     for k, v in items[:context_limit]:
         ctx.add_row(Text(k), Text(short(v)))
     if len(items) > context_limit:
         ctx.add_row(Text(f"… {len(items) - context_limit} more", style="dim"), Text(""))
     parts.append(ctx)
-    if view.timeline and any(t["outcome"] in ("failed", "lost") for t in view.timeline):
+    if view.timeline and any(t["outcome"] in ("failed", "timed_out", "lost", "cancelled") for t in view.timeline):
         parts.append(timeline_table(view))
     return Group(*parts)
 
@@ -86,6 +87,30 @@ def timeline_table(view: RunView, limit: int = 40) -> Table:
     return t
 
 
+def node_view(view: RunView, node: NodeView) -> Group:
+    """One node of a run: its state, then each attempt that ended, each with its traceback."""
+    head = Text.assemble(("run ", "bold"), (view.run_id, "bold"), "  node ", (node.node_id, "bold"), "  ",
+                         (node.uses, ""), "  ", status_text(node.status))
+    parts: list[Any] = [head]
+    if node.error:
+        parts.append(Text("error: ", style="bold") + Text(node.error, style="red"))
+    t = Table(title="attempts", title_justify="left", expand=False)
+    for col in ("attempt", "worker", "started", "duration", "outcome"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("error", overflow="fold")
+    for a in node.history:
+        label = str(a["attempt"] or "–") + (f" item {a['item']}" if "item" in a else "") \
+            + (f" via {a['fallback']}" if "fallback" in a else "")
+        t.add_row(Text(label), Text(a["worker"] or "–"), iso(a["started_at"]) or "–", duration(a["duration_ms"]),
+                  status_text(a["outcome"]), Text(a["error"] or ""))
+    parts.append(t if node.history else Text("no attempt has ended yet", style="dim"))
+    for a in node.history:
+        if a["traceback"]:
+            parts.append(Text(f"\nattempt {a['attempt']} traceback:", style="bold"))
+            parts.append(Text(a["traceback"].rstrip()))
+    return Group(*parts)
+
+
 def print_run(view: RunView) -> None:
     out.print(run_view(view))
 
@@ -102,6 +127,35 @@ def progress_line(node_id: str, status: str, detail: str = "") -> None:
     if detail:
         line += Text(" " + detail, style="dim")
     err.print(line)
+
+
+def transition_line(node_id: str | None, status: str, attempts: int, note: str | None, *, run_id: str = "") -> None:
+    """One plain line of ``inspect --watch`` on a non-terminal: time, node (or the run), status, attempt, note."""
+    what = f"run {run_id}" if node_id is None else f"node {node_id}"
+    extra = f" attempt {attempts}" if attempts > 1 else ""
+    tail = f": {note}" if note else ""
+    sys.stdout.write(f"{_now()} {what} {status}{extra}{tail}\n")
+    sys.stdout.flush()
+
+
+def sweep_line(stats: Mapping[str, Any], runs: list[Mapping[str, Any]]) -> None:
+    """One line per ``reconcile --interval`` sweep when stdout is not a terminal (a daemon's log)."""
+    counts = " ".join(f"{k}={v}" for k, v in stats.items())
+    stalled = ", ".join(r["run_id"] for r in runs)
+    sys.stdout.write(f"{_now()} sweep {counts}" + (f" runs={stalled}" if stalled else "") + "\n")
+    sys.stdout.flush()
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def warning(message: str) -> None:
+    for line in message.splitlines() or [""]:
+        sys.stderr.write(f"warning: {line}\n")
+    sys.stderr.flush()
 
 
 def error(message: str) -> None:
