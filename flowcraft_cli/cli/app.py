@@ -232,7 +232,7 @@ def enqueue(
                 return 0
             if not json_out:
                 render.info(f"run {rid} started; waiting")
-            view = await _follow(adapter, rid, timeout, quiet=json_out)
+            view = await _until_interrupted(_follow(adapter, rid, timeout, quiet=json_out))
             if view is None:
                 if json_out:  # still one document: the run as it stands
                     render.print_json((await adapter.inspect(rid)).to_json())
@@ -251,6 +251,39 @@ def enqueue(
             render.info(f"interrupted; run {started[0]} goes on: follow it with `flowcraft inspect {started[0]} --watch`")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     raise typer.Exit(code)
+
+
+def _run_interruptible(coro: Any) -> Any:
+    """asyncio.run for a command that may wait long (``--watch``): Ctrl-C exits 130, quietly."""
+    try:
+        return asyncio.run(_until_interrupted(coro))
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+async def _until_interrupted(coro: Any) -> Any:
+    """Await ``coro``; Ctrl-C ends it with KeyboardInterrupt. The SIGINT handler runs as an event-loop
+    callback: asyncio.run's own handler cancels the task from inside a signal handler, between any two
+    bytecodes, and on Python 3.11 such a cancel can be lost (the process then hangs in a sleep)."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(coro)
+    interrupted: list[bool] = []
+
+    def on_sigint() -> None:
+        interrupted.append(True)
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 def _warn_problems(project: Any) -> None:
@@ -337,7 +370,7 @@ def inspect(
                 render.out.print(show(view))
             return 0
 
-    raise typer.Exit(asyncio.run(go()))
+    raise typer.Exit(_run_interruptible(go()))
 
 
 def _node_of(view: Any, node_id: str) -> Any:
