@@ -10,14 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .blueprint import Blueprint
 from .config import Settings, load_settings, redact_url
 from .errors import InvalidInput, RedisUnavailable
-from .loader import load_blueprints
-from .registry import NodeRegistry, load_registry
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the loader and the registry are imported by load_project only: views need neither
+    from .blueprint import Blueprint
     from .distributed.adapter import ArqAdapter
+    from .registry import NodeRegistry
 
 
 @dataclass
@@ -39,6 +38,9 @@ class Project:
 
 
 def load_project(config: str | None = None, overrides: Mapping[str, Any] | None = None) -> Project:
+    from .loader import load_blueprints
+    from .registry import load_registry
+
     settings = load_settings(config, overrides=overrides)
     if settings.config_file is None and not any(Path(p).exists() for p in settings.blueprints):
         raise InvalidInput(
