@@ -41,6 +41,8 @@ Blueprints and the run index (CONTRACT §10: views need only Redis):
   flowcraft:runs-expiry:<queue>        ZSET   run id -> when its keys were last due to expire (ms); each index
                                       write looks at entries past due and drops those whose run is gone,
                                       so index entries expire with their runs (no SCAN)
+  (each index key expires no sooner than the longest-lived run of its queue: every transaction of a run
+  extends them as far as the run's own keys)
 
 Shared:
 

@@ -64,6 +64,20 @@ for _, run_id in ipairs(due) do
 end
 return #due
 """
+# The index keys of a queue live as long as its longest-lived run: KEYS the index keys, ARGV[1] the expiry (ms)
+# this transaction gives its run's keys, 0 = none. A key gets at least that (a new sorted set has none yet).
+_KEEP_INDEX = """
+local ms = tonumber(ARGV[1])
+for _, key in ipairs(KEYS) do
+  if ms <= 0 then
+    redis.call('PERSIST', key)
+  else
+    local left = redis.call('PTTL', key)
+    if left == -1 or (left >= 0 and left < ms) then redis.call('PEXPIRE', key, ms) end
+  end
+end
+return 0
+"""
 TRIM_BATCH = 100  # due index entries looked at per write: more than runs start or end between two writes
 
 
@@ -125,7 +139,8 @@ class RedisStore(Store):
                     # read before MULTI, inside the WATCH: what the definition and the index writes need
                     # (usually cached already: every step reads the run's meta)
                     try:
-                        meta = await txn.get_many(RUN, ("blueprint_id", "blueprint_version", "created_at"))
+                        meta = await txn.get_many(RUN, ("blueprint_id", "blueprint_version", "created_at",
+                                                        "queue"))
                     except UndecodableValue:
                         meta = {}
                     pipe.multi()
@@ -190,10 +205,13 @@ class RedisStore(Store):
                 pipe.hset(keys.kind_key(RUN, txn.run_id), "queue", dumps(self.queue_name))
         elif meta.get("blueprint_id") and meta.get("blueprint_version"):
             pipe.eval(_EXTEND_EXPIRY, 1, keys.blueprint_key(meta["blueprint_id"], meta["blueprint_version"]), ms)
+        # the index of the queue the run was started on (a client configured for another queue may cancel it)
+        queue = self.queue_name if txn.started is not None else meta.get("queue")
+        if not isinstance(queue, str):
+            return  # no index (a store without a queue, or a run that recorded none)
+        index = keys.run_index_keys(queue)
         status = txn._writes.get((RUN, "status"), MISSING)
-        if self.queue_name is None or (status is MISSING and txn.final is None):
-            return
-        run_id, queue = txn.run_id, self.queue_name
+        run_id = txn.run_id
         now = int(time.time() * 1000)
         created = meta.get("created_at") if isinstance(meta.get("created_at"), int) else now
         if isinstance(status, str):
@@ -205,8 +223,8 @@ class RedisStore(Store):
         if txn.started is not None or txn.final is not None:
             pipe.zadd(keys.runs_key(queue), {run_id: created})
             pipe.zadd(keys.runs_expiry_key(queue), {run_id: now + ms if ms else "+inf"})
-            index = keys.run_index_keys(queue)
             pipe.eval(_TRIM_INDEX, len(index), *index, now, keys.kind_key(RUN, ""), TRIM_BATCH)
+        pipe.eval(_KEEP_INDEX, len(index), *index, ms)  # last: a sorted set created above has no expiry yet
 
     def _extend_ancestors(self, pipe: Any, txn: Txn, ttl: int | None) -> None:
         """A parent run's keys live at least as long as any of its live child runs (CONTRACT §6.1): while
