@@ -6,14 +6,30 @@ loaded on first use.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .blueprint import Blueprint
 from .errors import FlowcraftError
-from .node_api import NodeContext, NodeResult
-from .registry import NodeRegistry, node
 
+if TYPE_CHECKING:
+    from .blueprint import Blueprint
+    from .config import Settings, load_settings
+    from .distributed.adapter import ArqAdapter
+    from .distributed.context import RedisContext
+    from .distributed.coordination import RedisCoordinationStore
+    from .distributed.reconciler import create_arq_reconciler
+    from .loader import load_blueprints, parse_blueprint
+    from .node_api import NodeContext, NodeResult
+    from .registry import NodeRegistry, node
+    from .runtime import FlowRuntime, RunResult
+
+# Every name but FlowcraftError is imported on first use: the CLI's views import this package and need
+# none of them (the blueprint model, the node API and the registry cost ~20 ms at start-up).
 _LAZY = {
+    "Blueprint": ("blueprint", "Blueprint"),
+    "NodeContext": ("node_api", "NodeContext"),
+    "NodeResult": ("node_api", "NodeResult"),
+    "NodeRegistry": ("registry", "NodeRegistry"),
+    "node": ("registry", "node"),
     "FlowRuntime": ("runtime", "FlowRuntime"),
     "RunResult": ("runtime", "RunResult"),
     "load_blueprints": ("loader", "load_blueprints"),

@@ -31,6 +31,7 @@ from typing import Any
 
 from .blueprint import BREAK, CONTINUE, Blueprint, EdgeDef, JoinStrategy, NodeDef
 from .errors import (
+    BlueprintUnavailable,
     ExpressionEvalError,
     InvalidInput,
     NodeFailure,
@@ -155,6 +156,9 @@ class Engine:
         self.log_failures = False  # workers log every failed attempt (with its traceback) at WARNING
         # told (blueprint id, job) when a step claims a node attempt: where an attempt starts (worker metrics)
         self.on_claim: Callable[[str, Job], None] | None = None
+        # Where a client finds the blueprint of a run this process did not load (or loaded at another
+        # version): the driver knows (workers: the definitions recorded in Redis at each run's start).
+        self.load_definition: Callable[[str, str], Awaitable[Blueprint | None]] | None = None
 
     # ------------------------------------------------------------------ starting, resuming, cancelling
 
@@ -203,6 +207,7 @@ class Engine:
             t.put(STATE, "blueprintId", bp.id)
             t.put(STATE, "blueprintVersion", bp.version)
             t.event({"type": "run_started", "ts": ts, "blueprint_id": bp.id, "version": bp.version})
+            t.started = bp
             run = _RunTxn(self, t, bp)
             for node_id in bp.start_nodes:
                 await run.fire(node_id, run_input)
@@ -217,7 +222,7 @@ class Engine:
         """Give an awaiting ``wait`` node its output and action; routing follows the action."""
         _check_json(output, "resume output")
         meta = await self._read_meta(run_id)
-        bp = self._blueprint_for(meta, run_id)
+        bp = await self._blueprint_for(meta, run_id)
         waiting = list(meta.get("awaiting_nodes") or [])
         if meta["status"] not in (RunStatus.AWAITING, RunStatus.RUNNING) or not waiting:
             raise StateConflict(f"run {run_id!r} is {meta['status']}, not awaiting a resume")
@@ -265,7 +270,7 @@ class Engine:
             raise InvalidInput(f"subflow node {node_id!r} waits in child run {child_id!r} on "
                                f"{', '.join(waiting) or 'nothing'}: resume the child run itself")
         # refuse a bad action before the parent changes: a refused resume must leave the parent awaiting
-        _check_resume_action(self._blueprint_for(child_meta, child_id), waiting[0], action)
+        _check_resume_action(await self._blueprint_for(child_meta, child_id), waiting[0], action)
         woken: dict[str, Any] = {}
 
         async def txn_fn(t: Txn) -> None:
@@ -303,7 +308,7 @@ class Engine:
         """Cancel a run that has not finished; no further node of it starts. Children are cancelled too.
         Returns whether anything changed, and the jobs to queue (a cancelled child tells its parent)."""
         meta = await self._read_meta(run_id)
-        bp = self._blueprint_for(meta, run_id)
+        bp = await self._blueprint_for(meta, run_id)
 
         async def txn_fn(t: Txn) -> tuple[bool, list[tuple[str, str, dict[str, Any]]], list[tuple[str, Job]]]:
             run = _RunTxn(self, t, bp)
@@ -338,7 +343,7 @@ class Engine:
         outputs, and join arrivals already made still count. What the failure kept from running (its
         successors) runs when routing reaches it, as in any run."""
         meta = await self._read_meta(run_id)
-        bp = self._blueprint_for(meta, run_id)
+        bp = await self._blueprint_for(meta, run_id)
         if meta["status"] != RunStatus.FAILED:
             raise StateConflict(f"run {run_id!r} is {meta['status']}; only a failed run can be retried")
         if meta.get("parent"):
@@ -410,7 +415,7 @@ class Engine:
             return [], [], []
         running = meta["status"] == RunStatus.RUNNING
         if running:
-            self._blueprint_for(meta, run_id)  # a run no loaded blueprint describes cannot be resumed from here
+            await self._blueprint_for(meta, run_id)  # a run no loaded blueprint describes cannot be resumed from here
         jobs: dict[str, Job] = {}
         lost: list[tuple[Job, str]] = []
         live = running or meta["status"] == RunStatus.AWAITING
@@ -518,7 +523,7 @@ class Engine:
         meta = await self._find_meta(job.run_id)
         if meta is None or meta["status"] in FINAL_STATUSES:
             return Recovery.NOTHING, []
-        bp = self.blueprints.get(meta["blueprint_id"])
+        bp = await self._find_blueprint(meta)
         if bp is None or bp.version != meta["blueprint_version"]:
             return Recovery.UNKNOWN, []  # a worker with this blueprint version recovers it
         node = bp.node_map.get(job.node_id)
@@ -648,10 +653,24 @@ class Engine:
             raise RunNotFound(f"run {run_id!r} not found (it never existed or its keys expired)")
         return meta
 
-    def _blueprint_for(self, meta: dict[str, Any], run_id: str) -> Blueprint:
-        bp = self.blueprints.get(meta["blueprint_id"])
+    async def _blueprint_for(self, meta: dict[str, Any], run_id: str) -> Blueprint:
+        bp = await self._find_blueprint(meta)
         if bp is None:
-            raise InvalidInput(f"run {run_id!r} uses blueprint {meta['blueprint_id']!r}, which is not loaded")
+            where = "not loaded here, and its definition is not in the store" if self.load_definition else "not loaded"
+            raise BlueprintUnavailable(f"run {run_id!r} uses blueprint {meta['blueprint_id']!r}, which is {where}")
+        return bp
+
+    async def _find_blueprint(self, meta: dict[str, Any]) -> Blueprint | None:
+        """The blueprint a run was started with: the loaded one at the run's version, else the run's own
+        definition (``load_definition``), else the loaded one at another version. Only for what a client
+        does to a run (cancel, resume, reconcile, recover a lost step); a step runs on its worker's own
+        blueprint, behind the version gate."""
+        bp = self.blueprints.get(meta["blueprint_id"])
+        version = meta.get("blueprint_version") or ""
+        if (bp is None or bp.version != version) and self.load_definition is not None and version:
+            stored = await self.load_definition(meta["blueprint_id"], version)
+            if stored is not None:
+                return stored
         return bp
 
     async def _read_context(self, run_id: str, key: str) -> Any:

@@ -11,7 +11,8 @@
     │   ├── RedisUnavailable
     │   ├── RunNotFound
     │   ├── StateConflict          the request does not fit the run's state (cancel a finished run, ...)
-    │   └── UndecodableValue       a stored value that is not JSON (corrupt, or planted)
+    │   ├── UndecodableValue       a stored value that is not JSON (corrupt, or planted)
+    │   └── BlueprintUnavailable   a run's blueprint is neither loaded here nor recorded in Redis
     └── NodeFailure                a node attempt failed (raised inside the engine, recorded, never shown raw)
         └── NodeTimeout
 
@@ -68,6 +69,11 @@ class StateConflict(OperationalError):
 
 class UndecodableValue(OperationalError):
     """A value in a run's hash that is not JSON: it is never unpickled or evaluated (CONTRACT §6.1)."""
+
+
+class BlueprintUnavailable(OperationalError):
+    """A run's blueprint is not loaded here and its definition is not in Redis (a run started before
+    definitions were recorded, or one whose definition expired): nothing can be decided for it."""
 
 
 class NodeFailure(FlowcraftError):

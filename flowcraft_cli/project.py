@@ -10,14 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .blueprint import Blueprint
 from .config import Settings, load_settings, redact_url
 from .errors import BlueprintError, ConfigError, InvalidInput, RedisUnavailable, json_type
-from .loader import load_blueprints, load_blueprints_lenient
-from .registry import NodeRegistry, load_registry
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the loader and the registry are imported by load_project only: views need neither
+    from .blueprint import Blueprint
     from .distributed.adapter import ArqAdapter
+    from .registry import NodeRegistry
 
 
 @dataclass
@@ -44,6 +43,9 @@ def load_project(config: str | None = None, overrides: Mapping[str, Any] | None 
                  only: str | None = None) -> Project:
     """``only``: the command runs this one blueprint, so a broken file elsewhere is a warning
     (``Project.problems``), not an error, unless this blueprint or a subflow it calls is what is broken."""
+    from .loader import load_blueprints, load_blueprints_lenient
+    from .registry import load_registry
+
     settings = load_settings(config, overrides=overrides)
     if settings.config_file is None and not any(Path(p).exists() for p in settings.blueprints):
         raise InvalidInput(

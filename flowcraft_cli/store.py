@@ -22,9 +22,12 @@ import asyncio
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import UndecodableValue
+
+if TYPE_CHECKING:
+    from .blueprint import Blueprint
 
 RUN, NODES, JOINS, BATCH, OUTBOX, STATE = "run", "nodes", "joins", "batch", "outbox", "state"
 KINDS = (RUN, NODES, JOINS, BATCH, OUTBOX, STATE)
@@ -61,6 +64,7 @@ class Txn(ABC):
         self.unfinal = False  # the run is not finished any more (a retry): forget its final status
         self.ancestors: list[str] = []  # subflow parents (outermost first): their keys get at least that expiry
         self.blueprint_id: str | None = None  # the run's blueprint, when the engine knows it (for observers)
+        self.started: Blueprint | None = None  # set by the transaction that creates the run (a store may record it)
 
     @abstractmethod
     async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]: ...

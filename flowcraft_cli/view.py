@@ -4,14 +4,20 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .blueprint import Blueprint
 from .errors import RunNotFound
 from .store import NODES, RUN, STATE, Store
+
+if TYPE_CHECKING:
+    from .blueprint import Blueprint
+
+#: (blueprint id, version) -> [(node id, uses)] in document order, or None: where a view finds the layout of
+#: a blueprint this process did not load (distributed.definitions.read_outline)
+OutlineSource = Callable[[str, str], Awaitable[list[tuple[str, str]] | None]]
 
 
 def iso(ms: int | None) -> str | None:
@@ -79,22 +85,26 @@ class RunView:
 
 
 async def read_run(store: Store, blueprints: Mapping[str, Blueprint], run_id: str, *,
-                   timeline: bool = True) -> RunView:
-    """``timeline=False`` skips reading the run's events (a poller that only wants statuses)."""
+                   timeline: bool = True, outline: OutlineSource | None = None) -> RunView:
+    """``timeline=False`` skips reading the run's events (a poller that only wants statuses). Nodes come in
+    blueprint order: the loaded blueprint's at the run's version, else ``outline``'s, else the loaded one's."""
     meta = await store.read_all(run_id, RUN)
     if not meta.get("status"):
         raise RunNotFound(f"run {run_id!r} not found (it never existed or its keys expired)")
     records = await store.read_all(run_id, NODES, lenient=True)
     context = await store.read_all(run_id, STATE, lenient=True)  # a corrupt value is shown, not fatal
     bp = blueprints.get(meta["blueprint_id"])
-    order = [n.id for n in bp.nodes] if bp else []
-    known = set(order)
-    order += sorted(k for k in records if k not in known)
+    layout = [(n.id, n.uses) for n in bp.nodes] if bp else []
+    if (bp is None or bp.version != meta.get("blueprint_version")) and outline is not None:
+        layout = await outline(str(meta["blueprint_id"]), str(meta.get("blueprint_version") or "")) or layout
+    uses_of = dict(layout)
+    order = list(uses_of)
+    order += sorted(k for k in records if k not in uses_of)
     finished_ok = meta["status"] == "completed"
     nodes = []
     for node_id in order:
         rec = records.get(node_id)
-        uses = bp.node_map[node_id].uses if bp and node_id in bp.node_map else "?"
+        uses = uses_of.get(node_id, "?")
         if rec is None:
             # never reached: in a completed run that means no taken edge led there (e.g. an unused fallback)
             nodes.append(NodeView(node_id, uses, "skipped" if finished_ok else "pending", 0, None, None, None))

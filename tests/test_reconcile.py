@@ -304,6 +304,14 @@ def test_reconcile_cli_table_and_exit_code(tmp_path, redis_url, redis_sync):
     redis_sync.hset("workflow:state:broken", "k", "1")
     r = project.cli("reconcile", "--threshold", "0", "--json")
     doc = json.loads(r.stdout)
+    # a run whose blueprint nobody knows cannot be judged: skipped, said why, never counted as failed
+    assert r.returncode == 0 and doc["failed_runs"] == 0 and doc["stalled_runs"] == 0
+    assert doc["runs"][0]["skipped"] == "blueprint definition not found" and not doc["runs"][0]["error"]
+    # one whose definition is known but whose outbox is corrupt is a failure
+    redis_sync.set("flowcraft:blueprint:nope:x", json.dumps({"id": "nope", "nodes": [{"id": "a", "uses": "noop"}]}))
+    redis_sync.hset("flowcraft:outbox:broken", "j", "{not json")
+    r = project.cli("reconcile", "--threshold", "0", "--json")
+    doc = json.loads(r.stdout)
     assert r.returncode == 1 and doc["failed_runs"] == 1 and doc["runs"][0]["error"]
 
 

@@ -7,14 +7,19 @@ import asyncio
 import logging
 import sys
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from ..errors import FlowcraftError, InvalidInput, StateConflict
 from ..ids import check_run_id, check_run_ref
-from . import render
+
+if TYPE_CHECKING:
+    from . import render
+else:
+    from .output import render  # rich is imported on the first table, not for --json or an error
 from .logs import LogFormat, setup_logging
+from .runs import runs as runs_command
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, context_settings=_CONTEXT,
@@ -327,11 +332,10 @@ def inspect(
     config: ConfigOpt = None,
 ) -> None:
     """Show a run: summary, node table (status, attempts, duration, error) and context."""
-    from ..project import connected, load_project
+    from ..remote import open_reader
 
     _setup_logging()
     check_run_ref(run_id)
-    project = load_project(config)
 
     def document(view: Any) -> dict[str, Any]:
         return _node_of(view, node_id).to_json() if node_id is not None else view.to_json()
@@ -340,7 +344,7 @@ def inspect(
         return render.node_view(view, _node_of(view, node_id)) if node_id is not None else render.run_view(view)
 
     async def go() -> int:
-        async with connected(project) as adapter:
+        async with open_reader(config) as adapter:
             view = await adapter.inspect(run_id)
             document(view)  # an unknown --node is refused before anything is printed
             if watch and json_out:
@@ -424,14 +428,13 @@ def resume(
 @app.command()
 def cancel(run_id: RunIdArg, config: ConfigOpt = None) -> None:
     """Cancel a run: its status becomes cancelled and no further node of it starts."""
-    from ..project import connected, load_project
+    from ..remote import open_remote_adapter
 
     _setup_logging()
     check_run_ref(run_id)
-    project = load_project(config)
 
     async def go() -> None:
-        async with connected(project) as adapter:
+        async with open_remote_adapter(config) as (adapter, _):
             if not await adapter.cancel(run_id):
                 status = (await adapter.status(run_id) or {}).get("status", "finished")
                 raise StateConflict(f"run {run_id!r} is {status}; nothing to cancel")
@@ -484,12 +487,10 @@ def reconcile(
     from redis.exceptions import RedisError
 
     from ..distributed.reconciler import create_arq_reconciler
-    from ..project import connected, load_project
+    from ..remote import open_remote_adapter
 
     _setup_logging(log_format=log_format)
-    project = load_project(config, overrides={"reconciler.threshold_seconds": threshold,
-                                              "reconciler.scan_count": scan_count})
-    s = project.settings
+    overrides = {"reconciler.threshold_seconds": threshold, "reconciler.scan_count": scan_count}
 
     async def go() -> int:
         stop = asyncio.Event()
@@ -498,7 +499,7 @@ def reconcile(
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
         failed = 0
-        async with connected(project) as adapter:
+        async with open_remote_adapter(config, overrides) as (adapter, s):
             reconciler = create_arq_reconciler(adapter=adapter, redis=adapter.redis,
                                                stalled_threshold_seconds=s.reconciler.threshold_seconds,
                                                scan_count=s.reconciler.scan_count, dry_run=dry_run)
@@ -538,17 +539,21 @@ def reconcile(
 from . import fleet  # noqa: E402  (its commands are registered on `app`, defined above)
 
 fleet.register(app)
+app.command("runs")(runs_command)
 
 
 def main() -> None:
     # typer's standalone mode turns usage errors into its own message and exit 2; our errors become one line
-    from redis.exceptions import RedisError
-
     try:
         app(prog_name="flowcraft")
     except FlowcraftError as e:
         render.error(str(e))
         sys.exit(e.exit_code)
-    except (RedisError, ConnectionError) as e:  # Redis went away mid-command (the URL was checked at connect)
+    except Exception as e:
+        # Redis went away mid-command (the URL was checked at connect). redis.exceptions is looked up, not
+        # imported: a command that never loaded redis cannot have raised its errors, and --help stays fast
+        redis_errors = sys.modules.get("redis.exceptions")
+        if not isinstance(e, ConnectionError) and (redis_errors is None or not isinstance(e, redis_errors.RedisError)):
+            raise
         render.error(f"lost Redis: {type(e).__name__}: {str(e).rstrip('.')}")
         sys.exit(1)

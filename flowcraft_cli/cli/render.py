@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..view import NodeView, RunView, iso
+from .output import error, print_json  # noqa: F401  (re-exported: render.print_json, render.error)
 
 # piped output (CI logs, `| less`) gets a roomy fixed width instead of rich's 80-column fallback
 out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 160)
@@ -115,13 +116,6 @@ def print_run(view: RunView) -> None:
     out.print(run_view(view))
 
 
-def print_json(data: Any, *, compact: bool = False) -> None:
-    """One JSON document; ``compact`` puts it on one line (a stream of them is then JSON Lines)."""
-    text = json.dumps(data, ensure_ascii=False, default=str, indent=None if compact else 2)
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
 def progress_line(node_id: str, status: str, detail: str = "") -> None:
     line = Text("  ") + Text(node_id, style="bold") + Text(" ") + status_text(status)
     if detail:
@@ -155,13 +149,6 @@ def _now() -> str:
 def warning(message: str) -> None:
     for line in message.splitlines() or [""]:
         sys.stderr.write(f"warning: {line}\n")
-    sys.stderr.flush()
-
-
-def error(message: str) -> None:
-    # plain writes: an error stays one line however narrow the terminal, and greps cleanly
-    for line in message.splitlines() or [""]:
-        sys.stderr.write(f"error: {line}\n")
     sys.stderr.flush()
 
 
@@ -216,8 +203,23 @@ def stats_table(stats: Mapping[str, Any], runs: list[Mapping[str, Any]]) -> None
         for col in ("run", "blueprint", "idle", "enqueued", "error"):
             t.add_column(col, overflow="fold")
         for r in runs:
+            why = r.get("error") or (f"skipped: {r['skipped']}" if r.get("skipped") else "")
             t.add_row(Text(r["run_id"]), Text(str(r.get("blueprint_id") or "")), f"{r['idle_seconds']:.0f} s",
-                      Text(", ".join(r.get("nodes") or []) or str(r.get("enqueued", 0))), Text(r.get("error") or ""))
+                      Text(", ".join(r.get("nodes") or []) or str(r.get("enqueued", 0))), Text(why))
         out.print(t)
+
+
+def runs_table(queue: str, runs: list[Mapping[str, Any]]) -> None:
+    """``flowcraft runs``: one row per run (``RunSummary.to_json``), newest first."""
+    t = Table(title=f"runs on queue {queue}", title_justify="left", expand=False)
+    for col in ("run", "blueprint", "status", "started", "duration", "failed node"):
+        t.add_column(col, overflow="fold", no_wrap=col in ("status", "started", "duration"))
+    for r in runs:
+        started = (r["started_at"] or "–").replace("T", " ").rstrip("Z")
+        t.add_row(Text(r["run_id"]), Text(r["blueprint_id"]), status_text(r["status"]), started,
+                  duration(r["duration_ms"]), Text(r["failed_node"] or ""))
+    out.print(t)
+    if not runs:
+        info("no runs")
 
 

@@ -24,11 +24,13 @@ from ..engine import Engine, EngineSettings, Recovery, now_ms
 from ..jobs import Job
 from ..registry import NodeRegistry
 from ..store import OUTBOX, RUN
-from ..view import RunView, read_run
+from ..view import RunView
 from . import keys
 from .coordination import RedisCoordinationStore
+from .definitions import Definitions
 from .queue import STEP_FUNCTION, ArqQueue, arq_pool_for
 from .redis_store import RedisStore
+from .views import RunReader
 from .workers import WorkerRegistry, worker_fields
 
 log = logging.getLogger("flowcraft.worker")
@@ -103,14 +105,18 @@ class ArqAdapter:
         self.shutdown_wait_s = shutdown_wait_s
         # hostname:pid alone is not unique (two adapters in one process, containers that are all PID 1)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
-        self.store = RedisStore(connection, running_ttl_s=running_ttl_s)
+        self.store = RedisStore(connection, running_ttl_s=running_ttl_s, queue_name=queue_name)
         self.queue = ArqQueue(arq_pool_for(connection, queue_name), queue_name)
         self.workers = WorkerRegistry(connection, queue_name, self.worker_id, lease_s)
+        self.definitions = Definitions(connection)
+        self.reader = RunReader(connection, queue_name, blueprints=self.blueprints, store=self.store,
+                                workers=self.workers)
         self.engine = Engine(self.store, self.blueprints, self.registry, worker_id=self.worker_id,
                              settings=EngineSettings(ttl_s=ttl_s, running_ttl_s=running_ttl_s,
                                                      version_grace_s=version_grace_s,
                                                      attempt_timeout_s=job_timeout_s or None))
         self.engine.is_held_remote = self.workers.is_held
+        self.engine.load_definition = self.definitions.load  # a run of a blueprint not loaded here
         self.engine.log_failures = True
         self._worker: Worker | None = None
         self._stopping = asyncio.Event()
@@ -139,33 +145,7 @@ class ArqAdapter:
         return changed
 
     async def inspect(self, run_id: str, *, timeline: bool = True) -> RunView:
-        view = await read_run(self.store, self.blueprints, run_id, timeline=timeline)
-        await self._annotate(view)
-        return view
-
-    async def _annotate(self, view: RunView) -> None:
-        """Honest state while a fault is being recovered: a running node whose worker stopped heartbeating
-        says so, and a queued node that no live worker can run says why (CONTRACT §6.1)."""
-        running = [n for n in view.nodes if n.status == "running" and n.worker]
-        queued = [n for n in view.nodes if n.status == "queued"]
-        if not running and not queued or view.status not in ("running", "awaiting"):
-            return
-        workers = {w.worker_id: w for w in await self.workers.workers()}
-        now = await self.workers.server_time_ms()
-        for n in running:
-            w = workers.get(n.worker or "")
-            if w is None or not w.alive:
-                since = f" {max(0, now - w.heartbeat_at - self.workers.lease_ms) // 1000} s ago" \
-                    if w is not None and w.heartbeat_at else ""
-                n.detail = f"worker lost{since}"
-        live = [w for w in workers.values() if w.alive]
-        if queued and live and not any(w.blueprints.get(view.blueprint_id) == view.blueprint_version for w in live):
-            why = f"no live worker serves blueprint {view.blueprint_id!r} version {view.blueprint_version}"
-            for n in queued:
-                n.detail = why
-        elif queued and not live:
-            for n in queued:
-                n.detail = f"no live worker on queue {self.queue_name!r}"
+        return await self.reader.inspect(run_id, timeline=timeline)
 
     async def status(self, run_id: str) -> dict[str, Any] | None:
         return await self.store.read_status(run_id)

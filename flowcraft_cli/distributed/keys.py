@@ -5,7 +5,8 @@ last step of a run that never ends; a subflow child's steps extend its ancestors
 
   workflow:state:<run_id>      HASH   the run context, JSON values (Flowcraft layout: _outputs.<node>, ...)
   workflow:status:<run_id>     STRING the final result {"status", "reason", "payload"}, written once
-  flowcraft:run:<run_id>       HASH   run meta (status, blueprint id/version, pending count, timestamps, rev)
+  flowcraft:run:<run_id>       HASH   run meta (status, blueprint id/version, pending count, timestamps, rev,
+                                      and the queue it was started on)
   flowcraft:nodes:<run_id>     HASH   node_id -> node record (status, seq, attempt, timings, error, worker)
   flowcraft:joins:<run_id>     HASH   join arrivals per (target, generation, source)
   flowcraft:batch:<run_id>     HASH   batch items and results
@@ -31,6 +32,22 @@ Workers (CONTRACT §6.1):
                                       an entry is dropped by a clean stop, or by any worker's heartbeat once
                                       the worker has been gone for more than lease_seconds
 
+Blueprints and the run index (CONTRACT §10: views need only Redis):
+
+  flowcraft:blueprint:<id>:<version>   STRING the blueprint document (JSON) a run of that version uses,
+                                      written when such a run starts; it expires no sooner than any run that
+                                      uses it (every transaction of a run extends it as far as the run's own
+                                      keys). ``:`` and ``%`` in the id are escaped (%3A, %25)
+  flowcraft:runs:<queue>               ZSET   run id -> created_at (ms): the runs started on a queue, newest
+                                      last; written when a run starts and when it finishes
+  flowcraft:runs-by-status:<group>:<queue>  ZSET  the same runs by status group (active = running or awaiting,
+                                      completed, failed, cancelled), moved whenever a run's status changes
+  flowcraft:runs-expiry:<queue>        ZSET   run id -> when its keys were last due to expire (ms); each index
+                                      write looks at entries past due and drops those whose run is gone,
+                                      so index entries expire with their runs (no SCAN)
+  (each index key expires no sooner than the longest-lived run of its queue: every transaction of a run
+  extends them as far as the run's own keys)
+
 Shared:
 
   flowcraft:coord:<name>       coordination-store keys (RedisCoordinationStore); the reconciler's
@@ -51,6 +68,12 @@ WORKER_PREFIX = "flowcraft:worker:"
 WORKER_STEPS_PREFIX = "flowcraft:worker-steps:"
 WORKERS_PREFIX = "flowcraft:workers:"
 WORKERS_SEEN_PREFIX = "flowcraft:workers-seen:"
+BLUEPRINT_PREFIX = "flowcraft:blueprint:"
+RUNS_PREFIX = "flowcraft:runs:"
+RUNS_BY_STATUS_PREFIX = "flowcraft:runs-by-status:"
+RUNS_EXPIRY_PREFIX = "flowcraft:runs-expiry:"
+#: status groups of the run index; a run's meta status maps to one (running and awaiting are "active")
+RUN_GROUPS = ("active", "completed", "failed", "cancelled")
 
 _KIND_PREFIX = {
     STATE: STATE_PREFIX,
@@ -102,3 +125,32 @@ def workers_key(queue_name: str) -> str:
 
 def workers_seen_key(queue_name: str) -> str:
     return WORKERS_SEEN_PREFIX + queue_name
+
+
+def blueprint_key(blueprint_id: str, version: str) -> str:
+    """The stored definition of one blueprint version; the id is escaped so that the last ``:`` always
+    separates the version (an id ``a:b`` at version ``1`` and an id ``a`` at version ``b:1`` stay apart)."""
+    return f"{BLUEPRINT_PREFIX}{blueprint_id.replace('%', '%25').replace(':', '%3A')}:{version}"
+
+
+def runs_key(queue_name: str) -> str:
+    return RUNS_PREFIX + queue_name
+
+
+def runs_by_status_key(group: str, queue_name: str) -> str:
+    return f"{RUNS_BY_STATUS_PREFIX}{group}:{queue_name}"
+
+
+def runs_expiry_key(queue_name: str) -> str:
+    return RUNS_EXPIRY_PREFIX + queue_name
+
+
+def run_group(status: str) -> str:
+    """The index group of a run status (``running``/``awaiting`` -> ``active``)."""
+    return "active" if status in ("running", "awaiting") else status
+
+
+def run_index_keys(queue_name: str) -> list[str]:
+    """Every index key of one queue: all runs, the expiry index, then one per status group."""
+    return [runs_key(queue_name), runs_expiry_key(queue_name),
+            *(runs_by_status_key(g, queue_name) for g in RUN_GROUPS)]

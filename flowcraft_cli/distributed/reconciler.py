@@ -26,6 +26,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from ..errors import BlueprintUnavailable
 from ..store import OUTBOX, RUN
 from . import keys
 
@@ -35,7 +36,8 @@ log = logging.getLogger("flowcraft.reconciler")
 # holds entries (whatever its status: a finished child's note to its parent may sit there); take its idle
 # time from OBJECT IDLETIME of its progress key (never read by anything, so reads of the run cannot reset it),
 # else, where OBJECT is refused (an LFU eviction policy) or the key is missing, from the meta's updated_at.
-# Returns {run_id, blueprint_id, idle_ms} for those runs idle longer than the threshold.
+# Returns {run_id, blueprint_id, idle_ms, queue} for those runs idle longer than the threshold (queue: the meta's
+# JSON queue name, recorded at the run's start, or 'null' for a run that recorded none).
 # ARGV: [1] meta key prefix, [2] progress key prefix, [3] now (ms), [4] threshold (s), [5] outbox key prefix,
 # [6..] run ids. Keys are derived from run ids inside the script, which standalone Redis allows (arq rules out
 # Cluster anyway).
@@ -44,7 +46,7 @@ local out = {}
 local now, threshold_ms = tonumber(ARGV[3]), tonumber(ARGV[4]) * 1000
 for i = 6, #ARGV do
   local run_id = ARGV[i]
-  local meta = redis.call('HMGET', ARGV[1] .. run_id, 'status', 'blueprint_id', 'updated_at')
+  local meta = redis.call('HMGET', ARGV[1] .. run_id, 'status', 'blueprint_id', 'updated_at', 'queue')
   if meta[1] == '"running"' or (meta[1] and redis.call('EXISTS', ARGV[5] .. run_id) == 1) then
     local idle_ms = nil
     local ok, idle = pcall(redis.call, 'OBJECT', 'IDLETIME', ARGV[2] .. run_id)
@@ -56,7 +58,7 @@ for i = 6, #ARGV do
       idle_ms = threshold_ms + 1
     end
     if idle_ms > threshold_ms then
-      out[#out + 1] = {run_id, meta[2] or 'null', tostring(math.floor(idle_ms))}
+      out[#out + 1] = {run_id, meta[2] or 'null', tostring(math.floor(idle_ms)), meta[4] or 'null'}
     end
   end
 end
@@ -72,6 +74,7 @@ class StalledRun:
     enqueued: int = 0
     nodes: list[str] = field(default_factory=list)
     error: str | None = None
+    skipped: str | None = None  # why this sweep could not judge the run (never counted as failed)
 
 
 @dataclass
@@ -88,7 +91,7 @@ class ReconciliationStats:
 
     def to_json(self) -> dict[str, Any]:
         return {**self.counts(), "runs": [
-            {k: v for k, v in asdict(r).items() if k in ("run_id", "idle_seconds", "enqueued", "error")}
+            {k: v for k, v in asdict(r).items() if k in ("run_id", "idle_seconds", "enqueued", "error", "skipped")}
             | {"blueprint_id": r.blueprint_id, "nodes": r.nodes} for r in self.runs]}
 
 
@@ -129,13 +132,23 @@ class Reconciler:
             args=[keys.kind_key(RUN, ""), keys.progress_key(""), int(time.time() * 1000), self.threshold_s,
                   keys.kind_key(OUTBOX, ""), *run_ids],
         )
-        for run_id, blueprint_id, idle_ms in replies:
-            await self._reconcile(_s(run_id), _json_str(blueprint_id), int(idle_ms) / 1000, stats)
+        for run_id, blueprint_id, idle_ms, queue in replies:
+            run_id, blueprint_id, idle_s, queue = _s(run_id), _json_str(blueprint_id), int(idle_ms) / 1000, _json_str(queue)
+            mine = getattr(self.adapter, "queue_name", None)
+            if queue not in (None, "null") and mine is not None and queue != mine:
+                # another project's run: its steps belong on its own queue, and only its reconciler queues them
+                stats.runs.append(StalledRun(run_id, blueprint_id, idle_s, skipped=f"a run of queue {queue!r}"))
+                continue
+            await self._reconcile(run_id, blueprint_id, idle_s, stats)
 
     async def _reconcile(self, run_id: str, blueprint_id: str | None, idle_s: float,
                          stats: ReconciliationStats) -> None:
         try:
             outcome = await self.adapter.reconcile(run_id, dry_run=self.dry_run)
+        except BlueprintUnavailable:
+            # nothing can be decided for a run whose blueprint nobody here knows: not a failure of the sweep
+            stats.runs.append(StalledRun(run_id, blueprint_id, idle_s, skipped="blueprint definition not found"))
+            return
         except Exception as e:  # one broken run must not stop the sweep
             log.warning("reconcile %s failed: %s", run_id, e)
             stats.stalled_runs += 1

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
+from ..errors import UndecodableValue
 from ..store import KINDS, MISSING, RUN, Store, Txn, dumps, loads
 from . import keys
 
@@ -32,6 +33,52 @@ for _, key in ipairs(KEYS) do
 end
 return 0
 """
+# A run starts: store its blueprint's document. KEYS[1] the definition key, ARGV[1] the document, ARGV[2] the
+# expiry (ms) the run's keys get, 0 = none. The key keeps a longer expiry (or none) that an earlier run gave it.
+_RECORD_DEFINITION = """
+local ms = tonumber(ARGV[2])
+local left = redis.call('PTTL', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1])
+if ms > 0 and left ~= -1 then
+  if left > ms then ms = left end
+  redis.call('PEXPIRE', KEYS[1], ms)
+end
+return 0
+"""
+# Index entries expire with their runs. KEYS: keys.run_index_keys(queue) (all runs, expiry, then the status
+# groups); ARGV[1] now (ms), ARGV[2] the run meta key prefix, ARGV[3] how many due entries to look at. An entry
+# whose recorded expiry has passed is dropped everywhere if its run is gone, else re-dated to the run's real
+# expiry (steps extend a running run's keys without touching the index).
+_TRIM_INDEX = """
+local now = tonumber(ARGV[1])
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+for _, run_id in ipairs(due) do
+  local left = redis.call('PTTL', ARGV[2] .. run_id)
+  if left == -2 then
+    for i = 1, #KEYS do redis.call('ZREM', KEYS[i], run_id) end
+  elseif left == -1 then
+    redis.call('ZADD', KEYS[2], '+inf', run_id)
+  else
+    redis.call('ZADD', KEYS[2], now + left, run_id)
+  end
+end
+return #due
+"""
+# The index keys of a queue live as long as its longest-lived run: KEYS the index keys, ARGV[1] the expiry (ms)
+# this transaction gives its run's keys, 0 = none. A key gets at least that (a new sorted set has none yet).
+_KEEP_INDEX = """
+local ms = tonumber(ARGV[1])
+for _, key in ipairs(KEYS) do
+  if ms <= 0 then
+    redis.call('PERSIST', key)
+  else
+    local left = redis.call('PTTL', key)
+    if left == -1 or (left >= 0 and left < ms) then redis.call('PEXPIRE', key, ms) end
+  end
+end
+return 0
+"""
+TRIM_BATCH = 100  # due index entries looked at per write: more than runs start or end between two writes
 
 
 def _s(value: Any) -> Any:
@@ -52,9 +99,13 @@ class _RedisTxn(Txn):
 
 
 class RedisStore(Store):
-    def __init__(self, redis: Redis, *, running_ttl_s: int = 7 * 86400) -> None:
+    """``queue_name``: the queue whose run index (``keys.runs_key``) a run's start and status changes are
+    written to; without one, no index is kept."""
+
+    def __init__(self, redis: Redis, *, running_ttl_s: int = 7 * 86400, queue_name: str | None = None) -> None:
         self.redis = redis
         self.running_ttl_s = running_ttl_s
+        self.queue_name = queue_name
         self.conflicts = 0  # transactions retried because another step of the same run committed first
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # run id -> (lock, callers holding or waiting)
 
@@ -85,8 +136,16 @@ class RedisStore(Store):
                     if not txn.dirty:
                         await pipe.reset()
                         return result
+                    # read before MULTI, inside the WATCH: what the definition and the index writes need
+                    # (usually cached already: every step reads the run's meta)
+                    try:
+                        meta = await txn.get_many(RUN, ("blueprint_id", "blueprint_version", "created_at",
+                                                        "queue"))
+                    except UndecodableValue:
+                        meta = {}
                     pipe.multi()
                     self._queue_writes(pipe, txn)
+                    self._queue_catalog_writes(pipe, txn, meta)
                     await pipe.execute()
                     if self.on_commit is not None:
                         self.on_commit(txn)
@@ -132,6 +191,44 @@ class RedisStore(Store):
             else:
                 pipe.persist(key)
         self._extend_ancestors(pipe, txn, ttl)
+
+    def _ttl_of(self, txn: Txn) -> int | None:
+        return txn.final[1] if txn.final is not None else self.running_ttl_s if txn.ttl_s is None else txn.ttl_s
+
+    def _queue_catalog_writes(self, pipe: Any, txn: Txn, meta: dict[str, Any]) -> None:
+        """The blueprint definition the run uses (recorded at its start, then kept at least as long as the
+        run's own keys), and the queue's run index (at start, at the end, and on every status change)."""
+        ttl = self._ttl_of(txn)
+        ms = ttl * 1000 if ttl and ttl > 0 else 0
+        if txn.started is not None:
+            from .definitions import document_of
+
+            bp = txn.started
+            pipe.eval(_RECORD_DEFINITION, 1, keys.blueprint_key(bp.id, bp.version), document_of(bp), ms)
+            if self.queue_name is not None:  # whose reconciler may judge it (another project's may not)
+                pipe.hset(keys.kind_key(RUN, txn.run_id), "queue", dumps(self.queue_name))
+        elif meta.get("blueprint_id") and meta.get("blueprint_version"):
+            pipe.eval(_EXTEND_EXPIRY, 1, keys.blueprint_key(meta["blueprint_id"], meta["blueprint_version"]), ms)
+        # the index of the queue the run was started on (a client configured for another queue may cancel it)
+        queue = self.queue_name if txn.started is not None else meta.get("queue")
+        if not isinstance(queue, str):
+            return  # no index (a store without a queue, or a run that recorded none)
+        index = keys.run_index_keys(queue)
+        status = txn._writes.get((RUN, "status"), MISSING)
+        run_id = txn.run_id
+        now = int(time.time() * 1000)
+        created = meta.get("created_at") if isinstance(meta.get("created_at"), int) else now
+        if isinstance(status, str):
+            group = keys.run_group(status)
+            pipe.zadd(keys.runs_by_status_key(group, queue), {run_id: created})
+            for other in keys.RUN_GROUPS:
+                if other != group:
+                    pipe.zrem(keys.runs_by_status_key(other, queue), run_id)
+        if txn.started is not None or txn.final is not None:
+            pipe.zadd(keys.runs_key(queue), {run_id: created})
+            pipe.zadd(keys.runs_expiry_key(queue), {run_id: now + ms if ms else "+inf"})
+            pipe.eval(_TRIM_INDEX, len(index), *index, now, keys.kind_key(RUN, ""), TRIM_BATCH)
+        pipe.eval(_KEEP_INDEX, len(index), *index, ms)  # last: a sorted set created above has no expiry yet
 
     def _extend_ancestors(self, pipe: Any, txn: Txn, ttl: int | None) -> None:
         """A parent run's keys live at least as long as any of its live child runs (CONTRACT §6.1): while
