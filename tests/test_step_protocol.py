@@ -325,10 +325,16 @@ def test_recovery_review_findings(redis_url, redis_sync):
         # 3: d1 itself, back from a long pause, does not recover its own steps
         assert await dead.recover_dead_workers(["d1"]) == 0
         assert await redis.hlen(keys.worker_steps_key("d1")) == 2
-        # 1: a worker serving another blueprint cannot judge the runs: it leaves everything as it is
+        # 1: a worker that cannot judge the runs (another blueprint, and no definition recorded in Redis, as
+        # for runs started before definitions were recorded) leaves everything as it is
+        definitions = [k async for k in redis.scan_iter("flowcraft:blueprint:*")]
+        saved = {k: await redis.dump(k) for k in definitions}
+        await redis.delete(*definitions)
         assert await foreign.recover_dead_workers(["d1"]) == 0
         assert await redis.hlen(keys.worker_steps_key("d1")) == 2
         assert await redis.zscore(foreign.queue_name, jobs[0][1].job_id) is not None
+        for k, v in saved.items():
+            await redis.restore(k, 0, v, replace=True)
         # 8: the capable worker recovers the good run although the bad one fails to load
         assert await capable.recover_dead_workers(["d1"]) == 1
         left = [k.decode() for k in await redis.hkeys(keys.worker_steps_key("d1"))]
