@@ -4,7 +4,9 @@
     python benchmarks/bench_distributed.py --n 1000
 
 One process, one redis-server it starts itself (unix socket), one arq worker in burst mode with the same
-settings flowcraft uses (max_jobs 10, poll_delay 0.02 s, JSON jobs). Baseline: N bare arq no-op jobs queued
+settings flowcraft uses (max_jobs 10, poll_delay 0.02 s, JSON jobs). Also reported per step: flowcraft's own
+Redis round trips (writes to the sockets of the adapter's own connection pool; arq's pickup and bookkeeping
+excluded) and every Redis command executed, arq's and those inside Lua scripts included (INFO commandstats). Baseline: N bare arq no-op jobs queued
 at once, then drained. Each flowcraft node step is one arq job plus the engine's claim and commit
 transactions, so the ratio shows what the engine costs per step over the queue itself.
 """
@@ -66,14 +68,51 @@ async def bare_arq(redis: Redis, n: int, poll: float) -> float:
     return elapsed
 
 
-async def flow_run(adapter: ArqAdapter, bp_id: str) -> float:
+class RoundTrips:
+    """Counts what flowcraft itself sends to Redis: one count per write to the socket of a connection of the
+    adapter's own pool (a pipeline or a MULTI is one), not arq's (its job pickup and bookkeeping)."""
+
+    def __init__(self, redis: Redis) -> None:
+        from redis.asyncio.connection import AbstractConnection
+
+        self.count = 0
+        pool = redis.connection_pool
+        original_get = pool.get_connection
+        original_send = AbstractConnection.send_packed_command
+        counter = self
+
+        async def get_connection(*a, **kw):
+            conn = await original_get(*a, **kw)
+            conn._flowcraft_bench = True
+            return conn
+
+        async def send_packed_command(self, command, check_health=True):
+            if getattr(self, "_flowcraft_bench", False):
+                counter.count += 1
+            return await original_send(self, command, check_health)
+
+        pool.get_connection = get_connection
+        AbstractConnection.send_packed_command = send_packed_command
+
+
+async def commands_done(redis: Redis) -> int:
+    """Commands Redis has executed, those inside Lua scripts included (INFO commandstats)."""
+    stats = await redis.info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info")
+
+
+async def flow_run(adapter: ArqAdapter, bp_id: str, trips: RoundTrips | None = None) -> tuple[float, int, int]:
+    """One run: seconds, flowcraft's own round trips, and every Redis command (arq's too)."""
+    trips_before = trips.count if trips else 0
+    cmds_before = await commands_done(adapter.redis)
     t = time.perf_counter()
     run_id = await adapter.start_run(bp_id, {})
     await adapter.start(burst=True)
     elapsed = time.perf_counter() - t
     status = await adapter.status(run_id)
     assert status and status["status"] == "completed", status
-    return elapsed
+    cmds = await commands_done(adapter.redis) - cmds_before - 2  # less the status read and one INFO
+    return elapsed, (trips.count - trips_before - 2) if trips else 0, cmds
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -88,21 +127,31 @@ async def main(args: argparse.Namespace) -> None:
                                      parse_blueprint(fan(args.n), registry=registry))}
         adapter = ArqAdapter(connection=redis, queue_name="bench-flow", concurrency=10, poll_delay_s=args.poll,
                              runtime_options={"registry": registry, "blueprints": bps})
+        trips = RoundTrips(redis)
         rows = []
-        bare = [await bare_arq(redis, args.n, args.poll) for _ in range(args.repeats)]
-        rows.append(("bare arq no-op jobs", args.n, statistics.median(bare)))
+        bare = []
+        for _ in range(args.repeats):
+            before = await commands_done(redis)
+            bare.append(await bare_arq(redis, args.n, args.poll))
+            bare_cmds = (await commands_done(redis) - before) / args.n
+        rows.append(("bare arq no-op jobs", args.n, statistics.median(bare), None, bare_cmds))
         for bp_id, steps in ((f"chain-{args.n}", args.n), (f"fan-{args.n}", args.n + 2)):
             before = adapter.store.conflicts
-            times = [await flow_run(adapter, bp_id) for _ in range(args.repeats)]
+            results = [await flow_run(adapter, bp_id, trips) for _ in range(args.repeats)]
             print(f"  {bp_id}: {(adapter.store.conflicts - before) / args.repeats:.0f} transaction retries per run",
                   file=sys.stderr)
-            rows.append((bp_id, steps, statistics.median(times)))
+            rows.append((bp_id, steps, statistics.median(r[0] for r in results),
+                         statistics.median(r[1] for r in results) / steps,
+                         statistics.median(r[2] for r in results) / steps))
         base_rate = rows[0][1] / rows[0][2]
         print(f"flowcraft on arq: one process, worker max_jobs 10, poll {args.poll:g} s, median of {args.repeats}")
-        print(f"{'case':<22}{'steps':>7}{'median':>10}{'steps/s':>10}{'vs bare arq':>13}")
-        for name, steps, t in rows:
+        print(f"{'case':<22}{'steps':>7}{'median':>10}{'steps/s':>10}{'vs bare arq':>13}"
+              f"{'flowcraft trips/step':>22}{'redis cmds/step':>17}")
+        for name, steps, t, per_trips, per_cmds in rows:
             rate = steps / t
-            print(f"{name:<22}{steps:>7}{t:>9.2f}s{rate:>10,.0f}{rate / base_rate:>12.2f}x")
+            trips_text = "–" if per_trips is None else f"{per_trips:.1f}"
+            print(f"{name:<22}{steps:>7}{t:>9.2f}s{rate:>10,.0f}{rate / base_rate:>12.2f}x"
+                  f"{trips_text:>22}{per_cmds:>17.1f}")
         await adapter.close()
         await redis.aclose()
     finally:

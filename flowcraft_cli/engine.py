@@ -77,7 +77,7 @@ RESTING_STATUSES = FINAL_STATUSES | {RunStatus.AWAITING}
 _ACTIVE_NODE = frozenset({NodeStatus.QUEUED, NodeStatus.RUNNING, NodeStatus.SLEEPING, NodeStatus.AWAITING})
 _META_FIELDS = ("status", "reason", "blueprint_id", "blueprint_version", "pending", "awaiting_nodes",
                 "created_at", "finished_at", "parent", "failed_node", "version_wait_since", "keep_until",
-                "ancestors")
+                "ancestors", "queue")
 _REF = object()  # "the source's output": resolved from _outputs.<source> when the target fires
 
 

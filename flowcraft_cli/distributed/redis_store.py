@@ -107,6 +107,7 @@ class RedisStore(Store):
         self.running_ttl_s = running_ttl_s
         self.queue_name = queue_name
         self.conflicts = 0  # transactions retried because another step of the same run committed first
+        self._kept: dict[str, float] = {}  # key -> when this process last extended its expiry (monotonic s)
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # run id -> (lock, callers holding or waiting)
 
     async def transact(self, run_id: str, fn: Callable[[Txn], Awaitable[T]]) -> T:
@@ -208,7 +209,9 @@ class RedisStore(Store):
             if self.queue_name is not None:  # whose reconciler may judge it (another project's may not)
                 pipe.hset(keys.kind_key(RUN, txn.run_id), "queue", dumps(self.queue_name))
         elif meta.get("blueprint_id") and meta.get("blueprint_version"):
-            pipe.eval(_EXTEND_EXPIRY, 1, keys.blueprint_key(meta["blueprint_id"], meta["blueprint_version"]), ms)
+            key = keys.blueprint_key(meta["blueprint_id"], meta["blueprint_version"])
+            if txn.final is not None or self._due(key, ms):
+                pipe.eval(_EXTEND_EXPIRY, 1, key, ms)
         # the index of the queue the run was started on (a client configured for another queue may cancel it)
         queue = self.queue_name if txn.started is not None else meta.get("queue")
         if not isinstance(queue, str):
@@ -224,11 +227,26 @@ class RedisStore(Store):
             for other in keys.RUN_GROUPS:
                 if other != group:
                     pipe.zrem(keys.runs_by_status_key(other, queue), run_id)
-        if txn.started is not None or txn.final is not None:
+        ends = txn.started is not None or txn.final is not None
+        if ends:
             pipe.zadd(keys.runs_key(queue), {run_id: created})
             pipe.zadd(keys.runs_expiry_key(queue), {run_id: now + ms if ms else "+inf"})
             pipe.eval(_TRIM_INDEX, len(index), *index, now, keys.kind_key(RUN, ""), TRIM_BATCH)
-        pipe.eval(_KEEP_INDEX, len(index), *index, ms)  # last: a sorted set created above has no expiry yet
+        if ends or isinstance(status, str) or self._due(index[0], ms):
+            pipe.eval(_KEEP_INDEX, len(index), *index, ms)  # last: a sorted set created above has no expiry yet
+
+    def _due(self, key: str, ttl_ms: int) -> bool:
+        """Is it time to extend ``key``'s expiry again? Keys every step would otherwise touch (a blueprint's
+        definition, a queue's run index) are extended by this process at most every quarter of their TTL
+        (and at most every minute): their TTL is days, a step is milliseconds."""
+        now = time.monotonic()
+        every_s = 60.0 if ttl_ms <= 0 else min(60.0, ttl_ms / 4000)
+        if now - self._kept.get(key, -1e18) < every_s:
+            return False
+        if len(self._kept) > 10_000:
+            self._kept.clear()  # bounded: forgetting only means one more refresh
+        self._kept[key] = now
+        return True
 
     def _extend_ancestors(self, pipe: Any, txn: Txn, ttl: int | None) -> None:
         """A parent run's keys live at least as long as any of its live child runs (CONTRACT §6.1): while
