@@ -6,7 +6,8 @@
 One process, one redis-server it starts itself (unix socket), one arq worker in burst mode with the same
 settings flowcraft uses (max_jobs 10, poll_delay 0.02 s, JSON jobs). Also reported per step: flowcraft's own
 Redis round trips (writes to the sockets of the adapter's own connection pool; arq's pickup and bookkeeping
-excluded) and every Redis command executed, arq's and those inside Lua scripts included (INFO commandstats). Baseline: N bare arq no-op jobs queued
+excluded) and every Redis command executed, arq's and those inside Lua scripts included (INFO commandstats).
+The "(live)" row runs the chain on a long-running worker (woken, not burst) and reports its idle commands/s. Baseline: N bare arq no-op jobs queued
 at once, then drained. Each flowcraft node step is one arq job plus the engine's claim and commit
 transactions, so the ratio shows what the engine costs per step over the queue itself.
 """
@@ -115,6 +116,32 @@ async def flow_run(adapter: ArqAdapter, bp_id: str, trips: RoundTrips | None = N
     return elapsed, (trips.count - trips_before - 2) if trips else 0, cmds
 
 
+async def live_worker(redis: Redis, registry: NodeRegistry, bps: dict, bp_id: str, steps: int,
+                      repeats: int) -> tuple[float, float]:
+    """A long-running worker (not burst: woken, not polling): median seconds of a run started by a client
+    while the worker idles, and the worker's idle Redis commands per second (5 s, nothing to do)."""
+    options = {"registry": registry, "blueprints": bps}
+    worker = ArqAdapter(connection=redis, queue_name="bench-live", concurrency=10, runtime_options=options)
+    client = ArqAdapter(connection=redis, queue_name="bench-live", runtime_options=options)
+    task = asyncio.ensure_future(worker.start())
+    await asyncio.sleep(1.5)
+    before, t0 = await commands_done(redis), time.monotonic()
+    await asyncio.sleep(5)
+    idle = (await commands_done(redis) - before - 1) / (time.monotonic() - t0)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run_id = await client.start_run(bp_id, {})
+        while not await client.status(run_id):
+            await asyncio.sleep(0.005)
+        times.append(time.perf_counter() - t)
+    worker.stop()
+    await task
+    await client.close()
+    await worker.close()
+    return statistics.median(times), idle
+
+
 async def main(args: argparse.Namespace) -> None:
     import logging
 
@@ -143,6 +170,8 @@ async def main(args: argparse.Namespace) -> None:
             rows.append((bp_id, steps, statistics.median(r[0] for r in results),
                          statistics.median(r[1] for r in results) / steps,
                          statistics.median(r[2] for r in results) / steps))
+        live_t, idle = await live_worker(redis, registry, bps, f"chain-{args.n}", args.n, args.repeats)
+        rows.append((f"chain-{args.n} (live)", args.n, live_t, None, float("nan")))
         base_rate = rows[0][1] / rows[0][2]
         print(f"flowcraft on arq: one process, worker max_jobs 10, poll {args.poll:g} s, median of {args.repeats}")
         print(f"{'case':<22}{'steps':>7}{'median':>10}{'steps/s':>10}{'vs bare arq':>13}"
@@ -150,8 +179,13 @@ async def main(args: argparse.Namespace) -> None:
         for name, steps, t, per_trips, per_cmds in rows:
             rate = steps / t
             trips_text = "–" if per_trips is None else f"{per_trips:.1f}"
+            if per_cmds != per_cmds:  # the live case: its commands are counted while it idles, below
+                print(f"{name:<22}{steps:>7}{t:>9.2f}s{rate:>10,.0f}{rate / base_rate:>12.2f}x")
+                continue
             print(f"{name:<22}{steps:>7}{t:>9.2f}s{rate:>10,.0f}{rate / base_rate:>12.2f}x"
                   f"{trips_text:>22}{per_cmds:>17.1f}")
+        print(f"(live): a long-running worker, woken by enqueues instead of polling; idle, it sends "
+              f"{idle:.1f} Redis commands/s (heartbeat and dead-worker checks included)")
         await adapter.close()
         await redis.aclose()
     finally:

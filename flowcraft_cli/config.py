@@ -64,7 +64,7 @@ class WorkerSettings:
     lease_seconds: float = 15  # a running step's claim lapses this long after its worker's last heartbeat
     version_grace_seconds: float = 300
     shutdown_wait_seconds: float = 10  # on SIGTERM/SIGINT: time for in-flight steps before they are handed back
-    poll_delay_seconds: float = 0.02  # how often an idle worker asks the queue for jobs (latency per step)
+    poll_delay_seconds: float = 0.02  # how often a --burst worker polls; a long-running one is woken instead
 
 
 @dataclass(frozen=True, slots=True)

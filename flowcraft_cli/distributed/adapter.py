@@ -28,7 +28,7 @@ from ..view import RunView
 from . import keys
 from .coordination import RedisCoordinationStore
 from .definitions import Definitions
-from .queue import STEP_FUNCTION, ArqQueue, arq_pool_for
+from .queue import STEP_FUNCTION, ArqQueue, WakingWorker, arq_pool_for
 from .redis_store import RedisStore
 from .views import RunReader
 from .workers import WorkerRegistry, worker_fields
@@ -85,6 +85,7 @@ class ArqAdapter:
         running_ttl_s: int = 7 * 86400,
         version_grace_s: float = 300,
         poll_delay_s: float = 0.02,
+        idle_s: float = 1.0,
         shutdown_wait_s: float = 10,
         worker_id: str | None = None,
     ) -> None:
@@ -101,7 +102,8 @@ class ArqAdapter:
         self.concurrency = concurrency
         self.job_timeout_s = job_timeout_s
         self.lease_s = lease_s
-        self.poll_delay_s = poll_delay_s
+        self.poll_delay_s = poll_delay_s  # burst mode's poll; a long-running worker is woken instead
+        self.idle_s = idle_s  # the longest an idle worker waits without looking at the queue
         self.shutdown_wait_s = shutdown_wait_s
         # hostname:pid alone is not unique (two adapters in one process, containers that are all PID 1)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
@@ -376,7 +378,7 @@ class ArqAdapter:
         arq_log = logging.getLogger("arq.worker")
         if not any(isinstance(f, _StepResultLine) for f in arq_log.filters):
             arq_log.addFilter(_StepResultLine())
-        worker = Worker(
+        worker = WakingWorker(
             functions=[func(self.step, name=STEP_FUNCTION, max_tries=100_000, keep_result=0)],
             queue_name=self.queue_name,
             redis_pool=self.queue.pool,
@@ -384,7 +386,10 @@ class ArqAdapter:
             max_jobs=self.concurrency,
             job_timeout=ARQ_JOB_TIMEOUT_S,
             keep_result=0,
-            poll_delay=self.poll_delay_s,
+            # a long-running worker blocks on wake-ups between looks at the queue (WakingWorker), so arq's
+            # own pause between polls would only add latency; burst mode polls as arq does
+            poll_delay=self.poll_delay_s if burst else 0,
+            idle_s=self.idle_s,
             queue_read_limit=max(1000, 5 * self.concurrency),
             handle_signals=False,
             job_serializer=self.queue.pool.job_serializer,

@@ -45,8 +45,14 @@ Blueprints and the run index (CONTRACT §10: views need only Redis):
   flowcraft:runs-expiry:<queue>        ZSET   run id -> when its keys were last due to expire (ms); each index
                                       write looks at entries past due and drops those whose run is gone,
                                       so index entries expire with their runs (no SCAN)
-  (each index key expires no sooner than the longest-lived run of its queue: every transaction of a run
-  extends them as far as the run's own keys)
+  (each index key expires no sooner than the longest-lived run of its queue: a run's start, finish and
+  status changes extend them as far as the run's own keys, and its other steps at most every
+  min(60 s, TTL/4) per process)
+
+Queue wake-ups:
+
+  flowcraft:wake:<queue>       LIST   a token per job made ready, capped: idle workers block on it (BLPOP)
+                                      instead of polling arq's queue
 
 Shared:
 
@@ -154,3 +160,10 @@ def run_index_keys(queue_name: str) -> list[str]:
     """Every index key of one queue: all runs, the expiry index, then one per status group."""
     return [runs_key(queue_name), runs_expiry_key(queue_name),
             *(runs_by_status_key(g, queue_name) for g in RUN_GROUPS)]
+
+
+WAKE_PREFIX = "flowcraft:wake:"
+
+
+def wake_key(queue_name: str) -> str:
+    return WAKE_PREFIX + queue_name

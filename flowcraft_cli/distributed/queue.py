@@ -11,9 +11,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from arq.connections import ArqRedis
+from arq.worker import Worker
 from redis.asyncio import ConnectionPool, Redis
 
 from ..jobs import Job
+from . import keys
 
 log = logging.getLogger("flowcraft.queue")
 
@@ -84,6 +86,8 @@ class ArqQueue:
         """Queue each job under its deterministic id; an id already queued or running is a no-op.
         Returns the ids really added."""
         added: list[str] = []
+        ready = 0
+        now_ms = datetime.now(UTC).timestamp() * 1000
         for job in jobs:
             defer = None
             if job.not_before_ms > 0:
@@ -92,7 +96,19 @@ class ArqQueue:
                                               _queue_name=self.queue_name, _defer_until=defer)
             if got is not None:
                 added.append(job.job_id)
+                ready += job.not_before_ms <= now_ms
+        if ready:
+            await self.wake(ready)
         return added
+
+    async def wake(self, n: int = 1) -> None:
+        """Wake up to ``n`` idle workers of this queue (each blocks on the wake list; see WakingWorker)."""
+        key = keys.wake_key(self.queue_name)
+        async with self.pool.pipeline(transaction=False) as pipe:
+            pipe.lpush(key, *([b"1"] * min(n, WAKE_CAP)))
+            pipe.ltrim(key, 0, WAKE_CAP - 1)
+            pipe.expire(key, 86400)
+            await pipe.execute()
 
     async def state_of(self, job_ids: list[str]) -> dict[str, str]:
         """'queued' or 'running' per job id still known to arq (absent ids are done or never queued)."""
@@ -153,3 +169,42 @@ class ArqQueue:
 
     async def close(self) -> None:
         await self.pool.aclose()
+
+
+# Wake tokens kept at most: enough to wake every idle worker of a big fleet at once, few enough that a burst
+# of enqueues never grows the list.
+WAKE_CAP = 64
+
+
+class WakingWorker(Worker):
+    """arq's Worker, woken instead of polling (arq polls its queue every ``poll_delay``; a chain of steps then
+    waits one poll per hop, and an idle worker asks Redis 50 times a second).
+
+    After each look at the queue an idle worker blocks on ``flowcraft:wake:<queue>`` (BLPOP), which every
+    enqueue of a ready job pushes to, until a job is queued, the next deferred job (a retry backoff, a sleep)
+    is due, or ``idle_s`` passes, whichever comes first. Jobs arq makes ready by itself (a dead worker's job
+    whose lock lapsed, a job put back with a delay while this worker waited) are picked up within ``idle_s``.
+    Burst mode keeps arq's polling: it must notice an empty queue at once."""
+
+    def __init__(self, *args: Any, idle_s: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.idle_s = idle_s
+        self._wake_key = keys.wake_key(self.queue_name)
+
+    async def _poll_iteration(self) -> None:
+        await super()._poll_iteration()
+        if not self.burst and self.allow_pick_jobs:
+            await self._wait_for_work()
+
+    async def _wait_for_work(self) -> None:
+        if self.job_counter >= self.max_jobs:
+            return  # every slot is busy: arq's loop goes on as it would (start_jobs waits for a free slot)
+        from arq.utils import timestamp_ms
+
+        now = timestamp_ms()
+        nxt = await self.pool.zrangebyscore(self.queue_name, min=f"({now}", max=float("inf"), start=0, num=1,
+                                            withscores=True)
+        timeout = self.idle_s if not nxt else min(self.idle_s, max(0.0, (nxt[0][1] - now) / 1000))
+        if timeout >= 0.01:
+            # Redis >= 6 takes a fractional timeout; redis-py's stubs say int
+            await self.pool.blpop([self._wake_key], timeout=timeout)  # type: ignore[arg-type]

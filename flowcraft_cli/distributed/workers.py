@@ -34,7 +34,7 @@ _BEAT = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local lease = tonumber(ARGV[1])
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if #ARGV >= 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
 redis.call('HSET', KEYS[1], 'heartbeat_at', now)
 redis.call('PEXPIRE', KEYS[1], lease)
 redis.call('ZADD', KEYS[2], now, ARGV[2])
