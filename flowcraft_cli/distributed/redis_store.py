@@ -185,8 +185,18 @@ class RedisStore(Store):
         if txn.final is not None:
             doc, ttl = txn.final
             pipe.set(keys.status_key(run_id), dumps(doc))
-        for key in keys.run_keys(run_id):
-            # expiry is refreshed by every step, so a run nobody finishes still goes away
+        # Expiry: every key this transaction writes gets the run's TTL (so a run nobody finishes still goes
+        # away, and a key created mid-run never lives forever); every key of the run gets it when the run
+        # starts, ends, or asks for longer (a sleep), and otherwise at most every min(60 s, TTL/4) per process,
+        # so that a key no step writes for a while (the context during a long node) does not lapse alone.
+        written = {keys.kind_key(kind, run_id) for kind, _ in txn._writes}
+        written |= {keys.kind_key(RUN, run_id), keys.progress_key(run_id)}
+        if txn.events:
+            written.add(keys.events_key(run_id))
+        every = txn.final is not None or txn.unfinal or txn.started is not None or txn.ttl_s is not None
+        if every or self._due(f"run:{run_id}", ttl * 1000 if ttl and ttl > 0 else 0):
+            written = set(keys.run_keys(run_id))
+        for key in sorted(written):
             if ttl and ttl > 0:
                 pipe.expire(key, ttl)
             else:
