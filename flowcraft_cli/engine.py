@@ -129,6 +129,7 @@ class Handled:
     retry_after_s: float | None = None
     note: str = ""
     failed: str | None = None  # the error of the node attempt this job ran, when it failed
+    listed: bool = False  # the step is still listed under this worker (its claim's commit did not unlist it)
 
 
 class Engine:
@@ -498,7 +499,8 @@ class Engine:
             # a live worker runs this very step (a duplicate delivery): it commits, or, should it die, the
             # step is recovered from its worker's list; this copy has nothing to do
             return Handled(note="held elsewhere")
-        return Handled(scheduled=scheduled, note="stale" if step.stale else "", failed=step.failure)
+        return Handled(scheduled=scheduled, note="stale" if step.stale else "", failed=step.failure,
+                       listed=step.listed)
 
     async def _held(self, holder: Mapping[str, Any]) -> bool:
         """Is a claim (a node record or a batch item) still held by a live step? This process's own claims
@@ -1226,6 +1228,7 @@ class _Step:
         self.held_elsewhere = False  # set when a live step of another delivery holds the node
         self.stale = False  # set when the node no longer expects this step (duplicate or late delivery)
         self.claimed = False  # this step took the node's claim (its commit must still find its token)
+        self.listed = False  # listed under this worker by its claim, and not unlisted by a commit yet
         self.failure: str | None = None  # the error, when the attempt this step ran failed
 
     async def txn(self, fn: Callable[[_RunTxn], Any]) -> Any:
@@ -1271,21 +1274,28 @@ class _Step:
     async def _release(self) -> None:
         job = self.job
 
-        async def fn(run: _RunTxn) -> None:
+        async def fn(run: _RunTxn) -> bool:
             if job.kind == "item":
                 key = field_name(self.node.id, job.seq, "s", job.item)
                 st = await run.t.get(BATCH, key)
                 if st and st.get("token") == self.token and st["status"] == "running":
                     run.t.put(BATCH, key, {**st, "status": "queued", "token": None, "job": None})
-                return
+                    self._unlist(run)
+                    return True
+                return False
             rec = await run.t.get(NODES, self.node.id)
             if rec and rec.get("token") == self.token and rec["status"] == NodeStatus.RUNNING \
                     and not rec.get("child") and rec.get("items") is None:
                 run.t.put(NODES, self.node.id, {**rec, "status": NodeStatus.QUEUED.value, "token": None,
                                                 "job": None})
+                self._unlist(run)
+                return True
+            return False
 
         try:
-            await self.txn(fn)
+            got = await self.txn(fn)
+            if got is not None and got[0]:
+                self.listed = False
         except Exception:  # Redis gone too: the claim is no longer held here, so the step is recovered
             log.warning("job %s: could not hand back its claim; it is recovered once this worker's heartbeat "
                         "(or the reconciler) sees it is no longer running here", job.job_id)
@@ -1321,6 +1331,7 @@ class _Step:
                 if rec.get("child") or rec.get("items") is not None:
                     # its child run / batch is already under way: take the claim over and drive it on
                     run.t.put(NODES, self.node.id, {**rec, "worker": self.engine.worker_id, "job": job.job_id})
+                    self._list(run)
                     return {**rec, "_resume": True}
                 if rec.get("worker") and rec["worker"] != self.engine.worker_id:
                     # arq handed on the job of a worker that died holding it: that attempt was lost
@@ -1339,6 +1350,7 @@ class _Step:
             if job.attempt == 1 and job.kind == "exec":
                 new["started_at"] = now
             run.t.put(NODES, self.node.id, new)
+            self._list(run)
             return new
 
         got = await self.txn(fn)
@@ -1351,9 +1363,20 @@ class _Step:
             self.engine.on_claim(self.bp.id, job)
         return got[0]
 
+    def _list(self, run: _RunTxn) -> None:
+        """List this step under its worker, in the claim's own transaction: from then on it is held while the
+        worker lives, and recovered from the list when it dies (CONTRACT §6.1)."""
+        run.t.listing.append((self.engine.worker_id, self.job.job_id, self.job.to_dict()))
+        self.listed = True
+
+    def _unlist(self, run: _RunTxn) -> None:
+        if self.listed:
+            run.t.listing.append((self.engine.worker_id, self.job.job_id, None))
+
     async def _commit(self, fn: Callable[[_RunTxn, dict[str, Any]], Any], *, token: str | None = None,
-                      status: NodeStatus = NodeStatus.RUNNING) -> list[tuple[str, Job]]:
-        """Run ``fn`` if the node is still in the state this step left it in (same token)."""
+                      status: NodeStatus = NodeStatus.RUNNING, unlist: bool = True) -> list[tuple[str, Job]]:
+        """Run ``fn`` if the node is still in the state this step left it in (same token). ``unlist=False``:
+        the step goes on after this commit (a subflow starts its child run), so it stays listed."""
         expect = token or self.token
 
         async def wrapped(run: _RunTxn) -> bool:
@@ -1362,9 +1385,13 @@ class _Step:
                 return False
             await fn(run, rec)
             await run.settle()
+            if unlist:
+                self._unlist(run)
             return True
 
         got = await self.txn(wrapped)
+        if got is not None and got[0] and unlist:
+            self.listed = False
         if got is None or not got[0]:
             if self.claimed:
                 log.warning("job %s: fenced off: node %r of run %s is no longer claimed by this worker (the run "
@@ -1658,6 +1685,7 @@ class _Step:
                     return None
             run.t.put(BATCH, skey, {**st, "status": "running", "token": self.token, "worker": self.engine.worker_id,
                                     "job": job.job_id, "attempt_started_at": now})
+            self._list(run)
             return await run.t.get(BATCH, field_name(node.id, job.seq, "i", job.item)), rec["token"]
 
         got = await self.txn(claim)
@@ -1679,6 +1707,7 @@ class _Step:
                 st = await run.t.get(BATCH, skey)
                 if not rec or rec.get("token") != node_token or not st or st.get("token") != self.token:
                     return False
+                self._unlist(run)
                 if not fatal and job.attempt < node.config.max_retries:
                     delay = node.config.retry_delay_ms * (2 ** (job.attempt - 1))
                     run.t.put(BATCH, skey, {"status": "queued", "attempt": job.attempt + 1, "error": error})
@@ -1695,6 +1724,8 @@ class _Step:
                 return True
 
             res = await self.txn(failed)
+            if res and res[0]:
+                self.listed = False
             return res[1] if res and res[0] else []
 
         async def done(run: _RunTxn) -> bool:
@@ -1702,6 +1733,7 @@ class _Step:
             st = await run.t.get(BATCH, skey)
             if not rec or rec.get("token") != node_token or not st or st.get("token") != self.token:
                 return False
+            self._unlist(run)
             for key, value in writes.items():
                 if value is _MISSING:
                     run.t.delete(STATE, key)
@@ -1716,6 +1748,8 @@ class _Step:
             return True
 
         res = await self.txn(done)
+        if res and res[0]:
+            self.listed = False
         return res[1] if res and res[0] else []
 
     async def _run_gather(self) -> list[tuple[str, Job]]:
@@ -1750,7 +1784,7 @@ class _Step:
         if not rec.get("_resume"):
             async def fn(run: _RunTxn, r: dict[str, Any]) -> None:
                 run.t.put(NODES, self.node.id, {**r, "child": child_id})
-            scheduled = await self._commit(fn)
+            scheduled = await self._commit(fn, unlist=False)  # listed until the child run exists
             if self.stale:  # the node moved on (duplicate delivery, or the run finished): start no child
                 return []
         parent = {"run_id": self.run_id, "node_id": self.node.id, "seq": self.job.seq, "attempt": self.job.attempt}

@@ -62,6 +62,9 @@ class Txn(ABC):
         self.final: tuple[dict[str, Any], int] | None = None  # (status document, ttl_s)
         self.ttl_s: int | None = None  # expiry to set on every key of the run at commit
         self.unfinal = False  # the run is not finished any more (a retry): forget its final status
+        # steps listed or unlisted under the worker running them, with this transaction's writes (a driver with
+        # a worker registry applies them; the memory store has none): (worker id, job id, job or None to unlist)
+        self.listing: list[tuple[str, str, dict[str, Any] | None]] = []
         self.ancestors: list[str] = []  # subflow parents (outermost first): their keys get at least that expiry
         self.blueprint_id: str | None = None  # the run's blueprint, when the engine knows it (for observers)
         self.started: Blueprint | None = None  # set by the transaction that creates the run (a store may record it)
@@ -120,7 +123,7 @@ class Txn(ABC):
 
     @property
     def dirty(self) -> bool:
-        return bool(self._writes or self.events or self.final)
+        return bool(self._writes or self.events or self.final or self.listing)
 
 
 class Store(ABC):

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ..blueprint import Blueprint
-from ..engine import Engine, EngineSettings, Recovery, now_ms
+from ..engine import Engine, EngineSettings, Handled, Recovery, now_ms
 from ..jobs import Job
 from ..registry import NodeRegistry
 from ..store import OUTBOX, RUN
@@ -328,16 +328,16 @@ class ArqAdapter:
             return "rejected"
         job_id = str(ctx.get("job_id") or job.job_id)
         # a second delivery of a job this worker is running (arq's lock lapsed while the event loop was blocked)
-        # must not list or unlist it: the first delivery owns the listing
+        # must not unlist it: the first delivery owns the listing
         owner = job_id not in self.in_flight
         if owner:
             self.in_flight[job_id] = job
+        handled: Handled | None = None
         try:
             if _FAILPOINT == f"before-hold:{job.node_id}":
                 os._exit(137)  # fault-injection: die after arq handed the job over, before it is listed
-            # listed before anything is claimed, so a crash at any later point leaves it to be recovered
-            if owner:
-                await self.workers.hold(job_id, job)
+            # the claim lists the step under this worker in its own transaction, and the commit unlists it;
+            # until the claim, arq's lease-long lock on the job covers a crash
             handled = await self.engine.handle(job)
             if _FAILPOINT and _FAILPOINT == f"after-commit:{job.node_id}":
                 os._exit(137)  # fault-injection for the crash tests: die between a commit and its queueing
@@ -355,10 +355,11 @@ class ArqAdapter:
         finally:
             if owner:
                 self.in_flight.pop(job_id, None)
-                try:
-                    await asyncio.shield(self.workers.release([job_id]))
-                except (RedisError, OSError):
-                    pass  # still listed: this worker's heartbeat recovers it once Redis answers
+                if handled is None or handled.listed:  # still listed: no commit unlisted it (or we do not know)
+                    try:
+                        await asyncio.shield(self.workers.release([job.job_id]))
+                    except (RedisError, OSError):
+                        pass  # still listed: this worker's heartbeat recovers it once Redis answers
         if handled.retry_after_s is not None:
             defer = handled.retry_after_s
             if handled.note == "version mismatch" and await self._served_elsewhere(job):

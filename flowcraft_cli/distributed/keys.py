@@ -21,9 +21,9 @@ Workers (CONTRACT §6.1):
   flowcraft:worker:<id>        HASH   a live worker: host, pid, queue, blueprints (id -> version), concurrency,
                                       started_at, heartbeat_at, running; expires lease_seconds after its
                                       last heartbeat, so "the key exists" is "the worker is alive"
-  flowcraft:worker-steps:<id>  HASH   arq job id -> job: the steps this worker is running now, written when a
-                                      step starts and deleted when it ends; what is left when the worker dies
-                                      is what to recover (outlives the worker key on purpose)
+  flowcraft:worker-steps:<id>  HASH   job id -> job: the steps this worker holds, written by the transaction
+                                      that claims a step and deleted by the one that commits it; what is left
+                                      when the worker dies is what to recover (outlives the worker key)
   flowcraft:workers:<queue>    ZSET   worker id -> last heartbeat (Redis server time, ms): the workers of
                                       one queue, live and recently dead; a dead one is removed once its
                                       steps are recovered

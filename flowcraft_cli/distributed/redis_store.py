@@ -17,6 +17,7 @@ from redis.exceptions import WatchError
 from ..errors import UndecodableValue
 from ..store import KINDS, MISSING, RUN, Store, Txn, dumps, loads
 from . import keys
+from .workers import STEPS_TTL_S
 
 T = TypeVar("T")
 EVENT_CAP = 10_000
@@ -202,6 +203,13 @@ class RedisStore(Store):
             else:
                 pipe.persist(key)
         self._extend_ancestors(pipe, txn, ttl)
+        for worker_id, job_id, job in txn.listing:  # a claim lists its step under its worker, a commit unlists it
+            steps = keys.worker_steps_key(worker_id)
+            if job is None:
+                pipe.hdel(steps, job_id)
+            else:
+                pipe.hset(steps, job_id, dumps(job))
+                pipe.expire(steps, STEPS_TTL_S)
 
     def _ttl_of(self, txn: Txn) -> int | None:
         return txn.final[1] if txn.final is not None else self.running_ttl_s if txn.ttl_s is None else txn.ttl_s

@@ -2,10 +2,11 @@
 
 A worker is alive while ``flowcraft:worker:<id>`` exists: every heartbeat (each ``lease_s / 3``) rewrites it
 with a ``lease_s`` expiry, on the Redis server's clock, so clock skew between machines cannot make a live
-worker look dead. Each step a worker runs is listed in ``flowcraft:worker-steps:<id>`` from its start to its
-end. When a worker dies its key expires ``lease_s`` after its last heartbeat, while its steps list stays:
-that list is exactly what another worker (or the reconciler) must recover. A step is *held* while its
-worker is alive and lists it; nothing else (not arq's own job lock) decides whether a step is running.
+worker look dead. Each step a worker holds is listed in ``flowcraft:worker-steps:<id>`` by the transaction
+that claims it, until the one that commits it. When a worker dies its key expires ``lease_s`` after its last
+heartbeat, while its steps list stays: that list is exactly what another worker (or the reconciler) must
+recover. A step is *held* while its worker is alive and lists it. arq's own lock on a job lasts one lease and
+is renewed by the heartbeat too: it covers the moments a job runs on a worker without being listed.
 """
 
 from __future__ import annotations
