@@ -35,8 +35,7 @@ _BEAT = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local lease = tonumber(ARGV[1])
-if #ARGV >= 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
-redis.call('HSET', KEYS[1], 'heartbeat_at', now)
+redis.call('HSET', KEYS[1], 'heartbeat_at', now, unpack(ARGV, 6))
 redis.call('PEXPIRE', KEYS[1], lease)
 redis.call('ZADD', KEYS[2], now, ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
@@ -118,6 +117,7 @@ class WorkerRegistry:
         self._dead = redis.register_script(_DEAD)
         self._forget = redis.register_script(_FORGET)
         self.last_beat: float | None = None  # monotonic time of the last heartbeat that reached Redis
+        self._server_offset_ms: int | None = None  # Redis server clock minus this host's, at the last heartbeat
 
     async def beat(self, info: Mapping[str, Any]) -> tuple[int, list[str], list[str]]:
         """Heartbeat: returns (server time ms, dead workers of this queue, the steps this worker lists)."""
@@ -129,10 +129,19 @@ class WorkerRegistry:
             keys=[keys.worker_key(self.worker_id), keys.workers_key(self.queue_name),
                   keys.worker_steps_key(self.worker_id), keys.workers_seen_key(self.queue_name)], args=args)
         self.last_beat = time.monotonic()
+        self._server_offset_ms = int(now) - int(time.time() * 1000)
         return int(now), [_s(d) for d in dead], [_s(m) for m in mine]
 
     async def dead_workers(self) -> list[str]:
-        """Workers of this queue that stopped heartbeating and whose steps are not recovered yet."""
+        """Workers of this queue that stopped heartbeating and whose steps are not recovered yet. Called every
+        second by every worker, so it first asks one cheap question (any heartbeat older than a lease, by the
+        server's clock as of this worker's last heartbeat, with a second's slack for drift?) and runs the exact
+        check only when there is a candidate."""
+        if self._server_offset_ms is not None:
+            server_now = int(time.time() * 1000) + self._server_offset_ms + 1000
+            if not await self.redis.zrangebyscore(keys.workers_key(self.queue_name), "-inf",
+                                                  server_now - self.lease_ms, start=0, num=1):
+                return []
         dead = await self._dead(keys=[keys.workers_key(self.queue_name)], args=[self.lease_ms, keys.WORKER_PREFIX])
         return [_s(d) for d in dead]
 
