@@ -441,3 +441,46 @@ def test_a_second_delivery_on_the_same_worker_leaves_the_listing_alone(redis_url
     second, listed, after = asyncio.run(go())
     assert second == "held elsewhere"
     assert listed and not after
+
+
+def test_a_woken_worker_with_every_slot_busy_does_not_spin(redis_url, redis_sync, monkeypatch):
+    """A long-running worker polls with no delay (it is woken instead); with every slot busy its loop must
+    wait for a slot, not come straight back (it spun at 100% of a core before)."""
+    from flowcraft_cli.distributed.queue import WakingWorker
+
+    looks = [0]
+    original = WakingWorker._poll_iteration
+
+    async def counted(self):
+        looks[0] += 1
+        await original(self)
+
+    monkeypatch.setattr(WakingWorker, "_poll_iteration", counted)
+    started, gate = asyncio.Event(), asyncio.Event()
+
+    async def hold(ctx):
+        started.set()
+        await gate.wait()
+        return "done"
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        w = _adapter(redis, ["id: one\nnodes:\n  - {id: a, uses: hold}\n"], {"hold": hold}, worker_id="w6",
+                     concurrency=1)
+        task = asyncio.ensure_future(w.start())
+        run_id = await w.start_run("one", {})
+        await asyncio.wait_for(started.wait(), 30)
+        await asyncio.sleep(0.05)
+        before = looks[0]
+        await asyncio.sleep(0.5)  # the one slot is busy all along
+        during = looks[0] - before
+        gate.set()
+        while not await w.status(run_id):
+            await asyncio.sleep(0.02)
+        w.stop()
+        await task
+        await w.close()
+        await redis.aclose()
+        return during
+
+    assert asyncio.run(go()) <= 5

@@ -3,6 +3,7 @@ maintenance mode and pins redis<6). Jobs travel as JSON — never pickle — on 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Iterable
@@ -198,7 +199,14 @@ class WakingWorker(Worker):
 
     async def _wait_for_work(self) -> None:
         if self.job_counter >= self.max_jobs:
-            return  # every slot is busy: arq's loop goes on as it would (start_jobs waits for a free slot)
+            # every slot is busy: wait for one to free up (arq's loop would otherwise come straight back here,
+            # with no poll delay, and spin)
+            running = [t for t in self.tasks.values() if not t.done()]
+            if running:
+                await asyncio.wait(running, timeout=self.idle_s, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(0.01)
+            return
         from arq.utils import timestamp_ms
 
         now = timestamp_ms()
