@@ -484,3 +484,78 @@ def test_a_woken_worker_with_every_slot_busy_does_not_spin(redis_url, redis_sync
         return during
 
     assert asyncio.run(go()) <= 5
+
+
+def test_a_draining_worker_does_not_spin(redis_url, redis_sync, monkeypatch):
+    """Review finding: after stop() the worker takes no job and waits for its running steps; its loop must
+    wait with them, not turn tens of thousands of times a second."""
+    from flowcraft_cli.distributed.queue import WakingWorker
+
+    looks = [0]
+    original = WakingWorker._poll_iteration
+
+    async def counted(self):
+        looks[0] += 1
+        await original(self)
+
+    monkeypatch.setattr(WakingWorker, "_poll_iteration", counted)
+    started, gate = asyncio.Event(), asyncio.Event()
+
+    async def hold(ctx):
+        started.set()
+        await gate.wait()
+        return "done"
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        w = _adapter(redis, ["id: one\nnodes:\n  - {id: a, uses: hold}\n"], {"hold": hold}, worker_id="w7",
+                     concurrency=2, shutdown_wait_s=30, idle_s=0.1)
+        task = asyncio.ensure_future(w.start())
+        run_id = await w.start_run("one", {})
+        await asyncio.wait_for(started.wait(), 30)
+        w.stop()  # drains: waits for the running step
+        await asyncio.sleep(0.05)
+        before = looks[0]
+        await asyncio.sleep(0.5)
+        during = looks[0] - before
+        gate.set()
+        await task
+        status = await w.status(run_id)
+        await w.close()
+        await redis.aclose()
+        return during, status
+
+    during, status = asyncio.run(go())
+    assert during <= 20, during  # one wait of idle_s (0.1 s) per turn at most
+    assert status and status["status"] == "completed"  # the drained step still finished
+
+
+def test_a_long_sleep_keeps_its_definition_and_index_alive(redis_url, redis_sync):
+    """Review finding: a sleep longer than the running TTL extends the run's keys, and must extend the
+    blueprint definition and the queue's run index with them (they were throttled and lapsed first)."""
+    doc = """
+id: napper
+nodes:
+  - {id: nap, uses: sleep, params: {duration: 1h}}
+  - {id: b, uses: echo}
+edges:
+  - {source: nap, target: b}
+"""
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        a = _adapter(redis, [doc], {"echo": lambda ctx: ctx.input}, queue_name="nap-q", running_ttl_s=600,
+                     ttl_s=60)
+        run_id, scheduled = await a.engine.start_run("napper", {})
+        await a.engine.handle(scheduled[0][1])  # the sleep: the run's keys now live 600 s + 1 h
+        bp = a.blueprints["napper"]
+        ttls = {"run": await redis.ttl(keys.kind_key("run", run_id)),
+                "definition": await redis.ttl(keys.blueprint_key(bp.id, bp.version)),
+                **{k: await redis.ttl(k) for k in keys.run_index_keys("nap-q") if await redis.exists(k)}}
+        await a.close()
+        await redis.aclose()
+        return ttls
+
+    ttls = asyncio.run(go())
+    assert ttls["run"] > 3600
+    assert all(t >= ttls["run"] - 5 for t in ttls.values()), ttls

@@ -354,12 +354,14 @@ class ArqAdapter:
             raise Retry(defer=1) from e
         finally:
             if owner:
-                self.in_flight.pop(job_id, None)
+                # unlisted before it leaves in_flight: the heartbeat recovers listed steps that are not in
+                # flight, and this one is still finishing
                 if handled is None or handled.listed:  # still listed: no commit unlisted it (or we do not know)
                     try:
                         await asyncio.shield(self.workers.release([job.job_id]))
                     except (RedisError, OSError):
                         pass  # still listed: this worker's heartbeat recovers it once Redis answers
+                self.in_flight.pop(job_id, None)
         if handled.retry_after_s is not None:
             defer = handled.retry_after_s
             if handled.note == "version mismatch" and await self._served_elsewhere(job):

@@ -194,18 +194,24 @@ class WakingWorker(Worker):
 
     async def _poll_iteration(self) -> None:
         await super()._poll_iteration()
-        if not self.burst and self.allow_pick_jobs:
+        if self.burst:
+            return
+        if self.allow_pick_jobs:
             await self._wait_for_work()
+        else:
+            await self._wait_for_a_slot()  # draining: nothing to pick, wait for the steps still running
+
+    async def _wait_for_a_slot(self) -> None:
+        # arq's loop would otherwise come straight back (no poll delay here) and spin
+        running = [t for t in self.tasks.values() if not t.done()]
+        if running:
+            await asyncio.wait(running, timeout=self.idle_s, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            await asyncio.sleep(min(self.idle_s, 0.05))
 
     async def _wait_for_work(self) -> None:
         if self.job_counter >= self.max_jobs:
-            # every slot is busy: wait for one to free up (arq's loop would otherwise come straight back here,
-            # with no poll delay, and spin)
-            running = [t for t in self.tasks.values() if not t.done()]
-            if running:
-                await asyncio.wait(running, timeout=self.idle_s, return_when=asyncio.FIRST_COMPLETED)
-            else:
-                await asyncio.sleep(0.01)
+            await self._wait_for_a_slot()  # every slot is busy
             return
         from arq.utils import timestamp_ms
 

@@ -228,7 +228,7 @@ class RedisStore(Store):
                 pipe.hset(keys.kind_key(RUN, txn.run_id), "queue", dumps(self.queue_name))
         elif meta.get("blueprint_id") and meta.get("blueprint_version"):
             key = keys.blueprint_key(meta["blueprint_id"], meta["blueprint_version"])
-            if txn.final is not None or self._due(key, ms):
+            if txn.final is not None or txn.ttl_s is not None or self._due(key, ms):
                 pipe.eval(_EXTEND_EXPIRY, 1, key, ms)
         # the index of the queue the run was started on (a client configured for another queue may cancel it)
         queue = self.queue_name if txn.started is not None else meta.get("queue")
@@ -250,7 +250,7 @@ class RedisStore(Store):
             pipe.zadd(keys.runs_key(queue), {run_id: created})
             pipe.zadd(keys.runs_expiry_key(queue), {run_id: now + ms if ms else "+inf"})
             pipe.eval(_TRIM_INDEX, len(index), *index, now, keys.kind_key(RUN, ""), TRIM_BATCH)
-        if ends or isinstance(status, str) or self._due(index[0], ms):
+        if ends or isinstance(status, str) or txn.ttl_s is not None or self._due(index[0], ms):
             pipe.eval(_KEEP_INDEX, len(index), *index, ms)  # last: a sorted set created above has no expiry yet
 
     def _due(self, key: str, ttl_ms: int) -> bool:
