@@ -116,7 +116,13 @@ class Runs:
         self.adapter = self.loop.run_until_complete(make())
 
     def make(self, blueprint_id: str, n: int = 1) -> list[str]:
-        ids = [self.loop.run_until_complete(self.adapter.start_run(blueprint_id, {})) for _ in range(n)]
+        ids = []
+        for _ in range(n):
+            # runs are ordered by their start time in ms; two in one ms would tie (Redis then orders by id)
+            ms = int(time.time() * 1000)
+            while int(time.time() * 1000) == ms:
+                time.sleep(0.0005)
+            ids.append(self.loop.run_until_complete(self.adapter.start_run(blueprint_id, {})))
         self.loop.run_until_complete(self.adapter.start(burst=True))
         return ids
 
