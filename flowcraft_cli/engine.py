@@ -533,11 +533,6 @@ class Engine:
             return Recovery.NOTHING, []
         if job.kind not in ("exec", "fallback", "item"):
             return Recovery.REQUEUE, []  # gather, wake, child: claim nothing; they check their own state
-        ts = self.clock()
-
-        def lost_event(holder: Mapping[str, Any]) -> dict[str, Any]:
-            return _lost_event(node.id, job, holder, worker, ts)
-
         async def decide(run: _RunTxn, t: Txn) -> Recovery:
             if (await run.meta())["status"] in FINAL_STATUSES:
                 return Recovery.NOTHING
@@ -557,17 +552,12 @@ class Engine:
                 if st["status"] != "running" or st.get("worker") != worker or st.get("job") != job.job_id \
                         or await self._held(st):
                     return Recovery.NOTHING
-                in_row = st.get("lost_in_row", 0) + int(lost)
+                failed = False
                 if lost:
-                    t.event(lost_event(st))
-                if lost and in_row >= _lost_limit(node):
-                    error = f"item {job.item}: lost {in_row} attempts in a row (worker {worker} died each time)"
-                    t.put(BATCH, key, {"status": "failed", "attempt": job.attempt, "error": error})
-                    await run.fail_node(node, rec, Job(job.run_id, node.id, job.seq, "exec", node.config.max_retries),
-                                        error, False, retry=False, event=False)
-                else:
+                    st, failed = await run.lose_item(node, rec, st, job, worker)
+                if not failed:
                     t.put(BATCH, key, {"status": "queued", "attempt": job.attempt, "recovery": job.recovery + 1,
-                                       "lost_in_row": in_row})
+                                       "lost_in_row": st.get("lost_in_row", 0)})
                     run.schedule(Job(job.run_id, node.id, job.seq, "item", job.attempt, item=job.item,
                                      recovery=job.recovery + 1))
                 await run.settle()
@@ -586,16 +576,12 @@ class Engine:
                 t.put(NODES, node.id, {**rec, "recovery": job.recovery + 1})
                 run.schedule(redo)
                 return Recovery.RECOVERED
-            in_row = rec.get("lost_in_row", 0) + int(lost)
+            failed = False
             if lost:
-                t.event(lost_event(rec))
-            runner = node if job.kind == "exec" else bp.node_map[node.config.fallback or ""]
-            if lost and in_row >= _lost_limit(runner):
-                error = f"lost {in_row} attempts in a row: worker {worker} died each time"
-                await run.fail_node(node, {**rec, "lost_in_row": 0}, job, error, False, retry=False, event=False)
-            else:
+                rec, failed = await run.lose_attempt(node, rec, job, worker)
+            if not failed:
                 t.put(NODES, node.id, {**rec, "status": NodeStatus.QUEUED.value, "token": None, "job": None,
-                                       "recovery": job.recovery + 1, "lost_in_row": in_row})
+                                       "recovery": job.recovery + 1})
                 run.schedule(redo)
             await run.settle()
             return Recovery.RECOVERED
@@ -1174,6 +1160,34 @@ class _RunTxn:
         if parent:
             self.schedule(Job(parent["run_id"], parent["node_id"], parent["seq"], "child", parent["attempt"]))
 
+    async def lose_attempt(self, node: NodeDef, rec: dict[str, Any], job: Job,
+                           worker: str) -> tuple[dict[str, Any], bool]:
+        """The attempt ``job`` of ``node`` was lost with ``worker`` (CONTRACT §6.1): record it, and fail the node
+        when that makes ``max(2, maxRetries)`` lost attempts in a row. Returns the record with the count, and
+        whether the node failed."""
+        rec = {**rec, "lost_in_row": rec.get("lost_in_row", 0) + 1}
+        self.t.event(_lost_event(node.id, job, rec, worker, self.engine.clock()))
+        runner = node if job.kind == "exec" else self.bp.node_map[node.config.fallback or ""]
+        if rec["lost_in_row"] < _lost_limit(runner):
+            return rec, False
+        error = f"lost {rec['lost_in_row']} attempts in a row: worker {worker} died each time"
+        await self.fail_node(node, rec, job, error, False, retry=False, event=False)
+        return rec, True
+
+    async def lose_item(self, node: NodeDef, rec: dict[str, Any], st: dict[str, Any], job: Job,
+                        worker: str) -> tuple[dict[str, Any], bool]:
+        """``lose_attempt`` for one batch item: too many lost in a row fail the item, and so the batch node."""
+        st = {**st, "lost_in_row": st.get("lost_in_row", 0) + 1}
+        self.t.event(_lost_event(node.id, job, st, worker, self.engine.clock()))
+        if st["lost_in_row"] < _lost_limit(node):
+            return st, False
+        error = f"item {job.item}: lost {st['lost_in_row']} attempts in a row (worker {worker} died each time)"
+        self.t.put(BATCH, field_name(node.id, job.seq, "s", job.item),
+                   {"status": "failed", "attempt": job.attempt, "error": error})
+        await self.fail_node(node, rec, Job(job.run_id, node.id, job.seq, "exec", node.config.max_retries),
+                             error, False, retry=False, event=False)
+        return st, True
+
     async def fail_node(self, node: NodeDef, rec: dict[str, Any], job: Job, error: str, fatal: bool, *,
                         retry: bool = True, event: bool = True, tb: str | None = None) -> None:
         """An attempt failed: retry with backoff, else run the fallback, else fail the run. ``retry=False``:
@@ -1335,12 +1349,8 @@ class _Step:
                     return {**rec, "_resume": True}
                 if rec.get("worker") and rec["worker"] != self.engine.worker_id:
                     # arq handed on the job of a worker that died holding it: that attempt was lost
-                    rec = {**rec, "lost_in_row": rec.get("lost_in_row", 0) + 1}
-                    run.t.event(_lost_event(self.node.id, job, rec, rec["worker"], now))
-                    runner = self.node if job.kind == "exec" else self.bp.node_map[self.node.config.fallback or ""]
-                    if rec["lost_in_row"] >= _lost_limit(runner):
-                        error = f"lost {rec['lost_in_row']} attempts in a row: worker {rec['worker']} died each time"
-                        await run.fail_node(self.node, rec, job, error, False, retry=False, event=False)
+                    rec, failed = await run.lose_attempt(self.node, rec, job, rec["worker"])
+                    if failed:
                         await run.settle()
                         return None
             elif rec["status"] != NodeStatus.QUEUED:
@@ -1674,13 +1684,8 @@ class _Step:
                 return None
             if st["status"] == "running" and st.get("worker") and st["worker"] != self.engine.worker_id:
                 # arq handed on the job of a worker that died holding this item: that attempt was lost
-                st = {**st, "lost_in_row": st.get("lost_in_row", 0) + 1}
-                run.t.event(_lost_event(node.id, job, st, st["worker"], now))
-                if st["lost_in_row"] >= _lost_limit(node):
-                    error = f"item {job.item}: lost {st['lost_in_row']} attempts in a row (worker {st['worker']} died each time)"
-                    run.t.put(BATCH, skey, {"status": "failed", "attempt": job.attempt, "error": error})
-                    await run.fail_node(node, rec, Job(self.run_id, node.id, job.seq, "exec", node.config.max_retries),
-                                        error, False, retry=False, event=False)
+                st, failed = await run.lose_item(node, rec, st, job, st["worker"])
+                if failed:
                     await run.settle()
                     return None
             run.t.put(BATCH, skey, {**st, "status": "running", "token": self.token, "worker": self.engine.worker_id,

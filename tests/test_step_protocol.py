@@ -4,6 +4,7 @@ store errors inside a node, arq's job timeout, lost claims, fencing, the worker 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import pytest
@@ -45,6 +46,11 @@ def _run_one(redis_url: str, doc: str, nodes, **kw):
         return view
 
     return asyncio.run(go())
+
+
+async def _list(redis, worker_id: str, job_id: str, job: Job) -> None:
+    """List a step under a worker, as the claim's transaction does (RedisStore: Txn.listing)."""
+    await redis.hset(keys.worker_steps_key(worker_id), job_id, json.dumps(job.to_dict()))
 
 
 def test_a_store_error_inside_a_node_hands_the_step_back(redis_url, redis_sync):
@@ -189,7 +195,7 @@ def test_worker_registry_and_recovery_of_a_dead_worker(redis_url, redis_sync):
         job = scheduled[0][1]
         await ghost.flush(scheduled)
         # the ghost takes the job and claims it, then "dies": its key expires, its step list stays
-        await ghost.workers.hold(job.job_id, job)
+        await _list(redis, "ghost", job.job_id, job)
         rec_before = await ghost.engine.store.read(run_id, "nodes", ["a"])
         await redis.delete(keys.worker_key("ghost"))
         inspect_before = await live.inspect(run_id)
@@ -319,7 +325,7 @@ def test_recovery_review_findings(redis_url, redis_sync):
         bad, bad_jobs = await dead.engine.start_run("chain", {})
         await dead.flush(bad_jobs)
         for _, job in jobs + bad_jobs:
-            await dead.workers.hold(job.job_id, job)
+            await _list(redis, "d1", job.job_id, job)
         redis_sync.hset(f"flowcraft:nodes:{bad}", "a", b"{not json")  # 8: a run nobody can judge
         await redis.delete(keys.worker_key("d1"))  # the lease lapsed
         # 3: d1 itself, back from a long pause, does not recover its own steps
@@ -340,7 +346,7 @@ def test_recovery_review_findings(redis_url, redis_sync):
         left = [k.decode() for k in await redis.hkeys(keys.worker_steps_key("d1"))]
         # 4: d1 comes back and lists a new step before it is forgotten: that listing stays, so does d1
         await dead.workers.beat(dead._fields())
-        await dead.workers.hold("new-job", jobs[0][1])
+        await _list(redis, "d1", "new-job", jobs[0][1])
         dropped = await capable.workers.forget("d1", left)
         still = [k.decode() for k in await redis.hkeys(keys.worker_steps_key("d1"))]
         in_zset = await redis.zscore(keys.workers_key(capable.queue_name), "d1") is not None
@@ -443,9 +449,9 @@ def test_a_second_delivery_on_the_same_worker_leaves_the_listing_alone(redis_url
     assert listed and not after
 
 
-def test_a_woken_worker_with_every_slot_busy_does_not_spin(redis_url, redis_sync, monkeypatch):
-    """A long-running worker polls with no delay (it is woken instead); with every slot busy its loop must
-    wait for a slot, not come straight back (it spun at 100% of a core before)."""
+def _turns_of_a_held_worker(monkeypatch):
+    """Counts the turns of every WakingWorker's loop; ``hold`` is a node that signals ``started`` and waits
+    for ``gate``. Returns (count, started, gate, hold)."""
     from flowcraft_cli.distributed.queue import WakingWorker
 
     looks = [0]
@@ -462,6 +468,14 @@ def test_a_woken_worker_with_every_slot_busy_does_not_spin(redis_url, redis_sync
         started.set()
         await gate.wait()
         return "done"
+
+    return looks, started, gate, hold
+
+
+def test_a_woken_worker_with_every_slot_busy_does_not_spin(redis_url, redis_sync, monkeypatch):
+    """A long-running worker polls with no delay (it is woken instead); with every slot busy its loop must
+    wait for a slot, not come straight back (it spun at 100% of a core before)."""
+    looks, started, gate, hold = _turns_of_a_held_worker(monkeypatch)
 
     async def go():
         redis = Redis.from_url(redis_url)
@@ -489,22 +503,7 @@ def test_a_woken_worker_with_every_slot_busy_does_not_spin(redis_url, redis_sync
 def test_a_draining_worker_does_not_spin(redis_url, redis_sync, monkeypatch):
     """Review finding: after stop() the worker takes no job and waits for its running steps; its loop must
     wait with them, not turn tens of thousands of times a second."""
-    from flowcraft_cli.distributed.queue import WakingWorker
-
-    looks = [0]
-    original = WakingWorker._poll_iteration
-
-    async def counted(self):
-        looks[0] += 1
-        await original(self)
-
-    monkeypatch.setattr(WakingWorker, "_poll_iteration", counted)
-    started, gate = asyncio.Event(), asyncio.Event()
-
-    async def hold(ctx):
-        started.set()
-        await gate.wait()
-        return "done"
+    looks, started, gate, hold = _turns_of_a_held_worker(monkeypatch)
 
     async def go():
         redis = Redis.from_url(redis_url)

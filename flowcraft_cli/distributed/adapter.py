@@ -265,7 +265,7 @@ class ArqAdapter:
                     next_beat = time.monotonic() + beat_every
                     await self._beat()
                 else:
-                    dead = [w for w in await self.workers.dead_workers() if w != self.worker_id]
+                    dead = await self.workers.dead_workers()
                 if dead:
                     await self.recover_dead_workers(dead)
             except asyncio.CancelledError:
@@ -299,14 +299,17 @@ class ArqAdapter:
                 if job_id not in self.in_flight:  # it may have been delivered here again meanwhile
                     await self.workers.release([job_id])
 
+    def _served(self) -> dict[str, str]:
+        """The blueprints (id -> version) this worker runs."""
+        return {bp.id: bp.version for bp in self.blueprints.values()}
+
     def _fields(self) -> dict[str, Any]:
-        return worker_fields(self.queue_name, {bp.id: bp.version for bp in self.blueprints.values()},
-                             self.concurrency, self.started_at, len(self.in_flight))
+        return worker_fields(self.queue_name, self._served(), self.concurrency, self.started_at, len(self.in_flight))
 
     async def _check_fleet(self) -> None:
         """Warn when the live workers of this queue serve other blueprint sets: a job of a blueprint only some
         of them have waits for one of those."""
-        mine = {bp.id: bp.version for bp in self.blueprints.values()}
+        mine = self._served()
         for w in await self.workers.workers():
             if w.alive and w.worker_id != self.worker_id and w.blueprints != mine:
                 theirs = ", ".join(f"{k}@{v}" for k, v in sorted(w.blueprints.items())) or "none"

@@ -131,8 +131,9 @@ class ArqQueue:
         return out
 
     async def discard(self, job_ids: list[str]) -> None:
-        """Forget jobs a dead worker held: arq would keep each one locked (its in-progress key lives as long
-        as arq's job timeout, which flowcraft keeps out of the way) and in the queue, looked at by every poll."""
+        """Forget jobs a dead worker held, once their step is recovered under a new job id (or is queued again
+        under the same one): arq would otherwise hand each one on when its lock lapses, only for it to be
+        dropped as stale."""
         from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 
         if not job_ids:

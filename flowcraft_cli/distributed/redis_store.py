@@ -82,6 +82,13 @@ return 0
 TRIM_BATCH = 100  # due index entries looked at per write: more than runs start or end between two writes
 
 
+def _resets_expiry(txn: Txn) -> bool:
+    """Does this transaction set the expiry of everything its run touches (the run's keys, its blueprint's
+    definition, its queue's index)? At the run's start and end, a retry, and a sleep that asks for longer;
+    other transactions only refresh it now and then (``RedisStore._due``)."""
+    return txn.final is not None or txn.unfinal or txn.started is not None or txn.ttl_s is not None
+
+
 def _s(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -194,8 +201,7 @@ class RedisStore(Store):
         written |= {keys.kind_key(RUN, run_id), keys.progress_key(run_id)}
         if txn.events:
             written.add(keys.events_key(run_id))
-        every = txn.final is not None or txn.unfinal or txn.started is not None or txn.ttl_s is not None
-        if every or self._due(f"run:{run_id}", ttl * 1000 if ttl and ttl > 0 else 0):
+        if _resets_expiry(txn) or self._due(f"run:{run_id}", ttl * 1000 if ttl and ttl > 0 else 0):
             written = set(keys.run_keys(run_id))
         for key in sorted(written):
             if ttl and ttl > 0:
@@ -228,7 +234,7 @@ class RedisStore(Store):
                 pipe.hset(keys.kind_key(RUN, txn.run_id), "queue", dumps(self.queue_name))
         elif meta.get("blueprint_id") and meta.get("blueprint_version"):
             key = keys.blueprint_key(meta["blueprint_id"], meta["blueprint_version"])
-            if txn.final is not None or txn.ttl_s is not None or self._due(key, ms):
+            if _resets_expiry(txn) or self._due(key, ms):
                 pipe.eval(_EXTEND_EXPIRY, 1, key, ms)
         # the index of the queue the run was started on (a client configured for another queue may cancel it)
         queue = self.queue_name if txn.started is not None else meta.get("queue")
@@ -250,7 +256,7 @@ class RedisStore(Store):
             pipe.zadd(keys.runs_key(queue), {run_id: created})
             pipe.zadd(keys.runs_expiry_key(queue), {run_id: now + ms if ms else "+inf"})
             pipe.eval(_TRIM_INDEX, len(index), *index, now, keys.kind_key(RUN, ""), TRIM_BATCH)
-        if ends or isinstance(status, str) or txn.ttl_s is not None or self._due(index[0], ms):
+        if _resets_expiry(txn) or isinstance(status, str) or self._due(index[0], ms):
             pipe.eval(_KEEP_INDEX, len(index), *index, ms)  # last: a sorted set created above has no expiry yet
 
     def _due(self, key: str, ttl_ms: int) -> bool:

@@ -145,15 +145,6 @@ class WorkerRegistry:
         dead = await self._dead(keys=[keys.workers_key(self.queue_name)], args=[self.lease_ms, keys.WORKER_PREFIX])
         return [_s(d) for d in dead]
 
-    async def hold(self, job_id: str, job: Job) -> None:
-        """List a step as running on this worker (before it claims anything, so a crash at any later point
-        leaves it listed)."""
-        key = keys.worker_steps_key(self.worker_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(key, job_id, json.dumps(job.to_dict(), separators=(",", ":")))
-            pipe.expire(key, STEPS_TTL_S)
-            await pipe.execute()
-
     async def release(self, job_ids: Iterable[str], worker_id: str | None = None) -> None:
         ids = list(job_ids)
         if ids:
