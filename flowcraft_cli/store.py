@@ -75,6 +75,12 @@ class Txn(ABC):
     @abstractmethod
     async def _load_all(self, kind: str) -> dict[str, str | bytes]: ...
 
+    async def prefetch(self, wanted: dict[str, list[str]]) -> None:
+        """Read these fields now, in one go where the store can (kind -> fields): a transaction that knows
+        what it will read asks once instead of once per ``get``."""
+        for kind, fields in wanted.items():
+            await self.get_many(kind, fields)
+
     async def get(self, kind: str, field: str, default: Any = None) -> Any:
         key = (kind, field)
         if key in self._writes:
@@ -132,6 +138,7 @@ class Store(ABC):
     on a conflict is seen only as it finally committed (worker metrics count its events)."""
 
     on_commit: Callable[[Txn], None] | None = None
+    enqueues = False  # does a commit queue the jobs it decides itself (else the driver queues the outbox)?
 
     @abstractmethod
     async def transact(self, run_id: str, fn: Callable[[Txn], Awaitable[T]]) -> T: ...

@@ -83,13 +83,19 @@ class Env:
         return self.loop.run_until_complete(coro)
 
     def start_unqueued(self, bp: str) -> str:
-        """A run whose start jobs were committed but never queued: a client that crashed right after the commit."""
-        run_id, _ = self.do(self.adapter.engine.start_run(bp, {}))
+        """A run whose start jobs the queue lost. (A commit queues its jobs in the same atomic call, so no crash
+        can leave them unqueued; arq drops a job that waited past its expiry, a day, and a Redis restarted
+        without persistence loses them all.)"""
+        run_id, scheduled = self.do(self.adapter.engine.start_run(bp, {}))
+        self.lose([job for _, job in scheduled])
         return run_id
 
     def step_without_queueing(self, job: Job) -> None:
-        """A worker that committed a step and died before queueing what follows."""
-        self.do(self.adapter.engine.handle(job))
+        """A step that committed, and whose successors' jobs the queue then lost."""
+        self.lose([job for _, job in self.do(self.adapter.engine.handle(job)).scheduled])
+
+    def lose(self, jobs: list[Job]) -> None:
+        self.do(self.adapter.queue.discard([job.job_id for job in jobs]))
 
     def drain(self) -> None:
         self.do(self.adapter.start(burst=True))
@@ -174,21 +180,19 @@ def test_finished_failed_and_awaiting_runs_are_never_stalled(env):
 
 
 @pytest.mark.parametrize("end", ["resume", "cancel"])
-def test_a_finished_childs_lost_note_reaches_its_awaiting_parent(env, end):
-    """`resume CHILD` / `cancel CHILD` committed the child's end (its note to the parent sits in the child's
-    outbox) and the client died before queueing it: the sweep finds the finished child by its outbox."""
+def test_a_finished_childs_note_reaches_its_awaiting_parent(env, end):
+    """`resume CHILD` / `cancel CHILD` commits the child's end and queues its note to the parent in the same
+    atomic call (it once waited in the child's outbox, lost if the client died before queueing it): the
+    parent goes on with no sweep."""
     parent_id = env.do(env.adapter.start_run("calls-waits", {}))
     env.drain()
     assert env.status(parent_id) == "awaiting"
     child_id = env.do(env.adapter.store.read(parent_id, NODE_RECORDS, ["call"]))[0]["child"]
     if end == "resume":
-        env.do(env.adapter.engine.resume(child_id, output="done"))  # the jobs it returns are never queued
+        env.do(env.adapter.engine.resume(child_id, output="done"))  # the jobs it returns are not flushed
     else:
         env.do(env.adapter.engine.cancel(child_id))
     assert env.status(child_id) == ("completed" if end == "resume" else "cancelled")
-    env.wait_idle(child_id, 0)
-    stats = env.sweep(threshold=0)
-    assert (stats.stalled_runs, stats.reconciled_runs) == (1, 1) and stats.runs[0].run_id == child_id
     env.drain()
     parent = env.do(env.adapter.inspect(parent_id))
     if end == "resume":

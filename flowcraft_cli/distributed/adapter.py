@@ -107,8 +107,8 @@ class ArqAdapter:
         self.shutdown_wait_s = shutdown_wait_s
         # hostname:pid alone is not unique (two adapters in one process, containers that are all PID 1)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
-        self.store = RedisStore(connection, running_ttl_s=running_ttl_s, queue_name=queue_name)
         self.queue = ArqQueue(arq_pool_for(connection, queue_name), queue_name)
+        self.store = RedisStore(connection, running_ttl_s=running_ttl_s, queue_name=queue_name, queue=self.queue)
         self.workers = WorkerRegistry(connection, queue_name, self.worker_id, lease_s)
         self.definitions = Definitions(connection)
         self.reader = RunReader(connection, queue_name, blueprints=self.blueprints, store=self.store,
@@ -178,9 +178,12 @@ class ArqAdapter:
                 await self.coordination_store.release(lock, token)  # only if still ours
 
     async def flush(self, scheduled: list[tuple[str, Job]]) -> list[str]:
-        """Queue jobs a committed step decided, then clear them from their run's outbox."""
+        """Queue jobs a committed step decided, then clear them from their run's outbox. A store that queues
+        them in the commit itself (``RedisStore``) leaves nothing to do here."""
         if not scheduled:
             return []
+        if self.store.enqueues:
+            return [job.job_id for _, job in scheduled]
         added = await self.queue.enqueue(job for _, job in scheduled)
         by_owner: dict[str, list[str]] = {}
         for owner, job in scheduled:

@@ -102,6 +102,18 @@ class ArqQueue:
             await self.wake(ready)
         return added
 
+    def job_record(self, job: Job, now_ms: int) -> tuple[str, str, int, bytes, int]:
+        """What arq's ``enqueue_job`` would write for ``job``, for a commit that queues it itself (atomically
+        with the decision): (job key, result key, score, payload, expiry ms). arq's own serializer framing
+        and key names, so arq's worker runs it as if ``enqueue_job`` had queued it."""
+        from arq.constants import expires_extra_ms, job_key_prefix, result_key_prefix
+        from arq.jobs import serialize_job
+
+        score = max(now_ms, job.not_before_ms)
+        payload = serialize_job(STEP_FUNCTION, (job.to_dict(),), {}, None, now_ms, serializer=serialize)
+        return (job_key_prefix + job.job_id, result_key_prefix + job.job_id, score, payload,
+                score - now_ms + expires_extra_ms)
+
     async def wake(self, n: int = 1) -> None:
         """Wake up to ``n`` idle workers of this queue (each blocks on the wake list; see WakingWorker)."""
         key = keys.wake_key(self.queue_name)

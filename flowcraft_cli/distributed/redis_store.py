@@ -1,6 +1,8 @@
-"""RedisStore: the engine's Store on Redis. A transaction WATCHes the run's meta hash, reads lazily,
-then writes everything in one MULTI/EXEC; every writing transaction bumps the meta hash's ``rev``, so
-two workers finishing predecessors of the same join serialize instead of both counting stale state."""
+"""RedisStore: the engine's Store on Redis. A transaction reads what it needs (from this process's cache of
+the run's fields where it can, else from Redis), decides, and commits in one call of ``commit.APPLY`` that
+checks every field it read still holds what it saw and then applies every write, the jobs it decided
+included (queued on arq in the same atomic call). Two workers finishing predecessors of the same join thus
+serialize: the second one's commit is refused and decided again on the first one's writes."""
 
 from __future__ import annotations
 
@@ -8,77 +10,40 @@ import asyncio
 import json
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
-from redis.exceptions import WatchError
 
 from ..errors import UndecodableValue
-from ..store import KINDS, MISSING, RUN, Store, Txn, dumps, loads
+from ..jobs import Job
+from ..store import BATCH, JOINS, KINDS, MISSING, OUTBOX, RUN, Store, Txn, dumps, loads
 from . import keys
+from .commit import (
+    APPLY,
+    OP_DEFINE,
+    OP_DEL,
+    OP_ENQUEUE,
+    OP_EXPIRE,
+    OP_EXPIRE_NEW,
+    OP_EXTEND,
+    OP_EXTEND_INDEX,
+    OP_HDEL,
+    OP_HSET,
+    OP_PUSH,
+    OP_SET_PX,
+    OP_TRIM_INDEX,
+    OP_WAKE,
+    OP_ZADD,
+    OP_ZREM,
+    Commit,
+)
+from .queue import WAKE_CAP, ArqQueue
 from .workers import STEPS_TTL_S
 
 T = TypeVar("T")
 EVENT_CAP = 10_000
-# Extend keys' expiry, never shorten it: KEYS are an ancestor run's keys, ARGV[1] the expiry (ms) a child's
-# transaction gives its own keys, 0 = none. A key with a longer TTL, or none, keeps it; a missing key stays
-# missing. (EXPIRE ... GT would do, but needs Redis 7 and the contract promises 6.2.)
-_EXTEND_EXPIRY = """
-local ms = tonumber(ARGV[1])
-for _, key in ipairs(KEYS) do
-  local left = redis.call('PTTL', key)
-  if left >= 0 and (ms <= 0 or left < ms) then
-    if ms <= 0 then redis.call('PERSIST', key) else redis.call('PEXPIRE', key, ms) end
-  end
-end
-return 0
-"""
-# A run starts: store its blueprint's document. KEYS[1] the definition key, ARGV[1] the document, ARGV[2] the
-# expiry (ms) the run's keys get, 0 = none. The key keeps a longer expiry (or none) that an earlier run gave it.
-_RECORD_DEFINITION = """
-local ms = tonumber(ARGV[2])
-local left = redis.call('PTTL', KEYS[1])
-redis.call('SET', KEYS[1], ARGV[1])
-if ms > 0 and left ~= -1 then
-  if left > ms then ms = left end
-  redis.call('PEXPIRE', KEYS[1], ms)
-end
-return 0
-"""
-# Index entries expire with their runs. KEYS: keys.run_index_keys(queue) (all runs, expiry, then the status
-# groups); ARGV[1] now (ms), ARGV[2] the run meta key prefix, ARGV[3] how many due entries to look at. An entry
-# whose recorded expiry has passed is dropped everywhere if its run is gone, else re-dated to the run's real
-# expiry (steps extend a running run's keys without touching the index).
-_TRIM_INDEX = """
-local now = tonumber(ARGV[1])
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
-for _, run_id in ipairs(due) do
-  local left = redis.call('PTTL', ARGV[2] .. run_id)
-  if left == -2 then
-    for i = 1, #KEYS do redis.call('ZREM', KEYS[i], run_id) end
-  elseif left == -1 then
-    redis.call('ZADD', KEYS[2], '+inf', run_id)
-  else
-    redis.call('ZADD', KEYS[2], now + left, run_id)
-  end
-end
-return #due
-"""
-# The index keys of a queue live as long as its longest-lived run: KEYS the index keys, ARGV[1] the expiry (ms)
-# this transaction gives its run's keys, 0 = none. A key gets at least that (a new sorted set has none yet).
-_KEEP_INDEX = """
-local ms = tonumber(ARGV[1])
-for _, key in ipairs(KEYS) do
-  if ms <= 0 then
-    redis.call('PERSIST', key)
-  else
-    local left = redis.call('PTTL', key)
-    if left == -1 or (left >= 0 and left < ms) then redis.call('PEXPIRE', key, ms) end
-  end
-end
-return 0
-"""
 TRIM_BATCH = 100  # due index entries looked at per write: more than runs start or end between two writes
 
 
@@ -89,38 +54,114 @@ def _resets_expiry(txn: Txn) -> bool:
     return txn.final is not None or txn.unfinal or txn.started is not None or txn.ttl_s is not None
 
 
+def _raw(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _kind_of(key: str, run_id: str) -> str:
+    for kind in KINDS:
+        if keys.kind_key(kind, run_id) == key:
+            return kind
+    raise ValueError(f"{key!r} is not a key of run {run_id!r}")
+
+
 def _s(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
+# Kinds whose hash a transaction may empty (and so delete) and a later one create again, without an expiry:
+# a write to one gets an expiry if it has none. The others (meta, node records, context) exist from the
+# run's start to its end and keep the expiry given at start and refreshed by ``_due``.
+_RECREATED = frozenset({JOINS, BATCH, OUTBOX})
+_RUN_CACHE_CAP = 2_000  # runs whose fields this process remembers (least recently used forgotten first)
+
+
 class _RedisTxn(Txn):
-    def __init__(self, run_id: str, pipe: Any) -> None:
+    """Reads come from the store's cache of the run's fields, else from Redis (one HMGET per call, or one
+    pipeline for a ``prefetch``). Every value read is remembered with the bytes seen: the commit checks
+    them all (``commit.APPLY``), so a stale cache costs a retry, never a wrong decision."""
+
+    def __init__(self, store: RedisStore, run_id: str) -> None:
         super().__init__(run_id)
-        self._pipe = pipe
+        self._store = store
+        self._fields = store._fields_of(run_id)
+        self.reads: dict[tuple[str, str], bytes | None] = {}
+        self.wholes: dict[str, dict[str, bytes]] = {}
+        self.cached = False  # some value read came from the cache, not from Redis during this transaction
 
     async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]:
-        return list(await self._pipe.hmget(keys.kind_key(kind, self.run_id), fields))  # decoded by Txn
+        misses = [f for f in fields if (kind, f) not in self.reads and (kind, f) not in self._fields]
+        if misses:
+            got = await self._store.redis.hmget(keys.kind_key(kind, self.run_id), misses)
+            for f, raw in zip(misses, got, strict=True):
+                self._fields[(kind, f)] = self.reads[(kind, f)] = None if raw is None else _raw(raw)
+        out: list[str | bytes | None] = []
+        for f in fields:
+            if (kind, f) not in self.reads:
+                self.reads[(kind, f)] = self._fields[(kind, f)]
+                self.cached = True
+            out.append(self.reads[(kind, f)])
+        return out
+
+    async def prefetch(self, wanted: dict[str, list[str]]) -> None:
+        todo = {kind: [f for f in fields if (kind, f) not in self.reads and (kind, f) not in self._fields]
+                for kind, fields in wanted.items()}
+        todo = {kind: fields for kind, fields in todo.items() if fields}
+        if not todo:
+            return
+        async with self._store.redis.pipeline(transaction=False) as pipe:
+            for kind, fields in todo.items():
+                pipe.hmget(keys.kind_key(kind, self.run_id), fields)
+            replies = await pipe.execute()
+        for (kind, fields), got in zip(todo.items(), replies, strict=True):
+            for f, raw in zip(fields, got, strict=True):
+                self._fields[(kind, f)] = self.reads[(kind, f)] = None if raw is None else _raw(raw)
 
     async def _load_all(self, kind: str) -> dict[str, str | bytes]:
-        raw = await self._pipe.hgetall(keys.kind_key(kind, self.run_id))
-        return {_s(k): v for k, v in raw.items()}
+        raw = await self._store.redis.hgetall(keys.kind_key(kind, self.run_id))
+        whole = {_s(k): _raw(v) for k, v in raw.items()}
+        self.wholes[kind] = whole
+        for f, v in whole.items():
+            self._fields[(kind, f)] = v
+        return dict(whole)
 
 
 class RedisStore(Store):
     """``queue_name``: the queue whose run index (``keys.runs_key``) a run's start and status changes are
-    written to; without one, no index is kept."""
+    written to; without one, no index is kept. ``queue``: the arq queue a commit puts the jobs it decides
+    on, in the same atomic call (then nothing waits in the run's outbox, and the driver queues nothing)."""
 
-    def __init__(self, redis: Redis, *, running_ttl_s: int = 7 * 86400, queue_name: str | None = None) -> None:
+    def __init__(self, redis: Redis, *, running_ttl_s: int = 7 * 86400, queue_name: str | None = None,
+                 queue: ArqQueue | None = None) -> None:
         self.redis = redis
         self.running_ttl_s = running_ttl_s
         self.queue_name = queue_name
-        self.conflicts = 0  # transactions retried because another step of the same run committed first
+        self.queue = queue
+        self.enqueues = queue is not None
+        self.conflicts = 0  # transactions decided again because a field they read had changed
         self._kept: dict[str, float] = {}  # key -> when this process last extended its expiry (monotonic s)
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # run id -> (lock, callers holding or waiting)
+        # run id -> (kind, field) -> the bytes last seen or written by this process (None: absent)
+        self._cache: OrderedDict[str, dict[tuple[str, str], bytes | None]] = OrderedDict()
+        self._apply = redis.register_script(APPLY)
+
+    def _fields_of(self, run_id: str) -> dict[tuple[str, str], bytes | None]:
+        got = self._cache.get(run_id)
+        if got is None:
+            got = self._cache[run_id] = {}
+            while len(self._cache) > _RUN_CACHE_CAP:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(run_id)
+        return got
+
+    def forget(self, run_id: str) -> None:
+        """Drop what this process remembers of a run (a finished run is rarely touched again)."""
+        self._cache.pop(run_id, None)
 
     async def transact(self, run_id: str, fn: Callable[[Txn], Awaitable[T]]) -> T:
-        # Steps of one run inside this process take turns: optimistic locking then only has to settle races
-        # with other processes, instead of siblings of a wide fan-in retrying each other's work here.
+        # Steps of one run inside this process take turns: each then decides on what the one before it
+        # committed (this process's cache), and only races with other processes cost a second decision.
         lock, users = self._locks.get(run_id) or (asyncio.Lock(), 0)
         self._locks[run_id] = (lock, users + 1)
         try:
@@ -134,93 +175,134 @@ class RedisStore(Store):
                 self._locks[run_id] = (lock, users - 1)
 
     async def _transact(self, run_id: str, fn: Callable[[Txn], Awaitable[T]]) -> T:
-        meta_key = keys.kind_key(RUN, run_id)
         tries = 0
         while True:
-            async with self.redis.pipeline(transaction=True) as pipe:
+            txn = _RedisTxn(self, run_id)
+            result = await fn(txn)
+            if not txn.dirty and not txn.cached:
+                return result  # read only, and every read was Redis's own answer
+            program = Commit()
+            if txn.dirty:
+                # what the definition and the index writes need (cached already: every step reads the meta)
                 try:
-                    await pipe.watch(meta_key)
-                    txn = _RedisTxn(run_id, pipe)
-                    result = await fn(txn)
-                    if not txn.dirty:
-                        await pipe.reset()
-                        return result
-                    # read before MULTI, inside the WATCH: what the definition and the index writes need
-                    # (usually cached already: every step reads the run's meta)
-                    try:
-                        meta = await txn.get_many(RUN, ("blueprint_id", "blueprint_version", "created_at",
-                                                        "queue"))
-                    except UndecodableValue:
-                        meta = {}
-                    pipe.multi()
-                    self._queue_writes(pipe, txn)
-                    self._queue_catalog_writes(pipe, txn, meta)
-                    await pipe.execute()
+                    meta = await txn.get_many(RUN, ("blueprint_id", "blueprint_version", "created_at", "queue"))
+                except UndecodableValue:
+                    meta = {}
+            if txn.started is not None and self.queue_name is not None:
+                txn.put(RUN, "queue", self.queue_name)  # whose reconciler may judge it (another project's may not)
+            self._checks(program, txn)
+            if txn.dirty:
+                self._writes(program, txn)
+                self._catalog_writes(program, txn, meta)
+            reply = await self._apply(keys=program.keys, args=program.argv())
+            if int(reply[0]) == 1:
+                if txn.dirty:
+                    self._remember(txn)
                     if self.on_commit is not None:
                         self.on_commit(txn)
-                    return result
-                except WatchError:
-                    # another step of this run committed first: recompute on fresh state, after a short random
-                    # pause so that a crowd of siblings finishing together (a wide fan-in) spreads out
-                    self.conflicts += 1
-                    tries += 1
-            await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * tries)))
+                return result
+            # a field read changed (another process committed a step of this run): decide again on the values
+            # the refused commit sent back, after a short random pause once it keeps happening, so that a crowd
+            # of siblings finishing together on several workers (a wide fan-in) spreads out
+            self.conflicts += 1
+            tries += 1
+            cache = self._fields_of(run_id)
+            for key, fld, raw in program.conflicts(reply):
+                cache[(_kind_of(key, run_id), fld)] = raw
+            for kind in txn.wholes:
+                for cached in [k for k in cache if k[0] == kind]:
+                    del cache[cached]
+            if tries > 2:
+                await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * tries)))
 
-    def _queue_writes(self, pipe: Any, txn: Txn) -> None:
+    def _checks(self, program: Commit, txn: _RedisTxn) -> None:
         run_id = txn.run_id
-        sets: dict[str, dict[str, str]] = {}
-        dels: dict[str, list[str]] = {}
-        for (kind, field), value in txn._writes.items():
-            if value is MISSING:
-                dels.setdefault(kind, []).append(field)
-            else:
-                sets.setdefault(kind, {})[field] = dumps(value)
-        for kind, mapping in sets.items():
-            pipe.hset(keys.kind_key(kind, run_id), mapping=mapping)
-        for kind, fields in dels.items():
-            pipe.hdel(keys.kind_key(kind, run_id), *fields)
-        pipe.hincrby(keys.kind_key(RUN, run_id), "rev", 1)
-        now = int(time.time() * 1000)
-        pipe.hset(keys.kind_key(RUN, run_id), "updated_at", now)
-        pipe.set(keys.progress_key(run_id), now)
-        if txn.events:
-            ek = keys.events_key(run_id)
-            pipe.rpush(ek, *(dumps(e) for e in txn.events))
-            pipe.ltrim(ek, -EVENT_CAP, -1)
-        ttl = self.running_ttl_s if txn.ttl_s is None else txn.ttl_s  # the engine may ask for longer (sleeps)
-        if txn.unfinal:
-            pipe.delete(keys.status_key(run_id))
+        for (kind, fld), raw in txn.reads.items():
+            if kind not in txn.wholes:
+                program.check(keys.kind_key(kind, run_id), fld, raw)
+        for kind, whole in txn.wholes.items():
+            program.check_whole(keys.kind_key(kind, run_id), whole)
+
+    def _remember(self, txn: _RedisTxn) -> None:
+        """After a commit: the values written are what Redis holds now."""
         if txn.final is not None:
-            doc, ttl = txn.final
-            pipe.set(keys.status_key(run_id), dumps(doc))
-        # Expiry: every key this transaction writes gets the run's TTL (so a run nobody finishes still goes
-        # away, and a key created mid-run never lives forever); every key of the run gets it when the run
-        # starts, ends, or asks for longer (a sleep), and otherwise at most every min(60 s, TTL/4) per process,
-        # so that a key no step writes for a while (the context during a long node) does not lapse alone.
-        written = {keys.kind_key(kind, run_id) for kind, _ in txn._writes}
-        written |= {keys.kind_key(RUN, run_id), keys.progress_key(run_id)}
-        if txn.events:
-            written.add(keys.events_key(run_id))
-        if _resets_expiry(txn) or self._due(f"run:{run_id}", ttl * 1000 if ttl and ttl > 0 else 0):
-            written = set(keys.run_keys(run_id))
-        for key in sorted(written):
-            if ttl and ttl > 0:
-                pipe.expire(key, ttl)
+            self.forget(txn.run_id)
+            return
+        cache = self._fields_of(txn.run_id)
+        for (kind, fld), value in txn._writes.items():
+            if kind == OUTBOX and self.enqueues:
+                continue
+            cache[(kind, fld)] = None if value is MISSING else dumps(value).encode()
+
+    def _writes(self, program: Commit, txn: Txn) -> None:
+        run_id = txn.run_id
+        ttl = self._ttl_of(txn)
+        ms = ttl * 1000 if ttl and ttl > 0 else 0
+        now = int(time.time() * 1000)
+        sets: dict[str, list[str]] = {}
+        dels: dict[str, list[str]] = {}
+        jobs: list[Job] = []
+        for (kind, fld), value in txn._writes.items():
+            if kind == OUTBOX and self.enqueues and value is not MISSING:
+                jobs.append(Job.from_dict(value))
+            elif value is MISSING:
+                dels.setdefault(kind, []).append(fld)
             else:
-                pipe.persist(key)
-        self._extend_ancestors(pipe, txn, ttl)
+                sets.setdefault(kind, []).extend((fld, dumps(value)))
+        for kind, args in sets.items():
+            program.op(OP_HSET, keys.kind_key(kind, run_id), *args)
+        for kind, fields in dels.items():
+            program.op(OP_HDEL, keys.kind_key(kind, run_id), *fields)
+        if jobs:
+            self._enqueue(program, jobs, now)
+        program.op(OP_SET_PX, keys.progress_key(run_id), now, ms)
+        if txn.events:
+            program.op(OP_PUSH, keys.events_key(run_id), EVENT_CAP, *(dumps(e) for e in txn.events))
+        if txn.unfinal:
+            program.op(OP_DEL, keys.status_key(run_id))
+        if txn.final is not None:
+            program.op(OP_SET_PX, keys.status_key(run_id), dumps(txn.final[0]), 0)
+        # Expiry: every key of the run gets the run's TTL when the run starts, ends, or asks for longer (a
+        # sleep), and otherwise at most every min(60 s, TTL/4) per process, so that a key no step writes for a
+        # while (the context during a long node) does not lapse alone; in between, only a hash this
+        # transaction may have created again (see _RECREATED) is looked at.
+        if _resets_expiry(txn) or self._due(f"run:{run_id}", ms):
+            for key in keys.run_keys(run_id):
+                program.op(OP_EXPIRE, key, ms)
+        elif ms:
+            for kind in sets.keys() & _RECREATED:
+                program.op(OP_EXPIRE_NEW, keys.kind_key(kind, run_id), ms)
+            if txn.events and self._due(f"events:{run_id}", ms):
+                program.op(OP_EXPIRE_NEW, keys.events_key(run_id), ms)
+        if txn.ancestors:  # a parent run's keys live at least as long as any of its live children (§6.1)
+            for ancestor in txn.ancestors:
+                for key in keys.run_keys(ancestor):
+                    program.op(OP_EXTEND, key, ms)
         for worker_id, job_id, job in txn.listing:  # a claim lists its step under its worker, a commit unlists it
             steps = keys.worker_steps_key(worker_id)
             if job is None:
-                pipe.hdel(steps, job_id)
+                program.op(OP_HDEL, steps, job_id)
             else:
-                pipe.hset(steps, job_id, dumps(job))
-                pipe.expire(steps, STEPS_TTL_S)
+                program.op(OP_HSET, steps, job_id, dumps(job))
+                program.op(OP_EXPIRE_NEW, steps, STEPS_TTL_S * 1000)
+
+    def _enqueue(self, program: Commit, jobs: list[Job], now: int) -> None:
+        """The jobs this transaction decided, queued by the commit itself (see ``ArqQueue.job_record``)."""
+        assert self.queue is not None
+        queue_key = self.queue.queue_name
+        ready = 0
+        for job in jobs:
+            job_key, result_key, score, payload, expires_ms = self.queue.job_record(job, now)
+            program.op(OP_ENQUEUE, job_key, program.key(result_key), program.key(queue_key), score, payload,
+                       expires_ms, job.job_id)
+            ready += score <= now
+        if ready:
+            program.op(OP_WAKE, keys.wake_key(queue_key), min(ready, WAKE_CAP), WAKE_CAP)
 
     def _ttl_of(self, txn: Txn) -> int | None:
         return txn.final[1] if txn.final is not None else self.running_ttl_s if txn.ttl_s is None else txn.ttl_s
 
-    def _queue_catalog_writes(self, pipe: Any, txn: Txn, meta: dict[str, Any]) -> None:
+    def _catalog_writes(self, program: Commit, txn: Txn, meta: dict[str, Any]) -> None:
         """The blueprint definition the run uses (recorded at its start, then kept at least as long as the
         run's own keys), and the queue's run index (at start, at the end, and on every status change)."""
         ttl = self._ttl_of(txn)
@@ -229,13 +311,11 @@ class RedisStore(Store):
             from .definitions import document_of
 
             bp = txn.started
-            pipe.eval(_RECORD_DEFINITION, 1, keys.blueprint_key(bp.id, bp.version), document_of(bp), ms)
-            if self.queue_name is not None:  # whose reconciler may judge it (another project's may not)
-                pipe.hset(keys.kind_key(RUN, txn.run_id), "queue", dumps(self.queue_name))
+            program.op(OP_DEFINE, keys.blueprint_key(bp.id, bp.version), document_of(bp), ms)
         elif meta.get("blueprint_id") and meta.get("blueprint_version"):
             key = keys.blueprint_key(meta["blueprint_id"], meta["blueprint_version"])
             if _resets_expiry(txn) or self._due(key, ms):
-                pipe.eval(_EXTEND_EXPIRY, 1, key, ms)
+                program.op(OP_EXTEND, key, ms)
         # the index of the queue the run was started on (a client configured for another queue may cancel it)
         queue = self.queue_name if txn.started is not None else meta.get("queue")
         if not isinstance(queue, str):
@@ -244,20 +324,24 @@ class RedisStore(Store):
         status = txn._writes.get((RUN, "status"), MISSING)
         run_id = txn.run_id
         now = int(time.time() * 1000)
-        created = meta.get("created_at") if isinstance(meta.get("created_at"), int) else now
+        created: int = meta["created_at"] if isinstance(meta.get("created_at"), int) else now
         if isinstance(status, str):
             group = keys.run_group(status)
-            pipe.zadd(keys.runs_by_status_key(group, queue), {run_id: created})
+            program.op(OP_ZADD, keys.runs_by_status_key(group, queue), created, run_id)
             for other in keys.RUN_GROUPS:
                 if other != group:
-                    pipe.zrem(keys.runs_by_status_key(other, queue), run_id)
+                    program.op(OP_ZREM, keys.runs_by_status_key(other, queue), run_id)
         ends = txn.started is not None or txn.final is not None
         if ends:
-            pipe.zadd(keys.runs_key(queue), {run_id: created})
-            pipe.zadd(keys.runs_expiry_key(queue), {run_id: now + ms if ms else "+inf"})
-            pipe.eval(_TRIM_INDEX, len(index), *index, now, keys.kind_key(RUN, ""), TRIM_BATCH)
+            program.op(OP_ZADD, keys.runs_key(queue), created, run_id)
+            program.op(OP_ZADD, keys.runs_expiry_key(queue), now + ms if ms else "+inf", run_id)
+            program.op(OP_TRIM_INDEX, index[1], now, keys.kind_key(RUN, ""), TRIM_BATCH,
+                       *(program.key(k) for k in index))
         if _resets_expiry(txn) or isinstance(status, str) or self._due(index[0], ms):
-            pipe.eval(_KEEP_INDEX, len(index), *index, ms)  # last: a sorted set created above has no expiry yet
+            # last: a sorted set created above has no expiry yet; an index key lives as long as its
+            # longest-lived run, so it only ever grows its expiry (or loses it, for a run kept forever)
+            for key in index:
+                program.op(OP_EXTEND_INDEX, key, ms)
 
     def _due(self, key: str, ttl_ms: int) -> bool:
         """Is it time to extend ``key``'s expiry again? Keys every step would otherwise touch (a blueprint's
@@ -271,13 +355,6 @@ class RedisStore(Store):
             self._kept.clear()  # bounded: forgetting only means one more refresh
         self._kept[key] = now
         return True
-
-    def _extend_ancestors(self, pipe: Any, txn: Txn, ttl: int | None) -> None:
-        """A parent run's keys live at least as long as any of its live child runs (CONTRACT §6.1): while
-        the child runs (or sleeps) for longer than the running TTL, nothing else refreshes its parent's."""
-        if txn.ancestors:
-            ancestor_keys = [key for run_id in txn.ancestors for key in keys.run_keys(run_id)]
-            pipe.eval(_EXTEND_EXPIRY, len(ancestor_keys), *ancestor_keys, ttl * 1000 if ttl and ttl > 0 else 0)
 
     async def read(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
         if not fields:
@@ -299,8 +376,6 @@ class RedisStore(Store):
         return [json.loads(_s(e)) for e in await self.redis.lrange(keys.events_key(run_id), 0, -1)]
 
     async def _ack(self, run_id: str, job_ids: list[str]) -> None:
-        from ..store import OUTBOX
-
         await self.redis.hdel(keys.kind_key(OUTBOX, run_id), *job_ids)
 
 

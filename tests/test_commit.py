@@ -1,0 +1,194 @@
+"""The one-round-trip commit (``distributed.commit``): a transaction decides on values it read (from Redis or
+from its process's cache), and its commit checks every one of them before applying anything. Driven against a
+real Redis, with two adapters standing for two worker processes (each has its own cache)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis
+
+from flowcraft_cli.distributed import keys
+from flowcraft_cli.distributed.commit import APPLY, OP_HSET, OP_PUSH, Commit
+from flowcraft_cli.jobs import Job
+from tests.harness import make_adapter
+
+CHAIN = """
+id: chain
+nodes:
+  - {id: a, uses: tag}
+  - {id: b, uses: tag}
+edges:
+  - {source: a, target: b}
+"""
+FAN = """
+id: fan
+nodes:
+  - {id: s, uses: tag}
+  - {id: x, uses: tag}
+  - {id: y, uses: tag}
+  - {id: z, uses: tag}
+  - {id: j, uses: tag}
+edges:
+  - {source: s, target: x}
+  - {source: s, target: y}
+  - {source: s, target: z}
+  - {source: x, target: j}
+  - {source: y, target: j}
+  - {source: z, target: j}
+"""
+
+
+def test_a_stale_cache_is_refused_and_decided_again(redis_url):
+    """Worker A remembers the run as running; B cancels it. A's claim decides on its stale cache, the commit
+    is refused (the run's status changed), and A decides again on the values the refusal sent back: the node
+    never runs."""
+    calls: list[str] = []
+
+    def tag(ctx):
+        calls.append(ctx.node_id)
+        return ctx.node_id
+
+    async def go():
+        ra, rb = Redis.from_url(redis_url), Redis.from_url(redis_url)
+        a = make_adapter(ra, [CHAIN], {"tag": tag}, queue_name="commit-q")
+        b = make_adapter(rb, [CHAIN], {"tag": tag}, queue_name="commit-q")
+        run_id, scheduled = await a.engine.start_run("chain", {})  # A's cache now holds the run's fields
+        assert await b.cancel(run_id)
+        handled = await a.engine.handle(scheduled[0][1])
+        conflicts = a.store.conflicts
+        view = await b.inspect(run_id)
+        for ad, r in ((a, ra), (b, rb)):
+            await ad.close()
+            await r.aclose()
+        return handled, conflicts, view
+
+    handled, conflicts, view = asyncio.run(go())
+    assert calls == []
+    assert view.status == "cancelled"
+    assert handled.scheduled == []
+
+
+def test_a_redelivery_on_a_stale_cache_is_refused_and_decided_again(redis_url):
+    """Worker A remembers node a as queued; B runs a's step. A, handed a's job again, claims on its stale
+    cache: the commit is refused (a's record changed) and A decides again on the values the refusal sent
+    back: a duplicate, dropped. a ran once."""
+    calls: list[str] = []
+
+    def tag(ctx):
+        calls.append(ctx.node_id)
+        return ctx.node_id
+
+    async def go():
+        ra, rb = Redis.from_url(redis_url), Redis.from_url(redis_url)
+        a = make_adapter(ra, [CHAIN], {"tag": tag}, queue_name="commit-q1")
+        b = make_adapter(rb, [CHAIN], {"tag": tag}, queue_name="commit-q1")
+        run_id, scheduled = await a.engine.start_run("chain", {})  # A's cache now holds the run's fields
+        await b.engine.handle(scheduled[0][1])
+        handled = await a.engine.handle(scheduled[0][1])
+        conflicts = a.store.conflicts
+        view = await b.inspect(run_id)
+        for ad, r in ((a, ra), (b, rb)):
+            await ad.close()
+            await r.aclose()
+        return handled, conflicts, view
+
+    handled, conflicts, view = asyncio.run(go())
+    assert calls == ["a"]
+    assert handled.scheduled == [] and handled.note == "stale"
+    assert {n.node_id: n.status for n in view.nodes} == {"a": "completed", "b": "queued"}
+    assert conflicts >= 1  # the stale read was caught by the commit's check, not by a read before it
+
+
+def test_two_processes_on_one_fan_in_count_every_arrival(redis_url):
+    """x, y, z finish on two workers whose caches each miss the other's writes: every commit that decided on
+    a stale join count is refused and decided again, so j fires once, with all three inputs."""
+    calls: list[str] = []
+
+    def tag(ctx):
+        calls.append(ctx.node_id)
+        return ctx.node_id
+
+    async def go():
+        ra, rb = Redis.from_url(redis_url), Redis.from_url(redis_url)
+        a = make_adapter(ra, [FAN], {"tag": tag}, queue_name="commit-q2")
+        b = make_adapter(rb, [FAN], {"tag": tag}, queue_name="commit-q2")
+        run_id, scheduled = await a.engine.start_run("fan", {})
+        s = await a.engine.handle(scheduled[0][1])
+        jobs = {job.node_id: job for _, job in s.scheduled}
+        # each worker reads the join count into its cache before the other commits
+        await b.engine.handle(jobs["x"])
+        await a.engine.handle(jobs["y"])
+        await b.engine.handle(jobs["z"])
+        view = await a.inspect(run_id)
+        js = [job for job in (await a.engine.expected_jobs(run_id))[0] if job.node_id == "j"]
+        handled_j = await b.engine.handle(js[0]) if js else None
+        view = await a.inspect(run_id)
+        conflicts = a.store.conflicts + b.store.conflicts
+        for ad, r in ((a, ra), (b, rb)):
+            await ad.close()
+            await r.aclose()
+        return view, handled_j, conflicts
+
+    view, handled_j, conflicts = asyncio.run(go())
+    assert handled_j is not None
+    assert view.status == "completed", view.reason
+    assert sorted(calls) == ["j", "s", "x", "y", "z"]
+    assert view.context["_inputs.j"] == {"x": "x", "y": "y", "z": "z"}
+    assert conflicts >= 1
+
+
+def test_a_big_program_commits_whole_or_not_at_all(redis_url):
+    """More fields than one Lua unpack() takes (the script slices them), and a refused commit writes none."""
+
+    async def go():
+        r = Redis.from_url(redis_url)
+        apply = r.register_script(APPLY)
+        key, events = "flowcraft:test:big", "flowcraft:test:events"
+        await r.delete(key, events)
+        p = Commit()
+        p.check(key, "guard", None)
+        p.op(OP_HSET, key, *(x for i in range(5000) for x in (f"f{i}", str(i))))
+        p.op(OP_PUSH, events, 3, *(f"e{i}" for i in range(2500)))
+        first = await apply(keys=p.keys, args=p.argv())
+        size, tail = await r.hlen(key), await r.lrange(events, 0, -1)
+        # a second program that read "guard" as absent, but it is set now: refused, nothing written
+        await r.hset(key, "guard", "1")
+        q = Commit()
+        q.check(key, "guard", None)
+        q.check(key, "f7", b"7")
+        q.op(OP_HSET, key, "f0", "changed")
+        second = await apply(keys=q.keys, args=q.argv())
+        f0 = await r.hget(key, "f0")
+        conflicts = q.conflicts(second)
+        await r.delete(key, events)
+        await r.aclose()
+        return first, size, tail, second, f0, conflicts
+
+    first, size, tail, second, f0, conflicts = asyncio.run(go())
+    assert first == [1] and size == 5000 and tail == [b"e2497", b"e2498", b"e2499"]
+    assert second[0] == 0 and f0 == b"0"
+    assert conflicts == [("flowcraft:test:big", "guard", b"1"), ("flowcraft:test:big", "f7", b"7")]
+
+
+def test_a_commit_queues_its_jobs_in_the_same_call(redis_url):
+    """The jobs a commit decides are on arq's queue when the commit returns: nothing waits in the outbox for
+    the worker to queue it (a crash there once left the run to the reconciler)."""
+
+    async def go():
+        r = Redis.from_url(redis_url)
+        a = make_adapter(r, [CHAIN], {"tag": lambda ctx: ctx.node_id}, queue_name="commit-q3")
+        run_id, scheduled = await a.engine.start_run("chain", {})
+        queued_after_start = await a.queue.state_of([job.job_id for _, job in scheduled])
+        outbox = await r.hlen(keys.kind_key("outbox", run_id))
+        handled = await a.engine.handle(scheduled[0][1])  # a's step; not flushed by anyone
+        b_job = Job(run_id, "b", 1)
+        queued_b = await a.queue.state_of([b_job.job_id])
+        await a.close()
+        await r.aclose()
+        return queued_after_start, outbox, handled, queued_b, b_job
+
+    queued_after_start, outbox, handled, queued_b, b_job = asyncio.run(go())
+    assert list(queued_after_start.values()) == ["queued"] and outbox == 0
+    assert [job.job_id for _, job in handled.scheduled] == [b_job.job_id]
+    assert queued_b == {b_job.job_id: "queued"}
