@@ -1,6 +1,6 @@
 """The blueprint model and the graph facts the engine needs (start nodes, joins, loop bodies).
 
-Parsing and validation of files live in ``loader.py``; this module only describes a blueprint that is
+Parsing and validation of documents live in ``loading/``; this module only describes a blueprint that is
 already valid, so the engine can trust it.
 """
 
