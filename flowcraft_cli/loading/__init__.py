@@ -2,7 +2,7 @@
 
 - ``decode``: YAML/JSON text to a document, problems located by line (the only module that imports PyYAML)
 - ``parse``: a document to a Blueprint, every problem collected (``FILE: path.in.document: message``)
-- ``specs``: the params of the built-in nodes
+- ``specs``: the params of the built-in nodes, parsed into ``NodeDef.spec`` (LoopSpec, SleepSpec, ...)
 - ``checks``: graph checks (fallbacks, loop-controller edges, cycles, start nodes, reachability)
 - ``files``: files and folders to blueprints, with cross-file checks (duplicate ids, subflow targets)
 - ``problems``: the problem list and how a bad value or a hint is written

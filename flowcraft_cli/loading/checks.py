@@ -131,9 +131,7 @@ def _check_cycles(drafts: dict[str, NodeDraft], out: OutEdges, problems: Problem
         if d.uses == "loop-controller":
             continue
         succ[nid] = [
-            (e.target, i)
-            for i, (e, _) in enumerate(out[nid])
-            if drafts[e.target].uses != "loop-controller"
+            (e.target, i) for i, (e, _) in enumerate(out[nid]) if drafts[e.target].uses != "loop-controller"
         ]
     order = {nid: i for i, nid in enumerate(drafts)}
     for comp in _strongly_connected(succ):

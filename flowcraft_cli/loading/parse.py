@@ -11,12 +11,12 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..blueprint import BUILTINS, Blueprint, EdgeDef, JoinStrategy, NodeConfig, NodeDef
+from ..blueprint import BUILTINS, Blueprint, BuiltinSpec, EdgeDef, JoinStrategy, NodeConfig, NodeDef
 from ..errors import BlueprintError, ExpressionError
 from ..expressions import Expression, compile_expression
 from .checks import check_graph
 from .problems import Problems, did_you_mean, is_number, key_path, show, type_name
-from .specs import check_builtin_params
+from .specs import parse_spec
 
 if TYPE_CHECKING:
     from ..registry import NodeRegistry
@@ -77,6 +77,7 @@ class NodeDraft:
     inputs: str | Mapping[str, str] | None
     config: dict[str, Any]
     fallback_path: str | None  # where `fallback` was written, for messages
+    spec: BuiltinSpec | None
 
 
 class _Parser:
@@ -168,6 +169,7 @@ class _Parser:
                 params=d.params,
                 inputs=d.inputs,
                 config=NodeConfig(**d.config),
+                spec=d.spec,
             )
             for d in drafts.values()
         )
@@ -217,15 +219,14 @@ class _Parser:
                 params = {}
             inputs = self.parse_inputs(raw.get("inputs"), f"{path}.inputs")
             config, fallback_path = self.parse_config(raw.get("config"), f"{path}.config")
-            if uses is not None:
-                self.check_uses(uses, params, path)
+            spec = self.parse_uses(uses, params, path) if uses is not None else None
             if node_id is None:
                 continue
             first = drafts.get(node_id)
             if first is not None:
                 self.add(f"{path}.id", f"duplicate node id {node_id!r} (first defined at {first.path})")
                 continue
-            drafts[node_id] = NodeDraft(path, node_id, uses, params, inputs, config, fallback_path)
+            drafts[node_id] = NodeDraft(path, node_id, uses, params, inputs, config, fallback_path, spec)
         return drafts
 
     def parse_inputs(self, value: Any, path: str) -> str | Mapping[str, str] | None:
@@ -306,10 +307,11 @@ class _Parser:
                     self.add(kpath, f"must be 'all' or 'any', got {show(v)}")
         return config, fallback_path
 
-    def check_uses(self, uses: str, params: Mapping[str, Any], path: str) -> None:
+    def parse_uses(self, uses: str, params: Mapping[str, Any], path: str) -> BuiltinSpec | None:
+        """The spec of a built-in; for any other node, the check that ``uses`` is registered."""
         if uses in BUILTINS:
-            check_builtin_params(uses, params, path, self.problems, self.registry, self.known_blueprint_ids)
-        elif self.registry is not None and uses not in self.registry:
+            return parse_spec(uses, params, path, self.problems, self.registry, self.known_blueprint_ids)
+        if self.registry is not None and uses not in self.registry:
             if uses in _FLOWCRAFT_ONLY:
                 hint = (
                     f"; it is a Flowcraft built-in that flowcraft does not implement: {_FLOWCRAFT_ONLY[uses]}"
@@ -319,6 +321,7 @@ class _Parser:
                 if not hint:
                     hint = " (is the module that defines it listed under `registry`?)"
             self.add(f"{path}.uses", f"{uses!r} is not registered{hint}")
+        return None
 
     # -- edges -----------------------------------------------------------------------------------
 
