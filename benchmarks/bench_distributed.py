@@ -29,7 +29,7 @@ from redis.asyncio import Redis  # noqa: E402
 
 from flowcraft_cli.distributed.adapter import ArqAdapter  # noqa: E402
 from flowcraft_cli.distributed.queue import arq_pool_for  # noqa: E402
-from flowcraft_cli.loader import parse_blueprint  # noqa: E402
+from flowcraft_cli.loading import parse_blueprint  # noqa: E402
 from flowcraft_cli.registry import NodeRegistry  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 

@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/bench_inprocess.py` from any
     sys.path.insert(0, str(ROOT))
 
 from flowcraft_cli.blueprint import Blueprint  # noqa: E402
-from flowcraft_cli.loader import parse_blueprint  # noqa: E402
+from flowcraft_cli.loading import parse_blueprint  # noqa: E402
 from flowcraft_cli.registry import NodeRegistry  # noqa: E402
 from flowcraft_cli.runtime import FlowRuntime  # noqa: E402
 

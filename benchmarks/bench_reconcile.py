@@ -27,7 +27,7 @@ from flowcraft_cli.distributed.adapter import ArqAdapter  # noqa: E402
 from flowcraft_cli.distributed.keys import kind_key, progress_key  # noqa: E402
 from flowcraft_cli.distributed.reconciler import create_arq_reconciler  # noqa: E402
 from flowcraft_cli.jobs import Job  # noqa: E402
-from flowcraft_cli.loader import parse_blueprint  # noqa: E402
+from flowcraft_cli.loading import parse_blueprint  # noqa: E402
 from flowcraft_cli.registry import NodeRegistry  # noqa: E402
 from flowcraft_cli.store import NODES, OUTBOX, RUN, STATE, dumps  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .distributed.context import RedisContext
     from .distributed.coordination import RedisCoordinationStore
     from .distributed.reconciler import create_arq_reconciler
-    from .loader import load_blueprints, parse_blueprint
+    from .loading import load_blueprints, parse_blueprint
     from .node_api import NodeContext, NodeResult
     from .registry import NodeRegistry, node
     from .runtime import FlowRuntime, RunResult
@@ -32,8 +32,8 @@ _LAZY = {
     "node": ("registry", "node"),
     "FlowRuntime": ("runtime", "FlowRuntime"),
     "RunResult": ("runtime", "RunResult"),
-    "load_blueprints": ("loader", "load_blueprints"),
-    "parse_blueprint": ("loader", "parse_blueprint"),
+    "load_blueprints": ("loading", "load_blueprints"),
+    "parse_blueprint": ("loading", "parse_blueprint"),
     "load_settings": ("config", "load_settings"),
     "Settings": ("config", "Settings"),
     "ArqAdapter": ("distributed.adapter", "ArqAdapter"),

@@ -1,6 +1,6 @@
 """The blueprint model and the graph facts the engine needs (start nodes, joins, loop bodies).
 
-Parsing and validation of files live in ``loader.py``; this module only describes a blueprint that is
+Parsing and validation of documents live in ``loading/``; this module only describes a blueprint that is
 already valid, so the engine can trust it.
 """
 
@@ -37,13 +37,62 @@ class NodeConfig:
     join_strategy: JoinStrategy = JoinStrategy.ALL
 
 
+#: ``params.maxIterations`` when a loop-controller does not give it
+DEFAULT_MAX_ITERATIONS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class LoopSpec:
+    """``loop-controller``: continue while ``condition`` holds (always, when None) and fewer than
+    ``max_iterations`` iterations ran."""
+
+    condition: Expression | None = None
+    max_iterations: int = DEFAULT_MAX_ITERATIONS
+
+
+@dataclass(frozen=True, slots=True)
+class SleepSpec:
+    """``sleep``: ``params.duration`` in milliseconds."""
+
+    duration_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSpec:
+    """``batch``: ``worker`` is the registered node run once per item of the input list."""
+
+    worker: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubflowSpec:
+    """``subflow``: run blueprint ``blueprint_id`` as a child run.
+
+    ``inputs`` maps child context key -> parent key, ``outputs`` parent context key -> child node. None (not
+    given) and an empty mapping differ: an empty ``inputs`` seeds the child with ``{}`` instead of the node's
+    input, and an empty ``outputs`` makes the child's final context the node's output.
+    """
+
+    blueprint_id: str
+    inputs: Mapping[str, str] | None = None
+    outputs: Mapping[str, str] | None = None
+
+
+#: the params of a built-in, parsed once at load (``wait`` has none)
+BuiltinSpec = LoopSpec | SleepSpec | BatchSpec | SubflowSpec
+
+
 @dataclass(frozen=True, slots=True)
 class NodeDef:
+    """One node. ``params`` is the document's, as the node function receives it; ``spec`` is the same params
+    parsed for a built-in that has any (None for ``wait`` and registered nodes)."""
+
     id: str
     uses: str
     params: Mapping[str, Any] = field(default_factory=dict)
     inputs: str | Mapping[str, str] | None = None
     config: NodeConfig = NodeConfig()
+    spec: BuiltinSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,15 +158,11 @@ class Blueprint:
 
     @cached_property
     def start_nodes(self) -> tuple[str, ...]:
-        return tuple(
-            n.id for n in self.nodes if not self.in_edges[n.id] and n.id not in self.fallback_nodes
-        )
+        return tuple(n.id for n in self.nodes if not self.in_edges[n.id] and n.id not in self.fallback_nodes)
 
     @cached_property
     def terminal_nodes(self) -> tuple[str, ...]:
-        return tuple(
-            n.id for n in self.nodes if not self.out_edges[n.id] and n.id not in self.fallback_nodes
-        )
+        return tuple(n.id for n in self.nodes if not self.out_edges[n.id] and n.id not in self.fallback_nodes)
 
     def is_loop_controller(self, node_id: str) -> bool:
         return self.node_map[node_id].uses == "loop-controller"
@@ -163,5 +208,7 @@ class Blueprint:
     @cached_property
     def inner_loops(self) -> dict[str, tuple[str, ...]]:
         """Per loop-controller: the loop-controllers inside its body."""
-        return {lc: tuple(n for n in body if self.node_map[n].uses == "loop-controller")
-                for lc, body in self.loop_bodies.items()}
+        return {
+            lc: tuple(n for n in body if self.node_map[n].uses == "loop-controller")
+            for lc, body in self.loop_bodies.items()
+        }

@@ -306,7 +306,7 @@ class _Layers:
 
 
 def _read_config_file(path: str, shown: str) -> Any:
-    from .loader import decode_yaml  # yaml is only needed when a file is read
+    from .loading.decode import decode_yaml  # yaml is only needed when a file is read
 
     try:
         with open(path, encoding="utf-8-sig") as f:

@@ -44,7 +44,7 @@ from .errors import (
 from .expressions import Expression
 from .ids import check_run_id, child_run_id, field_name
 from .jobs import Job
-from .loader import loop_condition, parse_duration_ms
+from .loading import loop_condition, parse_duration_ms
 from .node_api import _MISSING, NodeContext, NodeResult, RunContext, SyncRunContext
 from .registry import NodeRegistry
 from .store import BATCH, JOINS, MISSING, NODES, OUTBOX, RUN, STATE, Store, Txn, dumps

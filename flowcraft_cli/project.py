@@ -43,7 +43,7 @@ def load_project(config: str | None = None, overrides: Mapping[str, Any] | None 
                  only: str | None = None) -> Project:
     """``only``: the command runs this one blueprint, so a broken file elsewhere is a warning
     (``Project.problems``), not an error, unless this blueprint or a subflow it calls is what is broken."""
-    from .loader import load_blueprints, load_blueprints_lenient
+    from .loading import load_blueprints, load_blueprints_lenient
     from .registry import load_registry
 
     settings = load_settings(config, overrides=overrides)

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from flowcraft_cli.blueprint import Blueprint
-from flowcraft_cli.loader import parse_blueprint
+from flowcraft_cli.loading import parse_blueprint
 from flowcraft_cli.registry import NodeRegistry
 from flowcraft_cli.runtime import FlowRuntime, RunResult
 

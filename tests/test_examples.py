@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from flowcraft_cli.loader import load_blueprints
+from flowcraft_cli.loading import load_blueprints
 from flowcraft_cli.registry import load_registry
 from flowcraft_cli.runtime import FlowRuntime, RunResult
 

@@ -1,4 +1,4 @@
-"""Blueprint parsing, validation and file loading (loader.py) and Mermaid rendering (graph.py)."""
+"""Blueprint parsing, validation and file loading (loading/) and Mermaid rendering (graph.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from flowcraft_cli.blueprint import JoinStrategy, NodeConfig
 from flowcraft_cli.errors import BlueprintError
 from flowcraft_cli.graph import render_mermaid
-from flowcraft_cli.loader import (
+from flowcraft_cli.loading import (
     load_blueprint_file,
     load_blueprints,
     loop_condition,

@@ -135,7 +135,7 @@ def validate(
 ) -> None:
     """Check blueprints (and the registry they use); every problem is listed, one per line."""
     from ..config import load_settings
-    from ..loader import load_blueprints
+    from ..loading import load_blueprints
     from ..registry import load_registry
 
     settings = load_settings(config)

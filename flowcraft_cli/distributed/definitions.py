@@ -65,7 +65,7 @@ class Definitions:
 
     async def _parse(self, blueprint_id: str, version: str) -> Blueprint | None:
         from ..errors import BlueprintError
-        from ..loader import parse_blueprint
+        from ..loading import parse_blueprint
 
         doc = await read_document(self.redis, blueprint_id, version)
         if doc is None:
