@@ -68,6 +68,9 @@ class Txn(ABC):
         self.ancestors: list[str] = []  # subflow parents (outermost first): their keys get at least that expiry
         self.blueprint_id: str | None = None  # the run's blueprint, when the engine knows it (for observers)
         self.started: Blueprint | None = None  # set by the transaction that creates the run (a store may record it)
+        # fields the run's next step will read (kind -> fields): a store with a cache may fetch them with the
+        # commit, so that the next step reads nothing (a hint: nothing depends on it being followed)
+        self.warm: dict[str, list[str]] = {}
 
     @abstractmethod
     async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]: ...

@@ -160,7 +160,7 @@ def test_a_big_program_commits_whole_or_not_at_all(redis_url):
         q.op(OP_HSET, key, "f0", "changed")
         second = await apply(keys=q.keys, args=q.argv())
         f0 = await r.hget(key, "f0")
-        conflicts = q.conflicts(second)
+        conflicts = q.values(second)
         await r.delete(key, events)
         await r.aclose()
         return first, size, tail, second, f0, conflicts

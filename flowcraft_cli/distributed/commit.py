@@ -13,9 +13,12 @@ The program is flat ARGV (no cjson: values are arbitrary bytes), read with a cur
   n_groups, then per group:  key#, n, n x (field, present "1"/"0", value)       -- HMGET + compare
   n_wholes, then per hash:   key#, n, n x (field, value)                        -- HGETALL + compare
   n_ops, then per op:        opcode, key#, n_args, args...
+  n_warm, then per hash:     key#, n, n x field                                 -- HMGET after the ops
 
 ``key#`` indexes KEYS (1-based). The opcodes are the ``OP_*`` constants below. Returns ``{1}`` when
-applied, else ``{0, key#, field, current value or false, ...}`` for every field checked.
+applied (then ``{1, key#, field, value or false, ...}`` for every *warm* field: what the next step of the
+run will read, sent back now so that it reads nothing), else ``{0, key#, field, current value or false, ...}``
+for every field checked.
 """
 
 from __future__ import annotations
@@ -185,7 +188,16 @@ for _ = 1, tonumber(nxt()) do
     return redis.error_reply('flowcraft commit: unknown op ' .. tostring(op))
   end
 end
-return {1}
+local out = {1}
+for _ = 1, tonumber(nxt()) do
+  local ki = nxt()
+  local n = tonumber(nxt())
+  local fields = {}
+  for j = 1, n do fields[j] = nxt() end
+  local got = redis.call('HMGET', KEYS[tonumber(ki)], unpack(fields))
+  for j = 1, n do out[#out + 1] = ki; out[#out + 1] = fields[j]; out[#out + 1] = got[j] end
+end
+return out
 """
 
 
@@ -205,6 +217,7 @@ class Commit:
     _wholes: list[tuple[int, dict[str, bytes]]] = field(default_factory=list)
     _ops: list[bytes | str | int] = field(default_factory=list)
     n_ops: int = 0
+    _warm: dict[int, list[str]] = field(default_factory=dict)
 
     def key(self, key: str) -> int:
         """The 1-based KEYS index of ``key``, added on first use."""
@@ -226,6 +239,10 @@ class Commit:
         self._ops += [code, self.key(key), len(args), *args]
         self.n_ops += 1
 
+    def warm(self, key: str, fields: list[str]) -> None:
+        """Send back these fields' values as the commit leaves them (at most a few hundred: no slicing)."""
+        self._warm.setdefault(self.key(key), []).extend(fields)
+
     @property
     def empty(self) -> bool:
         return not self.n_ops and not self._groups and not self._wholes
@@ -243,10 +260,14 @@ class Commit:
                 out += [fld, raw]
         out.append(self.n_ops)
         out += self._ops
+        out.append(len(self._warm))
+        for ki, names in self._warm.items():
+            out += [ki, len(names), *names]
         return out
 
-    def conflicts(self, reply: list[Any]) -> list[tuple[str, str, bytes | None]]:
-        """The current (key, field, value) of every field checked, from a reply that refused the commit."""
+    def values(self, reply: list[Any]) -> list[tuple[str, str, bytes | None]]:
+        """(key, field, value) triples of a reply: the current value of every field checked, from a reply
+        that refused the commit; the warm fields, from one that applied it."""
         out = []
         for j in range(1, len(reply), 3):
             fld = reply[j + 1]

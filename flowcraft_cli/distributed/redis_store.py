@@ -194,10 +194,16 @@ class RedisStore(Store):
             if txn.dirty:
                 self._writes(program, txn)
                 self._catalog_writes(program, txn, meta)
+                for kind, fields in txn.warm.items():
+                    program.warm(keys.kind_key(kind, run_id), fields)
             reply = await self._apply(keys=program.keys, args=program.argv())
             if int(reply[0]) == 1:
                 if txn.dirty:
                     self._remember(txn)
+                if txn.warm and txn.final is None:
+                    cache = self._fields_of(run_id)
+                    for key, fld, raw in program.values(reply):
+                        cache[(_kind_of(key, run_id), fld)] = raw
                     if self.on_commit is not None:
                         self.on_commit(txn)
                 return result
@@ -207,7 +213,7 @@ class RedisStore(Store):
             self.conflicts += 1
             tries += 1
             cache = self._fields_of(run_id)
-            for key, fld, raw in program.conflicts(reply):
+            for key, fld, raw in program.values(reply):
                 cache[(_kind_of(key, run_id), fld)] = raw
             for kind in txn.wholes:
                 for cached in [k for k in cache if k[0] == kind]:
