@@ -138,6 +138,25 @@ def test_stalled_run_is_found_and_resumed(env):
     assert env.sweep(threshold=0).counts()["stalled_runs"] == 0  # finished: scanned, never stalled
 
 
+def test_a_stall_is_found_under_an_lfu_eviction_policy(env, redis_sync):
+    """Under an LFU policy Redis refuses OBJECT IDLETIME: the idle time comes from the clock the progress key
+    holds (every commit writes it)."""
+    redis_sync.config_set("maxmemory-policy", "allkeys-lfu")
+    try:
+        run_id = env.start_unqueued("simple")
+        with pytest.raises(Exception, match="LFU"):
+            redis_sync.object("idletime", progress_key(run_id))
+        assert env.sweep(threshold=5).stalled_runs == 0  # just started: not idle, even without IDLETIME
+        stats = wait_for(lambda: (s := env.sweep(threshold=1)).stalled_runs and s, 30, "the run to look stalled",
+                         interval=0.2)
+        assert stats.reconciled_runs == 1 and stats.runs[0].run_id == run_id
+        assert 1 <= stats.runs[0].idle_seconds < 30
+    finally:
+        redis_sync.config_set("maxmemory-policy", "noeviction")
+    env.drain()
+    assert env.status(run_id) == "completed"
+
+
 def test_reads_do_not_hide_a_stall(env):
     run_id = env.start_unqueued("simple")
     stop = threading.Event()

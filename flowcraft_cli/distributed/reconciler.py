@@ -5,7 +5,7 @@ run that ``inspect`` polls never looks stalled), which a restart from AOF resets
 LFU eviction policy; and it counts finished runs. Here every step of a run also writes
 ``flowcraft:progress:<run_id>``, a key nothing else reads, so its ``OBJECT IDLETIME`` is the time since the
 run last made progress, on the Redis server's clock. Where ``OBJECT IDLETIME`` is unavailable (LFU) the
-``updated_at`` stamp of the run's meta hash is used instead.
+time that key holds (each commit writes its own clock's) is used instead.
 
 A run is *stalled* when it is ``running``, idle longer than the threshold, and some step it is waiting for
 is not alive: a job in its outbox that never reached the queue, or a queued/running/sleeping node whose arq
@@ -35,7 +35,8 @@ log = logging.getLogger("flowcraft.reconciler")
 # One call per SCAN page: for each run id (ARGV[6..]), skip unless the run's meta says "running" or its outbox
 # holds entries (whatever its status: a finished child's note to its parent may sit there); take its idle
 # time from OBJECT IDLETIME of its progress key (never read by anything, so reads of the run cannot reset it),
-# else, where OBJECT is refused (an LFU eviction policy) or the key is missing, from the meta's updated_at.
+# else, where OBJECT is refused (an LFU eviction policy), from the time the progress key holds (every commit
+# writes it), else from the meta's updated_at (written by versions before the one-call commit).
 # Returns {run_id, blueprint_id, idle_ms, queue} for those runs idle longer than the threshold (queue: the meta's
 # JSON queue name, recorded at the run's start, or 'null' for a run that recorded none).
 # ARGV: [1] meta key prefix, [2] progress key prefix, [3] now (ms), [4] threshold (s), [5] outbox key prefix,
@@ -52,9 +53,11 @@ for i = 6, #ARGV do
     local ok, idle = pcall(redis.call, 'OBJECT', 'IDLETIME', ARGV[2] .. run_id)
     if ok and idle then
       idle_ms = idle * 1000
-    elseif meta[3] then
-      idle_ms = now - tonumber(meta[3])
     else
+      local stamp = redis.call('GET', ARGV[2] .. run_id) or meta[3]
+      if stamp then idle_ms = now - tonumber(stamp) end
+    end
+    if idle_ms == nil then
       idle_ms = threshold_ms + 1
     end
     if idle_ms > threshold_ms then
