@@ -98,8 +98,8 @@ class ArqQueue:
             if got is not None:
                 added.append(job.job_id)
                 ready += job.not_before_ms <= now_ms
-        if ready:
-            await self.wake(ready)
+        if added:
+            await self.wake(max(1, ready))  # a deferred job wakes one worker too: it learns when the job is due
         return added
 
     def job_record(self, job: Job, now_ms: int) -> tuple[str, str, int, bytes, int]:
@@ -204,6 +204,9 @@ class WakingWorker(Worker):
         super().__init__(*args, **kwargs)
         self.idle_s = idle_s
         self._wake_key = keys.wake_key(self.queue_name)
+        self._next_due: int | None = None  # when the next deferred job is due (ms), as last asked
+        self._stale_deferred = True
+        self._done_seen = (0, 0, 0)
 
     async def _poll_iteration(self) -> None:
         await super()._poll_iteration()
@@ -229,9 +232,17 @@ class WakingWorker(Worker):
         from arq.utils import timestamp_ms
 
         now = timestamp_ms()
-        nxt = await self.pool.zrangebyscore(self.queue_name, min=f"({now}", max=float("inf"), start=0, num=1,
-                                            withscores=True)
-        timeout = self.idle_s if not nxt else min(self.idle_s, max(0.0, (nxt[0][1] - now) / 1000))
+        # When is the next deferred job due? Asked again only when something may have changed it: a wake-up
+        # (every enqueue pushes one, deferred jobs included), a job of this worker ended (arq defers a retried
+        # one itself), or the one known fell due. An idle worker then sends one BLPOP and arq's one poll a turn.
+        done = (self.jobs_complete, self.jobs_retried, self.jobs_failed)
+        if self._stale_deferred or done != self._done_seen or (self._next_due is not None and now >= self._next_due):
+            nxt = await self.pool.zrangebyscore(self.queue_name, min=f"({now}", max=float("inf"), start=0, num=1,
+                                                withscores=True)
+            self._next_due = int(nxt[0][1]) if nxt else None
+            self._stale_deferred, self._done_seen = False, done
+        timeout = self.idle_s if self._next_due is None else min(self.idle_s, max(0.0, (self._next_due - now) / 1000))
         if timeout >= 0.01:
             # Redis >= 6 takes a fractional timeout; redis-py's stubs say int
-            await self.pool.blpop([self._wake_key], timeout=timeout)  # type: ignore[arg-type]
+            if await self.pool.blpop([self._wake_key], timeout=timeout) is not None:  # type: ignore[arg-type]
+                self._stale_deferred = True

@@ -200,12 +200,12 @@ class RedisStore(Store):
             if int(reply[0]) == 1:
                 if txn.dirty:
                     self._remember(txn)
+                    if self.on_commit is not None:
+                        self.on_commit(txn)
                 if txn.warm and txn.final is None:
                     cache = self._fields_of(run_id)
                     for key, fld, raw in program.values(reply):
                         cache[(_kind_of(key, run_id), fld)] = raw
-                    if self.on_commit is not None:
-                        self.on_commit(txn)
                 return result
             # a field read changed (another process committed a step of this run): decide again on the values
             # the refused commit sent back, after a short random pause once it keeps happening, so that a crowd
@@ -302,8 +302,8 @@ class RedisStore(Store):
             program.op(OP_ENQUEUE, job_key, program.key(result_key), program.key(queue_key), score, payload,
                        expires_ms, job.job_id)
             ready += score <= now
-        if ready:
-            program.op(OP_WAKE, keys.wake_key(queue_key), min(ready, WAKE_CAP), WAKE_CAP)
+        # a deferred job wakes one worker too: it learns when the job is due (WakingWorker)
+        program.op(OP_WAKE, keys.wake_key(queue_key), min(max(1, ready), WAKE_CAP), WAKE_CAP)
 
     def _ttl_of(self, txn: Txn) -> int | None:
         return txn.final[1] if txn.final is not None else self.running_ttl_s if txn.ttl_s is None else txn.ttl_s

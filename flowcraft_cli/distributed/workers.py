@@ -30,7 +30,7 @@ from . import keys
 # Writes the worker's fields with heartbeat_at = server time, renews its expiry, keeps a copy of its fields
 # for `flowcraft workers` (dropping copies of workers gone for more than a lease), and returns
 # {server time ms, ids of this queue's workers whose key is gone (dead: their steps need recovery),
-#  this worker's listed steps}. Keys of other workers are derived inside the script (standalone Redis).
+#  this worker's listed steps, the oldest heartbeat of the queue's workers}. Keys of other workers are derived inside the script (standalone Redis).
 _BEAT = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -54,11 +54,12 @@ local dead = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - lease)) do
   if redis.call('EXISTS', ARGV[3] .. id) == 0 then dead[#dead + 1] = id end
 end
-return {now, dead, redis.call('HKEYS', KEYS[3])}
+local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')[2] or now
+return {now, dead, redis.call('HKEYS', KEYS[3]), tostring(oldest)}
 """
 
 # The queue's workers whose key is gone. KEYS: [1] the queue's workers zset; ARGV: [1] lease ms, [2] worker
-# key prefix.
+# key prefix. Returns {dead ids, the oldest heartbeat of the queue's workers, server time} (ms).
 _DEAD = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -66,7 +67,8 @@ local dead = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))) do
   if redis.call('EXISTS', ARGV[2] .. id) == 0 then dead[#dead + 1] = id end
 end
-return dead
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2] or now
+return {dead, tostring(oldest), tostring(now)}
 """
 
 # A step is held when its worker is alive and still lists it. KEYS: [1] worker hash, [2] steps hash;
@@ -118,6 +120,7 @@ class WorkerRegistry:
         self._forget = redis.register_script(_FORGET)
         self.last_beat: float | None = None  # monotonic time of the last heartbeat that reached Redis
         self._server_offset_ms: int | None = None  # Redis server clock minus this host's, at the last heartbeat
+        self._first_death_ms: int | None = None  # server time before which no worker of the queue can be dead
 
     async def beat(self, info: Mapping[str, Any]) -> tuple[int, list[str], list[str]]:
         """Heartbeat: returns (server time ms, dead workers of this queue, the steps this worker lists)."""
@@ -125,24 +128,27 @@ class WorkerRegistry:
                            json.dumps(dict(info), separators=(",", ":"))]
         for name, value in info.items():
             args += [name, json.dumps(value, separators=(",", ":"))]
-        now, dead, mine = await self._beat(
+        now, dead, mine, oldest = await self._beat(
             keys=[keys.worker_key(self.worker_id), keys.workers_key(self.queue_name),
                   keys.worker_steps_key(self.worker_id), keys.workers_seen_key(self.queue_name)], args=args)
         self.last_beat = time.monotonic()
         self._server_offset_ms = int(now) - int(time.time() * 1000)
+        self._first_death_ms = int(float(oldest)) + self.lease_ms
         return int(now), [_s(d) for d in dead], [_s(m) for m in mine]
 
     async def dead_workers(self) -> list[str]:
         """Workers of this queue that stopped heartbeating and whose steps are not recovered yet. Called every
-        second by every worker, so it first asks one cheap question (any heartbeat older than a lease, by the
-        server's clock as of this worker's last heartbeat, with a second's slack for drift?) and runs the exact
-        check only when there is a candidate."""
-        if self._server_offset_ms is not None:
+        second by every worker, it asks Redis only once a worker may be dead: heartbeats only move forward, so
+        none is before the oldest heartbeat seen (at this worker's last heartbeat or check) plus a lease, by
+        the server's clock, with a second's slack for drift."""
+        if self._server_offset_ms is not None and self._first_death_ms is not None:
             server_now = int(time.time() * 1000) + self._server_offset_ms + 1000
-            if not await self.redis.zrangebyscore(keys.workers_key(self.queue_name), "-inf",
-                                                  server_now - self.lease_ms, start=0, num=1):
+            if server_now < self._first_death_ms:
                 return []
-        dead = await self._dead(keys=[keys.workers_key(self.queue_name)], args=[self.lease_ms, keys.WORKER_PREFIX])
+        dead, oldest, now = await self._dead(keys=[keys.workers_key(self.queue_name)],
+                                             args=[self.lease_ms, keys.WORKER_PREFIX])
+        self._first_death_ms = int(float(oldest)) + self.lease_ms
+        self._server_offset_ms = int(now) - int(time.time() * 1000)
         return [_s(d) for d in dead]
 
     async def release(self, job_ids: Iterable[str], worker_id: str | None = None) -> None:
