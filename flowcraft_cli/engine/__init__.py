@@ -1,0 +1,28 @@
+"""Run semantics, written once (CONTRACT §5), for both runtimes. ``engine.Engine`` is the door; the
+modules behind it: ``state`` (statuses and stored records), ``routing``, ``reads``, ``lifecycle`` (one run
+inside one transaction), ``step`` (claim, work, commit) and ``builtins`` (one module per built-in)."""
+
+from .builtins.function import idempotency_key, user_traceback
+from .engine import Engine, EngineSettings, Handled
+from .state import (
+    FINAL_STATUSES,
+    RESTING_STATUSES,
+    NodeStatus,
+    Recovery,
+    RunStatus,
+    now_ms,
+)
+
+__all__ = [
+    "FINAL_STATUSES",
+    "RESTING_STATUSES",
+    "Engine",
+    "EngineSettings",
+    "Handled",
+    "NodeStatus",
+    "Recovery",
+    "RunStatus",
+    "idempotency_key",
+    "now_ms",
+    "user_traceback",
+]
