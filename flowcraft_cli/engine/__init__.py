@@ -10,6 +10,7 @@ from .state import (
     NodeStatus,
     Recovery,
     RunStatus,
+    StepOutcome,
     now_ms,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "NodeStatus",
     "Recovery",
     "RunStatus",
+    "StepOutcome",
     "idempotency_key",
     "now_ms",
     "user_traceback",

@@ -39,6 +39,7 @@ from .state import (
     NodeStatus,
     Recovery,
     RunStatus,
+    StepOutcome,
     now_ms,
 )
 from .step import Step
@@ -62,9 +63,16 @@ class Handled:
 
     scheduled: list[tuple[str, Job]] = field(default_factory=list)
     retry_after_s: float | None = None
-    note: str = ""
+    outcome: StepOutcome = StepOutcome.OK
     failed: str | None = None  # the error of the node attempt this job ran, when it failed
     listed: bool = False  # the step is still listed under this worker (its claim's commit did not unlist it)
+    run_status: RunStatus | None = None  # the run's status, when the outcome is RUN_FINISHED
+
+    def describe(self) -> str:
+        """The outcome as a worker's log line says it (``ok``, ``stale``, ``run is completed`` ...)."""
+        if self.outcome == StepOutcome.RUN_FINISHED:
+            return f"run is {self.run_status}"
+        return self.outcome.value
 
 
 class Engine:
@@ -85,7 +93,6 @@ class Engine:
         self.settings = settings or EngineSettings()
         self.clock = clock
         self.active_tokens: set[str] = set()  # claims held by steps running in this process right now
-        self.draining = False  # set on shutdown: a cancelled step is handed back, not counted as failed
         # Is a step claimed by another worker still held (worker alive and still running it)? The driver
         # knows (workers: the heartbeat registry); with none, only this process's own steps are held.
         self.is_held_remote: Callable[[str, str], Awaitable[bool]] | None = None
@@ -417,16 +424,16 @@ class Engine:
         meta = await self.find_meta(job.run_id)
         if meta is None:
             log.warning("job %s: run %r does not exist (expired or never started); dropped", job.job_id, job.run_id)
-            return Handled(note="unknown run")
+            return Handled(outcome=StepOutcome.UNKNOWN_RUN)
         if meta["status"] in FINAL_STATUSES:
-            return Handled(note=f"run is {meta['status']}")
+            return Handled(outcome=StepOutcome.RUN_FINISHED, run_status=RunStatus(meta["status"]))
         bp = self.blueprints.get(meta["blueprint_id"])
         if bp is None or bp.version != meta["blueprint_version"]:
             return await self._version_gate(job, meta, bp)
         node = bp.node_map.get(job.node_id)
         if node is None:
             log.error("job %s: node %r is not in blueprint %r; dropped", job.job_id, job.node_id, bp.id)
-            return Handled(note="unknown node")
+            return Handled(outcome=StepOutcome.UNKNOWN_NODE)
         if meta.get("version_wait_since") is not None:
             await self._clear_version_wait(job.run_id)  # a matching worker is here: the grace clock restarts
         step = Step(self, bp, node, job)
@@ -434,8 +441,9 @@ class Engine:
         if step.held_elsewhere:
             # a live worker runs this very step (a duplicate delivery): it commits, or, should it die, the
             # step is recovered from its worker's list; this copy has nothing to do
-            return Handled(note="held elsewhere")
-        return Handled(scheduled=scheduled, note="stale" if step.stale else "", failed=step.failure,
+            return Handled(outcome=StepOutcome.HELD_ELSEWHERE)
+        return Handled(scheduled=scheduled, outcome=StepOutcome.STALE if step.stale else StepOutcome.OK,
+                       failed=step.failure,
                        listed=step.listed)
 
     async def claim_is_held(self, holder: Mapping[str, Any]) -> bool:
@@ -552,7 +560,7 @@ class Engine:
             log.warning("job %s needs %s; this worker has %s: leaving it for another worker",
                         job.job_id, theirs, mine)
             return Handled(retry_after_s=min(5.0, max(0.5, self.settings.version_grace_s / 10)),
-                           note="version mismatch")
+                           outcome=StepOutcome.VERSION_MISMATCH)
         reason = (f"no worker with {theirs} took node {job.node_id!r} within "
                   f"{self.settings.version_grace_s:g}s (this worker has {mine})")
         fake_bp = bp or Blueprint(id=meta["blueprint_id"], nodes=(), edges=())
@@ -562,7 +570,7 @@ class Engine:
             if (await run.meta())["status"] not in FINAL_STATUSES:
                 await run.finalize(RunStatus.FAILED, reason)
         await self.store.transact(job.run_id, fail)
-        return Handled(note="version grace expired")
+        return Handled(outcome=StepOutcome.VERSION_GRACE_EXPIRED)
 
     # ------------------------------------------------------------------ helpers shared by steps
 

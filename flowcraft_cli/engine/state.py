@@ -38,6 +38,19 @@ class Recovery(StrEnum):
     RECOVERED = "recovered"  # a claimed step was lost: recorded, and a new job (a new id) scheduled
 
 
+class StepOutcome(StrEnum):
+    """What handling one job came to (``Handled.outcome``); the worker's log line says it."""
+
+    OK = "ok"  # the step ran (its node attempt may still have failed: ``Handled.failed``)
+    STALE = "stale"  # the node no longer expects this step: a duplicate or late delivery, nothing done
+    HELD_ELSEWHERE = "held elsewhere"  # a live worker runs this very step: this copy has nothing to do
+    RUN_FINISHED = "run finished"  # the run had ended before this step: nothing done
+    UNKNOWN_RUN = "unknown run"  # the run does not exist (expired or never started): dropped
+    UNKNOWN_NODE = "unknown node"  # the node is not in the run's blueprint: dropped
+    VERSION_MISMATCH = "version mismatch"  # this worker lacks the run's blueprint version: try again later
+    VERSION_GRACE_EXPIRED = "version grace expired"  # no matching worker came in time: the run failed
+
+
 FINAL_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
 RESTING_STATUSES = FINAL_STATUSES | {RunStatus.AWAITING}
 ACTIVE_NODE = frozenset({NodeStatus.QUEUED, NodeStatus.RUNNING, NodeStatus.SLEEPING, NodeStatus.AWAITING})
