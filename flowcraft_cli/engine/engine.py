@@ -20,27 +20,43 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..blueprint import Blueprint
 from ..errors import BlueprintUnavailable, InvalidInput, RunNotFound, StateConflict
-from ..ids import check_run_id, field_name
+from ..ids import check_run_id
 from ..jobs import Job
 from ..registry import NodeRegistry
-from ..store import BATCH, MISSING, NODES, OUTBOX, RUN, STATE, Store, Txn, dumps
+from ..store import BATCH, MISSING, OUTBOX, RUN, STATE, Store, Txn, dumps
 from .lifecycle import RunTxn
 from .reads import read_node_input, read_route
 from .routing import check_resume_action
 from .state import (
     ACTIVE_NODE,
     FINAL_STATUSES,
-    META_FIELDS,
+    BatchItem,
+    ItemStatus,
+    JobKind,
+    NodeRecord,
     NodeStatus,
+    ParentRef,
     Recovery,
+    RunMeta,
     RunStatus,
     StepOutcome,
+    batch_done_field,
+    batch_size_field,
+    batch_state_field,
+    fetch_all_nodes,
+    fetch_meta,
+    fetch_node,
     now_ms,
+    read_all_nodes,
+    read_item,
+    read_node,
+    write_item,
+    write_node,
 )
 from .step import Step
 
@@ -111,7 +127,7 @@ class Engine:
         run_input: Any = None,
         *,
         run_id: str | None = None,
-        parent: dict[str, Any] | None = None,
+        parent: ParentRef | None = None,
         seed: Mapping[str, Any] | None = None,
     ) -> tuple[str, list[tuple[str, Job]]]:
         """Create a run and schedule its start nodes. ``run_input`` (a JSON object for top-level runs)
@@ -131,8 +147,8 @@ class Engine:
         _check_json(run_input, "run input")
         ancestors: list[str] = []  # outermost first, the parent last
         if parent is not None:
-            above = (await self.store.read(parent["run_id"], RUN, ["ancestors"]))[0]
-            ancestors = [*(above if isinstance(above, list) else []), parent["run_id"]]
+            above = (await self.store.read(parent.run_id, RUN, ["ancestors"]))[0]
+            ancestors = [*(above if isinstance(above, list) else []), parent.run_id]
 
         async def txn_fn(t: Txn) -> list[tuple[str, Job]]:
             if await t.get(RUN, "status") is not None:
@@ -140,11 +156,11 @@ class Engine:
                     return []  # a redelivered subflow step: the child already exists
                 raise InvalidInput(f"run id {run_id!r} already exists")
             ts = self.clock()
-            for field_, value in {
-                "status": RunStatus.RUNNING.value, "blueprint_id": bp.id, "blueprint_version": bp.version,
-                "pending": 0, "awaiting_nodes": [], "created_at": ts, "parent": parent, "ancestors": ancestors,
-            }.items():
-                t.put(RUN, field_, value)
+            meta = RunMeta(status=RunStatus.RUNNING, blueprint_id=bp.id, blueprint_version=bp.version, pending=0,
+                           awaiting_nodes=[], created_at=ts, parent=parent, ancestors=ancestors)
+            for name in ("status", "blueprint_id", "blueprint_version", "pending", "awaiting_nodes", "created_at",
+                         "parent", "ancestors"):
+                t.put(RUN, name, meta.field_json(name))
             for key, value in context_seed.items():
                 t.put(STATE, str(key), value)
             t.put(STATE, "blueprintId", bp.id)
@@ -166,9 +182,9 @@ class Engine:
         _check_json(output, "resume output")
         meta = await self.read_meta(run_id)
         bp = await self._blueprint_for(meta, run_id)
-        waiting = list(meta.get("awaiting_nodes") or [])
-        if meta["status"] not in (RunStatus.AWAITING, RunStatus.RUNNING) or not waiting:
-            raise StateConflict(f"run {run_id!r} is {meta['status']}, not awaiting a resume")
+        waiting = list(meta.awaiting_nodes)
+        if meta.status not in (RunStatus.AWAITING, RunStatus.RUNNING) or not waiting:
+            raise StateConflict(f"run {run_id!r} is {meta.status}, not awaiting a resume")
         if node_id is None:
             if len(waiting) > 1:
                 raise InvalidInput(f"run {run_id!r} awaits several nodes ({', '.join(waiting)}): pass --node")
@@ -179,20 +195,21 @@ class Engine:
             raise StateConflict(f"node {node_id!r} of run {run_id!r} is not awaiting (awaiting: {', '.join(waiting)})")
         node = bp.node_map[node_id]
         check_resume_action(bp, node_id, action)
-        rec = (await self.store.read(run_id, NODES, [node_id]))[0]
-        if rec is not MISSING and rec.get("child"):
-            return await self._resume_child(run_id, bp, node_id, rec["child"], output, action)
+        stored = await fetch_node(self.store, run_id, node_id)
+        if stored is not None and stored.child:
+            return await self._resume_child(run_id, bp, node_id, stored.child, output, action)
         route = await read_route(self.store, bp, node, run_id, output, action, {},
                                  await read_node_input(self.store, bp, node, run_id))
 
         async def txn_fn(t: Txn) -> list[tuple[str, Job]]:
             run = RunTxn(self, t, bp)
             m = await run.meta()
-            rec = await t.get(NODES, node_id)
-            if m["status"] not in (RunStatus.AWAITING, RunStatus.RUNNING) or not rec or rec["status"] != NodeStatus.AWAITING:
+            rec = await read_node(t, node_id)
+            if m.status not in (RunStatus.AWAITING, RunStatus.RUNNING) or rec is None \
+                    or rec.status != NodeStatus.AWAITING:
                 raise StateConflict(f"node {node_id!r} of run {run_id!r} is no longer awaiting")
-            run.set_meta("awaiting_nodes", [n for n in m["awaiting_nodes"] if n != node_id])
-            run.set_meta("status", RunStatus.RUNNING.value)
+            run.set_meta(awaiting_nodes=[n for n in m.awaiting_nodes if n != node_id])
+            run.set_meta(status=RunStatus.RUNNING)
             run.add_pending(1)
             t.event({"type": "resumed", "ts": self.clock(), "node": node_id, "action": action})
             await run.complete(node, rec, output, action, route, {})
@@ -206,39 +223,39 @@ class Engine:
         """Resume a subflow node: the waiting happens in its child run, so the resume goes there; the node
         runs again until the child ends (and a ``child`` job completes it)."""
         child_meta = await self.read_meta(child_id)
-        waiting = list(child_meta.get("awaiting_nodes") or [])
-        if child_meta["status"] != RunStatus.AWAITING:
-            raise StateConflict(f"subflow node {node_id!r}: its child run {child_id!r} is {child_meta['status']}, "
+        waiting = list(child_meta.awaiting_nodes)
+        if child_meta.status != RunStatus.AWAITING:
+            raise StateConflict(f"subflow node {node_id!r}: its child run {child_id!r} is {child_meta.status}, "
                                 "not awaiting")
         if len(waiting) != 1:
             raise InvalidInput(f"subflow node {node_id!r} waits in child run {child_id!r} on "
                                f"{', '.join(waiting) or 'nothing'}: resume the child run itself")
         # refuse a bad action before the parent changes: a refused resume must leave the parent awaiting
         check_resume_action(await self._blueprint_for(child_meta, child_id), waiting[0], action)
-        woken: dict[str, Any] = {}
+        woken: list[NodeRecord] = []  # the record as this resume woke it (the last try of the transaction)
 
         async def txn_fn(t: Txn) -> None:
             run = RunTxn(self, t, bp)
             m = await run.meta()
-            rec = await t.get(NODES, node_id)
-            if not rec or rec["status"] != NodeStatus.AWAITING:
+            rec = await read_node(t, node_id)
+            if rec is None or rec.status != NodeStatus.AWAITING:
                 raise StateConflict(f"node {node_id!r} of run {run_id!r} is no longer awaiting")
-            woken.update({**rec, "status": NodeStatus.RUNNING.value})
-            t.put(NODES, node_id, woken)
-            run.set_meta("awaiting_nodes", [n for n in m["awaiting_nodes"] if n != node_id])
-            run.set_meta("status", RunStatus.RUNNING.value)
+            woken[:] = [replace(rec, status=NodeStatus.RUNNING)]
+            write_node(t, node_id, woken[0])
+            run.set_meta(awaiting_nodes=[n for n in m.awaiting_nodes if n != node_id])
+            run.set_meta(status=RunStatus.RUNNING)
             run.add_pending(1)
 
         async def undo(t: Txn) -> None:
             run = RunTxn(self, t, bp)
             m = await run.meta()
-            if await t.get(NODES, node_id) != woken or m["status"] != RunStatus.RUNNING:
+            if await read_node(t, node_id) != woken[0] or m.status != RunStatus.RUNNING:
                 return  # the node moved on meanwhile (the child ended and told it): nothing to put back
-            t.put(NODES, node_id, {**woken, "status": NodeStatus.AWAITING.value})
-            run.set_meta("awaiting_nodes", [*(m["awaiting_nodes"] or []), node_id])
+            write_node(t, node_id, replace(woken[0], status=NodeStatus.AWAITING))
+            run.set_meta(awaiting_nodes=[*m.awaiting_nodes, node_id])
             run.add_pending(-1)
-            if int(m["pending"] or 0) == 0:
-                run.set_meta("status", RunStatus.AWAITING.value)
+            if m.pending == 0:
+                run.set_meta(status=RunStatus.AWAITING)
 
         await self.store.transact(run_id, txn_fn)
         try:
@@ -254,17 +271,17 @@ class Engine:
         meta = await self.read_meta(run_id)
         bp = await self._blueprint_for(meta, run_id)
 
-        async def txn_fn(t: Txn) -> tuple[bool, list[tuple[str, str, dict[str, Any]]], list[tuple[str, Job]]]:
+        async def txn_fn(t: Txn) -> tuple[bool, list[tuple[str, str, ParentRef]], list[tuple[str, Job]]]:
             run = RunTxn(self, t, bp)
             m = await run.meta()
-            if m["status"] in FINAL_STATUSES:
+            if m.status in FINAL_STATUSES:
                 return False, [], []
-            nodes = await t.get_all(NODES)
-            # each child with the parent reference its start writes (as _Step._subflow builds it)
-            children = [(r["child"], str(bp.node_map[n].params.get("blueprintId")),
-                         {"run_id": run_id, "node_id": n, "seq": r["seq"], "attempt": r["attempt"]})
+            nodes = await read_all_nodes(t)
+            # each child with the parent reference its start writes (as builtins.subflow builds it)
+            children = [(r.child, str(bp.node_map[n].params.get("blueprintId")),
+                         ParentRef(run_id, n, r.seq, r.attempt or 0))
                         for n, r in nodes.items()
-                        if r.get("child") and r["status"] in (NodeStatus.RUNNING, NodeStatus.AWAITING)]
+                        if r.child and r.status in (NodeStatus.RUNNING, NodeStatus.AWAITING)]
             await run.finalize(RunStatus.CANCELLED, reason)
             return True, children, run.scheduled
 
@@ -288,61 +305,59 @@ class Engine:
         successors) runs when routing reaches it, as in any run."""
         meta = await self.read_meta(run_id)
         bp = await self._blueprint_for(meta, run_id)
-        if meta["status"] != RunStatus.FAILED:
-            raise StateConflict(f"run {run_id!r} is {meta['status']}; only a failed run can be retried")
-        if meta.get("parent"):
-            raise StateConflict(f"run {run_id!r} is a subflow of run {meta['parent']['run_id']!r}: retry that run")
-        if bp.version != meta["blueprint_version"]:
-            raise StateConflict(f"run {run_id!r} ran blueprint {bp.id!r} version {meta['blueprint_version']!r}; "
+        if meta.status != RunStatus.FAILED:
+            raise StateConflict(f"run {run_id!r} is {meta.status}; only a failed run can be retried")
+        if meta.parent is not None:
+            raise StateConflict(f"run {run_id!r} is a subflow of run {meta.parent.run_id!r}: retry that run")
+        if bp.version != meta.blueprint_version:
+            raise StateConflict(f"run {run_id!r} ran blueprint {bp.id!r} version {meta.blueprint_version!r}; "
                                 f"this one has version {bp.version!r}")
 
         async def txn_fn(t: Txn) -> list[tuple[str, Job]]:
             run = RunTxn(self, t, bp)
             m = await run.meta()
-            if m["status"] != RunStatus.FAILED:
-                raise StateConflict(f"run {run_id!r} is {m['status']}; only a failed run can be retried")
-            records = await t.get_all(NODES)
-            again = [n.id for n in bp.nodes if (rec := records.get(n.id)) and rec["status"] == NodeStatus.FAILED
-                     and (n.id == m.get("failed_node") or str(rec.get("error") or "").startswith("stopped: "))]
+            if m.status != RunStatus.FAILED:
+                raise StateConflict(f"run {run_id!r} is {m.status}; only a failed run can be retried")
+            records = await read_all_nodes(t)
+            again = [n.id for n in bp.nodes if (rec := records.get(n.id)) and rec.status == NodeStatus.FAILED
+                     and (n.id == m.failed_node or (rec.error or "").startswith("stopped: "))]
             if not again:
                 raise StateConflict(f"run {run_id!r} has no failed node to run again")
             ts = self.clock()
-            reset: dict[str, Any] = {"status": RunStatus.RUNNING.value, "reason": None, "finished_at": None,
-                                     "failed_node": None, "awaiting_nodes": [], "pending": 0}
-            for key, value in reset.items():
-                run.set_meta(key, value)
+            run.set_meta(status=RunStatus.RUNNING, reason=None, finished_at=None, failed_node=None, awaiting_nodes=[],
+                         pending=0)
             t.unfinal = True
             t.event({"type": "run_retried", "ts": ts, "nodes": again})
             for node_id in again:
                 rec = records[node_id]
                 # the node's record starts over as never fired in this generation, its busy count undone
-                t.put(NODES, node_id, {**rec, "status": NodeStatus.PENDING.value, "error": None,
-                                       "fired_gen": rec.get("gen", 0) - 1, "token": None, "job": None,
-                                       "child": None, "items": None, "phase": "exec", "lost_in_row": 0,
-                                       "recovery": 0})
+                write_node(t, node_id, replace(rec, status=NodeStatus.PENDING, error=None, fired_gen=rec.gen - 1,
+                                               token=None, job=None, child=None, items=None, phase=JobKind.EXEC,
+                                               lost_in_row=0, recovery=0))
                 await run.count_busy(node_id, -1)
                 node_input: Any = await t.get(STATE, f"_inputs.{node_id}")
                 await run.fire(node_id, node_input)
             # nodes still counted busy or pending from before the failure are the ones just fired
-            pending = sum(1 for r in (await t.get_all(NODES)).values()
-                          if r["status"] in (NodeStatus.QUEUED, NodeStatus.RUNNING, NodeStatus.SLEEPING))
-            run.set_meta("pending", pending)
+            pending = sum(1 for r in (await read_all_nodes(t)).values()
+                          if r.status in (NodeStatus.QUEUED, NodeStatus.RUNNING, NodeStatus.SLEEPING))
+            run.set_meta(pending=pending)
             await run.settle()
             return run.scheduled
 
         return await self.store.transact(run_id, txn_fn)
 
-    async def _tombstone(self, run_id: str, blueprint_id: str, reason: str, parent: dict[str, Any]) -> bool:
+    async def _tombstone(self, run_id: str, blueprint_id: str, reason: str, parent: ParentRef) -> bool:
         """A child the parent recorded but had not created yet: create it as cancelled (with the parent its
         start would write), so the step that was about to start it finds it exists and starts nothing.
         Returns False when the run exists already (its start won the race)."""
         async def fn(t: Txn) -> bool:
             if await t.get(RUN, "status") is not None:
                 return False
-            for key, value in {"status": RunStatus.CANCELLED.value, "reason": reason,
-                               "blueprint_id": blueprint_id, "blueprint_version": "", "pending": 0,
-                               "awaiting_nodes": [], "finished_at": self.clock(), "parent": parent}.items():
-                t.put(RUN, key, value)
+            meta = RunMeta(status=RunStatus.CANCELLED, reason=reason, blueprint_id=blueprint_id, blueprint_version="",
+                           pending=0, awaiting_nodes=[], finished_at=self.clock(), parent=parent)
+            for name in ("status", "reason", "blueprint_id", "blueprint_version", "pending", "awaiting_nodes",
+                         "finished_at", "parent"):
+                t.put(RUN, name, meta.field_json(name))
             t.final = ({"status": RunStatus.CANCELLED.value, "reason": reason, "payload": None},
                        self.settings.ttl_s)
             return True
@@ -357,63 +372,64 @@ class Engine:
         meta = await self.find_meta(run_id)
         if meta is None:
             return [], [], []
-        running = meta["status"] == RunStatus.RUNNING
+        running = meta.status == RunStatus.RUNNING
         if running:
             await self._blueprint_for(meta, run_id)  # a run no loaded blueprint describes cannot be resumed from here
         jobs: dict[str, Job] = {}
         lost: list[tuple[Job, str]] = []
-        live = running or meta["status"] == RunStatus.AWAITING
-        records = await self.store.read_all(run_id, NODES) if live else {}
+        live = running or meta.status == RunStatus.AWAITING
+        records = await fetch_all_nodes(self.store, run_id) if live else {}
         outbox = await self.store.read_all(run_id, OUTBOX)
         for data in outbox.values():
             job = Job.from_dict(data)
             rec = records.get(job.node_id) if job.run_id == run_id else None
             # a finished child's note to its parent always counts; a step of this run only while expected (an
             # awaiting node expects no job of its own: its resume or its child's note moves it)
-            if job.run_id != run_id or (rec and rec.get("seq") == job.seq and rec["status"] in ACTIVE_NODE
-                                        and rec["status"] != NodeStatus.AWAITING):
+            if job.run_id != run_id or (rec and rec.seq == job.seq and rec.status in ACTIVE_NODE
+                                        and rec.status != NodeStatus.AWAITING):
                 jobs[job.job_id] = job  # else: the step already happened; a leftover entry, not a lost job
-        if meta["status"] == RunStatus.AWAITING and (parent := meta.get("parent")):
+        if meta.status == RunStatus.AWAITING and (parent := meta.parent) is not None:
             # a waiting child tells its parent (idempotent), in case that note was lost: the parent's node
             # still runs this child (once told, it awaits too)
-            prec = (await self.store.read(parent["run_id"], NODES, [parent["node_id"]]))[0]
-            if prec is not MISSING and prec.get("seq") == parent["seq"] and prec["status"] == NodeStatus.RUNNING:
-                wait = Job(parent["run_id"], parent["node_id"], parent["seq"], "child_wait", parent["attempt"])
+            prec = await fetch_node(self.store, parent.run_id, parent.node_id)
+            if prec is not None and prec.seq == parent.seq and prec.status == NodeStatus.RUNNING:
+                wait = Job(parent.run_id, parent.node_id, parent.seq, "child_wait", parent.attempt)
                 jobs[wait.job_id] = wait
         for node_id, rec in records.items():
-            status, seq, phase = rec["status"], rec.get("seq", 0), rec.get("phase", "exec")
+            status, seq, phase = rec.status, rec.seq, rec.current_phase.value
             found: list[Job] = []
             if status == NodeStatus.QUEUED:
-                found.append(Job(run_id, node_id, seq, phase, rec["attempt"], not_before_ms=rec.get("retry_at") or 0,
-                                 recovery=rec.get("recovery", 0)))
+                found.append(Job(run_id, node_id, seq, phase, _attempt(rec), not_before_ms=rec.retry_at or 0,
+                                 recovery=rec.recovery or 0))
             elif status == NodeStatus.SLEEPING:
-                found.append(Job(run_id, node_id, seq, "wake", 1, not_before_ms=rec.get("wake_at") or 0))
-            elif status in (NodeStatus.RUNNING, NodeStatus.AWAITING) and rec.get("child"):
-                if (st := await self.store.read_status(rec["child"])) and st["status"] in FINAL_STATUSES:
-                    found.append(Job(run_id, node_id, seq, "child", rec["attempt"]))
+                found.append(Job(run_id, node_id, seq, "wake", 1, not_before_ms=rec.wake_at or 0))
+            elif status in (NodeStatus.RUNNING, NodeStatus.AWAITING) and rec.child:
+                if (st := await self.store.read_status(rec.child)) and st["status"] in FINAL_STATUSES:
+                    found.append(Job(run_id, node_id, seq, "child", _attempt(rec)))
                 elif status == NodeStatus.RUNNING and (
-                        (cm := await self.find_meta(rec["child"])) and cm["status"] == RunStatus.AWAITING):
-                    found.append(Job(run_id, node_id, seq, "child_wait", rec["attempt"]))
-            elif status == NodeStatus.RUNNING and rec.get("items") is not None:
-                n, done = await self.store.read(run_id, BATCH, [field_name(node_id, seq, "n"),
-                                                                field_name(node_id, seq, "done")])
+                        (cm := await self.find_meta(rec.child)) and cm.status == RunStatus.AWAITING):
+                    found.append(Job(run_id, node_id, seq, "child_wait", _attempt(rec)))
+            elif status == NodeStatus.RUNNING and rec.items is not None:
+                n, done = await self.store.read(run_id, BATCH, [batch_size_field(node_id, seq),
+                                                                batch_done_field(node_id, seq)])
                 if done is not MISSING and n is not MISSING and done >= n:
                     found.append(Job(run_id, node_id, seq, "gather", 1))
                 else:
-                    states = await self.store.read(run_id, BATCH, [field_name(node_id, seq, "s", i)
+                    states = await self.store.read(run_id, BATCH, [batch_state_field(node_id, seq, i)
                                                                 for i in range(int(n or 0))])
-                    for i, st in enumerate(states):
-                        if st is MISSING:
+                    for i, data in enumerate(states):
+                        if data is MISSING:
                             continue
-                        item_job = Job(run_id, node_id, seq, "item", st["attempt"], item=i,
-                                       recovery=st.get("recovery", 0))
-                        if st["status"] == "queued":
+                        item = BatchItem.from_json(data)
+                        item_job = Job(run_id, node_id, seq, "item", item.attempt, item=i,
+                                       recovery=item.recovery or 0)
+                        if item.status == ItemStatus.QUEUED:
                             found.append(item_job)
-                        elif st["status"] == "running" and not await self.claim_is_held(st):
-                            lost.append((item_job, st.get("worker") or ""))
-            elif status == NodeStatus.RUNNING and rec.get("token") and not await self.claim_is_held(rec):
-                lost.append((Job(run_id, node_id, seq, phase, rec["attempt"], recovery=rec.get("recovery", 0)),
-                             rec.get("worker") or ""))
+                        elif item.status == ItemStatus.RUNNING and not await self.claim_is_held(item):
+                            lost.append((item_job, item.worker or ""))
+            elif status == NodeStatus.RUNNING and rec.token and not await self.claim_is_held(rec):
+                lost.append((Job(run_id, node_id, seq, phase, _attempt(rec), recovery=rec.recovery or 0),
+                             rec.worker or ""))
             for job in found:
                 jobs.setdefault(job.job_id, job)
         return list(jobs.values()), list(outbox), lost
@@ -425,16 +441,16 @@ class Engine:
         if meta is None:
             log.warning("job %s: run %r does not exist (expired or never started); dropped", job.job_id, job.run_id)
             return Handled(outcome=StepOutcome.UNKNOWN_RUN)
-        if meta["status"] in FINAL_STATUSES:
-            return Handled(outcome=StepOutcome.RUN_FINISHED, run_status=RunStatus(meta["status"]))
-        bp = self.blueprints.get(meta["blueprint_id"])
-        if bp is None or bp.version != meta["blueprint_version"]:
+        if meta.status in FINAL_STATUSES:
+            return Handled(outcome=StepOutcome.RUN_FINISHED, run_status=meta.status)
+        bp = self.blueprints.get(meta.blueprint_id)
+        if bp is None or bp.version != meta.blueprint_version:
             return await self._version_gate(job, meta, bp)
         node = bp.node_map.get(job.node_id)
         if node is None:
             log.error("job %s: node %r is not in blueprint %r; dropped", job.job_id, job.node_id, bp.id)
             return Handled(outcome=StepOutcome.UNKNOWN_NODE)
-        if meta.get("version_wait_since") is not None:
+        if meta.version_wait_since is not None:
             await self._clear_version_wait(job.run_id)  # a matching worker is here: the grace clock restarts
         step = Step(self, bp, node, job)
         scheduled = await step.run()
@@ -443,21 +459,20 @@ class Engine:
             # step is recovered from its worker's list; this copy has nothing to do
             return Handled(outcome=StepOutcome.HELD_ELSEWHERE)
         return Handled(scheduled=scheduled, outcome=StepOutcome.STALE if step.stale else StepOutcome.OK,
-                       failed=step.failure,
-                       listed=step.listed)
+                       failed=step.failure, listed=step.listed)
 
-    async def claim_is_held(self, holder: Mapping[str, Any]) -> bool:
+    async def claim_is_held(self, holder: NodeRecord | BatchItem) -> bool:
         """Is a claim (a node record or a batch item) still held by a live step? This process's own claims
         are held while their step runs here (one that died with a Redis error and was handed back is not);
         another worker's while that worker is alive and still lists the step (CONTRACT §6.1)."""
-        token, worker = holder.get("token"), holder.get("worker")
+        token, worker = holder.token, holder.worker
         if not token:
             return False
         if worker == self.worker_id:
             return token in self.active_tokens
-        if self.is_held_remote is None or not worker or not holder.get("job"):
+        if self.is_held_remote is None or not worker or not holder.job:
             return False
-        return await self.is_held_remote(worker, holder["job"])
+        return await self.is_held_remote(worker, holder.job)
 
     async def recover(self, job: Job, worker: str, *, lost: bool = True) -> tuple[Recovery, list[tuple[str, Job]]]:
         """Recover a step that ``worker`` was running and no longer holds (it died, was cut off past its
@@ -467,65 +482,62 @@ class Engine:
         time must end. Serialized with every commit of the run, so a step that did commit meanwhile is
         left alone, and a worker that comes back later finds its claim gone (fenced off)."""
         meta = await self.find_meta(job.run_id)
-        if meta is None or meta["status"] in FINAL_STATUSES:
+        if meta is None or meta.status in FINAL_STATUSES:
             return Recovery.NOTHING, []
         bp = await self._find_blueprint(meta)
-        if bp is None or bp.version != meta["blueprint_version"]:
+        if bp is None or bp.version != meta.blueprint_version:
             return Recovery.UNKNOWN, []  # a worker with this blueprint version recovers it
         node = bp.node_map.get(job.node_id)
         if node is None:
             return Recovery.NOTHING, []
-        if job.kind not in ("exec", "fallback", "item"):
+        if job.kind not in (JobKind.EXEC, JobKind.FALLBACK, JobKind.ITEM):
             return Recovery.REQUEUE, []  # gather, wake, child: claim nothing; they check their own state
         async def decide(run: RunTxn, t: Txn) -> Recovery:
-            if (await run.meta())["status"] in FINAL_STATUSES:
+            if (await run.meta()).status in FINAL_STATUSES:
                 return Recovery.NOTHING
-            rec = await t.get(NODES, node.id)
-            if not rec or rec["seq"] != job.seq:
+            rec = await read_node(t, node.id)
+            if rec is None or rec.seq != job.seq:
                 return Recovery.NOTHING
-            if job.kind == "item":
-                if rec["status"] != NodeStatus.RUNNING or rec.get("phase", "exec") != "exec" \
-                        or rec.get("items") is None:
+            if job.kind == JobKind.ITEM:
+                if rec.status != NodeStatus.RUNNING or rec.current_phase != JobKind.EXEC or rec.items is None:
                     return Recovery.NOTHING  # the batch node moved on (finished, failed over to its fallback)
-                key = field_name(node.id, job.seq, "s", job.item)
-                st = await t.get(BATCH, key)
-                if not st or st["attempt"] != job.attempt or st.get("recovery", 0) != job.recovery:
+                st = await read_item(t, node.id, job.seq, job.item)
+                if st is None or st.attempt != job.attempt or (st.recovery or 0) != job.recovery:
                     return Recovery.NOTHING
-                if st["status"] == "queued":
+                if st.status == ItemStatus.QUEUED:
                     return Recovery.REQUEUE
-                if st["status"] != "running" or st.get("worker") != worker or st.get("job") != job.job_id \
+                if st.status != ItemStatus.RUNNING or st.worker != worker or st.job != job.job_id \
                         or await self.claim_is_held(st):
                     return Recovery.NOTHING
                 failed = False
                 if lost:
                     st, failed = await run.lose_item(node, rec, st, job, worker)
                 if not failed:
-                    t.put(BATCH, key, {"status": "queued", "attempt": job.attempt, "recovery": job.recovery + 1,
-                                       "lost_in_row": st.get("lost_in_row", 0)})
+                    write_item(t, node.id, job.seq, job.item, BatchItem(
+                        ItemStatus.QUEUED, job.attempt, recovery=job.recovery + 1, lost_in_row=st.lost_in_row or 0))
                     run.schedule(Job(job.run_id, node.id, job.seq, "item", job.attempt, item=job.item,
                                      recovery=job.recovery + 1))
                 await run.settle()
                 return Recovery.RECOVERED
-            if rec.get("phase", "exec") != job.kind or rec["attempt"] != job.attempt \
-                    or rec.get("recovery", 0) != job.recovery:
+            if rec.current_phase != job.kind or rec.attempt != job.attempt or (rec.recovery or 0) != job.recovery:
                 return Recovery.NOTHING
-            if rec["status"] == NodeStatus.QUEUED:
+            if rec.status == NodeStatus.QUEUED:
                 return Recovery.REQUEUE
-            if rec["status"] != NodeStatus.RUNNING or rec.get("worker") != worker or rec.get("job") != job.job_id \
+            if rec.status != NodeStatus.RUNNING or rec.worker != worker or rec.job != job.job_id \
                     or await self.claim_is_held(rec):
                 return Recovery.NOTHING
             redo = Job(job.run_id, node.id, job.seq, job.kind, job.attempt, recovery=job.recovery + 1)
-            if rec.get("child") or rec.get("items") is not None:
+            if rec.child or rec.items is not None:
                 # the attempt's work lives on (a child run, batch items): drive it again, lose nothing
-                t.put(NODES, node.id, {**rec, "recovery": job.recovery + 1})
+                write_node(t, node.id, replace(rec, recovery=job.recovery + 1))
                 run.schedule(redo)
                 return Recovery.RECOVERED
             failed = False
             if lost:
                 rec, failed = await run.lose_attempt(node, rec, job, worker)
             if not failed:
-                t.put(NODES, node.id, {**rec, "status": NodeStatus.QUEUED.value, "token": None, "job": None,
-                                       "recovery": job.recovery + 1})
+                write_node(t, node.id, replace(rec, status=NodeStatus.QUEUED, token=None, job=None,
+                                               recovery=job.recovery + 1))
                 run.schedule(redo)
             await run.settle()
             return Recovery.RECOVERED
@@ -543,12 +555,12 @@ class Engine:
                 t.put(RUN, "version_wait_since", None)
         await self.store.transact(run_id, fn)
 
-    async def _version_gate(self, job: Job, meta: dict[str, Any], bp: Blueprint | None) -> Handled:
+    async def _version_gate(self, job: Job, meta: RunMeta, bp: Blueprint | None) -> Handled:
         """A worker without the run's blueprint version leaves the job to one that has it; after the grace
         period the run fails, naming both versions."""
         mine = "no such blueprint" if bp is None else f"version {bp.version!r}"
-        theirs = f"blueprint {meta['blueprint_id']!r} version {meta['blueprint_version']!r}"
-        since = meta.get("version_wait_since")
+        theirs = f"blueprint {meta.blueprint_id!r} version {meta.blueprint_version!r}"
+        since = meta.version_wait_since
         now = self.clock()
         if since is None:
             async def mark(t: Txn) -> None:
@@ -563,47 +575,54 @@ class Engine:
                            outcome=StepOutcome.VERSION_MISMATCH)
         reason = (f"no worker with {theirs} took node {job.node_id!r} within "
                   f"{self.settings.version_grace_s:g}s (this worker has {mine})")
-        fake_bp = bp or Blueprint(id=meta["blueprint_id"], nodes=(), edges=())
+        fake_bp = bp or Blueprint(id=meta.blueprint_id, nodes=(), edges=())
 
         async def fail(t: Txn) -> None:
             run = RunTxn(self, t, fake_bp)
-            if (await run.meta())["status"] not in FINAL_STATUSES:
+            if (await run.meta()).status not in FINAL_STATUSES:
                 await run.finalize(RunStatus.FAILED, reason)
         await self.store.transact(job.run_id, fail)
         return Handled(outcome=StepOutcome.VERSION_GRACE_EXPIRED)
 
     # ------------------------------------------------------------------ helpers shared by steps
 
-    async def find_meta(self, run_id: str) -> dict[str, Any] | None:
-        values = await self.store.read(run_id, RUN, list(META_FIELDS))
-        meta = {k: (None if v is MISSING else v) for k, v in zip(META_FIELDS, values, strict=True)}
-        return None if meta["status"] is None else meta
+    async def find_meta(self, run_id: str) -> RunMeta | None:
+        meta = await fetch_meta(self.store, run_id)
+        return None if meta.status is None else meta
 
-    async def read_meta(self, run_id: str) -> dict[str, Any]:
+    async def read_meta(self, run_id: str) -> RunMeta:
         meta = await self.find_meta(run_id)
         if meta is None:
             raise RunNotFound(f"run {run_id!r} not found (it never existed or its keys expired)")
         return meta
 
-    async def _blueprint_for(self, meta: dict[str, Any], run_id: str) -> Blueprint:
+    async def _blueprint_for(self, meta: RunMeta, run_id: str) -> Blueprint:
         bp = await self._find_blueprint(meta)
         if bp is None:
             where = "not loaded here, and its definition is not in the store" if self.load_definition else "not loaded"
-            raise BlueprintUnavailable(f"run {run_id!r} uses blueprint {meta['blueprint_id']!r}, which is {where}")
+            raise BlueprintUnavailable(f"run {run_id!r} uses blueprint {meta.blueprint_id!r}, which is {where}")
         return bp
 
-    async def _find_blueprint(self, meta: dict[str, Any]) -> Blueprint | None:
+    async def _find_blueprint(self, meta: RunMeta) -> Blueprint | None:
         """The blueprint a run was started with: the loaded one at the run's version, else the run's own
         definition (``load_definition``), else the loaded one at another version. Only for what a client
         does to a run (cancel, resume, reconcile, recover a lost step); a step runs on its worker's own
         blueprint, behind the version gate."""
-        bp = self.blueprints.get(meta["blueprint_id"])
-        version = meta.get("blueprint_version") or ""
+        bp = self.blueprints.get(meta.blueprint_id)
+        version = meta.blueprint_version
         if (bp is None or bp.version != version) and self.load_definition is not None and version:
-            stored = await self.load_definition(meta["blueprint_id"], version)
+            stored = await self.load_definition(meta.blueprint_id, version)
             if stored is not None:
                 return stored
         return bp
+
+
+def _attempt(rec: NodeRecord) -> int:
+    """The attempt of a fired node. A record that has none was never fired and expects no job; meeting one
+    here raises KeyError, as reading the field from the stored object always did."""
+    if rec.attempt is None:
+        raise KeyError("attempt")
+    return rec.attempt
 
 
 def _check_json(value: Any, what: str) -> str:

@@ -10,10 +10,9 @@ from typing import Any
 
 from ..blueprint import Blueprint, EdgeDef
 from ..errors import ExpressionEvalError, InvalidInput
+from .state import REF
 
 log = logging.getLogger("flowcraft.engine")
-
-REF: Any = object()  # "the source's output": resolved from _outputs.<source> when the target fires
 
 
 @dataclass(slots=True)

@@ -6,18 +6,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..blueprint import Blueprint, NodeDef
 from ..errors import NodeFailure, UndecodableValue
-from ..ids import field_name
 from ..jobs import Job
-from ..store import BATCH, NODES, Txn
+from ..store import Txn
 from .builtins import batch, function, loop, sleep, subflow, wait
 from .lifecycle import RunTxn
 from .reads import read_node_input, read_route
-from .state import FINAL_STATUSES, NodeStatus, RunStatus
+from .state import (
+    FINAL_STATUSES,
+    ItemStatus,
+    JobKind,
+    NodeRecord,
+    NodeStatus,
+    RunStatus,
+    read_item,
+    read_node,
+    write_item,
+    write_node,
+)
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -40,11 +51,12 @@ class Step:
         self.claimed = False  # this step took the node's claim (its commit must still find its token)
         self.listed = False  # listed under this worker by its claim, and not unlisted by a commit yet
         self.failure: str | None = None  # the error, when the attempt this step ran failed
+        self.resumed = False  # its claim took over a child run or batch already under way
 
     async def txn(self, fn: Callable[[RunTxn], Any]) -> Any:
         async def wrapped(t: Txn) -> Any:
             run = RunTxn(self.engine, t, self.bp)
-            if (await run.meta())["status"] in FINAL_STATUSES:
+            if (await run.meta()).status in FINAL_STATUSES:
                 return None
             result = await fn(run)
             return (result, run.scheduled)
@@ -71,7 +83,7 @@ class Step:
         log.error("job %s: %s; failing the run", self.job.job_id, error)
 
         async def fn(run: RunTxn) -> None:
-            run.set_meta("failed_node", self.node.id)
+            run.set_meta(failed_node=self.node.id)
             await run.finalize(RunStatus.FAILED, f"node {self.node.id!r}: {error}")
 
         try:
@@ -85,19 +97,18 @@ class Step:
         job = self.job
 
         async def fn(run: RunTxn) -> bool:
-            if job.kind == "item":
-                key = field_name(self.node.id, job.seq, "s", job.item)
-                st = await run.t.get(BATCH, key)
-                if st and st.get("token") == self.token and st["status"] == "running":
-                    run.t.put(BATCH, key, {**st, "status": "queued", "token": None, "job": None})
+            if job.kind == JobKind.ITEM:
+                st = await read_item(run.t, self.node.id, job.seq, job.item)
+                if st is not None and st.token == self.token and st.status == ItemStatus.RUNNING:
+                    write_item(run.t, self.node.id, job.seq, job.item,
+                               replace(st, status=ItemStatus.QUEUED, token=None, job=None))
                     self.unlist_step(run)
                     return True
                 return False
-            rec = await run.t.get(NODES, self.node.id)
-            if rec and rec.get("token") == self.token and rec["status"] == NodeStatus.RUNNING \
-                    and not rec.get("child") and rec.get("items") is None:
-                run.t.put(NODES, self.node.id, {**rec, "status": NodeStatus.QUEUED.value, "token": None,
-                                                "job": None})
+            rec = await read_node(run.t, self.node.id)
+            if rec is not None and rec.token == self.token and rec.status == NodeStatus.RUNNING \
+                    and not rec.child and rec.items is None:
+                write_node(run.t, self.node.id, replace(rec, status=NodeStatus.QUEUED, token=None, job=None))
                 self.unlist_step(run)
                 return True
             return False
@@ -112,62 +123,65 @@ class Step:
 
     async def _dispatch(self) -> list[tuple[str, Job]]:
         kind = self.job.kind
-        if kind in ("exec", "fallback"):
+        if kind in (JobKind.EXEC, JobKind.FALLBACK):
             return await self._run_exec()
-        if kind == "item":
+        if kind == JobKind.ITEM:
             return await batch.run_item(self)
-        if kind == "gather":
+        if kind == JobKind.GATHER:
             return await batch.run_gather(self)
-        if kind == "wake":
+        if kind == JobKind.WAKE:
             return await sleep.run_wake(self)
-        if kind in ("child", "child_wait"):
+        if kind in (JobKind.CHILD, JobKind.CHILD_WAIT):
             return await subflow.run_child(self)
         return []
 
     # ---- claim
 
-    async def claim(self) -> dict[str, Any] | None:
+    async def claim(self) -> NodeRecord | None:
+        """Take the node's claim for this step: the record as claimed, or None (stale, held elsewhere, run
+        finished). A step whose child run or batch is already under way is taken over (``resumed``)."""
         job, now = self.job, self.engine.clock()
 
-        async def fn(run: RunTxn) -> dict[str, Any] | None:
-            rec = await run.t.get(NODES, self.node.id)
-            if not rec or rec["seq"] != job.seq or rec.get("phase", "exec") != job.kind \
-                    or rec["attempt"] != job.attempt or rec.get("recovery", 0) != job.recovery:
+        async def fn(run: RunTxn) -> tuple[NodeRecord, bool] | None:
+            rec = await read_node(run.t, self.node.id)
+            if rec is None or rec.seq != job.seq or rec.current_phase != job.kind \
+                    or rec.attempt != job.attempt or (rec.recovery or 0) != job.recovery:
                 return None
-            if rec["status"] == NodeStatus.RUNNING:
+            if rec.status == NodeStatus.RUNNING:
                 if await self.engine.claim_is_held(rec):
                     self.held_elsewhere = True
                     return None
-                if rec.get("child") or rec.get("items") is not None:
+                if rec.child or rec.items is not None:
                     # its child run / batch is already under way: take the claim over and drive it on
-                    run.t.put(NODES, self.node.id, {**rec, "worker": self.engine.worker_id, "job": job.job_id})
+                    write_node(run.t, self.node.id, replace(rec, worker=self.engine.worker_id, job=job.job_id))
                     self.list_step(run)
-                    return {**rec, "_resume": True}
-                if rec.get("worker") and rec["worker"] != self.engine.worker_id:
+                    return rec, True
+                if rec.worker and rec.worker != self.engine.worker_id:
                     # arq handed on the job of a worker that died holding it: that attempt was lost
-                    rec, failed = await run.lose_attempt(self.node, rec, job, rec["worker"])
+                    rec, failed = await run.lose_attempt(self.node, rec, job, rec.worker)
                     if failed:
                         await run.settle()
                         return None
-            elif rec["status"] != NodeStatus.QUEUED:
+            elif rec.status != NodeStatus.QUEUED:
                 return None
-            new = {**rec, "status": NodeStatus.RUNNING.value, "token": self.token, "worker": self.engine.worker_id,
-                   "job": job.job_id, "attempt_started_at": now}
-            if job.attempt == 1 and job.kind == "exec":
-                new["started_at"] = now
-            run.t.put(NODES, self.node.id, new)
+            new = replace(rec, status=NodeStatus.RUNNING, token=self.token, worker=self.engine.worker_id,
+                          job=job.job_id, attempt_started_at=now)
+            if job.attempt == 1 and job.kind == JobKind.EXEC:
+                new.started_at = now
+            write_node(run.t, self.node.id, new)
             self.list_step(run)
-            return new
+            return new, False
 
         got = await self.txn(fn)
         if got is None or got[0] is None:
             self.stale = not self.held_elsewhere and got is not None
             log.debug("job %s: not claimable (duplicate, stale, held elsewhere or run finished)", job.job_id)
             return None
-        self.claimed = not got[0].get("_resume")
+        claimed, self.resumed = got[0]
+        self.claimed = not self.resumed
         if self.claimed and self.engine.on_claim is not None:
             self.engine.on_claim(self.bp.id, job)
-        return got[0]
+        return claimed
 
     def list_step(self, run: RunTxn) -> None:
         """List this step under its worker, in the claim's own transaction: from then on it is held while the
@@ -179,15 +193,15 @@ class Step:
         if self.listed:
             run.t.listing.append((self.engine.worker_id, self.job.job_id, None))
 
-    async def commit(self, fn: Callable[[RunTxn, dict[str, Any]], Any], *, token: str | None = None,
-                      status: NodeStatus = NodeStatus.RUNNING, unlist: bool = True) -> list[tuple[str, Job]]:
+    async def commit(self, fn: Callable[[RunTxn, NodeRecord], Awaitable[None]], *, token: str | None = None,
+                     status: NodeStatus = NodeStatus.RUNNING, unlist: bool = True) -> list[tuple[str, Job]]:
         """Run ``fn`` if the node is still in the state this step left it in (same token). ``unlist=False``:
         the step goes on after this commit (a subflow starts its child run), so it stays listed."""
         expect = token or self.token
 
         async def wrapped(run: RunTxn) -> bool:
-            rec = await run.t.get(NODES, self.node.id)
-            if not rec or rec["seq"] != self.job.seq or rec["status"] != status or rec.get("token") != expect:
+            rec = await read_node(run.t, self.node.id)
+            if rec is None or rec.seq != self.job.seq or rec.status != status or rec.token != expect:
                 return False
             await fn(run, rec)
             await run.settle()
@@ -217,7 +231,7 @@ class Step:
         if rec is None:
             return []
         node = self.node
-        runner = node if self.job.kind == "exec" else self.bp.node_map[node.config.fallback or ""]
+        runner = node if self.job.kind == JobKind.EXEC else self.bp.node_map[node.config.fallback or ""]
         node_input = await read_node_input(self.engine.store, self.bp, node, self.run_id)
         uses = runner.uses
         if uses == "loop-controller":
@@ -252,14 +266,14 @@ class Step:
                                "error": error, "traceback": tb})
 
     async def succeed(self, output: Any, action: str | None, writes: Mapping[str, Any], node_input: Any,
-                       runner: NodeDef | None = None, token: str | None = None,
-                       status: NodeStatus = NodeStatus.RUNNING) -> list[tuple[str, Job]]:
+                      runner: NodeDef | None = None, token: str | None = None,
+                      status: NodeStatus = NodeStatus.RUNNING) -> list[tuple[str, Job]]:
         """Route the result (reads outside the transaction), then commit it if the node is still ``status``
         with this step's token."""
         route = await read_route(self.engine.store, self.bp, self.node, self.run_id, output, action, writes, node_input)
         fallback_of = self.node.id if runner is not None and runner.id != self.node.id else None
 
-        async def fn(run: RunTxn, rec: dict[str, Any]) -> None:
+        async def fn(run: RunTxn, rec: NodeRecord) -> None:
             await run.complete(runner or self.node, rec, output, action, route, writes, fallback_of=fallback_of)
 
         return await self.commit(fn, token=token, status=status)

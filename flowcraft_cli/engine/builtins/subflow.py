@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ...blueprint import NodeDef
 from ...errors import InvalidInput
 from ...ids import child_run_id
 from ...jobs import Job
-from ...store import MISSING, NODES, OUTBOX, STATE
+from ...store import MISSING, OUTBOX, STATE
 from ..lifecycle import RunTxn
 from ..reads import read_node_input
-from ..state import NodeStatus, RunStatus
+from ..state import JobKind, NodeRecord, NodeStatus, ParentRef, RunStatus, fetch_node, write_node
 
 if TYPE_CHECKING:
     from ..step import Step
 
 
-async def run_subflow(step: Step, rec: dict[str, Any], runner: NodeDef, node_input: Any) -> list[tuple[str, Job]]:
+async def run_subflow(step: Step, rec: NodeRecord, runner: NodeDef, node_input: Any) -> list[tuple[str, Job]]:
     """subflow: a child run linked to this node; the child's end schedules a ``child`` job here."""
     params = runner.params
     child_bp = str(params.get("blueprintId"))
@@ -32,38 +33,38 @@ async def run_subflow(step: Step, rec: dict[str, Any], runner: NodeDef, node_inp
             seed[child_key] = ctx_v if ctx_v is not MISSING else (None if out_v is MISSING else out_v)
     child_input = seed if seed is not None else node_input
     scheduled: list[tuple[str, Job]] = []
-    if not rec.get("_resume"):
-        async def fn(run: RunTxn, r: dict[str, Any]) -> None:
-            run.t.put(NODES, step.node.id, {**r, "child": child_id})
+    if not step.resumed:
+        async def fn(run: RunTxn, r: NodeRecord) -> None:
+            write_node(run.t, step.node.id, replace(r, child=child_id))
         scheduled = await step.commit(fn, unlist=False)  # listed until the child run exists
         if step.stale:  # the node moved on (duplicate delivery, or the run finished): start no child
             return []
-    parent = {"run_id": step.run_id, "node_id": step.node.id, "seq": step.job.seq, "attempt": step.job.attempt}
+    parent = ParentRef(step.run_id, step.node.id, step.job.seq, step.job.attempt)
     try:
         _, jobs = await step.engine.start_run(child_bp, child_input, run_id=child_id, parent=parent, seed=seed)
-        if not jobs and rec.get("_resume"):
+        if not jobs and step.resumed:
             # driven on after a crash: the child may exist with its start jobs still in its outbox
             jobs = [(child_id, Job.from_dict(d)) for d in (await step.engine.store.read_all(child_id, OUTBOX)).values()]
     except InvalidInput as e:
         error = str(e)
-        token = rec.get("token") if rec.get("_resume") else None
+        token = rec.token if step.resumed else None
         return scheduled + await step.commit(
             lambda run, r: run.fail_node(step.node, r, step.job, error, True), token=token)
     return scheduled + jobs
 
 
-async def _child_awaits(step: Step, rec: dict[str, Any], child_id: str) -> list[tuple[str, Job]]:
+async def _child_awaits(step: Step, rec: NodeRecord, child_id: str) -> list[tuple[str, Job]]:
     """The child run rests awaiting: this node awaits too, so the parent run can rest; a resume of this
     node is passed on to the child."""
-    async def fn(run: RunTxn, r: dict[str, Any]) -> None:
+    async def fn(run: RunTxn, r: NodeRecord) -> None:
         m = await run.meta()
-        run.t.put(NODES, step.node.id, {**r, "status": NodeStatus.AWAITING.value})
-        run.set_meta("awaiting_nodes", [*(m["awaiting_nodes"] or []), step.node.id])
+        write_node(run.t, step.node.id, replace(r, status=NodeStatus.AWAITING))
+        run.set_meta(awaiting_nodes=[*m.awaiting_nodes, step.node.id])
         run.add_pending(-1)
         run.t.event({"type": "node_awaiting", "ts": step.engine.clock(), "node": step.node.id,
                      "child": child_id})
 
-    scheduled = await step.commit(fn, token=rec.get("token"))
+    scheduled = await step.commit(fn, token=rec.token)
     if await step.engine.store.read_status(child_id) is not None:
         # the child ended meanwhile (resumed directly): wake this node and finish it now
         return scheduled + await run_child(step)
@@ -71,33 +72,33 @@ async def _child_awaits(step: Step, rec: dict[str, Any], child_id: str) -> list[
 
 
 async def run_child(step: Step) -> list[tuple[str, Job]]:
-    r = (await step.engine.store.read(step.run_id, NODES, [step.node.id]))[0]
-    if r is MISSING or r["seq"] != step.job.seq or not r.get("child") or \
-            r["status"] not in (NodeStatus.RUNNING, NodeStatus.AWAITING):
+    r = await fetch_node(step.engine.store, step.run_id, step.node.id)
+    if r is None or r.seq != step.job.seq or not r.child or r.status not in (NodeStatus.RUNNING, NodeStatus.AWAITING):
         step.stale = True
         return []
-    child_id = r["child"]
+    child_id = r.child
     status = await step.engine.store.read_status(child_id)
     if status is None:
         child_meta = await step.engine.find_meta(child_id)
-        if child_meta and child_meta["status"] == RunStatus.AWAITING and r["status"] == NodeStatus.RUNNING:
+        if child_meta and child_meta.status == RunStatus.AWAITING and r.status == NodeStatus.RUNNING:
             return await _child_awaits(step, r, child_id)
         return []
-    if r["status"] == NodeStatus.AWAITING:
+    if r.status == NodeStatus.AWAITING:
         # the child was resumed directly and has ended: this node is busy again until it settles below
-        async def wake(run: RunTxn, rr: dict[str, Any]) -> None:
+        async def wake(run: RunTxn, rr: NodeRecord) -> None:
             m = await run.meta()
-            run.t.put(NODES, step.node.id, {**rr, "status": NodeStatus.RUNNING.value})
-            run.set_meta("awaiting_nodes", [n for n in m["awaiting_nodes"] or [] if n != step.node.id])
+            write_node(run.t, step.node.id, replace(rr, status=NodeStatus.RUNNING))
+            run.set_meta(awaiting_nodes=[n for n in m.awaiting_nodes if n != step.node.id])
             run.add_pending(1)
 
-        await step.commit(wake, token=r.get("token"), status=NodeStatus.AWAITING)
-        r = {**r, "status": NodeStatus.RUNNING.value}
-    runner = step.node if r.get("phase", "exec") == "exec" else step.bp.node_map[step.node.config.fallback or ""]
-    job = Job(step.run_id, step.node.id, step.job.seq, r.get("phase", "exec"), r["attempt"])
+        await step.commit(wake, token=r.token, status=NodeStatus.AWAITING)
+        r = replace(r, status=NodeStatus.RUNNING)
+    phase = r.current_phase
+    runner = step.node if phase == JobKind.EXEC else step.bp.node_map[step.node.config.fallback or ""]
+    job = Job(step.run_id, step.node.id, step.job.seq, phase.value, r.attempt or 0)
     if status["status"] != RunStatus.COMPLETED:
         msg = f"subflow {runner.params.get('blueprintId')!r} (run {child_id}) {status['status']}: {status.get('reason')}"
-        return await step.commit(lambda run, rr: run.fail_node(step.node, rr, job, msg, False), token=r.get("token"))
+        return await step.commit(lambda run, rr: run.fail_node(step.node, rr, job, msg, False), token=r.token)
     child_ctx = await step.engine.store.read_all(child_id, STATE)
     outputs = runner.params.get("outputs")
     writes: dict[str, Any] = {}
@@ -112,5 +113,5 @@ async def run_child(step: Step) -> list[tuple[str, Job]]:
         output = next(iter(done.values())) if len(done) == 1 else done
     node_input = await read_node_input(step.engine.store, step.bp, step.node, step.run_id)
     if runner is not step.node:
-        return await step.succeed(output, None, writes, node_input, runner, token=r.get("token"))
-    return await step.succeed(output, None, writes, node_input, token=r.get("token"))
+        return await step.succeed(output, None, writes, node_input, runner, token=r.token)
+    return await step.succeed(output, None, writes, node_input, token=r.token)
