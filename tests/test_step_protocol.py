@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from flowcraft_cli.distributed import keys
 from flowcraft_cli.distributed.adapter import ArqAdapter
-from flowcraft_cli.engine import Recovery
+from flowcraft_cli.engine import Recovery, StepOutcome
 from flowcraft_cli.jobs import Job
 from tests.harness import make_adapter
 
@@ -170,7 +170,7 @@ def test_recovered_step_fences_off_its_old_claim(redis_url, redis_sync, caplog):
         view, stale = asyncio.run(go())
     assert view.status == "completed"
     assert view.outputs["a"] == 2  # the recovered attempt's result; the old one was dropped
-    assert stale.scheduled == [] and stale.note == "stale"
+    assert stale.scheduled == [] and stale.outcome == StepOutcome.STALE
     assert any("fenced off" in r.getMessage() for r in caplog.records)
     assert len(set(runs)) == 1  # one idempotency key for both runs of the one execution
     lost = [t for t in view.timeline if t["outcome"] == "lost"]

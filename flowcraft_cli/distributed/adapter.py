@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ..blueprint import Blueprint
-from ..engine import Engine, EngineSettings, Handled, Recovery, now_ms
+from ..engine import Engine, EngineSettings, Handled, Recovery, StepOutcome, now_ms
 from ..jobs import Job
 from ..registry import NodeRegistry
 from ..store import OUTBOX, RUN
@@ -348,7 +348,7 @@ class ArqAdapter:
             if _FAILPOINT and _FAILPOINT == f"after-commit:{job.node_id}":
                 os._exit(137)  # fault-injection for the crash tests: die between a commit and its queueing
             await self.flush(handled.scheduled)
-            if (handled.note == "stale" or handled.note.startswith("run is")) and \
+            if handled.outcome in (StepOutcome.STALE, StepOutcome.RUN_FINISHED) and \
                     await self.redis.hlen(keys.kind_key(OUTBOX, job.run_id)):
                 # a redelivered step that already happened: what it decided may have been lost between its
                 # commit and the queueing (the worker died there), so finish that part now
@@ -370,13 +370,13 @@ class ArqAdapter:
                 self.in_flight.pop(job_id, None)
         if handled.retry_after_s is not None:
             defer = handled.retry_after_s
-            if handled.note == "version mismatch" and await self._served_elsewhere(job):
+            if handled.outcome == StepOutcome.VERSION_MISMATCH and await self._served_elsewhere(job):
                 defer = 0.2  # a live worker has the right version: let it have the job soon
             raise Retry(defer=defer)
         if handled.failed is not None:
             # arq saw the step return normally; this result makes its log line say the attempt failed
             return f"{FAILED_RESULT} attempt {job.attempt} of node {job.node_id}: {handled.failed}"
-        return handled.note or "ok"
+        return handled.describe()
 
     async def _served_elsewhere(self, job: Job) -> bool:
         meta = await self.store.read(job.run_id, RUN, ["blueprint_id", "blueprint_version"])
@@ -463,7 +463,6 @@ class ArqAdapter:
 
     def stop(self) -> None:
         """Stop picking jobs; in-flight steps get ``shutdown_wait_s`` to finish, then are handed back."""
-        self.engine.draining = True
         if not self._stopping.is_set():
             log.info("stopping: finishing in-flight steps (up to %.0fs), then handing back the rest",
                      self.shutdown_wait_s)

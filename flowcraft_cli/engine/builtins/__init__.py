@@ -1,0 +1,1 @@
+"""The built-in node types, one module each; ``function`` calls a registered user function."""

@@ -1,0 +1,413 @@
+"""A run's stored state, typed: statuses and kinds (StrEnums), the records kept in the run's hashes
+(``RunMeta``, ``NodeRecord``, ``BatchItem``, join ``Arrival``s) and the one codec for composite field names.
+
+Records meet JSON only here: ``from_json`` / ``to_json`` at the store boundary, through ``read_*`` /
+``write_*`` helpers over a ``Txn``. The stored JSON keeps the field names the engine always wrote (``view``,
+the CLI, other workers and tests read them): an optional field is ``None`` exactly when it is absent from
+the stored object, and an unknown field read from the store is kept and written back as it was (a newer
+worker's field survives an older worker's update).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from typing import Any, Self
+
+from ..ids import field_name
+from ..store import BATCH, JOINS, MISSING, NODES, RUN, Store, Txn
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    AWAITING = "awaiting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class NodeStatus(StrEnum):
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SLEEPING = "sleeping"
+    AWAITING = "awaiting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"  # was waiting or running when its run was cancelled
+
+
+class Recovery(StrEnum):
+    """What recovering a step of a dead (or dropped) claim found."""
+
+    NOTHING = "nothing"  # the step already moved on: nothing to do
+    UNKNOWN = "unknown"  # this worker cannot judge the run (blueprint or version not loaded): leave it
+    REQUEUE = "requeue"  # the step was never claimed: queue the same job again
+    RECOVERED = "recovered"  # a claimed step was lost: recorded, and a new job (a new id) scheduled
+
+
+class StepOutcome(StrEnum):
+    """What handling one job came to (``Handled.outcome``); the worker's log line says it."""
+
+    OK = "ok"  # the step ran (its node attempt may still have failed: ``Handled.failed``)
+    STALE = "stale"  # the node no longer expects this step: a duplicate or late delivery, nothing done
+    HELD_ELSEWHERE = "held elsewhere"  # a live worker runs this very step: this copy has nothing to do
+    RUN_FINISHED = "run finished"  # the run had ended before this step: nothing done
+    UNKNOWN_RUN = "unknown run"  # the run does not exist (expired or never started): dropped
+    UNKNOWN_NODE = "unknown node"  # the node is not in the run's blueprint: dropped
+    VERSION_MISMATCH = "version mismatch"  # this worker lacks the run's blueprint version: try again later
+    VERSION_GRACE_EXPIRED = "version grace expired"  # no matching worker came in time: the run failed
+
+
+FINAL_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+RESTING_STATUSES = FINAL_STATUSES | {RunStatus.AWAITING}
+ACTIVE_NODE = frozenset({NodeStatus.QUEUED, NodeStatus.RUNNING, NodeStatus.SLEEPING, NodeStatus.AWAITING})
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class JobKind(StrEnum):
+    """A job's kind (``jobs.Job.kind``), and a node record's ``phase`` (EXEC or FALLBACK)."""
+
+    EXEC = "exec"  # run the node (attempt N)
+    FALLBACK = "fallback"  # run the node's fallback (attempt N)
+    ITEM = "item"  # one batch item
+    GATHER = "gather"  # finish a batch
+    WAKE = "wake"  # end a sleep
+    CHILD = "child"  # a subflow's child run has finished
+    CHILD_WAIT = "child_wait"  # a subflow's child run rests awaiting
+
+
+class ItemStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+REF: Any = object()  # "the source's output": resolved from _outputs.<source> when the target fires
+
+
+# ---------------------------------------------------------------------------------------------- field names
+# Every part is escaped by ids.field_name, so node ids holding "|" or "#" cannot collide (CONTRACT §6.1).
+
+
+def arrival_field(target: str, gen: int, source: str) -> str:
+    """JOINS: ``source``'s arrival at ``target`` in generation ``gen``."""
+    return field_name(target, gen, source)
+
+
+def count_field(target: str, gen: int) -> str:
+    """JOINS: a join's ``[decided, taken]`` count: a bare ``#`` part, which no escaped source id can be."""
+    return field_name(target, gen) + "|#"
+
+
+def batch_size_field(node_id: str, seq: int) -> str:
+    """BATCH: how many items the batch has."""
+    return field_name(node_id, seq, "n")
+
+
+def batch_done_field(node_id: str, seq: int) -> str:
+    """BATCH: how many items are done."""
+    return field_name(node_id, seq, "done")
+
+
+def batch_input_field(node_id: str, seq: int, item: int) -> str:
+    """BATCH: an item's input."""
+    return field_name(node_id, seq, "i", item)
+
+
+def batch_state_field(node_id: str, seq: int, item: int) -> str:
+    """BATCH: an item's ``BatchItem``."""
+    return field_name(node_id, seq, "s", item)
+
+
+def batch_result_field(node_id: str, seq: int, item: int) -> str:
+    """BATCH: an item's result."""
+    return field_name(node_id, seq, "r", item)
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+def _split(cls: type, data: Mapping[str, Any], what: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The known fields of ``cls`` in ``data``, and the rest."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{what} must be a JSON object, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)} - {"extra"}
+    return {k: v for k, v in data.items() if k in names}, {k: v for k, v in data.items() if k not in names}
+
+
+def _present(rec: Any, always: Iterable[str] = ()) -> dict[str, Any]:
+    """The fields of a record that are stored: the ``always`` ones, and every other that is not None."""
+    keep = set(always)
+    return {f.name: getattr(rec, f.name) for f in fields(rec)
+            if f.name != "extra" and (f.name in keep or getattr(rec, f.name) is not None)}
+
+
+@dataclass(slots=True)
+class ParentRef:
+    """A subflow child run's parent: the node (and its firing and attempt) that started it."""
+
+    run_id: str
+    node_id: str
+    seq: int
+    attempt: int
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        return cls(str(data["run_id"]), str(data["node_id"]), int(data["seq"]), int(data["attempt"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "node_id": self.node_id, "seq": self.seq, "attempt": self.attempt}
+
+
+@dataclass(slots=True)
+class RunMeta:
+    """The run's meta hash (RUN), one stored field per attribute (``META_FIELDS``). Read whole; written
+    field by field, only the fields a transaction changes (``RunTxn.set_meta``)."""
+
+    status: RunStatus | None  # None: the run does not exist (never started, or its keys expired)
+    reason: str | None = None
+    blueprint_id: str = ""
+    blueprint_version: str = ""
+    pending: int = 0
+    awaiting_nodes: list[str] = field(default_factory=list)
+    created_at: int | None = None
+    finished_at: int | None = None
+    parent: ParentRef | None = None
+    failed_node: str | None = None
+    version_wait_since: int | None = None
+    keep_until: int | None = None  # epoch ms: the run's keys live at least until then (a long sleep)
+    ancestors: list[str] = field(default_factory=list)  # subflow parents, outermost first
+    queue: str | None = None  # written by the Redis store at the run's start
+
+    @classmethod
+    def from_fields(cls, values: Mapping[str, Any]) -> Self:
+        """From the meta hash's fields (absent or null ones missing or None)."""
+        parent = values.get("parent")
+        status = values.get("status")
+        return cls(
+            status=None if status is None else RunStatus(status), reason=values.get("reason"),
+            blueprint_id=values.get("blueprint_id") or "", blueprint_version=values.get("blueprint_version") or "",
+            pending=int(values.get("pending") or 0), awaiting_nodes=list(values.get("awaiting_nodes") or []),
+            created_at=values.get("created_at"), finished_at=values.get("finished_at"),
+            parent=None if not parent else ParentRef.from_json(parent), failed_node=values.get("failed_node"),
+            version_wait_since=values.get("version_wait_since"), keep_until=values.get("keep_until"),
+            ancestors=list(values.get("ancestors") or []), queue=values.get("queue"),
+        )
+
+    def field_json(self, name: str) -> Any:
+        """One field as it is stored."""
+        value = getattr(self, name)
+        if isinstance(value, StrEnum):
+            return value.value
+        if isinstance(value, ParentRef):
+            return value.to_json()
+        if isinstance(value, list):
+            return list(value)
+        return value
+
+
+META_FIELDS = tuple(f.name for f in fields(RunMeta))
+
+
+@dataclass(slots=True)
+class Held:
+    """A loop-back arrival a loop-controller holds while its body is busy (``NodeRecord.held``)."""
+
+    source: str
+    value: Any = REF  # REF: the source's output
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        return cls(str(data["src"]), data["v"] if "v" in data else REF)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"src": self.source, **({} if self.value is REF else {"v": self.value})}
+
+
+@dataclass(slots=True)
+class NodeRecord:
+    """A node's record (NODES). ``status``, ``seq``, ``runs`` and ``gen`` are always stored; every other
+    field is ``None`` exactly when it is absent from the stored object."""
+
+    status: NodeStatus = NodeStatus.PENDING
+    seq: int = 0  # which firing: each fire (a retry of the run, a loop iteration) makes a new one
+    runs: int = 0  # how many times it finished
+    gen: int = 0  # its loop generation: a loop ``continue`` moves the body to the next one
+    fired_gen: int | None = None  # the generation it was last fired or skipped in
+    attempt: int | None = None
+    phase: JobKind | None = None  # EXEC or FALLBACK; absent reads as EXEC
+    queued_at: int | None = None
+    iter: int | None = None  # loop-controllers: iterations run
+    busy: int | None = None  # loop-controllers: body nodes fired and not finished
+    held: Held | None = None  # loop-controllers: the loop-back arrival waiting for an idle body
+    token: str | None = None  # the claim of the step running it (its commit must find it)
+    worker: str | None = None
+    job: str | None = None  # the job id of the claimed step
+    attempt_started_at: int | None = None
+    started_at: int | None = None
+    finished_at: int | None = None
+    error: str | None = None
+    action: str | None = None
+    child: str | None = None  # subflows: the child run
+    items: int | None = None  # batches: how many items, once expanded
+    retry_at: int | None = None
+    exec_attempts: int | None = None  # attempts of the node itself, once its fallback runs
+    fallback: str | None = None  # the fallback node running (or run) for it
+    fallback_for: str | None = None  # on a fallback node's own record: the node it stood in for
+    lost_in_row: int | None = None
+    recovery: int | None = None  # how often its step was recovered (part of the job id)
+    wake_at: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown stored fields, kept as they were
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        known, extra = _split(cls, data, "a node record")
+        if "status" in known:
+            known["status"] = NodeStatus(known["status"])
+        if known.get("phase") is not None:
+            known["phase"] = JobKind(known["phase"])
+        if known.get("held") is not None:
+            known["held"] = Held.from_json(known["held"])
+        return cls(**known, extra=extra)
+
+    def to_json(self) -> dict[str, Any]:
+        out = _present(self, ("status", "seq", "runs", "gen"))
+        out["status"] = self.status.value
+        if self.phase is not None:
+            out["phase"] = self.phase.value
+        if self.held is not None:
+            out["held"] = self.held.to_json()
+        return {**self.extra, **out}
+
+    @property
+    def current_phase(self) -> JobKind:
+        return self.phase or JobKind.EXEC
+
+
+@dataclass(slots=True)
+class BatchItem:
+    """One batch item's bookkeeping (BATCH ``batch_state_field``): its attempt and claim."""
+
+    status: ItemStatus
+    attempt: int
+    recovery: int | None = None
+    lost_in_row: int | None = None
+    token: str | None = None
+    worker: str | None = None
+    job: str | None = None
+    attempt_started_at: int | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown stored fields, kept as they were
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        known, extra = _split(cls, data, "a batch item")
+        known["status"] = ItemStatus(known["status"])
+        return cls(**known, extra=extra)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.extra, **_present(self, ("status", "attempt")), "status": self.status.value}
+
+
+@dataclass(slots=True)
+class Arrival:
+    """A predecessor's arrival at a join (JOINS ``arrival_field``): taken or not, and the value it
+    delivers (REF: the source's output)."""
+
+    taken: bool
+    value: Any = REF
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        return cls(bool(data.get("t")), data["v"] if "v" in data else REF)
+
+    def to_json(self) -> dict[str, Any]:
+        if self.value is REF or not self.taken:
+            return {"t": self.taken}
+        return {"t": True, "v": self.value}
+
+
+# ---------------------------------------------------------------------------------------------- in a Txn
+# (and, for what a step reads before its transaction, straight from the Store)
+
+
+async def fetch_node(store: Store, run_id: str, node_id: str) -> NodeRecord | None:
+    """A node's record, read outside any transaction."""
+    got = (await store.read(run_id, NODES, [node_id]))[0]
+    return None if got is MISSING else NodeRecord.from_json(got)
+
+
+async def fetch_all_nodes(store: Store, run_id: str) -> dict[str, NodeRecord]:
+    """Every node record of a run, read outside any transaction."""
+    return {k: NodeRecord.from_json(v) for k, v in (await store.read_all(run_id, NODES)).items()}
+
+
+async def fetch_meta(store: Store, run_id: str) -> RunMeta:
+    """The run's meta, read outside any transaction (``status`` None: no such run)."""
+    values = await store.read(run_id, RUN, list(META_FIELDS))
+    return RunMeta.from_fields({k: v for k, v in zip(META_FIELDS, values, strict=True) if v is not MISSING})
+
+
+async def read_node(t: Txn, node_id: str) -> NodeRecord | None:
+    data = await t.get(NODES, node_id)
+    return None if data is None else NodeRecord.from_json(data)
+
+
+async def read_nodes(t: Txn, node_ids: Iterable[str]) -> dict[str, NodeRecord]:
+    return {k: NodeRecord.from_json(v) for k, v in (await t.get_many(NODES, node_ids)).items()}
+
+
+async def read_all_nodes(t: Txn) -> dict[str, NodeRecord]:
+    return {k: NodeRecord.from_json(v) for k, v in (await t.get_all(NODES)).items()}
+
+
+def write_node(t: Txn, node_id: str, rec: NodeRecord) -> None:
+    t.put(NODES, node_id, rec.to_json())
+
+
+async def read_meta(t: Txn) -> RunMeta:
+    got = await t.get_many(RUN, META_FIELDS)
+    return RunMeta.from_fields(got)
+
+
+async def read_item(t: Txn, node_id: str, seq: int, item: int) -> BatchItem | None:
+    data = await t.get(BATCH, batch_state_field(node_id, seq, item))
+    return None if data is None else BatchItem.from_json(data)
+
+
+def write_item(t: Txn, node_id: str, seq: int, item: int, st: BatchItem) -> None:
+    t.put(BATCH, batch_state_field(node_id, seq, item), st.to_json())
+
+
+async def read_arrivals(t: Txn, target: str, gen: int, sources: Iterable[str]) -> dict[str, Arrival]:
+    """The arrivals at ``target`` in ``gen`` from ``sources``, by source."""
+    by_field = {arrival_field(target, gen, s): s for s in sources}
+    got = await t.get_many(JOINS, by_field)
+    return {by_field[f]: Arrival.from_json(v) for f, v in got.items()}
+
+
+async def read_arrival(t: Txn, target: str, gen: int, source: str) -> Arrival | None:
+    data = await t.get(JOINS, arrival_field(target, gen, source))
+    return None if data is None else Arrival.from_json(data)
+
+
+def write_arrival(t: Txn, target: str, gen: int, source: str, arrival: Arrival) -> None:
+    t.put(JOINS, arrival_field(target, gen, source), arrival.to_json())
+
+
+async def read_count(t: Txn, target: str, gen: int) -> tuple[int, int] | None:
+    """A join's ``(decided, taken)`` count in ``gen``, None when nothing arrived yet."""
+    got = await t.get(JOINS, count_field(target, gen))
+    return None if not got else (int(got[0]), int(got[1]))
+
+
+def write_count(t: Txn, target: str, gen: int, counts: tuple[int, int]) -> None:
+    t.put(JOINS, count_field(target, gen), list(counts))

@@ -1,0 +1,279 @@
+"""One job handled: claim the node's step (or batch item) in a transaction, do the work outside any
+transaction (``builtins``), then commit the outcome in one transaction, fenced by the claim's token."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from ..blueprint import Blueprint, NodeDef
+from ..errors import NodeFailure, UndecodableValue
+from ..jobs import Job
+from ..store import Txn
+from .builtins import batch, function, loop, sleep, subflow, wait
+from .lifecycle import RunTxn
+from .reads import read_node_input, read_route
+from .state import (
+    FINAL_STATUSES,
+    ItemStatus,
+    JobKind,
+    NodeRecord,
+    NodeStatus,
+    RunStatus,
+    read_item,
+    read_node,
+    write_item,
+    write_node,
+)
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+log = logging.getLogger("flowcraft.engine")
+
+
+class Step:
+    """Handling of one job: claim, work, commit."""
+
+    def __init__(self, engine: Engine, bp: Blueprint, node: NodeDef, job: Job) -> None:
+        self.engine = engine
+        self.bp = bp
+        self.node = node
+        self.job = job
+        self.run_id = job.run_id
+        self.token = secrets.token_hex(6)
+        self.held_elsewhere = False  # set when a live step of another delivery holds the node
+        self.stale = False  # set when the node no longer expects this step (duplicate or late delivery)
+        self.claimed = False  # this step took the node's claim (its commit must still find its token)
+        self.listed = False  # listed under this worker by its claim, and not unlisted by a commit yet
+        self.failure: str | None = None  # the error, when the attempt this step ran failed
+        self.resumed = False  # its claim took over a child run or batch already under way
+
+    async def txn(self, fn: Callable[[RunTxn], Any]) -> Any:
+        async def wrapped(t: Txn) -> Any:
+            run = RunTxn(self.engine, t, self.bp)
+            if (await run.meta()).status in FINAL_STATUSES:
+                return None
+            result = await fn(run)
+            return (result, run.scheduled)
+        return await self.engine.store.transact(self.run_id, wrapped)
+
+    async def run(self) -> list[tuple[str, Job]]:
+        self.engine.active_tokens.add(self.token)
+        try:
+            return await self._dispatch()
+        except asyncio.CancelledError:
+            # shutdown, lost Redis, or the queue's own timeout (only if the event loop was blocked past the
+            # engine's attempt cap): hand the step back; a redelivered job claims it at once, and a job the
+            # queue gave up on is queued again by the reconciler
+            await asyncio.shield(self._release())
+            raise
+        except UndecodableValue as e:
+            return await self._fail_undecodable(e)
+        finally:
+            self.engine.active_tokens.discard(self.token)
+
+    async def _fail_undecodable(self, error: UndecodableValue) -> list[tuple[str, Job]]:
+        """A value in the run's hash is not JSON (CONTRACT §6.1): every retry would meet it again, so the run
+        fails now. If even that cannot be written (the run's own records are corrupt), the job is dropped."""
+        log.error("job %s: %s; failing the run", self.job.job_id, error)
+
+        async def fn(run: RunTxn) -> None:
+            run.set_meta(failed_node=self.node.id)
+            await run.finalize(RunStatus.FAILED, f"node {self.node.id!r}: {error}")
+
+        try:
+            got = await self.txn(fn)
+        except UndecodableValue as again:
+            log.error("job %s: cannot fail run %s either (%s); dropped", self.job.job_id, self.run_id, again)
+            return []
+        return got[1] if got else []
+
+    async def _release(self) -> None:
+        job = self.job
+
+        async def fn(run: RunTxn) -> bool:
+            if job.kind == JobKind.ITEM:
+                st = await read_item(run.t, self.node.id, job.seq, job.item)
+                if st is not None and st.token == self.token and st.status == ItemStatus.RUNNING:
+                    write_item(run.t, self.node.id, job.seq, job.item,
+                               replace(st, status=ItemStatus.QUEUED, token=None, job=None))
+                    self.unlist_step(run)
+                    return True
+                return False
+            rec = await read_node(run.t, self.node.id)
+            if rec is not None and rec.token == self.token and rec.status == NodeStatus.RUNNING \
+                    and not rec.child and rec.items is None:
+                write_node(run.t, self.node.id, replace(rec, status=NodeStatus.QUEUED, token=None, job=None))
+                self.unlist_step(run)
+                return True
+            return False
+
+        try:
+            got = await self.txn(fn)
+            if got is not None and got[0]:
+                self.listed = False
+        except Exception:  # Redis gone too: the claim is no longer held here, so the step is recovered
+            log.warning("job %s: could not hand back its claim; it is recovered once this worker's heartbeat "
+                        "(or the reconciler) sees it is no longer running here", job.job_id)
+
+    async def _dispatch(self) -> list[tuple[str, Job]]:
+        kind = self.job.kind
+        if kind in (JobKind.EXEC, JobKind.FALLBACK):
+            return await self._run_exec()
+        if kind == JobKind.ITEM:
+            return await batch.run_item(self)
+        if kind == JobKind.GATHER:
+            return await batch.run_gather(self)
+        if kind == JobKind.WAKE:
+            return await sleep.run_wake(self)
+        if kind in (JobKind.CHILD, JobKind.CHILD_WAIT):
+            return await subflow.run_child(self)
+        return []
+
+    # ---- claim
+
+    async def claim(self) -> NodeRecord | None:
+        """Take the node's claim for this step: the record as claimed, or None (stale, held elsewhere, run
+        finished). A step whose child run or batch is already under way is taken over (``resumed``)."""
+        job, now = self.job, self.engine.clock()
+
+        async def fn(run: RunTxn) -> tuple[NodeRecord, bool] | None:
+            rec = await read_node(run.t, self.node.id)
+            if rec is None or rec.seq != job.seq or rec.current_phase != job.kind \
+                    or rec.attempt != job.attempt or (rec.recovery or 0) != job.recovery:
+                return None
+            if rec.status == NodeStatus.RUNNING:
+                if await self.engine.claim_is_held(rec):
+                    self.held_elsewhere = True
+                    return None
+                if rec.child or rec.items is not None:
+                    # its child run / batch is already under way: take the claim over and drive it on
+                    write_node(run.t, self.node.id, replace(rec, worker=self.engine.worker_id, job=job.job_id))
+                    self.list_step(run)
+                    return rec, True
+                if rec.worker and rec.worker != self.engine.worker_id:
+                    # arq handed on the job of a worker that died holding it: that attempt was lost
+                    rec, failed = await run.lose_attempt(self.node, rec, job, rec.worker)
+                    if failed:
+                        await run.settle()
+                        return None
+            elif rec.status != NodeStatus.QUEUED:
+                return None
+            new = replace(rec, status=NodeStatus.RUNNING, token=self.token, worker=self.engine.worker_id,
+                          job=job.job_id, attempt_started_at=now)
+            if job.attempt == 1 and job.kind == JobKind.EXEC:
+                new.started_at = now
+            write_node(run.t, self.node.id, new)
+            self.list_step(run)
+            return new, False
+
+        got = await self.txn(fn)
+        if got is None or got[0] is None:
+            self.stale = not self.held_elsewhere and got is not None
+            log.debug("job %s: not claimable (duplicate, stale, held elsewhere or run finished)", job.job_id)
+            return None
+        claimed, self.resumed = got[0]
+        self.claimed = not self.resumed
+        if self.claimed and self.engine.on_claim is not None:
+            self.engine.on_claim(self.bp.id, job)
+        return claimed
+
+    def list_step(self, run: RunTxn) -> None:
+        """List this step under its worker, in the claim's own transaction: from then on it is held while the
+        worker lives, and recovered from the list when it dies (CONTRACT §6.1)."""
+        run.t.listing.append((self.engine.worker_id, self.job.job_id, self.job.to_dict()))
+        self.listed = True
+
+    def unlist_step(self, run: RunTxn) -> None:
+        if self.listed:
+            run.t.listing.append((self.engine.worker_id, self.job.job_id, None))
+
+    async def commit(self, fn: Callable[[RunTxn, NodeRecord], Awaitable[None]], *, token: str | None = None,
+                     status: NodeStatus = NodeStatus.RUNNING, unlist: bool = True) -> list[tuple[str, Job]]:
+        """Run ``fn`` if the node is still in the state this step left it in (same token). ``unlist=False``:
+        the step goes on after this commit (a subflow starts its child run), so it stays listed."""
+        expect = token or self.token
+
+        async def wrapped(run: RunTxn) -> bool:
+            rec = await read_node(run.t, self.node.id)
+            if rec is None or rec.seq != self.job.seq or rec.status != status or rec.token != expect:
+                return False
+            await fn(run, rec)
+            await run.settle()
+            if unlist:
+                self.unlist_step(run)
+            return True
+
+        got = await self.txn(wrapped)
+        if got is not None and got[0] and unlist:
+            self.listed = False
+        if got is None or not got[0]:
+            if self.claimed:
+                log.warning("job %s: fenced off: node %r of run %s is no longer claimed by this worker (the run "
+                            "finished, or this worker missed its heartbeats and the step was recovered "
+                            "elsewhere); result dropped", self.job.job_id, self.node.id, self.run_id)
+            else:
+                log.info("job %s: result discarded (the node moved on: duplicate delivery or run finished)",
+                         self.job.job_id)
+            self.stale = True
+            return []
+        return got[1]
+
+    # ---- exec / fallback
+
+    async def _run_exec(self) -> list[tuple[str, Job]]:
+        rec = await self.claim()
+        if rec is None:
+            return []
+        node = self.node
+        runner = node if self.job.kind == JobKind.EXEC else self.bp.node_map[node.config.fallback or ""]
+        node_input = await read_node_input(self.engine.store, self.bp, node, self.run_id)
+        uses = runner.uses
+        if uses == "loop-controller":
+            return await loop.run_loop(self, rec, node_input)
+        if uses == "wait":
+            return await wait.run_wait(self)
+        if uses == "sleep":
+            return await sleep.run_sleep(self, rec, node_input)
+        if uses == "batch":
+            return await batch.run_batch(self, rec, node_input)
+        if uses == "subflow":
+            return await subflow.run_subflow(self, rec, runner, node_input)
+        writes: dict[str, Any] = {}
+        try:
+            output, action, writes = await function.call_node(self, runner, node_input, self.job.attempt)
+        except NodeFailure as e:
+            error, fatal, tb = str(e), e.fatal, e.traceback
+            self.log_failure(error, tb)
+            return await self.commit(lambda run, r: run.fail_node(node, r, self.job, error, fatal, tb=tb))
+        return await self.succeed(output, action, writes, node_input, runner)
+
+    def log_failure(self, error: str, tb: str | None) -> None:
+        """The attempt failed: note it as this step's outcome and, on workers, log it once (CONTRACT §10;
+        called before the commit, so a commit retried on a WATCH conflict does not log it again).
+        In-process runs show it in the result."""
+        self.failure = error
+        if self.engine.log_failures:
+            item = f" item {self.job.item}" if self.job.item >= 0 else ""
+            log.warning("run %s node %s%s attempt %d failed: %s%s", self.run_id, self.node.id, item, self.job.attempt,
+                        error, f"\n{tb.rstrip()}" if tb else "",
+                        extra={"run_id": self.run_id, "node_id": self.node.id, "attempt": self.job.attempt,
+                               "error": error, "traceback": tb})
+
+    async def succeed(self, output: Any, action: str | None, writes: Mapping[str, Any], node_input: Any,
+                      runner: NodeDef | None = None, token: str | None = None,
+                      status: NodeStatus = NodeStatus.RUNNING) -> list[tuple[str, Job]]:
+        """Route the result (reads outside the transaction), then commit it if the node is still ``status``
+        with this step's token."""
+        route = await read_route(self.engine.store, self.bp, self.node, self.run_id, output, action, writes, node_input)
+        fallback_of = self.node.id if runner is not None and runner.id != self.node.id else None
+
+        async def fn(run: RunTxn, rec: NodeRecord) -> None:
+            await run.complete(runner or self.node, rec, output, action, route, writes, fallback_of=fallback_of)
+
+        return await self.commit(fn, token=token, status=status)
