@@ -71,6 +71,9 @@ class Txn(ABC):
         # fields the run's next step will read (kind -> fields): a store with a cache may fetch them with the
         # commit, so that the next step reads nothing (a hint: nothing depends on it being followed)
         self.warm: dict[str, list[str]] = {}
+        # the same, asked once per run and process under a tag (tag -> kind -> fields): what every step of the run
+        # will read, fetched the first time this process commits a step of it
+        self.warm_once: dict[str, dict[str, list[str]]] = {}
 
     @abstractmethod
     async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]: ...
@@ -149,6 +152,11 @@ class Store(ABC):
     @abstractmethod
     async def read(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
         """Non-transactional read of some fields (MISSING where absent)."""
+
+    async def peek(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
+        """Like ``read``, but a store that remembers fields (RedisStore) may answer from memory, possibly
+        stale: for a decision a transaction checks again."""
+        return await self.read(run_id, kind, fields)
 
     @abstractmethod
     async def read_all(self, run_id: str, kind: str, *, lenient: bool = False) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from flowcraft_cli.distributed import keys
 from flowcraft_cli.distributed.commit import APPLY, OP_HSET, OP_PUSH, Commit
+from flowcraft_cli.engine import StepOutcome
 from flowcraft_cli.jobs import Job
 from tests.harness import make_adapter
 
@@ -95,7 +96,7 @@ def test_a_redelivery_on_a_stale_cache_is_refused_and_decided_again(redis_url):
 
     handled, conflicts, view = asyncio.run(go())
     assert calls == ["a"]
-    assert handled.scheduled == [] and handled.note == "stale"
+    assert handled.scheduled == [] and handled.outcome == StepOutcome.STALE
     assert {n.node_id: n.status for n in view.nodes} == {"a": "completed", "b": "queued"}
     assert conflicts >= 1  # the stale read was caught by the commit's check, not by a read before it
 

@@ -84,20 +84,21 @@ def test_sigkill_mid_join(project, redis_url):
 
 
 def test_crash_right_after_a_commit_loses_nothing(project, redis_url):
-    """The commit queues the jobs it decides in the same atomic call (once they waited in the run's outbox
-    for the worker to queue them, and a crash in between left them to the reconciler): a worker killed right
-    after committing the join leaves the next step queued, and a new worker runs it, no sweep needed."""
+    """The commit queues the jobs it decides, or claims the successor its worker runs next (inline), in the
+    same atomic call: once they waited in the run's outbox for the worker to queue them, and a crash in
+    between left them to the reconciler. A worker killed right after committing the join leaves `end`
+    claimed under its name, listed in its list of steps: a new worker recovers it, no sweep needed."""
     w0 = project.start_worker(env={"FLOWCRAFT_FAILPOINT": "after-commit:join"})
     run_id = project.cli("enqueue", "slow-join", check=True).stdout.strip()
     assert w0.wait(timeout=60) == 137  # died right after committing the join's result
     view = project.cli_json("inspect", run_id)
-    assert {n["node_id"]: n["status"] for n in view["nodes"]}["join"] == "completed"
-    assert {n["node_id"]: n["status"] for n in view["nodes"]}["end"] == "queued"
-    assert project.cli_json("queue")["ready"] >= 1
+    statuses = {n["node_id"]: n["status"] for n in view["nodes"]}
+    assert statuses["join"] == "completed" and statuses["end"] == "running"
     project.start_worker()
     view = project.wait_run(run_id)
     assert view["status"] == "completed"
     assert _count(project, "join end") == 1 and _count(project, "end run") == 1
+    assert [e["node_id"] for e in view["timeline"] if e["outcome"] == "lost"] == ["end"]
 
 
 def test_redis_restart_with_aof_mid_run(tmp_path):

@@ -100,6 +100,34 @@ def test_sigkilled_worker_is_recovered_within_its_lease(tmp_path, redis_url, sto
     assert slow["attempts"] == 1  # a lost attempt does not count against maxRetries
 
 
+def test_a_step_claimed_inline_is_recovered_like_a_queued_one(tmp_path, redis_url, stop):
+    """`start`'s commit claims `slow` for its own worker, which runs it next without a queue job (inline). A
+    SIGKILL there is recovered from the worker's list of steps, as for a queued step: one lost attempt, and
+    the run completes on another worker."""
+    project = _project(tmp_path, redis_url, lease=3, job_timeout=300)
+    stop(project)
+    w0 = project.start_worker()
+    run_id = project.cli("enqueue", "slow-chain", check=True).stdout.strip()
+    wait_for(lambda: _count(project, "slow start") == 1, 30, "the slow node to start")
+    # slow has no job of its own: the one job in progress is start's, which slow's chain runs under
+    counts = project.cli_json("queue")
+    assert (counts["ready"], counts["deferred"], counts["in_progress"]) == (0, 0, 1), counts
+    assert _pids(project, "slow start") == _pids(project, "start run")  # one worker ran both
+    r = redis_lib.Redis.from_url(redis_url)
+    [steps_key] = list(r.scan_iter("flowcraft:worker-steps:*"))
+    listed = {k.decode(): json.loads(v)["node_id"] for k, v in r.hgetall(steps_key).items()}
+    assert list(listed.values()) == ["slow"] and "|start|" in next(iter(listed))  # listed under start's job
+    r.close()
+    w0.send_signal(signal.SIGKILL)
+    w0.wait()
+    project.start_worker()
+    view = project.wait_run(run_id, timeout=30)
+    assert view["status"] == "completed"
+    assert _count(project, "start run") == 1 and _count(project, "slow end") == 1 and _count(project, "end run") == 1
+    lost = _lost(view)
+    assert len(lost) == 1 and lost[0]["node_id"] == "slow"
+
+
 def test_default_lease_recovers_in_about_fifteen_seconds(tmp_path, redis_url, stop):
     project = _project(tmp_path, redis_url, job_timeout=300)
     stop(project)
@@ -179,10 +207,10 @@ def test_worker_killed_before_listing_its_step_is_covered_by_arqs_lease(tmp_path
     step, but arq's lock on the job is one lease long, so arq hands it to another worker itself."""
     project = _project(tmp_path, redis_url, lease=2, job_timeout=300, seconds=0.1)
     stop(project)
-    w0 = project.start_worker(env={"FLOWCRAFT_FAILPOINT": "before-hold:slow"})
+    w0 = project.start_worker(env={"FLOWCRAFT_FAILPOINT": "before-hold:start"})  # slow would run inline
     run_id = project.cli("enqueue", "slow-chain", check=True).stdout.strip()
     assert w0.wait(timeout=60) == 137
     project.start_worker()
     view = project.wait_run(run_id, timeout=30)  # before: arq's lock lasted job_timeout + 10 s (310 s)
     assert view["status"] == "completed"
-    assert _count(project, "slow end") == 1
+    assert _count(project, "slow end") == 1 and _count(project, "start run") == 1

@@ -88,6 +88,7 @@ class ArqAdapter:
         idle_s: float = 1.0,
         shutdown_wait_s: float = 10,
         worker_id: str | None = None,
+        inline_steps: bool = True,
     ) -> None:
         options = dict(runtime_options or {})
         blueprints = options.get("blueprints") or {}
@@ -105,6 +106,7 @@ class ArqAdapter:
         self.poll_delay_s = poll_delay_s  # burst mode's poll; a long-running worker is woken instead
         self.idle_s = idle_s  # the longest an idle worker waits without looking at the queue
         self.shutdown_wait_s = shutdown_wait_s
+        self.inline_steps = inline_steps  # a worker runs the successor a step's commit claims for it (create_worker)
         # hostname:pid alone is not unique (two adapters in one process, containers that are all PID 1)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self.queue = ArqQueue(arq_pool_for(connection, queue_name), queue_name)
@@ -236,7 +238,7 @@ class ArqAdapter:
         """One step a worker no longer holds: record the lost attempt and queue it anew (a new job id), or
         queue it again as it was if it never got claimed. Returns the job ids really queued, or None when
         this worker cannot judge the step (its run's blueprint version is not loaded here)."""
-        outcome, scheduled = await self.engine.recover(job, worker_id, lost=lost)
+        outcome, scheduled = await self.engine.recover(job, worker_id, lost=lost, held_as=job_id)
         if outcome == Recovery.UNKNOWN:
             return None
         if outcome == Recovery.NOTHING:
@@ -339,6 +341,7 @@ class ArqAdapter:
         if owner:
             self.in_flight[job_id] = job
         handled: Handled | None = None
+        ran = job  # the step handled last: this job's, or one its chain claimed inline
         try:
             if _FAILPOINT == f"before-hold:{job.node_id}":
                 os._exit(137)  # fault-injection: die after arq handed the job over, before it is listed
@@ -346,7 +349,16 @@ class ArqAdapter:
             # until the claim, arq's lease-long lock on the job covers a crash
             handled = await self.engine.handle(job)
             if _FAILPOINT and _FAILPOINT == f"after-commit:{job.node_id}":
-                os._exit(137)  # fault-injection for the crash tests: die between a commit and its queueing
+                os._exit(137)  # fault-injection for the crash tests: die right after a commit
+            while handled.inline is not None:
+                # the commit claimed a successor for this worker: run it now, under this queue job's entry in
+                # this worker's list of steps (so the heartbeat keeps it held, and recovery finds it)
+                step = handled.inline
+                await self.flush(handled.scheduled)
+                self.in_flight[job_id] = ran = step.job
+                handled = await self.engine.handle(step.job, step)
+                if _FAILPOINT and _FAILPOINT == f"after-commit:{step.job.node_id}":
+                    os._exit(137)
             await self.flush(handled.scheduled)
             if handled.outcome in (StepOutcome.STALE, StepOutcome.RUN_FINISHED) and \
                     await self.redis.hlen(keys.kind_key(OUTBOX, job.run_id)):
@@ -375,7 +387,7 @@ class ArqAdapter:
             raise Retry(defer=defer)
         if handled.failed is not None:
             # arq saw the step return normally; this result makes its log line say the attempt failed
-            return f"{FAILED_RESULT} attempt {job.attempt} of node {job.node_id}: {handled.failed}"
+            return f"{FAILED_RESULT} attempt {ran.attempt} of node {ran.node_id}: {handled.failed}"
         return handled.describe()
 
     async def _served_elsewhere(self, job: Job) -> bool:
@@ -405,6 +417,9 @@ class ArqAdapter:
             job_deserializer=self.queue.pool.job_deserializer,
             log_results=True,  # the step's outcome ('ok', 'stale', 'failed: ...'), never user data
         )
+        # a step's commit claims one successor it makes ready for this worker, which runs it next in the same
+        # queue job (CONTRACT §6): a chain then goes through the queue once, not once per node
+        self.engine.inline_steps = self.inline_steps
         # arq locks a running job for its job timeout + 10 s; here the lock lasts one lease and the heartbeat
         # renews it (``_beat``), so a dead worker's job is handed to another worker by arq itself a lease
         # after its last heartbeat, even in the moments it is not in the worker's list of steps

@@ -194,8 +194,13 @@ for _ = 1, tonumber(nxt()) do
   local n = tonumber(nxt())
   local fields = {}
   for j = 1, n do fields[j] = nxt() end
-  local got = redis.call('HMGET', KEYS[tonumber(ki)], unpack(fields))
-  for j = 1, n do out[#out + 1] = ki; out[#out + 1] = fields[j]; out[#out + 1] = got[j] end
+  local s = 1
+  while s <= n do
+    local e = math.min(n, s + 999)
+    local got = redis.call('HMGET', KEYS[tonumber(ki)], unpack(fields, s, e))
+    for j = s, e do out[#out + 1] = ki; out[#out + 1] = fields[j]; out[#out + 1] = got[j - s + 1] end
+    s = e + 1
+  end
 end
 return out
 """
@@ -240,8 +245,9 @@ class Commit:
         self.n_ops += 1
 
     def warm(self, key: str, fields: list[str]) -> None:
-        """Send back these fields' values as the commit leaves them (at most a few hundred: no slicing)."""
-        self._warm.setdefault(self.key(key), []).extend(fields)
+        """Send back these fields' values as the commit leaves them."""
+        if fields:
+            self._warm.setdefault(self.key(key), []).extend(dict.fromkeys(fields))
 
     @property
     def empty(self) -> bool:

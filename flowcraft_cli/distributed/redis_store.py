@@ -40,7 +40,6 @@ from .commit import (
     Commit,
 )
 from .queue import WAKE_CAP, ArqQueue
-from .workers import STEPS_TTL_S
 
 T = TypeVar("T")
 EVENT_CAP = 10_000
@@ -144,13 +143,17 @@ class RedisStore(Store):
         # run id -> (kind, field) -> the bytes last seen or written by this process (None: absent)
         self._cache: OrderedDict[str, dict[tuple[str, str], bytes | None]] = OrderedDict()
         self._apply = redis.register_script(APPLY)
+        self._nonempty: dict[str, set[str]] = {}  # run id -> kinds of _RECREATED this process knows hold a field
+        self._warmed: dict[str, set[str]] = {}  # run id -> Txn.warm_once tags already fetched into the cache
 
     def _fields_of(self, run_id: str) -> dict[tuple[str, str], bytes | None]:
         got = self._cache.get(run_id)
         if got is None:
             got = self._cache[run_id] = {}
             while len(self._cache) > _RUN_CACHE_CAP:
-                self._cache.popitem(last=False)
+                gone = self._cache.popitem(last=False)[0]
+                self._nonempty.pop(gone, None)
+                self._warmed.pop(gone, None)
         else:
             self._cache.move_to_end(run_id)
         return got
@@ -158,6 +161,8 @@ class RedisStore(Store):
     def forget(self, run_id: str) -> None:
         """Drop what this process remembers of a run (a finished run is rarely touched again)."""
         self._cache.pop(run_id, None)
+        self._nonempty.pop(run_id, None)
+        self._warmed.pop(run_id, None)
 
     async def transact(self, run_id: str, fn: Callable[[Txn], Awaitable[T]]) -> T:
         # Steps of one run inside this process take turns: each then decides on what the one before it
@@ -194,15 +199,23 @@ class RedisStore(Store):
             if txn.dirty:
                 self._writes(program, txn)
                 self._catalog_writes(program, txn, meta)
-                for kind, fields in txn.warm.items():
-                    program.warm(keys.kind_key(kind, run_id), fields)
+                warm = {kind: list(fields) for kind, fields in txn.warm.items()}
+                warmed = self._warmed.setdefault(run_id, set())
+                for tag, wanted in txn.warm_once.items():
+                    if tag not in warmed:
+                        for kind, fields in wanted.items():
+                            warm.setdefault(kind, []).extend(fields)
+                cache = self._fields_of(run_id)
+                for kind, fields in warm.items():
+                    program.warm(keys.kind_key(kind, run_id), [f for f in fields if (kind, f) not in cache])
             reply = await self._apply(keys=program.keys, args=program.argv())
             if int(reply[0]) == 1:
                 if txn.dirty:
                     self._remember(txn)
                     if self.on_commit is not None:
                         self.on_commit(txn)
-                if txn.warm and txn.final is None:
+                if (txn.warm or txn.warm_once) and txn.final is None and txn.dirty:
+                    self._warmed.setdefault(run_id, set()).update(txn.warm_once)
                     cache = self._fields_of(run_id)
                     for key, fld, raw in program.values(reply):
                         cache[(_kind_of(key, run_id), fld)] = raw
@@ -235,6 +248,11 @@ class RedisStore(Store):
             self.forget(txn.run_id)
             return
         cache = self._fields_of(txn.run_id)
+        # hashes this commit left with a field in them keep their expiry: later writes need not look at it
+        # (see _RECREATED); one it deleted from may be empty, so gone, and created again without one
+        known = self._nonempty.setdefault(txn.run_id, set())
+        known |= {kind for kind, _ in txn._writes if kind in _RECREATED}
+        known -= {kind for (kind, _), value in txn._writes.items() if value is MISSING}
         for (kind, fld), value in txn._writes.items():
             if kind == OUTBOX and self.enqueues:
                 continue
@@ -248,13 +266,17 @@ class RedisStore(Store):
         sets: dict[str, list[str]] = {}
         dels: dict[str, list[str]] = {}
         jobs: list[Job] = []
+        reads = txn.reads if isinstance(txn, _RedisTxn) else {}
         for (kind, fld), value in txn._writes.items():
             if kind == OUTBOX and self.enqueues and value is not MISSING:
                 jobs.append(Job.from_dict(value))
             elif value is MISSING:
-                dels.setdefault(kind, []).append(fld)
+                if reads.get((kind, fld), b"") is not None:  # absent as read (and checked): nothing to delete
+                    dels.setdefault(kind, []).append(fld)
             else:
-                sets.setdefault(kind, []).extend((fld, dumps(value)))
+                raw = dumps(value)
+                if reads.get((kind, fld)) != raw.encode():  # the value read (and checked) is this one: no write
+                    sets.setdefault(kind, []).extend((fld, raw))
         for kind, args in sets.items():
             program.op(OP_HSET, keys.kind_key(kind, run_id), *args)
         for kind, fields in dels.items():
@@ -276,7 +298,8 @@ class RedisStore(Store):
             for key in keys.run_keys(run_id):
                 program.op(OP_EXPIRE, key, ms)
         elif ms:
-            for kind in sets.keys() & _RECREATED:
+            known = self._nonempty.get(run_id, set())
+            for kind in (sets.keys() & _RECREATED) - known:
                 program.op(OP_EXPIRE_NEW, keys.kind_key(kind, run_id), ms)
             if txn.events and self._due(f"events:{run_id}", ms):
                 program.op(OP_EXPIRE_NEW, keys.events_key(run_id), ms)
@@ -284,13 +307,17 @@ class RedisStore(Store):
             for ancestor in txn.ancestors:
                 for key in keys.run_keys(ancestor):
                     program.op(OP_EXTEND, key, ms)
-        for worker_id, job_id, job in txn.listing:  # a claim lists its step under its worker, a commit unlists it
+        # a claim lists its step under its worker, a commit unlists it; a commit that claims a successor for its
+        # worker hands its own entry over to it (unlisted, then listed under the same id: one write)
+        listing = {(worker_id, job_id): job for worker_id, job_id, job in txn.listing}
+        for (worker_id, job_id), job in listing.items():
             steps = keys.worker_steps_key(worker_id)
             if job is None:
                 program.op(OP_HDEL, steps, job_id)
             else:
+                # no expiry set here: the worker's heartbeat gives its steps list one, and the list is emptied
+                # (so deleted) as its steps end, or by whoever recovers them when the worker dies
                 program.op(OP_HSET, steps, job_id, dumps(job))
-                program.op(OP_EXPIRE_NEW, steps, STEPS_TTL_S * 1000)
 
     def _enqueue(self, program: Commit, jobs: list[Job], now: int) -> None:
         """The jobs this transaction decided, queued by the commit itself (see ``ArqQueue.job_record``)."""
@@ -368,6 +395,16 @@ class RedisStore(Store):
         values = await self.redis.hmget(keys.kind_key(kind, run_id), fields)
         return [MISSING if v is None else loads(v, where=f"run {run_id!r}: {kind} field {f!r}")
                 for f, v in zip(fields, values, strict=True)]
+
+    async def peek(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
+        cache = self._cache.get(run_id)
+        if cache is None or any((kind, f) not in cache for f in fields):
+            return await self.read(run_id, kind, fields)
+        out = []
+        for f in fields:
+            raw = cache[(kind, f)]
+            out.append(MISSING if raw is None else loads(raw, where=f"run {run_id!r}: {kind} field {f!r}"))
+        return out
 
     async def read_all(self, run_id: str, kind: str, *, lenient: bool = False) -> dict[str, Any]:
         raw = await self.redis.hgetall(keys.kind_key(kind, run_id))

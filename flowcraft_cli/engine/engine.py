@@ -36,6 +36,7 @@ from .state import (
     ACTIVE_NODE,
     FINAL_STATUSES,
     BatchItem,
+    InlineStep,
     ItemStatus,
     JobKind,
     NodeRecord,
@@ -83,6 +84,7 @@ class Handled:
     failed: str | None = None  # the error of the node attempt this job ran, when it failed
     listed: bool = False  # the step is still listed under this worker (its claim's commit did not unlist it)
     run_status: RunStatus | None = None  # the run's status, when the outcome is RUN_FINISHED
+    inline: InlineStep | None = None  # the successor claimed for this worker: handle it next (handle(job, inline))
 
     def describe(self) -> str:
         """The outcome as a worker's log line says it (``ok``, ``stale``, ``run is completed`` ...)."""
@@ -109,6 +111,9 @@ class Engine:
         self.settings = settings or EngineSettings()
         self.clock = clock
         self.active_tokens: set[str] = set()  # claims held by steps running in this process right now
+        # may a step's commit claim a successor it fires for this worker to run next (Handled.inline)? Only a
+        # driver that then runs it (the arq worker) turns this on
+        self.inline_steps = False
         # Is a step claimed by another worker still held (worker alive and still running it)? The driver
         # knows (workers: the heartbeat registry); with none, only this process's own steps are held.
         self.is_held_remote: Callable[[str, str], Awaitable[bool]] | None = None
@@ -436,8 +441,21 @@ class Engine:
 
     # ------------------------------------------------------------------ handling one job
 
-    async def handle(self, job: Job) -> Handled:
-        meta = await self.find_meta(job.run_id)
+    async def handle(self, job: Job, inline: InlineStep | None = None) -> Handled:
+        """Handle one job: a queued one, or (``inline``) a successor the previous step's commit claimed for
+        this worker (``Handled.inline``), which is still listed under this worker if it does not run."""
+        handled = await self._handle(job, inline)
+        if inline is not None and handled.outcome not in (StepOutcome.OK, StepOutcome.STALE):
+            handled.listed = True  # never ran: the driver unlists it
+        return handled
+
+    async def _handle(self, job: Job, inline: InlineStep | None) -> Handled:
+        # the meta as this process last saw it, where it remembers: the step's claim checks it again in its
+        # transaction; only a meta that would stop the step here is read afresh first
+        meta = await self.find_meta(job.run_id, cached=True)
+        if meta is None or meta.status in FINAL_STATUSES or meta.version_wait_since is not None \
+                or (bp := self.blueprints.get(meta.blueprint_id)) is None or bp.version != meta.blueprint_version:
+            meta = await self.find_meta(job.run_id)
         if meta is None:
             log.warning("job %s: run %r does not exist (expired or never started); dropped", job.job_id, job.run_id)
             return Handled(outcome=StepOutcome.UNKNOWN_RUN)
@@ -450,16 +468,14 @@ class Engine:
         if node is None:
             log.error("job %s: node %r is not in blueprint %r; dropped", job.job_id, job.node_id, bp.id)
             return Handled(outcome=StepOutcome.UNKNOWN_NODE)
-        if meta.version_wait_since is not None:
-            await self._clear_version_wait(job.run_id)  # a matching worker is here: the grace clock restarts
-        step = Step(self, bp, node, job)
+        step = Step(self, bp, node, job, inline)  # its transactions restart the version grace (Step.txn)
         scheduled = await step.run()
         if step.held_elsewhere:
             # a live worker runs this very step (a duplicate delivery): it commits, or, should it die, the
             # step is recovered from its worker's list; this copy has nothing to do
             return Handled(outcome=StepOutcome.HELD_ELSEWHERE)
         return Handled(scheduled=scheduled, outcome=StepOutcome.STALE if step.stale else StepOutcome.OK,
-                       failed=step.failure, listed=step.listed)
+                       failed=step.failure, listed=step.listed, inline=step.inline[0] if step.inline else None)
 
     async def claim_is_held(self, holder: NodeRecord | BatchItem) -> bool:
         """Is a claim (a node record or a batch item) still held by a live step? This process's own claims
@@ -474,13 +490,16 @@ class Engine:
             return False
         return await self.is_held_remote(worker, holder.job)
 
-    async def recover(self, job: Job, worker: str, *, lost: bool = True) -> tuple[Recovery, list[tuple[str, Job]]]:
+    async def recover(self, job: Job, worker: str, *, lost: bool = True,
+                      held_as: str | None = None) -> tuple[Recovery, list[tuple[str, Job]]]:
         """Recover a step that ``worker`` was running and no longer holds (it died, was cut off past its
         lease, or dropped the step after a Redis error). A step still waiting for its claim is queued again as
         it is; a claimed one becomes a new job (recovery + 1, so a new id) and, when ``lost``, its attempt is
         recorded as lost. ``maxRetries`` lost attempts in a row fail the node: one that kills its worker every
         time must end. Serialized with every commit of the run, so a step that did commit meanwhile is
-        left alone, and a worker that comes back later finds its claim gone (fenced off)."""
+        left alone, and a worker that comes back later finds its claim gone (fenced off). ``held_as``: the
+        id the step is listed under (its queue job's, or for a step claimed inline its chain's first job's)."""
+        held_as = held_as or job.job_id
         meta = await self.find_meta(job.run_id)
         if meta is None or meta.status in FINAL_STATUSES:
             return Recovery.NOTHING, []
@@ -506,7 +525,7 @@ class Engine:
                     return Recovery.NOTHING
                 if st.status == ItemStatus.QUEUED:
                     return Recovery.REQUEUE
-                if st.status != ItemStatus.RUNNING or st.worker != worker or st.job != job.job_id \
+                if st.status != ItemStatus.RUNNING or st.worker != worker or st.job != held_as \
                         or await self.claim_is_held(st):
                     return Recovery.NOTHING
                 failed = False
@@ -523,7 +542,7 @@ class Engine:
                 return Recovery.NOTHING
             if rec.status == NodeStatus.QUEUED:
                 return Recovery.REQUEUE
-            if rec.status != NodeStatus.RUNNING or rec.worker != worker or rec.job != job.job_id \
+            if rec.status != NodeStatus.RUNNING or rec.worker != worker or rec.job != held_as \
                     or await self.claim_is_held(rec):
                 return Recovery.NOTHING
             redo = Job(job.run_id, node.id, job.seq, job.kind, job.attempt, recovery=job.recovery + 1)
@@ -548,12 +567,6 @@ class Engine:
             return outcome, run.scheduled
 
         return await self.store.transact(job.run_id, fn)
-
-    async def _clear_version_wait(self, run_id: str) -> None:
-        async def fn(t: Txn) -> None:
-            if await t.get(RUN, "version_wait_since") is not None:
-                t.put(RUN, "version_wait_since", None)
-        await self.store.transact(run_id, fn)
 
     async def _version_gate(self, job: Job, meta: RunMeta, bp: Blueprint | None) -> Handled:
         """A worker without the run's blueprint version leaves the job to one that has it; after the grace
@@ -586,8 +599,8 @@ class Engine:
 
     # ------------------------------------------------------------------ helpers shared by steps
 
-    async def find_meta(self, run_id: str) -> RunMeta | None:
-        meta = await fetch_meta(self.store, run_id)
+    async def find_meta(self, run_id: str, *, cached: bool = False) -> RunMeta | None:
+        meta = await fetch_meta(self.store, run_id, cached=cached)
         return None if meta.status is None else meta
 
     async def read_meta(self, run_id: str) -> RunMeta:

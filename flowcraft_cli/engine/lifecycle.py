@@ -4,16 +4,18 @@ finalize the run. Every read and write goes through the transaction's ``Txn``, a
 
 from __future__ import annotations
 
+import secrets
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ..blueprint import Blueprint, JoinStrategy, NodeDef
+from ..blueprint import BUILTINS, Blueprint, JoinStrategy, NodeDef
 from ..jobs import Job
 from ..node_api import _MISSING
 from ..store import JOINS, OUTBOX, RUN, STATE, Txn
 from . import joins, loops
+from .reads import input_fields, node_input_from, warm_next
 from .routing import Decision, Route
 from .state import (
     ACTIVE_NODE,
@@ -22,6 +24,7 @@ from .state import (
     Arrival,
     BatchItem,
     Held,
+    InlineStep,
     ItemStatus,
     JobKind,
     NodeRecord,
@@ -57,6 +60,10 @@ class RunTxn:
         t.blueprint_id = bp.id
         self.scheduled: list[tuple[str, Job]] = []
         self._meta: RunMeta | None = None
+        # a step's commit may claim one successor it makes ready for its own worker (``fire``): listed as
+        # ``inline_as``, the queue job the step runs under
+        self.inline_as: str | None = None
+        self.inline: list[InlineStep] = []
 
     async def meta(self) -> RunMeta:
         if self._meta is None:
@@ -104,7 +111,25 @@ class RunTxn:
         self.t.put(STATE, f"_inputs.{node_id}", value)
         self.add_pending(1)
         await self.count_busy(node_id, +1)
-        self.schedule(Job(self.t.run_id, node_id, new.seq))
+        job = Job(self.t.run_id, node_id, new.seq)
+        if self.inline_as is not None and not self.inline and self.bp.node_map[node_id].uses not in BUILTINS:
+            await self._claim_inline(job, new)
+        else:
+            self.schedule(job)
+        warm_next(self.t, self.bp, node_id)
+
+    async def _claim_inline(self, job: Job, rec: NodeRecord) -> None:
+        """Claim a node just fired for the worker committing this step, which runs it next (``InlineStep``):
+        the claim a queued job's step would take, written in this commit instead of a queue job."""
+        assert self.inline_as is not None
+        now, node = self.engine.clock(), self.bp.node_map[job.node_id]
+        token = secrets.token_hex(6)
+        claimed = replace(rec, status=NodeStatus.RUNNING, token=token, worker=self.engine.worker_id,
+                          job=self.inline_as, attempt_started_at=now, started_at=now)
+        write_node(self.t, job.node_id, claimed)
+        self.t.listing.append((self.engine.worker_id, self.inline_as, job.to_dict()))
+        node_input = node_input_from(node, await self.t.get_many(STATE, input_fields(node)))
+        self.inline.append(InlineStep(job, token, claimed, node_input, self.inline_as))
 
     async def count_busy(self, node_id: str, delta: int) -> None:
         """Each loop-controller counts the body nodes fired and not yet finished, so telling whether its body

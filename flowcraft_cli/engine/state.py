@@ -350,9 +350,10 @@ async def fetch_all_nodes(store: Store, run_id: str) -> dict[str, NodeRecord]:
     return {k: NodeRecord.from_json(v) for k, v in (await store.read_all(run_id, NODES)).items()}
 
 
-async def fetch_meta(store: Store, run_id: str) -> RunMeta:
-    """The run's meta, read outside any transaction (``status`` None: no such run)."""
-    values = await store.read(run_id, RUN, list(META_FIELDS))
+async def fetch_meta(store: Store, run_id: str, *, cached: bool = False) -> RunMeta:
+    """The run's meta, read outside any transaction (``status`` None: no such run). ``cached``: as the
+    store last saw it, where it remembers (``Store.peek``): only a hint, to be checked by a transaction."""
+    values = await (store.peek if cached else store.read)(run_id, RUN, list(META_FIELDS))
     return RunMeta.from_fields({k: v for k, v in zip(META_FIELDS, values, strict=True) if v is not MISSING})
 
 
@@ -411,3 +412,17 @@ async def read_count(t: Txn, target: str, gen: int) -> tuple[int, int] | None:
 
 def write_count(t: Txn, target: str, gen: int, counts: tuple[int, int]) -> None:
     t.put(JOINS, count_field(target, gen), list(counts))
+
+
+@dataclass(slots=True)
+class InlineStep:
+    """A successor a committing step claimed for its own worker, in its commit (CONTRACT §6: a worker may run
+    the successors it makes ready): it runs next, on the same worker, without going through the queue. It is
+    listed under the worker as ``list_as`` (the queue job its chain started from), so it is held, and
+    recovered if the worker dies, exactly like a claimed queued step."""
+
+    job: Any  # jobs.Job
+    token: str
+    record: NodeRecord
+    node_input: Any
+    list_as: str

@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, Any
 from ..blueprint import Blueprint, NodeDef
 from ..errors import NodeFailure, UndecodableValue
 from ..jobs import Job
-from ..store import Txn
+from ..store import NODES, RUN, STATE, Txn
 from .builtins import batch, function, loop, sleep, subflow, wait
 from .lifecycle import RunTxn
-from .reads import read_node_input, read_route
+from .reads import input_fields, node_input_from, prefetch_commit, read_node_input, read_route
 from .state import (
     FINAL_STATUSES,
+    META_FIELDS,
+    InlineStep,
     ItemStatus,
     JobKind,
     NodeRecord,
@@ -39,7 +41,8 @@ log = logging.getLogger("flowcraft.engine")
 class Step:
     """Handling of one job: claim, work, commit."""
 
-    def __init__(self, engine: Engine, bp: Blueprint, node: NodeDef, job: Job) -> None:
+    def __init__(self, engine: Engine, bp: Blueprint, node: NodeDef, job: Job,
+                 inline: InlineStep | None = None) -> None:
         self.engine = engine
         self.bp = bp
         self.node = node
@@ -52,13 +55,32 @@ class Step:
         self.listed = False  # listed under this worker by its claim, and not unlisted by a commit yet
         self.failure: str | None = None  # the error, when the attempt this step ran failed
         self.resumed = False  # its claim took over a child run or batch already under way
+        self.node_input: Any = None  # the node's input, read by its claim
+        self.preclaimed = inline  # claimed for this worker by its predecessor's commit (runs without a claim)
+        self.list_as = inline.list_as if inline else job.job_id  # its entry in this worker's list of steps
+        if inline is not None:
+            self.token = inline.token
+        # the successor this step's commit claimed for this worker, to run next (engine.inline_steps)
+        self.inline: list[InlineStep] = []
 
-    async def txn(self, fn: Callable[[RunTxn], Any]) -> Any:
+    async def txn(self, fn: Callable[[RunTxn], Any], reads: dict[str, list[str]] | None = None, *,
+                  inline: bool = False) -> Any:
+        """Run ``fn`` in a transaction on the run, unless the run has finished. ``reads``: fields (kind ->
+        fields) ``fn`` will read, fetched with the run's meta in one go. ``inline``: the commit may claim a
+        successor it fires for this worker (``self.inline``)."""
         async def wrapped(t: Txn) -> Any:
+            await t.prefetch({RUN: list(META_FIELDS), NODES: [self.node.id], **(reads or {})})
             run = RunTxn(self.engine, t, self.bp)
-            if (await run.meta()).status in FINAL_STATUSES:
+            self.inline = []
+            meta = await run.meta()
+            if meta.status in FINAL_STATUSES:
                 return None
+            if meta.version_wait_since is not None:
+                run.set_meta(version_wait_since=None)  # a worker with the run's version is here: the grace restarts
+            if inline:
+                run.inline_as = self.list_as
             result = await fn(run)
+            self.inline = run.inline
             return (result, run.scheduled)
         return await self.engine.store.transact(self.run_id, wrapped)
 
@@ -110,6 +132,8 @@ class Step:
                     and not rec.child and rec.items is None:
                 write_node(run.t, self.node.id, replace(rec, status=NodeStatus.QUEUED, token=None, job=None))
                 self.unlist_step(run)
+                if self.preclaimed is not None:
+                    run.schedule(job)  # claimed inline, it has no queue job of its own to be handed back to
                 return True
             return False
 
@@ -141,6 +165,12 @@ class Step:
         """Take the node's claim for this step: the record as claimed, or None (stale, held elsewhere, run
         finished). A step whose child run or batch is already under way is taken over (``resumed``)."""
         job, now = self.job, self.engine.clock()
+        if self.preclaimed is not None:  # its predecessor's commit claimed it for this worker
+            self.claimed = self.listed = True
+            self.node_input = self.preclaimed.node_input
+            if self.engine.on_claim is not None:
+                self.engine.on_claim(self.bp.id, job)
+            return self.preclaimed.record
 
         async def fn(run: RunTxn) -> tuple[NodeRecord, bool] | None:
             rec = await read_node(run.t, self.node.id)
@@ -170,9 +200,13 @@ class Step:
                 new.started_at = now
             write_node(run.t, self.node.id, new)
             self.list_step(run)
+            # the input, read in the claim's transaction: checked with the claim, so it is the input of
+            # exactly the firing this step claims (a later firing rewrites it)
+            self.node_input = node_input_from(self.node, await run.t.get_many(STATE, fields))
             return new, False
 
-        got = await self.txn(fn)
+        fields = input_fields(self.node)
+        got = await self.txn(fn, {STATE: fields})
         if got is None or got[0] is None:
             self.stale = not self.held_elsewhere and got is not None
             log.debug("job %s: not claimable (duplicate, stale, held elsewhere or run finished)", job.job_id)
@@ -186,12 +220,12 @@ class Step:
     def list_step(self, run: RunTxn) -> None:
         """List this step under its worker, in the claim's own transaction: from then on it is held while the
         worker lives, and recovered from the list when it dies (CONTRACT §6.1)."""
-        run.t.listing.append((self.engine.worker_id, self.job.job_id, self.job.to_dict()))
+        run.t.listing.append((self.engine.worker_id, self.list_as, self.job.to_dict()))
         self.listed = True
 
     def unlist_step(self, run: RunTxn) -> None:
-        if self.listed:
-            run.t.listing.append((self.engine.worker_id, self.job.job_id, None))
+        if self.listed and not run.inline:  # a successor claimed inline took the entry over
+            run.t.listing.append((self.engine.worker_id, self.list_as, None))
 
     async def commit(self, fn: Callable[[RunTxn, NodeRecord], Awaitable[None]], *, token: str | None = None,
                      status: NodeStatus = NodeStatus.RUNNING, unlist: bool = True) -> list[tuple[str, Job]]:
@@ -203,15 +237,18 @@ class Step:
             rec = await read_node(run.t, self.node.id)
             if rec is None or rec.seq != self.job.seq or rec.status != status or rec.token != expect:
                 return False
+            await prefetch_commit(run.t, self.bp, self.node.id)
             await fn(run, rec)
             await run.settle()
             if unlist:
                 self.unlist_step(run)
             return True
 
-        got = await self.txn(wrapped)
+        got = await self.txn(wrapped, inline=unlist and self.engine.inline_steps and self.claimed)
         if got is not None and got[0] and unlist:
             self.listed = False
+        for successor in self.inline:
+            self.engine.active_tokens.add(successor.token)  # held from its claim on, not from when it starts
         if got is None or not got[0]:
             if self.claimed:
                 log.warning("job %s: fenced off: node %r of run %s is no longer claimed by this worker (the run "
@@ -232,7 +269,8 @@ class Step:
             return []
         node = self.node
         runner = node if self.job.kind == JobKind.EXEC else self.bp.node_map[node.config.fallback or ""]
-        node_input = await read_node_input(self.engine.store, self.bp, node, self.run_id)
+        node_input = self.node_input if self.claimed else \
+            await read_node_input(self.engine.store, self.bp, node, self.run_id)
         uses = runner.uses
         if uses == "loop-controller":
             return await loop.run_loop(self, rec, node_input)
