@@ -262,12 +262,16 @@ class WorkerGroup:
         return f"{self.count} x c{self.concurrency}"
 
     async def __aenter__(self) -> WorkerGroup:
-        for i in range(self.count):
-            self.workers.append(self._start_worker(i))
-        for i, proc in enumerate(self.workers):
-            await self._wait_banner(i, proc)
-        await self._open_client()
-        await run_and_wait(self, "chain-3", 1)
+        try:
+            for i in range(self.count):
+                self.workers.append(self._start_worker(i))
+            for i, proc in enumerate(self.workers):
+                await self._wait_banner(i, proc)
+            await self._open_client()
+            await run_and_wait(self, "chain-3", 1)
+        except BaseException:
+            await self.__aexit__()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -340,17 +344,18 @@ async def wait_final(group: WorkerGroup, run_ids: list[str], deadline: float) ->
     done: dict[str, str] = {}
     interval = 0.002 if len(run_ids) == 1 else 0.01
     while pending:
+        if time.monotonic() > deadline:
+            group.check_alive()
+            raise BenchError(f"{len(pending)} of {len(run_ids)} runs not finished by the deadline")
         head = pending[:HEAD]
         finished = [(r, s) for r, s in zip(head, await group.session.read_statuses(head), strict=True) if s in FINAL]
         done.update(finished)
         if finished:
             gone = {r for r, _ in finished}
             pending = [r for r in pending if r not in gone]
-            continue
-        if time.monotonic() > deadline:
+        else:
             group.check_alive()
-            raise BenchError(f"{len(pending)} of {len(run_ids)} runs not finished by the deadline")
-        await asyncio.sleep(interval)
+            await asyncio.sleep(interval)
     return done
 
 
@@ -397,20 +402,19 @@ class Figures:
     peak_rss_mb: float
     samples_s: list[float] = field(default_factory=list)
     samples_cmds_per_exec: list[float] = field(default_factory=list)
-    run_ids: list[str] = field(default_factory=list, repr=False)  # of the last repeat, for latency/inspect
 
 
-async def timed_rep(group: WorkerGroup, case: Case) -> tuple[float, float, list[str]]:
+async def timed_rep(group: WorkerGroup, case: Case) -> tuple[float, float]:
     """One repeat: seconds from the first start_run to the last final status, Redis commands per node
     execution over the same span (INFO commandstats before and after: run starts, worker commands and
-    commands inside Lua scripts included; INFO and our status reads excluded), and the run ids."""
+    commands inside Lua scripts included; INFO and our status reads excluded)."""
     timeout_s = 60 + case.executions * 0.05
     before = await group.session.commands_total()
     t0 = time.perf_counter()
-    run_ids = await run_and_wait(group, case.blueprint, case.runs, case.run_input, timeout_s)
+    await run_and_wait(group, case.blueprint, case.runs, case.run_input, timeout_s)
     elapsed = time.perf_counter() - t0
     commands = await group.session.commands_total() - before
-    return elapsed, commands / case.executions, run_ids
+    return elapsed, commands / case.executions
 
 
 async def measure(group: WorkerGroup, case: Case, repeats: int, *, warm_up: bool = True,
@@ -420,9 +424,9 @@ async def measure(group: WorkerGroup, case: Case, repeats: int, *, warm_up: bool
     log(f"  {case.label} on {group.label} ...")
     if warm_up:
         await run_and_wait(group, case.blueprint, case.runs, case.run_input, 60 + case.executions * 0.05)
-    times, cmds, run_ids = [], [], []
+    times, cmds = [], []
     for _ in range(repeats):
-        elapsed, per_exec, run_ids = await timed_rep(group, case)
+        elapsed, per_exec = await timed_rep(group, case)
         times.append(elapsed)
         cmds.append(per_exec)
         if after_rep is not None:
@@ -430,7 +434,7 @@ async def measure(group: WorkerGroup, case: Case, repeats: int, *, warm_up: bool
     t = statistics.median(times)
     log(f"    {t:.3f} s  {case.executions / t:,.0f} execs/s  {statistics.median(cmds):.1f} cmds/exec")
     return Figures(case.key, case.label, group.label, case.runs, case.executions, t, case.executions / t,
-                   case.runs / t, statistics.median(cmds), group.peak_rss_mb(), times, cmds, run_ids)
+                   case.runs / t, statistics.median(cmds), group.peak_rss_mb(), times, cmds)
 
 
 def throughput_cases(sizes: Sizes, only: set[str]) -> list[Case]:
@@ -531,8 +535,8 @@ def chain_hops_ms(stamps: Path, run_id: str) -> list[float]:
 
 
 async def section_idle(session: Session, seconds: float = 5) -> dict[str, Any]:
-    """One worker with nothing to do, 1 s after its warm-up run: Redis commands/s (all clients; we send
-    none) and the worker's CPU% (utime+stime from /proc/<pid>/stat) over ``seconds``."""
+    """One worker with nothing to do, 1 s after its warm-up run: Redis commands/s (every client; this
+    script sends only INFO, left out) and the worker's CPU% (utime+stime from /proc/<pid>/stat) over ``seconds``."""
     async with WorkerGroup(session, "idle", 1) as group:
         await asyncio.sleep(1)
         pid = group.workers[0].pid
@@ -574,12 +578,6 @@ async def section_scale(session: Session, only: set[str], repeats: int) -> dict[
 
 # ---------------------------------------------------------------- output
 
-def figures_json(f: Figures) -> dict[str, Any]:
-    d = asdict(f)
-    d.pop("run_ids")
-    return d
-
-
 def print_report(result: dict[str, Any]) -> None:
     """The plain-text table (no rich): one line per measured case, then the single figures."""
     meta = result["meta"]
@@ -592,7 +590,7 @@ def print_report(result: dict[str, Any]) -> None:
               f"{'cmds/exec':>11}{'peak RSS':>10}")
         for f in rows:
             print(f"{f['label']:<28}{f['workers']:>9}{f['runs']:>8,}{f['executions']:>8,}{f['time_s']:>9.3f}s"
-                  f"{f['execs_per_s']:>10,.0f}{f['runs_per_s']:>9,.1f}{f['redis_cmds_per_exec']:>11.1f}"
+                  f"{f['execs_per_s']:>10,.0f}{f['runs_per_s']:>9,.2f}{f['redis_cmds_per_exec']:>11.1f}"
                   f"{f['peak_rss_mb']:>8.0f}MB")
     for key, pair in result["scale"].items():
         if "small" in pair:
@@ -619,7 +617,10 @@ def load_avg() -> str:
 
 
 def git_commit() -> str | None:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return None
     return proc.stdout.strip() or None
 
 
@@ -630,7 +631,7 @@ async def run_suite(args: argparse.Namespace, sizes: Sizes, only: set[str]) -> d
     ok = False
     try:
         throughput = await section_throughput(session, only, args.repeats, args.workers)
-        result: dict[str, Any] = {"throughput": [figures_json(f) for f in throughput], "scale": {}}
+        result: dict[str, Any] = {"throughput": [asdict(f) for f in throughput], "scale": {}}
         if "io" in only:
             log("  I/O-bound fan ...")
             result["io"] = await section_io(session, args.repeats)
@@ -641,7 +642,7 @@ async def run_suite(args: argparse.Namespace, sizes: Sizes, only: set[str]) -> d
             log("  idle worker ...")
             result["idle"] = await section_idle(session)
         scale = await section_scale(session, only, args.repeats)
-        result["scale"] = {k: {**v, "small": figures_json(v["small"]), "large": figures_json(v["large"])}
+        result["scale"] = {k: {**v, "small": asdict(v["small"]), "large": asdict(v["large"])}
                            if "small" in v else v for k, v in scale.items()}
         ok = True
     finally:
