@@ -40,6 +40,19 @@ edges:
 """
 
 
+def _two_workers(redis_url: str, doc: str, queue: str, tag) -> tuple:
+    """Two adapters, standing for two worker processes: each has its own connection and its own cache."""
+    ra, rb = Redis.from_url(redis_url), Redis.from_url(redis_url)
+    return (make_adapter(ra, [doc], {"tag": tag}, queue_name=queue),
+            make_adapter(rb, [doc], {"tag": tag}, queue_name=queue))
+
+
+async def _close(*adapters) -> None:
+    for adapter in adapters:
+        await adapter.close()
+        await adapter.redis.aclose()
+
+
 def test_a_stale_cache_is_refused_and_decided_again(redis_url):
     """Worker A remembers the run as running; B cancels it. A's claim decides on its stale cache, the commit
     is refused (the run's status changed), and A decides again on the values the refusal sent back: the node
@@ -51,17 +64,13 @@ def test_a_stale_cache_is_refused_and_decided_again(redis_url):
         return ctx.node_id
 
     async def go():
-        ra, rb = Redis.from_url(redis_url), Redis.from_url(redis_url)
-        a = make_adapter(ra, [CHAIN], {"tag": tag}, queue_name="commit-q")
-        b = make_adapter(rb, [CHAIN], {"tag": tag}, queue_name="commit-q")
+        a, b = _two_workers(redis_url, CHAIN, "commit-q", tag)
         run_id, scheduled = await a.engine.start_run("chain", {})  # A's cache now holds the run's fields
         assert await b.cancel(run_id)
         handled = await a.engine.handle(scheduled[0][1])
         conflicts = a.store.conflicts
         view = await b.inspect(run_id)
-        for ad, r in ((a, ra), (b, rb)):
-            await ad.close()
-            await r.aclose()
+        await _close(a, b)
         return handled, conflicts, view
 
     handled, conflicts, view = asyncio.run(go())
@@ -81,17 +90,13 @@ def test_a_redelivery_on_a_stale_cache_is_refused_and_decided_again(redis_url):
         return ctx.node_id
 
     async def go():
-        ra, rb = Redis.from_url(redis_url), Redis.from_url(redis_url)
-        a = make_adapter(ra, [CHAIN], {"tag": tag}, queue_name="commit-q1")
-        b = make_adapter(rb, [CHAIN], {"tag": tag}, queue_name="commit-q1")
+        a, b = _two_workers(redis_url, CHAIN, "commit-q1", tag)
         run_id, scheduled = await a.engine.start_run("chain", {})  # A's cache now holds the run's fields
         await b.engine.handle(scheduled[0][1])
         handled = await a.engine.handle(scheduled[0][1])
         conflicts = a.store.conflicts
         view = await b.inspect(run_id)
-        for ad, r in ((a, ra), (b, rb)):
-            await ad.close()
-            await r.aclose()
+        await _close(a, b)
         return handled, conflicts, view
 
     handled, conflicts, view = asyncio.run(go())
@@ -111,9 +116,7 @@ def test_two_processes_on_one_fan_in_count_every_arrival(redis_url):
         return ctx.node_id
 
     async def go():
-        ra, rb = Redis.from_url(redis_url), Redis.from_url(redis_url)
-        a = make_adapter(ra, [FAN], {"tag": tag}, queue_name="commit-q2")
-        b = make_adapter(rb, [FAN], {"tag": tag}, queue_name="commit-q2")
+        a, b = _two_workers(redis_url, FAN, "commit-q2", tag)
         run_id, scheduled = await a.engine.start_run("fan", {})
         s = await a.engine.handle(scheduled[0][1])
         jobs = {job.node_id: job for _, job in s.scheduled}
@@ -126,9 +129,7 @@ def test_two_processes_on_one_fan_in_count_every_arrival(redis_url):
         handled_j = await b.engine.handle(js[0]) if js else None
         view = await a.inspect(run_id)
         conflicts = a.store.conflicts + b.store.conflicts
-        for ad, r in ((a, ra), (b, rb)):
-            await ad.close()
-            await r.aclose()
+        await _close(a, b)
         return view, handled_j, conflicts
 
     view, handled_j, conflicts = asyncio.run(go())
