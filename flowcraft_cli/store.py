@@ -87,6 +87,12 @@ class Txn(ABC):
         for kind, fields in wanted.items():
             await self.get_many(kind, fields)
 
+    def assume_absent(self, wanted: dict[str, list[str]]) -> None:
+        """Fields this transaction may take to be absent without reading them (a run being created): a store
+        that checks every value read at commit (RedisStore) skips the read, and a wrong guess only makes the
+        commit be refused and decided again. Others read as usual."""
+        return None
+
     async def get(self, kind: str, field: str, default: Any = None) -> Any:
         key = (kind, field)
         if key in self._writes:
@@ -152,6 +158,11 @@ class Store(ABC):
     @abstractmethod
     async def read(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
         """Non-transactional read of some fields (MISSING where absent)."""
+
+    async def preload(self, run_id: str, wanted: dict[str, list[str]]) -> None:
+        """Fetch fields (kind -> fields) into the store's memory of the run, in one go, if it keeps one
+        (RedisStore): what the run's next transaction will read."""
+        return None
 
     async def peek(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
         """Like ``read``, but a store that remembers fields (RedisStore) may answer from memory, possibly

@@ -194,3 +194,27 @@ def test_a_commit_queues_its_jobs_in_the_same_call(redis_url):
     assert list(queued_after_start.values()) == ["queued"] and outbox == 0
     assert [job.job_id for _, job in handled.scheduled] == [b_job.job_id]
     assert queued_b == {b_job.job_id: "queued"}
+
+
+def test_a_program_holding_bytes_that_are_not_utf8_still_commits(redis_url):
+    """Redis's cmsgpack has no binary type: a program with a value that is not UTF-8 (a corrupt field read
+    as it is) goes as plain ARGV instead of one msgpack blob, and checks the exact bytes."""
+
+    async def go():
+        r = Redis.from_url(redis_url)
+        apply = r.register_script(APPLY)
+        key = "flowcraft:test:raw"
+        await r.delete(key)
+        await r.hset(key, "odd", b"\xff\xfe")
+        p = Commit()
+        p.check(key, "odd", b"\xff\xfe")
+        p.op(OP_HSET, key, "ok", "1")
+        sent = p.argv()
+        reply = await apply(keys=p.keys, args=sent)
+        got = await r.hget(key, "ok")
+        await r.delete(key)
+        await r.aclose()
+        return sent, reply, got
+
+    sent, reply, got = asyncio.run(go())
+    assert sent[0] == "flat" and reply == [1] and got == b"1"

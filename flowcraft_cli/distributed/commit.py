@@ -8,7 +8,9 @@ back, so the step decides again on fresh state without another read. Otherwise e
 one atomic unit. This is optimistic concurrency with full read-set validation: serializable, like the
 WATCH/MULTI it replaces, without WATCH's extra round trips or a read per field.
 
-The program is flat ARGV (no cjson: values are arbitrary bytes), read with a cursor:
+The program is one flat list, sent as one msgpack blob (ARGV[1], unpacked by Redis's own cmsgpack: redis-py
+packs each argument in Python, and a commit has a hundred of them; a program holding a value that is not UTF-8
+goes as plain ARGV after a ``flat`` marker), read with a cursor:
 
   n_groups, then per group:  key#, n, n x (field, present "1"/"0", value)       -- HMGET + compare
   n_wholes, then per hash:   key#, n, n x (field, value)                        -- HGETALL + compare
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 OP_HSET = "H"  # args: field, value, ...
 OP_HDEL = "D"  # args: field, ...
@@ -43,8 +47,9 @@ OP_WAKE = "W"  # args: n, cap                LPUSH n tokens, keep at most ``cap`
 OP_TRIM_INDEX = "I"  # key: expiry index; args: now, meta prefix, batch, key# of every index key
 
 APPLY = r"""
-local i = 1
-local function nxt() local v = ARGV[i]; i = i + 1; return v end
+local A, i = ARGV, 2
+if #ARGV == 1 then A, i = cmsgpack.unpack(ARGV[1]), 1 end
+local function nxt() local v = A[i]; i = i + 1; return v end
 local function call_chunked(cmd, key, args, from, step)
   -- unpack() is limited to a few thousand values: send big argument lists in slices
   local n = #args
@@ -254,6 +259,15 @@ class Commit:
         return not self.n_ops and not self._groups and not self._wholes
 
     def argv(self) -> list[bytes | str | int]:
+        """The program as ARGV: one msgpack blob; or, if a value is not UTF-8 (Redis's cmsgpack knows no
+        binary type, so bytes travel as strings), ``flat`` followed by the program's items."""
+        program = self.program()
+        try:
+            return [msgspec.msgpack.encode([v.decode() if isinstance(v, bytes) else v for v in program])]
+        except UnicodeDecodeError:
+            return ["flat", *program]
+
+    def program(self) -> list[bytes | str | int]:
         out: list[bytes | str | int] = [len(self._groups)]
         for ki, checks in self._groups.items():
             out += [ki, len(checks)]

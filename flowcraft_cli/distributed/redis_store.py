@@ -116,6 +116,12 @@ class _RedisTxn(Txn):
             for f, raw in zip(fields, got, strict=True):
                 self._fields[(kind, f)] = self.reads[(kind, f)] = None if raw is None else _raw(raw)
 
+    def assume_absent(self, wanted: dict[str, list[str]]) -> None:
+        for kind, fields in wanted.items():
+            for f in fields:
+                if (kind, f) not in self.reads:
+                    self._fields.setdefault((kind, f), None)
+
     async def _load_all(self, kind: str) -> dict[str, str | bytes]:
         raw = await self._store.redis.hgetall(keys.kind_key(kind, self.run_id))
         whole = {_s(k): _raw(v) for k, v in raw.items()}
@@ -395,6 +401,20 @@ class RedisStore(Store):
         values = await self.redis.hmget(keys.kind_key(kind, run_id), fields)
         return [MISSING if v is None else loads(v, where=f"run {run_id!r}: {kind} field {f!r}")
                 for f, v in zip(fields, values, strict=True)]
+
+    async def preload(self, run_id: str, wanted: dict[str, list[str]]) -> None:
+        cache = self._fields_of(run_id)
+        todo = {kind: [f for f in fields if (kind, f) not in cache] for kind, fields in wanted.items()}
+        todo = {kind: fields for kind, fields in todo.items() if fields}
+        if not todo:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for kind, fields in todo.items():
+                pipe.hmget(keys.kind_key(kind, run_id), fields)
+            replies = await pipe.execute()
+        for (kind, fields), got in zip(todo.items(), replies, strict=True):
+            for f, raw in zip(fields, got, strict=True):
+                cache[(kind, f)] = None if raw is None else _raw(raw)
 
     async def peek(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
         cache = self._cache.get(run_id)

@@ -28,13 +28,14 @@ from ..errors import BlueprintUnavailable, InvalidInput, RunNotFound, StateConfl
 from ..ids import check_run_id
 from ..jobs import Job
 from ..registry import NodeRegistry
-from ..store import BATCH, MISSING, OUTBOX, RUN, STATE, Store, Txn, dumps
+from ..store import BATCH, MISSING, NODES, OUTBOX, RUN, STATE, Store, Txn, dumps
 from .lifecycle import RunTxn
-from .reads import read_node_input, read_route
+from .reads import read_node_input, read_route, run_fields
 from .routing import check_resume_action
 from .state import (
     ACTIVE_NODE,
     FINAL_STATUSES,
+    META_FIELDS,
     BatchItem,
     InlineStep,
     ItemStatus,
@@ -156,6 +157,8 @@ class Engine:
             ancestors = [*(above if isinstance(above, list) else []), parent.run_id]
 
         async def txn_fn(t: Txn) -> list[tuple[str, Job]]:
+            # a new run: nothing of it exists yet (checked by the commit, not read first)
+            t.assume_absent({RUN: list(META_FIELDS), **run_fields(bp)})
             if await t.get(RUN, "status") is not None:
                 if parent is not None:
                     return []  # a redelivered subflow step: the child already exists
@@ -451,7 +454,10 @@ class Engine:
 
     async def _handle(self, job: Job, inline: InlineStep | None) -> Handled:
         # the meta as this process last saw it, where it remembers: the step's claim checks it again in its
-        # transaction; only a meta that would stop the step here is read afresh first
+        # transaction; only a meta that would stop the step here is read afresh first. A run new to this
+        # process is fetched with what its claim reads (for a node without `inputs`), in one go
+        await self.store.preload(job.run_id, {RUN: list(META_FIELDS), NODES: [job.node_id],
+                                              STATE: [f"_inputs.{job.node_id}"]})
         meta = await self.find_meta(job.run_id, cached=True)
         if meta is None or meta.status in FINAL_STATUSES or meta.version_wait_since is not None \
                 or (bp := self.blueprints.get(meta.blueprint_id)) is None or bp.version != meta.blueprint_version:

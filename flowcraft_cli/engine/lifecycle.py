@@ -15,7 +15,7 @@ from ..jobs import Job
 from ..node_api import _MISSING
 from ..store import JOINS, OUTBOX, RUN, STATE, Txn
 from . import joins, loops
-from .reads import input_fields, node_input_from, warm_next
+from .reads import input_fields, node_input_from, warm_run
 from .routing import Decision, Route
 from .state import (
     ACTIVE_NODE,
@@ -116,7 +116,7 @@ class RunTxn:
             await self._claim_inline(job, new)
         else:
             self.schedule(job)
-        warm_next(self.t, self.bp, node_id)
+        warm_run(self.t, self.bp)  # its step reads its successors' records and joins (reads.prefetch_commit)
 
     async def _claim_inline(self, job: Job, rec: NodeRecord) -> None:
         """Claim a node just fired for the worker committing this step, which runs it next (``InlineStep``):

@@ -138,15 +138,29 @@ async def prefetch_commit(t: Txn, bp: Blueprint, node_id: str) -> None:
     await t.prefetch({JOINS: fields})
 
 
-def warm_next(t: Txn, bp: Blueprint, node_id: str) -> None:
-    """A node was fired: its step will read its successors' records and join fields (``prefetch_commit``).
-    Ask the store to send back, with this commit, every node record and every join field whose name is known
-    before its record is (``_gen_known``), once per run: a store that remembers the run (RedisStore) then
-    reads nothing more for any step of it, unless another process changed what it remembers."""
-    if "blueprint" in t.warm_once or not bp.out_edges[node_id]:
-        return
+_RUN_FIELDS: dict[int, tuple[Blueprint, dict[str, list[str]]]] = {}  # id(bp) -> (bp, its run_fields)
+
+
+def run_fields(bp: Blueprint) -> dict[str, list[str]]:
+    """Every node record, and every join field whose name is known before its record is (``_gen_known``):
+    what a run's steps read, beyond their own inputs. Worked out once per blueprint (every step asks)."""
+    got = _RUN_FIELDS.get(id(bp))
+    if got is not None and got[0] is bp:
+        return got[1]
     joins = []
     for edge in bp.edges:
         if _gen_known(bp, edge.target):
             joins += [arrival_field(edge.target, 0, edge.source), count_field(edge.target, 0)]
-    t.warm_once["blueprint"] = {NODES: [n.id for n in bp.nodes], JOINS: list(dict.fromkeys(joins))}
+    fields = {NODES: [n.id for n in bp.nodes], JOINS: list(dict.fromkeys(joins))}
+    if len(_RUN_FIELDS) > 1000:
+        _RUN_FIELDS.clear()  # blueprints are few; definitions read from Redis come and go
+    _RUN_FIELDS[id(bp)] = (bp, fields)
+    return fields
+
+
+def warm_run(t: Txn, bp: Blueprint) -> None:
+    """Ask the store to send back ``run_fields`` with this commit, once per run (``Txn.warm_once``): a store
+    that remembers the run (RedisStore) then reads nothing more for any step of it, unless another process
+    changed what it remembers."""
+    if "blueprint" not in t.warm_once:
+        t.warm_once["blueprint"] = run_fields(bp)

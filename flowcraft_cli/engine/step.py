@@ -16,7 +16,7 @@ from ..jobs import Job
 from ..store import NODES, RUN, STATE, Txn
 from .builtins import batch, function, loop, sleep, subflow, wait
 from .lifecycle import RunTxn
-from .reads import input_fields, node_input_from, prefetch_commit, read_node_input, read_route
+from .reads import input_fields, node_input_from, prefetch_commit, read_node_input, read_route, warm_run
 from .state import (
     FINAL_STATUSES,
     META_FIELDS,
@@ -173,6 +173,7 @@ class Step:
             return self.preclaimed.record
 
         async def fn(run: RunTxn) -> tuple[NodeRecord, bool] | None:
+            warm_run(run.t, self.bp)  # what the commit will read comes back with the claim
             rec = await read_node(run.t, self.node.id)
             if rec is None or rec.seq != job.seq or rec.current_phase != job.kind \
                     or rec.attempt != job.attempt or (rec.recovery or 0) != job.recovery:
