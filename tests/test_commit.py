@@ -218,3 +218,32 @@ def test_a_program_holding_bytes_that_are_not_utf8_still_commits(redis_url):
 
     sent, reply, got = asyncio.run(go())
     assert sent[0] == "flat" and reply == [1] and got == b"1"
+
+
+def test_a_worker_does_not_keep_large_values_in_memory(redis_url):
+    """A worker remembers a run's fields between its steps, but not a large value (a big node output): 2,000
+    runs remembered must not hold gigabytes. The run still sees the value whole."""
+    big = "x" * 100_000
+    seen: list[int] = []
+    holder: list = []
+
+    def tag(ctx):
+        if ctx.node_id == "a":
+            return big
+        remembered = holder[0].store._cache.get(ctx.run_id, {})  # while b runs, a's output is committed
+        seen.append(max(len(v) for v in remembered.values() if v is not None))
+        return len(ctx.input)
+
+    async def go():
+        r = Redis.from_url(redis_url)
+        a = make_adapter(r, [CHAIN], {"tag": tag}, queue_name="commit-q5")
+        holder.append(a)
+        run_id = await a.start_run("chain", {})
+        await a.start(burst=True)
+        view = await a.inspect(run_id)
+        await _close(a)
+        return view
+
+    view = asyncio.run(go())
+    assert view.status == "completed" and view.outputs["b"] == 100_000
+    assert seen and seen[0] <= 64 * 1024

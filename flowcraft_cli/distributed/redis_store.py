@@ -73,6 +73,18 @@ def _s(value: Any) -> Any:
 # run's start to its end and keep the expiry given at start and refreshed by ``_due``.
 _RECREATED = frozenset({JOINS, BATCH, OUTBOX})
 _RUN_CACHE_CAP = 2_000  # runs whose fields this process remembers (least recently used forgotten first)
+_VALUE_CACHE_CAP = 64 * 1024  # bytes: a bigger value (a large node output) is read from Redis each time
+
+
+class _RunFields(dict[tuple[str, str], bytes | None]):
+    """What this process remembers of one run's fields: (kind, field) -> the bytes last seen or written, None
+    for absent. Large values are not kept, so that 2,000 runs remembered cannot hold gigabytes of outputs."""
+
+    def __setitem__(self, key: tuple[str, str], raw: bytes | None) -> None:
+        if raw is not None and len(raw) > _VALUE_CACHE_CAP:
+            self.pop(key, None)
+        else:
+            super().__setitem__(key, raw)
 
 
 class _RedisTxn(Txn):
@@ -147,15 +159,15 @@ class RedisStore(Store):
         self._kept: dict[str, float] = {}  # key -> when this process last extended its expiry (monotonic s)
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # run id -> (lock, callers holding or waiting)
         # run id -> (kind, field) -> the bytes last seen or written by this process (None: absent)
-        self._cache: OrderedDict[str, dict[tuple[str, str], bytes | None]] = OrderedDict()
+        self._cache: OrderedDict[str, _RunFields] = OrderedDict()
         self._apply = redis.register_script(APPLY)
         self._nonempty: dict[str, set[str]] = {}  # run id -> kinds of _RECREATED this process knows hold a field
         self._warmed: dict[str, set[str]] = {}  # run id -> Txn.warm_once tags already fetched into the cache
 
-    def _fields_of(self, run_id: str) -> dict[tuple[str, str], bytes | None]:
+    def _fields_of(self, run_id: str) -> _RunFields:
         got = self._cache.get(run_id)
         if got is None:
-            got = self._cache[run_id] = {}
+            got = self._cache[run_id] = _RunFields()
             while len(self._cache) > _RUN_CACHE_CAP:
                 gone = self._cache.popitem(last=False)[0]
                 self._nonempty.pop(gone, None)
