@@ -8,8 +8,9 @@ settings flowcraft uses (max_jobs 10, poll_delay 0.02 s, JSON jobs). Also report
 Redis round trips (writes to the sockets of the adapter's own connection pool; arq's pickup and bookkeeping
 excluded) and every Redis command executed, arq's and those inside Lua scripts included (INFO commandstats).
 The "(live)" row runs the chain on a long-running worker (woken, not burst) and reports its idle commands/s. Baseline: N bare arq no-op jobs queued
-at once, then drained. Each flowcraft node step is one arq job plus the engine's claim and commit
-transactions, so the ratio shows what the engine costs per step over the queue itself.
+at once, then drained. A queued flowcraft step is one arq job plus the engine's claim and commit (one Lua call
+each); a chain's later steps run inline (no arq job; one call each), so the ratio shows what a step costs over
+the queue itself.
 """
 
 from __future__ import annotations

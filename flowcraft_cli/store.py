@@ -1,8 +1,9 @@
 """The state a run keeps, behind one small transactional interface, and its in-memory implementation.
 
-The engine never talks to Redis or dicts directly: it opens a transaction on one run, reads fields
-lazily, buffers writes, and the store applies them all at once (Redis: WATCH + MULTI/EXEC, retried on
-conflict; memory: under a per-run lock). So a crash leaves either all of a step or none of it, and the
+The engine never talks to Redis or dicts directly: it opens a transaction on one run, reads fields (in
+one go where it knows them in advance: ``prefetch``), buffers writes, and the store applies them all at once
+(Redis: one Lua call that first checks every value read, decided again on a conflict; memory: under a per-run
+lock). So a crash leaves either all of a step or none of it, and the
 in-process runtime and the workers share one engine.
 
 A run's state is a few hashes of JSON values, named by *kind*:

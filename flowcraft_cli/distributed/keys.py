@@ -5,7 +5,7 @@ last step of a run that never ends; a subflow child's steps extend its ancestors
 
   workflow:state:<run_id>      HASH   the run context, JSON values (Flowcraft layout: _outputs.<node>, ...)
   workflow:status:<run_id>     STRING the final result {"status", "reason", "payload"}, written once
-  flowcraft:run:<run_id>       HASH   run meta (status, blueprint id/version, pending count, timestamps, rev,
+  flowcraft:run:<run_id>       HASH   run meta (status, blueprint id/version, pending count, timestamps,
                                       and the queue it was started on)
   flowcraft:nodes:<run_id>     HASH   node_id -> node record (status, seq, attempt, timings, error, worker)
   flowcraft:joins:<run_id>     HASH   join arrivals per (target, generation, source)

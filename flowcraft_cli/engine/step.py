@@ -294,7 +294,7 @@ class Step:
 
     def log_failure(self, error: str, tb: str | None) -> None:
         """The attempt failed: note it as this step's outcome and, on workers, log it once (CONTRACT §10;
-        called before the commit, so a commit retried on a WATCH conflict does not log it again).
+        called before the commit, so a commit decided again after a conflict does not log it again).
         In-process runs show it in the result."""
         self.failure = error
         if self.engine.log_failures:
