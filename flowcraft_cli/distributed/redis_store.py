@@ -43,7 +43,7 @@ from .queue import WAKE_CAP, ArqQueue
 
 T = TypeVar("T")
 EVENT_CAP = 10_000
-TRIM_BATCH = 100  # due index entries looked at per write: more than runs start or end between two writes
+TRIM_BATCH = 1000  # due index entries looked at per trim (at most one a second per process)
 
 
 def _resets_expiry(txn: Txn) -> bool:
@@ -312,7 +312,11 @@ class RedisStore(Store):
         # sleep), and otherwise at most every min(60 s, TTL/4) per process, so that a key no step writes for a
         # while (the context during a long node) does not lapse alone; in between, only a hash this
         # transaction may have created again (see _RECREATED) is looked at.
-        if _resets_expiry(txn) or self._due(f"run:{run_id}", ms):
+        if txn.started is not None:  # a new run: its keys are those this transaction writes
+            for key in sorted({keys.kind_key(kind, run_id) for kind in sets} | {keys.progress_key(run_id)}
+                              | ({keys.events_key(run_id)} if txn.events else set())):
+                program.op(OP_EXPIRE, key, ms)
+        elif _resets_expiry(txn) or self._due(f"run:{run_id}", ms):
             for key in keys.run_keys(run_id):
                 program.op(OP_EXPIRE, key, ms)
         elif ms:
@@ -376,23 +380,36 @@ class RedisStore(Store):
         run_id = txn.run_id
         now = int(time.time() * 1000)
         created: int = meta["created_at"] if isinstance(meta.get("created_at"), int) else now
+        added: list[str] = []  # index keys this transaction adds the run to
         if isinstance(status, str):
             group = keys.run_group(status)
-            program.op(OP_ZADD, keys.runs_by_status_key(group, queue), created, run_id)
-            for other in keys.RUN_GROUPS:
+            added.append(keys.runs_by_status_key(group, queue))
+            program.op(OP_ZADD, added[-1], created, run_id)
+            # a new run is in no group yet; a run that ends leaves the active one (a retry, the one it failed in)
+            leaves = () if txn.started is not None else ("active",) if txn.final is not None else keys.RUN_GROUPS
+            for other in leaves:
                 if other != group:
                     program.op(OP_ZREM, keys.runs_by_status_key(other, queue), run_id)
         ends = txn.started is not None or txn.final is not None
         if ends:
-            program.op(OP_ZADD, keys.runs_key(queue), created, run_id)
-            program.op(OP_ZADD, keys.runs_expiry_key(queue), now + ms if ms else "+inf", run_id)
-            program.op(OP_TRIM_INDEX, index[1], now, keys.kind_key(RUN, ""), TRIM_BATCH,
-                       *(program.key(k) for k in index))
-        if _resets_expiry(txn) or isinstance(status, str) or self._due(index[0], ms):
-            # last: a sorted set created above has no expiry yet; an index key lives as long as its
-            # longest-lived run, so it only ever grows its expiry (or loses it, for a run kept forever)
-            for key in index:
-                program.op(OP_EXTEND_INDEX, key, ms)
+            added += [keys.runs_key(queue), keys.runs_expiry_key(queue)]
+            program.op(OP_ZADD, added[-2], created, run_id)
+            program.op(OP_ZADD, added[-1], now + ms if ms else "+inf", run_id)
+            if self._due_every(f"trim:{queue}", 1.0):  # entries of expired runs, at most once a second here
+                program.op(OP_TRIM_INDEX, index[1], now, keys.kind_key(RUN, ""), TRIM_BATCH,
+                           *(program.key(k) for k in index))
+        # last: a sorted set created above has no expiry yet; an index key lives as long as its longest-lived
+        # run, so it only ever grows its expiry (or loses it, for a run kept forever). The keys written here
+        # every time; all of them when this process has not for a while
+        for key in index if self._due(index[0], ms) else added:
+            program.op(OP_EXTEND_INDEX, key, ms)
+
+    def _due_every(self, key: str, every_s: float) -> bool:
+        now = time.monotonic()
+        if now - self._kept.get(key, -1e18) < every_s:
+            return False
+        self._kept[key] = now
+        return True
 
     def _due(self, key: str, ttl_ms: int) -> bool:
         """Is it time to extend ``key``'s expiry again? Keys every step would otherwise touch (a blueprint's
