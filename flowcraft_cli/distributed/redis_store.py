@@ -400,8 +400,10 @@ class RedisStore(Store):
                            *(program.key(k) for k in index))
         # last: a sorted set created above has no expiry yet; an index key lives as long as its longest-lived
         # run, so it only ever grows its expiry (or loses it, for a run kept forever). The keys written here
-        # every time; all of them when this process has not for a while
-        for key in index if self._due(index[0], ms) else added:
+        # every time; all of them when the run asks for longer (a sleep, a retry) or this process has not for
+        # a while
+        longer = txn.ttl_s is not None or txn.unfinal
+        for key in index if longer or self._due(index[0], ms) else added:
             program.op(OP_EXTEND_INDEX, key, ms)
 
     def _due_every(self, key: str, every_s: float) -> bool:
