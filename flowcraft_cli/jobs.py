@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .ids import field_name
@@ -37,7 +37,10 @@ class Job:
         return field_name(*parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # by hand: dataclasses.asdict deep-copies field by field, and every step turns jobs into dicts
+        return {"run_id": self.run_id, "node_id": self.node_id, "seq": self.seq, "kind": self.kind,
+                "attempt": self.attempt, "item": self.item, "not_before_ms": self.not_before_ms,
+                "recovery": self.recovery}
 
     @classmethod
     def from_dict(cls, data: Any) -> Job:
@@ -61,3 +64,6 @@ class Job:
         if job.seq < 1 or job.attempt < 1 or job.recovery < 0:
             raise ValueError("job payload seq and attempt must be >= 1, recovery >= 0")
         return job
+
+
+assert [f.name for f in fields(Job)] == list(Job("r", "n", 1).to_dict())  # to_dict names every field

@@ -194,6 +194,9 @@ class _MemoryTxn(Txn):
         super().__init__(run_id)
         self._data = data
 
+    async def prefetch(self, wanted: dict[str, list[str]]) -> None:
+        return None  # every read is a dict lookup: reading ahead would only decode what may go unread
+
     async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]:
         h = self._data.get(kind, {})
         return [h.get(f) for f in fields]

@@ -135,19 +135,32 @@ def batch_result_field(node_id: str, seq: int, item: int) -> str:
 # ---------------------------------------------------------------------------------------------- records
 
 
+_NAMES: dict[type, tuple[str, ...]] = {}  # a record class -> its stored field names (``extra`` aside)
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    got = _NAMES.get(cls)
+    if got is None:
+        got = _NAMES[cls] = tuple(f.name for f in fields(cls) if f.name != "extra")
+    return got
+
+
 def _split(cls: type, data: Mapping[str, Any], what: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The known fields of ``cls`` in ``data``, and the rest."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{what} must be a JSON object, got {type(data).__name__}")
-    names = {f.name for f in fields(cls)} - {"extra"}
+    names = _names(cls)
     return {k: v for k, v in data.items() if k in names}, {k: v for k, v in data.items() if k not in names}
 
 
 def _present(rec: Any, always: Iterable[str] = ()) -> dict[str, Any]:
     """The fields of a record that are stored: the ``always`` ones, and every other that is not None."""
-    keep = set(always)
-    return {f.name: getattr(rec, f.name) for f in fields(rec)
-            if f.name != "extra" and (f.name in keep or getattr(rec, f.name) is not None)}
+    out = {}
+    for name in _names(type(rec)):
+        value = getattr(rec, name)
+        if value is not None or name in always:
+            out[name] = value
+    return out
 
 
 @dataclass(slots=True)
