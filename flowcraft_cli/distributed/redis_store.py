@@ -201,7 +201,22 @@ class RedisStore(Store):
         tries = 0
         while True:
             txn = _RedisTxn(self, run_id)
-            result = await fn(txn)
+            try:
+                result = await fn(txn)
+            except Exception:
+                # a decision to refuse (StateConflict, "already exists") taken on cached values must hold too:
+                # check what it read, and decide again on fresh values if any of it was stale
+                if not txn.cached:
+                    raise
+                program = Commit()
+                self._checks(program, txn)
+                reply = await self._apply(keys=program.keys, args=program.argv())
+                if int(reply[0]) == 1:
+                    raise
+                cache = self._fields_of(run_id)
+                for key, fld, raw in program.values(reply):
+                    cache[(_kind_of(key, run_id), fld)] = raw
+                continue
             if not txn.dirty and not txn.cached:
                 return result  # read only, and every read was Redis's own answer
             program = Commit()

@@ -447,7 +447,11 @@ class Engine:
     async def handle(self, job: Job, inline: InlineStep | None = None) -> Handled:
         """Handle one job: a queued one, or (``inline``) a successor the previous step's commit claimed for
         this worker (``Handled.inline``), which is still listed under this worker if it does not run."""
-        handled = await self._handle(job, inline)
+        try:
+            handled = await self._handle(job, inline)
+        finally:
+            if inline is not None:  # held from its claim until its step ends here (or never starts)
+                self.active_tokens.discard(inline.token)
         if inline is not None and handled.outcome not in (StepOutcome.OK, StepOutcome.STALE):
             handled.listed = True  # never ran: the driver unlists it
         return handled
