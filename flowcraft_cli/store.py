@@ -75,6 +75,12 @@ class Txn(ABC):
         # the same, asked once per run and process under a tag (tag -> kind -> fields): what every step of the run
         # will read, fetched the first time this process commits a step of it
         self.warm_once: dict[str, dict[str, list[str]]] = {}
+        # a driver with a queue (RedisStore) may take the queue's next ready job for this worker in the same
+        # commit, locked for ``pick_ms`` (0: do not): the (job id, payload) it took, after the commit
+        self.pick_ms = 0
+        self.picked: tuple[str, bytes] | None = None
+        # a queue job this worker took itself whose last step this commit is: the commit finishes it in the queue
+        self.finish_job: str | None = None
 
     @abstractmethod
     async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]: ...

@@ -28,7 +28,7 @@ from ..view import RunView
 from . import keys
 from .coordination import RedisCoordinationStore
 from .definitions import Definitions
-from .queue import STEP_FUNCTION, ArqQueue, WakingWorker, arq_pool_for
+from .queue import STEP_FUNCTION, ArqQueue, WakingWorker, arq_pool_for, deserialize
 from .redis_store import RedisStore
 from .views import RunReader
 from .workers import WorkerRegistry, worker_fields
@@ -125,6 +125,7 @@ class ArqAdapter:
         self._worker: Worker | None = None
         self._stopping = asyncio.Event()
         self.in_flight: dict[str, Job] = {}  # arq job id -> the step this worker runs now
+        self.jobs_taken = 0  # queue jobs this worker's commits took (Engine.pick_ms) instead of arq's pickup
         self.started_at = now_ms()
 
     # ---- client side
@@ -283,8 +284,8 @@ class ArqAdapter:
         late = self.workers.last_beat is not None and time.monotonic() - self.workers.last_beat > self.lease_s
         _, dead, mine = await self.workers.beat(self._fields())
         if self._worker is not None:  # arq's lock on every job this worker runs lives one more lease
-            await self.queue.renew([jid for jid, t in self._worker.tasks.items() if not t.done()],
-                                   self.workers.lease_ms)
+            running = {jid for jid, t in self._worker.tasks.items() if not t.done()}
+            await self.queue.renew(running | set(self.in_flight), self.workers.lease_ms)  # and jobs it took itself
         if late:
             log.warning("this worker sent no heartbeat for more than its lease (%gs): the event loop was "
                         "blocked or the process paused; its steps may have been recovered elsewhere, "
@@ -350,15 +351,7 @@ class ArqAdapter:
             handled = await self.engine.handle(job)
             if _FAILPOINT and _FAILPOINT == f"after-commit:{job.node_id}":
                 os._exit(137)  # fault-injection for the crash tests: die right after a commit
-            while handled.inline is not None:
-                # the commit claimed a successor for this worker: run it now, under this queue job's entry in
-                # this worker's list of steps (so the heartbeat keeps it held, and recovery finds it)
-                step = handled.inline
-                await self.flush(handled.scheduled)
-                self.in_flight[job_id] = ran = step.job
-                handled = await self.engine.handle(step.job, step)
-                if _FAILPOINT and _FAILPOINT == f"after-commit:{step.job.node_id}":
-                    os._exit(137)
+            handled, ran = await self._run_inline(job_id, handled, job)
             await self.flush(handled.scheduled)
             if handled.outcome in (StepOutcome.STALE, StepOutcome.RUN_FINISHED) and \
                     await self.redis.hlen(keys.kind_key(OUTBOX, job.run_id)):
@@ -380,6 +373,9 @@ class ArqAdapter:
                     except (RedisError, OSError):
                         pass  # still listed: this worker's heartbeat recovers it once Redis answers
                 self.in_flight.pop(job_id, None)
+        picked = handled.picked
+        while picked is not None:  # the last commit took the queue's next job for this worker: run it here
+            picked = await self._run_picked(*picked)
         if handled.retry_after_s is not None:
             defer = handled.retry_after_s
             if handled.outcome == StepOutcome.VERSION_MISMATCH and await self._served_elsewhere(job):
@@ -389,6 +385,60 @@ class ArqAdapter:
             # arq saw the step return normally; this result makes its log line say the attempt failed
             return f"{FAILED_RESULT} attempt {ran.attempt} of node {ran.node_id}: {handled.failed}"
         return handled.describe()
+
+    async def _run_inline(self, job_id: str, handled: Handled, ran: Job) -> tuple[Handled, Job]:
+        """Run the successors commits claimed for this worker, one after another, under queue job
+        ``job_id``'s entry in this worker's list of steps (so the heartbeat keeps each held, and recovery
+        finds it). Returns the last step's outcome and job."""
+        while handled.inline is not None:
+            step = handled.inline
+            await self.flush(handled.scheduled)
+            self.in_flight[job_id] = ran = step.job
+            handled = await self.engine.handle(step.job, step)
+            if _FAILPOINT and _FAILPOINT == f"after-commit:{step.job.node_id}":
+                os._exit(137)
+        return handled, ran
+
+    async def _run_picked(self, job_id: str, payload: bytes) -> tuple[str, bytes] | None:
+        """Run a queue job a commit took for this worker (``Engine.pick_ms``), as arq would have: its lock
+        (arq's in-progress key) is renewed by the heartbeat while it runs, and arq hands it to another worker
+        if this one dies. Then finish it in the queue. Returns the next job taken, if any."""
+        try:
+            data = deserialize(payload)
+            if not isinstance(data, dict) or data.get("f") != STEP_FUNCTION or len(data.get("a") or ()) != 1:
+                raise ValueError("not a flowcraft step")
+            job = Job.from_dict(data["a"][0])
+        except ValueError as e:
+            log.error("job %s rejected, not run: %s", job_id, e)
+            await self.queue.finish(job_id)
+            return None
+        if job_id in self.in_flight:
+            return None  # this worker runs it already (it cannot take the same lock twice; defensive)
+        self.in_flight[job_id] = job
+        self.engine.taken_jobs.add(job_id)
+        handled: Handled | None = None
+        try:
+            handled = await self.engine.handle(job)
+            handled, _ = await self._run_inline(job_id, handled, job)
+            await self.flush(handled.scheduled)
+        except (RedisError, OSError) as e:
+            # Redis went away mid-step: leave the job locked; arq hands it on when the lock lapses
+            log.warning("job %s: Redis error (%s: %s); left for the queue", job_id, type(e).__name__, e)
+            return None
+        finally:
+            if handled is None or handled.listed:
+                try:
+                    await asyncio.shield(self.workers.release([job_id]))
+                except (RedisError, OSError):
+                    pass
+            self.in_flight.pop(job_id, None)
+            self.engine.taken_jobs.discard(job_id)
+        if handled.retry_after_s is not None:
+            await self.queue.defer(job_id, handled.retry_after_s)
+        elif handled.finished_job != job_id:  # its last commit did not finish it (a duplicate, a stale step)
+            await self.queue.finish(job_id)
+        self.jobs_taken += 1
+        return handled.picked
 
     async def _served_elsewhere(self, job: Job) -> bool:
         meta = await self.store.read(job.run_id, RUN, ["blueprint_id", "blueprint_version"])
@@ -420,6 +470,8 @@ class ArqAdapter:
         # a step's commit claims one successor it makes ready for this worker, which runs it next in the same
         # queue job (CONTRACT §6): a chain then goes through the queue once, not once per node
         self.engine.inline_steps = self.inline_steps
+        # ... and a commit that claims none takes the queue's next ready job for this worker, locked one lease
+        self.engine.pick_ms = int(self.lease_s * 1000) if self.inline_steps else 0
         # arq locks a running job for its job timeout + 10 s; here the lock lasts one lease and the heartbeat
         # renews it (``_beat``), so a dead worker's job is handed to another worker by arq itself a lease
         # after its last heartbeat, even in the moments it is not in the worker's list of steps
@@ -482,6 +534,7 @@ class ArqAdapter:
             log.info("stopping: finishing in-flight steps (up to %.0fs), then handing back the rest",
                      self.shutdown_wait_s)
             self._stopping.set()
+            self.engine.pick_ms = 0  # take no more jobs in commits either
 
     async def _drain(self, worker: Worker, main: asyncio.Future[Any]) -> None:
         worker.allow_pick_jobs = False

@@ -18,8 +18,8 @@ goes as plain ARGV after a ``flat`` marker), read with a cursor:
   n_warm, then per hash:     key#, n, n x field                                 -- HMGET after the ops
 
 ``key#`` indexes KEYS (1-based). The opcodes are the ``OP_*`` constants below. Returns ``{1}`` when
-applied (then ``{1, key#, field, value or false, ...}`` for every *warm* field: what the next step of the
-run will read, sent back now so that it reads nothing), else ``{0, key#, field, current value or false, ...}``
+applied (then ``{1, picked job id or false, its payload or false, key#, field, value or false, ...}`` for
+every *warm* field: what the next step of the run will read, sent back now so that it reads nothing), else ``{0, key#, field, current value or false, ...}``
 for every field checked.
 """
 
@@ -44,6 +44,7 @@ OP_ZADD = "Z"  # args: score, member
 OP_ZREM = "z"  # args: member
 OP_ENQUEUE = "Q"  # key: arq's job key; args: result key#, queue key#, score, payload, expires ms, job id
 OP_WAKE = "W"  # args: n, cap                LPUSH n tokens, keep at most ``cap``, a day's expiry when new
+OP_PICK = "N"  # key: the arq queue; args: now, in-progress prefix, job prefix, lock ms, how many ids to look at
 OP_TRIM_INDEX = "I"  # key: expiry index; args: now, meta prefix, batch, key# of every index key
 
 APPLY = r"""
@@ -63,6 +64,7 @@ end
 
 local ok = true
 local seen = {}
+local picked = nil
 for _ = 1, tonumber(nxt()) do
   local ki = nxt()
   local k = KEYS[tonumber(ki)]
@@ -173,6 +175,23 @@ for _ = 1, tonumber(nxt()) do
     local len = redis.call('LPUSH', k, unpack(tokens))
     if len > tonumber(a[2]) then redis.call('LTRIM', k, 0, tonumber(a[2]) - 1) end
     if len == #tokens then redis.call('EXPIRE', k, 86400) end
+  elseif op == 'N' then
+    -- take the next ready job of the queue for this worker, as arq's own pickers do: its in-progress key
+    -- (SET NX, one lease long) is the lock they all respect; the job stays in the queue until finished
+    -- (the oldest ready jobs are the likeliest to be running already: one MGET finds those that are not)
+    local ids = redis.call('ZRANGEBYSCORE', k, '-inf', a[1], 'LIMIT', 0, tonumber(a[5]))
+    if #ids > 0 then
+      local locks = {}
+      for j, id in ipairs(ids) do locks[j] = a[2] .. id end
+      locks = redis.call('MGET', unpack(locks))
+      for j, id in ipairs(ids) do
+        if not locks[j] and redis.call('SET', a[2] .. id, '1', 'NX', 'PX', a[4]) then
+          local payload = redis.call('GET', a[3] .. id)
+          if payload then picked = {id, payload}; break end
+          redis.call('DEL', a[2] .. id)
+        end
+      end
+    end
   elseif op == 'I' then
     -- index entries whose recorded expiry passed: dropped everywhere if their run is gone, else re-dated
     local now = tonumber(a[1])
@@ -194,6 +213,7 @@ for _ = 1, tonumber(nxt()) do
   end
 end
 local out = {1}
+if picked then out[2] = picked[1]; out[3] = picked[2] else out[2] = false; out[3] = false end
 for _ = 1, tonumber(nxt()) do
   local ki = nxt()
   local n = tonumber(nxt())
@@ -289,8 +309,16 @@ class Commit:
         """(key, field, value) triples of a reply: the current value of every field checked, from a reply
         that refused the commit; the warm fields, from one that applied it."""
         out = []
-        for j in range(1, len(reply), 3):
+        for j in range(1 if int(reply[0]) == 0 else 3, len(reply), 3):
             fld = reply[j + 1]
             out.append((self.keys[int(reply[j]) - 1], fld.decode() if isinstance(fld, bytes) else fld,
                         None if reply[j + 2] is None else _b(reply[j + 2])))
         return out
+
+
+def picked(reply: list[Any]) -> tuple[str, bytes] | None:
+    """The job an applied commit took for its worker (``OP_PICK``): (id, arq payload), or None."""
+    if int(reply[0]) != 1 or not reply[1]:
+        return None
+    job_id = reply[1]
+    return (job_id.decode() if isinstance(job_id, bytes) else job_id), reply[2]

@@ -17,6 +17,7 @@ from redis.asyncio import ConnectionPool, Redis
 
 from ..jobs import Job
 from . import keys
+from .commit import OP_DEL, OP_ZREM, Commit
 
 log = logging.getLogger("flowcraft.queue")
 
@@ -113,6 +114,37 @@ class ArqQueue:
         payload = serialize_job(STEP_FUNCTION, (job.to_dict(),), {}, None, now_ms, serializer=serialize)
         return (job_key_prefix + job.job_id, result_key_prefix + job.job_id, score, payload,
                 score - now_ms + expires_extra_ms)
+
+    async def finish(self, job_id: str) -> None:
+        """A job this worker took itself (in a commit) is done: what arq's ``finish_job`` does, with no result
+        kept."""
+        from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
+
+        async with self.pool.pipeline(transaction=True) as pipe:
+            pipe.delete(*(p + job_id for p in (in_progress_key_prefix, retry_key_prefix, job_key_prefix)))
+            pipe.zrem(abort_jobs_ss, job_id)
+            pipe.zrem(self.queue_name, job_id)
+            await pipe.execute()
+
+    def finish_ops(self, program: Commit, job_id: str) -> None:
+        """``finish``, as ops of a commit (the job's last step): no round trip of its own."""
+        from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
+
+        for prefix in (in_progress_key_prefix, retry_key_prefix, job_key_prefix):
+            program.op(OP_DEL, prefix + job_id)
+        program.op(OP_ZREM, abort_jobs_ss, job_id)
+        program.op(OP_ZREM, self.queue_name, job_id)
+
+    async def defer(self, job_id: str, seconds: float) -> None:
+        """Put a job this worker took back for later (arq's ``Retry(defer=...)``): due in ``seconds``, and
+        unlocked."""
+        from arq.constants import in_progress_key_prefix
+        from arq.utils import timestamp_ms
+
+        async with self.pool.pipeline(transaction=True) as pipe:
+            pipe.zadd(self.queue_name, {job_id: timestamp_ms() + int(seconds * 1000)})
+            pipe.delete(in_progress_key_prefix + job_id)
+            await pipe.execute()
 
     async def wake(self, n: int = 1) -> None:
         """Wake up to ``n`` idle workers of this queue (each blocks on the wake list; see WakingWorker)."""

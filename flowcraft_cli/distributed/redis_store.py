@@ -31,6 +31,7 @@ from .commit import (
     OP_EXTEND_INDEX,
     OP_HDEL,
     OP_HSET,
+    OP_PICK,
     OP_PUSH,
     OP_SET_PX,
     OP_TRIM_INDEX,
@@ -38,11 +39,13 @@ from .commit import (
     OP_ZADD,
     OP_ZREM,
     Commit,
+    picked,
 )
 from .queue import WAKE_CAP, ArqQueue
 
 T = TypeVar("T")
 EVENT_CAP = 10_000
+PICK_LOOK = 32  # ready jobs a commit looks at for one to take (the first few may be running elsewhere)
 TRIM_BATCH = 1000  # due index entries looked at per trim (at most one a second per process)
 
 
@@ -241,8 +244,16 @@ class RedisStore(Store):
                 cache = self._fields_of(run_id)
                 for kind, fields in warm.items():
                     program.warm(keys.kind_key(kind, run_id), [f for f in fields if (kind, f) not in cache])
+                if txn.finish_job and self.queue is not None:
+                    self.queue.finish_ops(program, txn.finish_job)
+                if txn.pick_ms and self.queue is not None:
+                    from arq.constants import in_progress_key_prefix, job_key_prefix
+
+                    program.op(OP_PICK, self.queue.queue_name, int(time.time() * 1000), in_progress_key_prefix,
+                               job_key_prefix, txn.pick_ms, PICK_LOOK)
             reply = await self._apply(keys=program.keys, args=program.argv())
             if int(reply[0]) == 1:
+                txn.picked = picked(reply)
                 if txn.dirty:
                     self._remember(txn)
                     if self.on_commit is not None:

@@ -86,6 +86,8 @@ class Handled:
     listed: bool = False  # the step is still listed under this worker (its claim's commit did not unlist it)
     run_status: RunStatus | None = None  # the run's status, when the outcome is RUN_FINISHED
     inline: InlineStep | None = None  # the successor claimed for this worker: handle it next (handle(job, inline))
+    picked: tuple[str, bytes] | None = None  # a queue job the commit took for this worker: (id, payload)
+    finished_job: str | None = None  # a taken queue job the commit finished in the queue
 
     def describe(self) -> str:
         """The outcome as a worker's log line says it (``ok``, ``stale``, ``run is completed`` ...)."""
@@ -115,6 +117,10 @@ class Engine:
         # may a step's commit claim a successor it fires for this worker to run next (Handled.inline)? Only a
         # driver that then runs it (the arq worker) turns this on
         self.inline_steps = False
+        # and may such a commit that claims no successor take its queue's next ready job for this worker, locked
+        # for this many ms (0: no)? Only a driver that runs it and renews its lock (the arq worker) sets it
+        self.pick_ms = 0
+        self.taken_jobs: set[str] = set()  # queue jobs this worker took that way and runs now (finished by commits)
         # Is a step claimed by another worker still held (worker alive and still running it)? The driver
         # knows (workers: the heartbeat registry); with none, only this process's own steps are held.
         self.is_held_remote: Callable[[str, str], Awaitable[bool]] | None = None
@@ -485,7 +491,8 @@ class Engine:
             # step is recovered from its worker's list; this copy has nothing to do
             return Handled(outcome=StepOutcome.HELD_ELSEWHERE)
         return Handled(scheduled=scheduled, outcome=StepOutcome.STALE if step.stale else StepOutcome.OK,
-                       failed=step.failure, listed=step.listed, inline=step.inline[0] if step.inline else None)
+                       failed=step.failure, listed=step.listed, inline=step.inline[0] if step.inline else None,
+                       picked=step.picked, finished_job=step.finished_job)
 
     async def claim_is_held(self, holder: NodeRecord | BatchItem) -> bool:
         """Is a claim (a node record or a batch item) still held by a live step? This process's own claims

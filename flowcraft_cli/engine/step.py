@@ -62,6 +62,9 @@ class Step:
             self.token = inline.token
         # the successor this step's commit claimed for this worker, to run next (engine.inline_steps)
         self.inline: list[InlineStep] = []
+        self._last_txn: Txn | None = None
+        self.picked: tuple[str, bytes] | None = None  # the queue job its commit took for this worker (pick_ms)
+        self.finished_job: str | None = None  # the queue job its commit finished (Engine.taken_jobs)
 
     async def txn(self, fn: Callable[[RunTxn], Any], reads: dict[str, list[str]] | None = None, *,
                   inline: bool = False) -> Any:
@@ -81,6 +84,12 @@ class Step:
                 run.inline_as = self.list_as
             result = await fn(run)
             self.inline = run.inline
+            if inline and not run.inline:
+                if self.list_as in self.engine.taken_jobs:  # the last step of a job this worker took: finish it
+                    t.finish_job = self.list_as
+                if self.engine.pick_ms:
+                    t.pick_ms = self.engine.pick_ms  # nothing to run next here: take the queue's next job
+            self._last_txn = t
             return (result, run.scheduled)
         return await self.engine.store.transact(self.run_id, wrapped)
 
@@ -250,6 +259,9 @@ class Step:
             self.listed = False
         for successor in self.inline:
             self.engine.active_tokens.add(successor.token)  # held from its claim on, not from when it starts
+        if got is not None and got[0] and self._last_txn is not None:
+            self.picked = self._last_txn.picked
+            self.finished_job = self._last_txn.finish_job
         if got is None or not got[0]:
             if self.claimed:
                 log.warning("job %s: fenced off: node %r of run %s is no longer claimed by this worker (the run "
