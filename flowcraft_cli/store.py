@@ -81,6 +81,7 @@ class Txn(ABC):
         self.picked: tuple[str, bytes] | None = None
         # a queue job this worker took itself whose last step this commit is: the commit finishes it in the queue
         self.finish_job: str | None = None
+        self.unqueue: list[str] = []  # queue jobs whose steps this commit claimed: dropped unless in progress
 
     @abstractmethod
     async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]: ...

@@ -44,6 +44,7 @@ OP_ZADD = "Z"  # args: score, member
 OP_ZREM = "z"  # args: member
 OP_ENQUEUE = "Q"  # key: arq's job key; args: result key#, queue key#, score, payload, expires ms, job id
 OP_WAKE = "W"  # args: n, cap                LPUSH n tokens, keep at most ``cap``, a day's expiry when new
+OP_UNQUEUE = "U"  # key: the arq queue; args: job id, in-progress prefix, job prefix
 OP_PICK = "N"  # key: the arq queue; args: now, in-progress prefix, job prefix, lock ms, how many ids to look at
 OP_TRIM_INDEX = "I"  # key: expiry index; args: now, meta prefix, batch, key# of every index key
 
@@ -175,6 +176,12 @@ for _ = 1, tonumber(nxt()) do
     local len = redis.call('LPUSH', k, unpack(tokens))
     if len > tonumber(a[2]) then redis.call('LTRIM', k, 0, tonumber(a[2]) - 1) end
     if len == #tokens then redis.call('EXPIRE', k, 86400) end
+  elseif op == 'U' then
+    -- a queued job whose step this commit claimed: dropped from the queue, unless a worker has it already
+    if redis.call('EXISTS', a[2] .. a[1]) == 0 then
+      redis.call('ZREM', k, a[1])
+      redis.call('DEL', a[3] .. a[1])
+    end
   elseif op == 'N' then
     -- take the next ready job of the queue for this worker, as arq's own pickers do: its in-progress key
     -- (SET NX, one lease long) is the lock they all respect; the job stays in the queue until finished

@@ -35,6 +35,7 @@ from .commit import (
     OP_PUSH,
     OP_SET_PX,
     OP_TRIM_INDEX,
+    OP_UNQUEUE,
     OP_WAKE,
     OP_ZADD,
     OP_ZREM,
@@ -244,6 +245,12 @@ class RedisStore(Store):
                 cache = self._fields_of(run_id)
                 for kind, fields in warm.items():
                     program.warm(keys.kind_key(kind, run_id), [f for f in fields if (kind, f) not in cache])
+                if txn.unqueue and self.queue is not None:
+                    from arq.constants import in_progress_key_prefix, job_key_prefix
+
+                    for job_id in txn.unqueue:
+                        program.op(OP_UNQUEUE, self.queue.queue_name, job_id, in_progress_key_prefix,
+                                   job_key_prefix)
                 if txn.finish_job and self.queue is not None:
                     self.queue.finish_ops(program, txn.finish_job)
                 if txn.pick_ms and self.queue is not None:

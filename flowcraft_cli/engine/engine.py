@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -121,6 +122,7 @@ class Engine:
         # for this many ms (0: no)? Only a driver that runs it and renews its lock (the arq worker) sets it
         self.pick_ms = 0
         self.taken_jobs: set[str] = set()  # queue jobs this worker took that way and runs now (finished by commits)
+        self._queued: OrderedDict[str, deque[str]] = OrderedDict()  # run id -> nodes this process queued (hints)
         # Is a step claimed by another worker still held (worker alive and still running it)? The driver
         # knows (workers: the heartbeat registry); with none, only this process's own steps are held.
         self.is_held_remote: Callable[[str, str], Awaitable[bool]] | None = None
@@ -493,6 +495,18 @@ class Engine:
         return Handled(scheduled=scheduled, outcome=StepOutcome.STALE if step.stale else StepOutcome.OK,
                        failed=step.failure, listed=step.listed, inline=step.inline[0] if step.inline else None,
                        picked=step.picked, finished_job=step.finished_job)
+
+    def note_queued(self, run_id: str, node_id: str) -> None:
+        """A commit here queued ``node_id``'s step: a later commit of the run here may run it instead."""
+        hints = self._queued.get(run_id)
+        if hints is None:
+            hints = self._queued[run_id] = deque(maxlen=100_000)
+            while len(self._queued) > 1_000:
+                self._queued.popitem(last=False)
+        hints.append(node_id)
+
+    def queued_hints(self, run_id: str) -> deque[str]:
+        return self._queued.get(run_id) or deque()
 
     async def claim_is_held(self, holder: NodeRecord | BatchItem) -> bool:
         """Is a claim (a node record or a batch item) still held by a live step? This process's own claims

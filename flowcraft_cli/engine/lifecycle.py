@@ -98,6 +98,28 @@ class RunTxn:
         the commit and then deletes the outbox entry (a crash in between leaves it for the reconciler)."""
         self.t.put(OUTBOX, job.job_id, job.to_dict())
         self.scheduled.append((self.t.run_id, job))
+        if self.engine.inline_steps and job.kind == JobKind.EXEC and not job.not_before_ms:
+            self.engine.note_queued(self.t.run_id, job.node_id)  # a later commit here may run it instead
+
+    async def steal_queued(self) -> bool:
+        """Claim, for this worker, a node of this run whose job waits in the queue (one this process queued),
+        to run it next instead of picking a job: a fan-out's branches then run one after another on each busy
+        worker slot, with one commit each and no queue round trips. Its queue job is dropped in the same
+        commit (``Txn.unqueue``), unless a worker has it in progress (whose claim then finds it held)."""
+        hints = self.engine.queued_hints(self.t.run_id)
+        while hints:
+            node_id = hints.popleft()
+            node = self.bp.node_map.get(node_id)
+            if node is None or node.uses in BUILTINS:
+                continue
+            rec = await read_node(self.t, node_id)
+            if rec is None or rec.status != NodeStatus.QUEUED or rec.current_phase != JobKind.EXEC:
+                continue
+            job = Job(self.t.run_id, node_id, rec.seq, JobKind.EXEC.value, rec.attempt or 1, recovery=rec.recovery or 0)
+            await self._claim_inline(job, rec)
+            self.t.unqueue.append(job.job_id)
+            return True
+        return False
 
     # ---- firing, skipping, joins
 

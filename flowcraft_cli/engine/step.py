@@ -85,6 +85,8 @@ class Step:
             result = await fn(run)
             self.inline = run.inline
             if inline and not run.inline:
+                await run.steal_queued()
+            if inline and not run.inline:
                 if self.list_as in self.engine.taken_jobs:  # the last step of a job this worker took: finish it
                     t.finish_job = self.list_as
                 if self.engine.pick_ms:

@@ -1,0 +1,140 @@
+"""A worker slot that finishes a step runs more work itself instead of going back to arq: a queued step of
+the same run (a fan-out's branch: ``RunTxn.steal_queued``), else the queue's next ready job
+(``Engine.pick_ms``). Both are claimed and recovered like any step. Real Redis, real arq workers."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis
+
+from flowcraft_cli.jobs import Job
+from tests.harness import make_adapter
+
+FAN = {"id": "fan", "nodes": [{"id": "s", "uses": "tag"}, *({"id": f"b{i}", "uses": "tag"} for i in range(30)),
+                              {"id": "j", "uses": "tag"}],
+       "edges": [e for i in range(30) for e in ({"source": "s", "target": f"b{i}"}, {"source": f"b{i}", "target": "j"})]}
+ONE = {"id": "one", "nodes": [{"id": "x", "uses": "tag"}], "edges": []}
+
+
+def test_a_fan_outs_branches_run_on_the_slots_that_are_busy_with_it(redis_url):
+    """30 branches, 3 worker slots: arq hands out a few branch jobs; every other branch is claimed by a
+    branch's commit on the same slot, its queue job dropped. Every node runs once; nothing is left queued."""
+    calls: list[str] = []
+
+    def tag(ctx):
+        calls.append(ctx.node_id)
+        return ctx.node_id
+
+    async def go():
+        a = make_adapter(Redis.from_url(redis_url), [FAN], {"tag": tag}, queue_name="take-1", concurrency=3)
+        run_id = await a.start_run("fan", {})
+        await a.start(burst=True)
+        view = await a.inspect(run_id)
+        ran_by_arq = a._worker.jobs_complete
+        left = await a.redis.zcard("take-1")
+        await a.close()
+        await a.redis.aclose()
+        return view, ran_by_arq, left
+
+    view, ran_by_arq, left = asyncio.run(go())
+    assert view.status == "completed", view.reason
+    assert sorted(calls) == sorted(["s", "j", *(f"b{i}" for i in range(30))])
+    assert ran_by_arq <= 6  # the start, and the few branch jobs arq handed out before they were claimed
+    assert left == 0
+
+
+def test_a_branch_claimed_while_another_worker_has_its_job_runs_once(redis_url):
+    """Worker B has taken a branch's queue job (arq's in-progress lock) but not claimed it yet; worker A's
+    commit claims that branch first. B's claim then finds it held by A: the branch runs once."""
+    calls: list[str] = []
+
+    def tag(ctx):
+        calls.append(ctx.node_id)
+        return ctx.node_id
+
+    doc = {"id": "two", "nodes": [{"id": "s", "uses": "tag"}, {"id": "p", "uses": "tag"}, {"id": "q", "uses": "tag"}],
+           "edges": [{"source": "s", "target": "p"}, {"source": "s", "target": "q"}]}
+
+    async def go():
+        a = make_adapter(Redis.from_url(redis_url), [doc], {"tag": tag}, queue_name="take-2")
+        b = make_adapter(Redis.from_url(redis_url), [doc], {"tag": tag}, queue_name="take-2")
+        a.create_worker()  # inline steps and taking on, as in a worker process
+        await a.workers.beat(a._fields())  # A is alive
+        run_id, scheduled = await a.engine.start_run("two", {})
+        s = await a.engine.handle(scheduled[0][1])  # s fires p (inline for A) and q (queued)
+        assert s.inline is not None and s.inline.job.node_id == "p"
+        q_job = Job(run_id, "q", 1)
+        await b.queue.pool.psetex(f"arq:in-progress:{q_job.job_id}", 15000, b"1")  # B took q's job
+        p = await a.engine.handle(s.inline.job, s.inline)  # p's commit claims q for A
+        assert p.inline is not None and p.inline.job.node_id == "q"
+        held = await b.engine.handle(q_job)  # B's claim: held by A, which runs it now
+        a.engine.active_tokens.discard(p.inline.token)
+        done = await a.engine.handle(p.inline.job, p.inline)
+        view = await a.inspect(run_id)
+        queued = await a.redis.zscore("take-2", q_job.job_id)
+        for ad in (a, b):
+            await ad.close()
+            await ad.redis.aclose()
+        return held, done, view, queued
+
+    held, done, view, queued = asyncio.run(go())
+    assert held.outcome.value == "held elsewhere"
+    assert done.outcome.value == "ok" and view.status == "completed"
+    assert sorted(calls) == ["p", "q", "s"]
+    assert queued is not None  # B has it in progress: left to B, which drops it as held/stale
+
+
+def test_a_slot_takes_the_next_runs_job_and_finishes_it_in_the_queue(redis_url):
+    """Ten one-node runs on one slot: after the first, each commit takes the next run's job itself, and that
+    job's own commit removes it from arq (no job keys are left)."""
+
+    async def go():
+        a = make_adapter(Redis.from_url(redis_url), [ONE], {"tag": lambda ctx: ctx.node_id}, queue_name="take-3",
+                         concurrency=1)
+        runs = [await a.start_run("one", {}) for _ in range(10)]
+        await a.start(burst=True)
+        statuses = [(await a.status(r))["status"] for r in runs]
+        taken, by_arq = a.jobs_taken, a._worker.jobs_complete
+        leftovers = [k for r in runs async for k in a.redis.scan_iter(f"arq:*{r}*")]
+        await a.close()
+        await a.redis.aclose()
+        return statuses, taken, by_arq, leftovers
+
+    statuses, taken, by_arq, leftovers = asyncio.run(go())
+    assert statuses == ["completed"] * 10
+    assert taken >= 8 and taken + by_arq == 10
+    assert leftovers == []
+
+
+def test_a_taken_job_whose_worker_dies_is_handed_on_by_arq(redis_url):
+    """A slot took a job (its lock, one lease long) and its worker died before running it: the lock lapses
+    and another worker runs the job."""
+    calls: list[str] = []
+
+    async def go():
+        a = make_adapter(Redis.from_url(redis_url), [ONE], {"tag": lambda ctx: calls.append(ctx.run_id)},
+                         queue_name="take-4", lease_s=1)
+        a.create_worker()
+        first = await a.start_run("one", {})
+        second, _ = await a.engine.start_run("one", {})
+        first_job = Job(first, "x", 1)
+        await a.queue.pool.psetex(f"arq:in-progress:{first_job.job_id}", 15000, b"1")  # as arq does
+        handled = await a.engine.handle(first_job)
+        assert handled.picked is not None and second in handled.picked[0]  # took the second run's job...
+        await a.close()  # ... and "died" before running it
+        await a.redis.aclose()
+        b = make_adapter(Redis.from_url(redis_url), [ONE], {"tag": lambda ctx: calls.append(ctx.run_id)},
+                         queue_name="take-4")
+        deadline = asyncio.get_running_loop().time() + 10
+        while (await b.status(second)) is None and asyncio.get_running_loop().time() < deadline:
+            await b.start(burst=True)  # the lock lapses after 1 s: then arq hands the job to b
+            await asyncio.sleep(0.2)
+        status = await b.status(second)
+        await b.close()
+        await b.redis.aclose()
+        return status
+
+    status = asyncio.run(go())
+    assert status is not None and status["status"] == "completed"
+    assert calls.count(calls[-1]) == 1
