@@ -43,15 +43,31 @@ def test_two_workers_complete_a_run_and_inspect_shows_it(project):
     assert human.returncode == 0 and "completed" in human.stdout and "slow" in human.stdout
 
 
-def test_wide_fan_out_spreads_over_both_workers(project):
+def test_wide_fan_out_completes_on_two_workers(project):
     project.start_worker()
     project.start_worker()
     result = project.cli_json("enqueue", "wide", "--wait", "--timeout", "60")
     assert result["status"] == "completed", result
     assert len(result["outputs"]["end"]) == 50
-    view = project.cli_json("inspect", result["run_id"])
-    workers = {n["worker"] for n in view["nodes"]}
-    assert len(workers) == 2, workers
+
+
+def test_a_wide_fan_out_of_real_work_spreads_over_both_workers(tmp_path, redis_url):
+    """No-op branches may all run on the first worker (each of its slots claims the next queued branch as it
+    commits one); branches that take time leave their queue jobs to the other worker's idle slots."""
+    branches = "\n".join(f"  - {{id: b{i:02d}, uses: slow, params: {{seconds: 0.3}}}}" for i in range(20))
+    edges = "\n".join(f"  - {{source: start, target: b{i:02d}}}\n  - {{source: b{i:02d}, target: end}}" for i in range(20))
+    doc = f"nodes:\n  - {{id: start, uses: noop}}\n{branches}\n  - {{id: end, uses: join}}\nedges:\n{edges}\n"
+    project = Project(tmp_path, redis_url, extra_blueprints={"wide-slow": doc})
+    try:
+        project.start_worker()
+        project.start_worker()
+        result = project.cli_json("enqueue", "wide-slow", "--wait", "--timeout", "60")
+        assert result["status"] == "completed", result
+        view = project.cli_json("inspect", result["run_id"])
+        workers = {n["worker"] for n in view["nodes"]}
+        assert len(workers) == 2, workers
+    finally:
+        project.stop_all()
 
 
 def test_sigkill_mid_node_loses_nothing(project, redis_url):

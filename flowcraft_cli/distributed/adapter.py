@@ -534,7 +534,8 @@ class ArqAdapter:
             log.info("stopping: finishing in-flight steps (up to %.0fs), then handing back the rest",
                      self.shutdown_wait_s)
             self._stopping.set()
-            self.engine.pick_ms = 0  # take no more jobs in commits either
+            self.engine.pick_ms = 0  # take no more jobs in commits either,
+            self.engine.inline_steps = False  # nor claim steps to run next: what is left goes to the queue
 
     async def _drain(self, worker: Worker, main: asyncio.Future[Any]) -> None:
         worker.allow_pick_jobs = False

@@ -500,13 +500,16 @@ class Engine:
         """A commit here queued ``node_id``'s step: a later commit of the run here may run it instead."""
         hints = self._queued.get(run_id)
         if hints is None:
-            hints = self._queued[run_id] = deque(maxlen=100_000)
+            hints = self._queued[run_id] = deque(maxlen=10_000)
             while len(self._queued) > 1_000:
                 self._queued.popitem(last=False)
         hints.append(node_id)
 
     def queued_hints(self, run_id: str) -> deque[str]:
         return self._queued.get(run_id) or deque()
+
+    def forget_queued(self, run_id: str) -> None:
+        self._queued.pop(run_id, None)
 
     async def claim_is_held(self, holder: NodeRecord | BatchItem) -> bool:
         """Is a claim (a node record or a batch item) still held by a live step? This process's own claims

@@ -376,6 +376,7 @@ class RunTxn:
         m = await self.meta()
         if m.status in FINAL_STATUSES:
             return
+        self.engine.forget_queued(self.t.run_id)
         ts = self.engine.clock()
         self.set_meta(status=status)
         self.set_meta(reason=reason)
