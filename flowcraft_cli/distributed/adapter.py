@@ -365,14 +365,7 @@ class ArqAdapter:
             raise Retry(defer=1) from e
         finally:
             if owner:
-                # unlisted before it leaves in_flight: the heartbeat recovers listed steps that are not in
-                # flight, and this one is still finishing
-                if handled is None or handled.listed:  # still listed: no commit unlisted it (or we do not know)
-                    try:
-                        await asyncio.shield(self.workers.release([job.job_id]))
-                    except (RedisError, OSError):
-                        pass  # still listed: this worker's heartbeat recovers it once Redis answers
-                self.in_flight.pop(job_id, None)
+                await self._done_with(job_id, job.job_id, handled)
         picked = handled.picked
         while picked is not None:  # the last commit took the queue's next job for this worker: run it here
             picked = await self._run_picked(*picked)
@@ -385,6 +378,17 @@ class ArqAdapter:
             # arq saw the step return normally; this result makes its log line say the attempt failed
             return f"{FAILED_RESULT} attempt {ran.attempt} of node {ran.node_id}: {handled.failed}"
         return handled.describe()
+
+    async def _done_with(self, job_id: str, listed_as: str, handled: Handled | None) -> None:
+        """Queue job ``job_id`` is done here: unlist its step (``listed_as``) unless its commit did, and only
+        then let it leave ``in_flight``: the heartbeat recovers listed steps that are not in flight, and this
+        one is still finishing."""
+        if handled is None or handled.listed:  # still listed: no commit unlisted it (or we do not know)
+            try:
+                await asyncio.shield(self.workers.release([listed_as]))
+            except (RedisError, OSError):
+                pass  # still listed: this worker's heartbeat recovers it once Redis answers
+        self.in_flight.pop(job_id, None)
 
     async def _run_inline(self, job_id: str, handled: Handled, ran: Job) -> tuple[Handled, Job]:
         """Run the successors commits claimed for this worker, one after another, under queue job
@@ -426,12 +430,7 @@ class ArqAdapter:
             log.warning("job %s: Redis error (%s: %s); left for the queue", job_id, type(e).__name__, e)
             return None
         finally:
-            if handled is None or handled.listed:
-                try:
-                    await asyncio.shield(self.workers.release([job_id]))
-                except (RedisError, OSError):
-                    pass
-            self.in_flight.pop(job_id, None)
+            await self._done_with(job_id, job_id, handled)
             self.engine.taken_jobs.discard(job_id)
         if handled.retry_after_s is not None:
             await self.queue.defer(job_id, handled.retry_after_s)

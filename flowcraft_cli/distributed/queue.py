@@ -17,7 +17,7 @@ from redis.asyncio import ConnectionPool, Redis
 
 from ..jobs import Job
 from . import keys
-from .commit import OP_DEL, OP_ZREM, Commit
+from .commit import OP_DEL, OP_PICK, OP_UNQUEUE, OP_ZREM, Commit
 
 log = logging.getLogger("flowcraft.queue")
 
@@ -134,6 +134,21 @@ class ArqQueue:
             program.op(OP_DEL, prefix + job_id)
         program.op(OP_ZREM, abort_jobs_ss, job_id)
         program.op(OP_ZREM, self.queue_name, job_id)
+
+    def unqueue_op(self, program: Commit, job_id: str) -> None:
+        """A commit claimed the step of queued job ``job_id`` for its own worker: drop the job, unless a worker
+        holds it already (whose claim then finds the step held)."""
+        from arq.constants import in_progress_key_prefix, job_key_prefix
+
+        program.op(OP_UNQUEUE, self.queue_name, job_id, in_progress_key_prefix, job_key_prefix)
+
+    def pick_op(self, program: Commit, lock_ms: int, look: int) -> None:
+        """Take the oldest ready job nobody holds for the committing worker, locked ``lock_ms`` as arq locks
+        the jobs it runs (``commit.picked`` reads it from the reply)."""
+        from arq.constants import in_progress_key_prefix, job_key_prefix
+        from arq.utils import timestamp_ms
+
+        program.op(OP_PICK, self.queue_name, timestamp_ms(), in_progress_key_prefix, job_key_prefix, lock_ms, look)
 
     async def defer(self, job_id: str, seconds: float) -> None:
         """Put a job this worker took back for later (arq's ``Retry(defer=...)``): due in ``seconds``, and

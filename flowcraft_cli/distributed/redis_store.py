@@ -11,7 +11,7 @@ import json
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
@@ -31,11 +31,9 @@ from .commit import (
     OP_EXTEND_INDEX,
     OP_HDEL,
     OP_HSET,
-    OP_PICK,
     OP_PUSH,
     OP_SET_PX,
     OP_TRIM_INDEX,
-    OP_UNQUEUE,
     OP_WAKE,
     OP_ZADD,
     OP_ZREM,
@@ -59,13 +57,6 @@ def _resets_expiry(txn: Txn) -> bool:
 
 def _raw(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
-
-
-def _kind_of(key: str, run_id: str) -> str:
-    for kind in KINDS:
-        if keys.kind_key(kind, run_id) == key:
-            return kind
-    raise ValueError(f"{key!r} is not a key of run {run_id!r}")
 
 
 def _s(value: Any) -> Any:
@@ -103,6 +94,7 @@ class _RedisTxn(Txn):
         self.reads: dict[tuple[str, str], bytes | None] = {}
         self.wholes: dict[str, dict[str, bytes]] = {}
         self.cached = False  # some value read came from the cache, not from Redis during this transaction
+        self.encoded: dict[tuple[str, str], bytes] = {}  # each value written, as JSON bytes (``_writes``)
 
     async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]:
         misses = [f for f in fields if (kind, f) not in self.reads and (kind, f) not in self._fields]
@@ -119,18 +111,8 @@ class _RedisTxn(Txn):
         return out
 
     async def prefetch(self, wanted: dict[str, list[str]]) -> None:
-        todo = {kind: [f for f in fields if (kind, f) not in self.reads and (kind, f) not in self._fields]
-                for kind, fields in wanted.items()}
-        todo = {kind: fields for kind, fields in todo.items() if fields}
-        if not todo:
-            return
-        async with self._store.redis.pipeline(transaction=False) as pipe:
-            for kind, fields in todo.items():
-                pipe.hmget(keys.kind_key(kind, self.run_id), fields)
-            replies = await pipe.execute()
-        for (kind, fields), got in zip(todo.items(), replies, strict=True):
-            for f, raw in zip(fields, got, strict=True):
-                self._fields[(kind, f)] = self.reads[(kind, f)] = None if raw is None else _raw(raw)
+        fetched = await self._store._fetch(self.run_id, wanted, skip=self.reads)
+        self.reads.update(fetched)
 
     def assume_absent(self, wanted: dict[str, list[str]]) -> None:
         for kind, fields in wanted.items():
@@ -217,9 +199,7 @@ class RedisStore(Store):
                 reply = await self._apply(keys=program.keys, args=program.argv())
                 if int(reply[0]) == 1:
                     raise
-                cache = self._fields_of(run_id)
-                for key, fld, raw in program.values(reply):
-                    cache[(_kind_of(key, run_id), fld)] = raw
+                self._absorb(run_id, program, reply)
                 continue
             if not txn.dirty and not txn.cached:
                 return result  # read only, and every read was Redis's own answer
@@ -245,19 +225,13 @@ class RedisStore(Store):
                 cache = self._fields_of(run_id)
                 for kind, fields in warm.items():
                     program.warm(keys.kind_key(kind, run_id), [f for f in fields if (kind, f) not in cache])
-                if txn.unqueue and self.queue is not None:
-                    from arq.constants import in_progress_key_prefix, job_key_prefix
-
+                if self.queue is not None:  # the queue work this commit does for its worker
                     for job_id in txn.unqueue:
-                        program.op(OP_UNQUEUE, self.queue.queue_name, job_id, in_progress_key_prefix,
-                                   job_key_prefix)
-                if txn.finish_job and self.queue is not None:
-                    self.queue.finish_ops(program, txn.finish_job)
-                if txn.pick_ms and self.queue is not None:
-                    from arq.constants import in_progress_key_prefix, job_key_prefix
-
-                    program.op(OP_PICK, self.queue.queue_name, int(time.time() * 1000), in_progress_key_prefix,
-                               job_key_prefix, txn.pick_ms, PICK_LOOK)
+                        self.queue.unqueue_op(program, job_id)
+                    if txn.finish_job:
+                        self.queue.finish_ops(program, txn.finish_job)
+                    if txn.pick_ms:
+                        self.queue.pick_op(program, txn.pick_ms, PICK_LOOK)
             reply = await self._apply(keys=program.keys, args=program.argv())
             if int(reply[0]) == 1:
                 txn.picked = picked(reply)
@@ -267,23 +241,28 @@ class RedisStore(Store):
                         self.on_commit(txn)
                 if (txn.warm or txn.warm_once) and txn.final is None and txn.dirty:
                     self._warmed.setdefault(run_id, set()).update(txn.warm_once)
-                    cache = self._fields_of(run_id)
-                    for key, fld, raw in program.values(reply):
-                        cache[(_kind_of(key, run_id), fld)] = raw
+                    self._absorb(run_id, program, reply)
                 return result
             # a field read changed (another process committed a step of this run): decide again on the values
             # the refused commit sent back, after a short random pause once it keeps happening, so that a crowd
             # of siblings finishing together on several workers (a wide fan-in) spreads out
             self.conflicts += 1
             tries += 1
-            cache = self._fields_of(run_id)
-            for key, fld, raw in program.values(reply):
-                cache[(_kind_of(key, run_id), fld)] = raw
+            cache = self._absorb(run_id, program, reply)
             for kind in txn.wholes:
                 for cached in [k for k in cache if k[0] == kind]:
                     del cache[cached]
             if tries > 2:
                 await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * tries)))
+
+    def _absorb(self, run_id: str, program: Commit, reply: list[Any]) -> _RunFields:
+        """Remember the field values a reply carries (current values of a refused commit's reads, or the warm
+        fields of an applied one)."""
+        cache = self._fields_of(run_id)
+        kinds = {keys.kind_key(kind, run_id): kind for kind in KINDS}
+        for key, fld, raw in program.values(reply):
+            cache[(kinds[key], fld)] = raw
+        return cache
 
     def _checks(self, program: Commit, txn: _RedisTxn) -> None:
         run_id = txn.run_id
@@ -307,7 +286,7 @@ class RedisStore(Store):
         for (kind, fld), value in txn._writes.items():
             if kind == OUTBOX and self.enqueues:
                 continue
-            cache[(kind, fld)] = None if value is MISSING else dumps(value).encode()
+            cache[(kind, fld)] = None if value is MISSING else txn.encoded.get((kind, fld)) or dumps(value).encode()
 
     def _writes(self, program: Commit, txn: Txn) -> None:
         run_id = txn.run_id
@@ -326,7 +305,10 @@ class RedisStore(Store):
                     dels.setdefault(kind, []).append(fld)
             else:
                 raw = dumps(value)
-                if reads.get((kind, fld)) != raw.encode():  # the value read (and checked) is this one: no write
+                encoded = raw.encode()
+                if isinstance(txn, _RedisTxn):
+                    txn.encoded[(kind, fld)] = encoded  # what _remember keeps after the commit
+                if reads.get((kind, fld)) != encoded:  # the value read (and checked) is this one: no write
                     sets.setdefault(kind, []).extend((fld, raw))
         for kind, args in sets.items():
             program.op(OP_HSET, keys.kind_key(kind, run_id), *args)
@@ -440,9 +422,12 @@ class RedisStore(Store):
             program.op(OP_EXTEND_INDEX, key, ms)
 
     def _due_every(self, key: str, every_s: float) -> bool:
+        """Has ``every_s`` passed since this process last did what ``key`` names (then: it is done now)?"""
         now = time.monotonic()
         if now - self._kept.get(key, -1e18) < every_s:
             return False
+        if len(self._kept) > 10_000:
+            self._kept.clear()  # bounded: forgetting only means doing it once more
         self._kept[key] = now
         return True
 
@@ -450,14 +435,7 @@ class RedisStore(Store):
         """Is it time to extend ``key``'s expiry again? Keys every step would otherwise touch (a blueprint's
         definition, a queue's run index) are extended by this process at most every quarter of their TTL
         (and at most every minute): their TTL is days, a step is milliseconds."""
-        now = time.monotonic()
-        every_s = 60.0 if ttl_ms <= 0 else min(60.0, ttl_ms / 4000)
-        if now - self._kept.get(key, -1e18) < every_s:
-            return False
-        if len(self._kept) > 10_000:
-            self._kept.clear()  # bounded: forgetting only means one more refresh
-        self._kept[key] = now
-        return True
+        return self._due_every(key, 60.0 if ttl_ms <= 0 else min(60.0, ttl_ms / 4000))
 
     async def read(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
         if not fields:
@@ -467,18 +445,28 @@ class RedisStore(Store):
                 for f, v in zip(fields, values, strict=True)]
 
     async def preload(self, run_id: str, wanted: dict[str, list[str]]) -> None:
+        await self._fetch(run_id, wanted)
+
+    async def _fetch(self, run_id: str, wanted: dict[str, list[str]],
+                     skip: Mapping[tuple[str, str], Any] | None = None) -> dict[tuple[str, str], bytes | None]:
+        """Read the wanted fields this process does not remember (nor ``skip`` holds), in one pipeline, into
+        its memory of the run. Returns what was read."""
         cache = self._fields_of(run_id)
-        todo = {kind: [f for f in fields if (kind, f) not in cache] for kind, fields in wanted.items()}
+        skip = skip or {}
+        todo = {kind: [f for f in fields if (kind, f) not in cache and (kind, f) not in skip]
+                for kind, fields in wanted.items()}
         todo = {kind: fields for kind, fields in todo.items() if fields}
         if not todo:
-            return
+            return {}
         async with self.redis.pipeline(transaction=False) as pipe:
             for kind, fields in todo.items():
                 pipe.hmget(keys.kind_key(kind, run_id), fields)
             replies = await pipe.execute()
+        fetched: dict[tuple[str, str], bytes | None] = {}
         for (kind, fields), got in zip(todo.items(), replies, strict=True):
             for f, raw in zip(fields, got, strict=True):
-                cache[(kind, f)] = None if raw is None else _raw(raw)
+                cache[(kind, f)] = fetched[(kind, f)] = None if raw is None else _raw(raw)
+        return fetched
 
     async def peek(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
         cache = self._cache.get(run_id)
