@@ -84,9 +84,9 @@ class Step:
                 run.inline_as = self.list_as
             result = await fn(run)
             self.inline = run.inline
-            if inline and not run.inline:
+            if inline and result and not run.inline:  # only a commit that went through takes more work
                 await run.steal_queued()
-            if inline and not run.inline:
+            if inline and result and not run.inline:
                 if self.list_as in self.engine.taken_jobs:  # the last step of a job this worker took: finish it
                     t.finish_job = self.list_as
                 if self.engine.pick_ms:
