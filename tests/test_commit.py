@@ -229,3 +229,28 @@ def test_a_worker_does_not_keep_large_values_in_memory(redis_url):
     view = asyncio.run(go())
     assert view.status == "completed" and view.outputs["b"] == 100_000
     assert seen and seen[0] <= 64 * 1024
+
+
+def test_a_refused_commit_still_writes_what_its_retry_owes(redis_url):
+    """Writes a process makes only now and then (the run's progress mark, at most once a second per run) are
+    marked done when the program is built. A program that Redis refuses did not write them: the decision made
+    again must, or a run whose commit once met a conflict looks idle to the reconciler."""
+
+    async def go():
+        r = Redis.from_url(redis_url)
+        a = make_adapter(r, [CHAIN], {"tag": lambda ctx: ctx.node_id}, queue_name="commit-marks")
+        run_id, scheduled = await a.engine.start_run("chain", {})  # a's cache holds the run's meta now
+        progress = keys.progress_key(run_id)
+        await r.set(progress, "0", px=600_000)
+        # another process rewrites a field a's claim reads (same JSON, other bytes): a's commit is refused
+        meta = keys.kind_key("run", run_id)
+        await r.hset(meta, "awaiting_nodes", "[ ]")
+        handled = await a.engine.handle(scheduled[0][1])
+        mark, conflicts = await r.get(progress), a.store.conflicts
+        await a.close()
+        await r.aclose()
+        return handled, mark, conflicts
+
+    handled, mark, conflicts = asyncio.run(go())
+    assert conflicts >= 1 and handled.outcome == StepOutcome.OK
+    assert mark is not None and mark != b"0"

@@ -46,7 +46,8 @@ def test_a_fan_outs_branches_run_on_the_slots_that_are_busy_with_it(redis_url):
 
 def test_a_branch_claimed_while_another_worker_has_its_job_runs_once(redis_url):
     """Worker B has taken a branch's queue job (arq's in-progress lock) but not claimed it yet; worker A's
-    commit claims that branch first. B's claim then finds it held by A: the branch runs once."""
+    commit claims that branch first, and drops its job from the queue. B's claim then finds it held by A:
+    the branch runs once."""
     calls: list[str] = []
 
     def tag(ctx):
@@ -82,7 +83,7 @@ def test_a_branch_claimed_while_another_worker_has_its_job_runs_once(redis_url):
     assert held.outcome.value == "held elsewhere"
     assert done.outcome.value == "ok" and view.status == "completed"
     assert sorted(calls) == ["p", "q", "s"]
-    assert queued is not None  # B has it in progress: left to B, which drops it as held/stale
+    assert queued is None  # dropped by A's claim; B, which holds it already, found the step held
 
 
 def test_a_slot_takes_the_next_runs_job_and_finishes_it_in_the_queue(redis_url):
@@ -138,3 +139,45 @@ def test_a_taken_job_whose_worker_dies_is_handed_on_by_arq(redis_url):
     status = asyncio.run(go())
     assert status is not None and status["status"] == "completed"
     assert calls.count(calls[-1]) == 1
+
+
+CHAIN3 = {"id": "chain3", "nodes": [{"id": f"n{i}", "uses": "tag"} for i in range(3)],
+          "edges": [{"source": "n0", "target": "n1"}, {"source": "n1", "target": "n2"}]}
+
+
+def test_a_job_whose_commit_hands_its_slot_on_leaves_the_queue_at_once(redis_url):
+    """n0's commit claims n1 for the same slot: n0's queue job is done then, not when the chain ends. Left in
+    the queue, every look a worker takes at the queue meanwhile finds it (locked), and pays a round of
+    WATCH/EXISTS/ZSCORE to learn so; a 200-branch fan-out running on one slot cost 2 commands a node that
+    way. Both kinds of job: one arq handed over, and one a commit took for its worker."""
+    calls: list[str] = []
+
+    async def go():
+        a = make_adapter(Redis.from_url(redis_url), [CHAIN3], {"tag": lambda ctx: calls.append(ctx.node_id)},
+                         queue_name="take-5")
+        a.create_worker()
+        first = await a.start_run("chain3", {})
+        second, _ = await a.engine.start_run("chain3", {})
+        jobs = [Job(r, "n0", 1) for r in (first, second)]
+        out = []
+        await a.queue.pool.psetex(f"arq:in-progress:{jobs[0].job_id}", 15000, b"1")  # as arq does
+        handled = await a.engine.handle(jobs[0])  # arq's job: its commit claims n1 inline
+        out.append((handled.inline is not None, await a.redis.zscore("take-5", jobs[0].job_id),
+                    await a.redis.exists(f"arq:job:{jobs[0].job_id}")))
+        while handled.inline is not None:
+            handled = await a.engine.handle(handled.inline.job, handled.inline)
+        assert handled.picked is not None and handled.picked[0] == jobs[1].job_id  # took the second run's n0
+        a.engine.taken_jobs.add(jobs[1].job_id)  # as ArqAdapter._run_picked does
+        handled = await a.engine.handle(jobs[1])
+        out.append((handled.inline is not None, await a.redis.zscore("take-5", jobs[1].job_id),
+                    await a.redis.exists(f"arq:job:{jobs[1].job_id}", f"arq:in-progress:{jobs[1].job_id}")))
+        while handled.inline is not None:
+            handled = await a.engine.handle(handled.inline.job, handled.inline)
+        statuses = [(await a.status(r))["status"] for r in (first, second)]
+        await a.close()
+        await a.redis.aclose()
+        return out, statuses
+
+    out, statuses = asyncio.run(go())
+    assert out == [(True, None, 0), (True, None, 0)]
+    assert statuses == ["completed", "completed"] and calls == ["n0", "n1", "n2"] * 2

@@ -343,12 +343,14 @@ class ArqAdapter:
             self.in_flight[job_id] = job
         handled: Handled | None = None
         ran = job  # the step handled last: this job's, or one its chain claimed inline
+        left_queue = False  # the step's commit took this job out of the queue (its chain goes on under it)
         try:
             if _FAILPOINT == f"before-hold:{job.node_id}":
                 os._exit(137)  # fault-injection: die after arq handed the job over, before it is listed
             # the claim lists the step under this worker in its own transaction, and the commit unlists it;
             # until the claim, arq's lease-long lock on the job covers a crash
             handled = await self.engine.handle(job)
+            left_queue = handled.left_queue
             if _FAILPOINT and _FAILPOINT == f"after-commit:{job.node_id}":
                 os._exit(137)  # fault-injection for the crash tests: die right after a commit
             handled, ran = await self._run_inline(job_id, handled, job)
@@ -359,6 +361,13 @@ class ArqAdapter:
                 # commit and the queueing (the worker died there), so finish that part now
                 await self.reconcile(job.run_id)
         except (RedisError, OSError) as e:
+            if left_queue:
+                # its own step is done and the job out of the queue: handing it back would queue a job with no
+                # payload. The step of its chain that met the error is listed under this worker, which
+                # recovers it (at its next heartbeat, or another worker a lease after this one dies)
+                log.warning("job %s: Redis error (%s: %s) in the chain of steps it ran; left to recovery",
+                            job.job_id, type(e).__name__, e)
+                return "left to recovery"
             # Redis went away mid-step: hand the job back rather than let arq record it as failed; the
             # claim is reclaimed by this worker at once, or by another when its lease lapses
             log.warning("job %s: Redis error (%s: %s); handing it back", job.job_id, type(e).__name__, e)
@@ -431,10 +440,11 @@ class ArqAdapter:
             return None
         finally:
             await self._done_with(job_id, job_id, handled)
+            unfinished = job_id in self.engine.taken_jobs  # no commit finished it (Step.left_queue)
             self.engine.taken_jobs.discard(job_id)
         if handled.retry_after_s is not None:
             await self.queue.defer(job_id, handled.retry_after_s)
-        elif handled.finished_job != job_id:  # its last commit did not finish it (a duplicate, a stale step)
+        elif unfinished:  # a duplicate, a stale step: nothing committed
             await self.queue.finish(job_id)
         self.jobs_taken += 1
         return handled.picked

@@ -33,7 +33,7 @@ import msgspec
 OP_HSET = "H"  # args: field, value, ...
 OP_HDEL = "D"  # args: field, ...
 OP_SET_PX = "S"  # args: value, ms (ms <= 0: no expiry)
-OP_DEL = "X"
+OP_DEL = "X"  # args: key# of more keys to delete with it (one DEL)
 OP_PUSH = "R"  # args: cap, value, ...       RPUSH, then LTRIM to the last ``cap`` only when longer
 OP_EXPIRE = "E"  # args: ms (<= 0: PERSIST)
 OP_EXPIRE_NEW = "T"  # args: ms             only a key with no expiry (one this op's transaction created)
@@ -42,10 +42,11 @@ OP_EXTEND_INDEX = "K"  # args: ms (<= 0: PERSIST)  gives a key with none an expi
 OP_DEFINE = "B"  # args: document, ms      SET keeping a longer expiry (or none) an earlier run gave it
 OP_ZADD = "Z"  # args: score, member
 OP_ZREM = "z"  # args: member
-OP_ENQUEUE = "Q"  # key: arq's job key; args: result key#, queue key#, score, payload, expires ms, job id
-OP_WAKE = "W"  # args: n, cap                LPUSH n tokens, keep at most ``cap``, a day's expiry when new
-OP_UNQUEUE = "U"  # key: the arq queue; args: job id, in-progress prefix, job prefix
-OP_PICK = "N"  # key: the arq queue; args: now, in-progress prefix, job prefix, lock ms, how many ids to look at
+OP_ENQUEUE = "Q"  # key: arq's queue; args: per job: job key#, score, payload, expires ms, job id
+OP_WAKE = "W"  # args: n, cap                LPUSH n tokens, keep at most 2 x ``cap``, a day's expiry when new
+OP_UNQUEUE = "U"  # key: the arq queue; args: job id, job prefix
+OP_PICK = "N"  # key: the arq queue; args: now, in-progress prefix, job prefix, lock ms, how many ids to look
+#                at, which of them to look at first (any number: taken modulo how many there are)
 OP_TRIM_INDEX = "I"  # key: expiry index; args: now, meta prefix, batch, key# of every index key
 
 APPLY = r"""
@@ -121,7 +122,9 @@ for _ = 1, tonumber(nxt()) do
     local ms = tonumber(a[2])
     if ms > 0 then redis.call('SET', k, a[1], 'PX', ms) else redis.call('SET', k, a[1]) end
   elseif op == 'X' then
-    redis.call('DEL', k)
+    local more = {}
+    for j = 1, n do more[j] = KEYS[tonumber(a[j])] end
+    redis.call('DEL', k, unpack(more))
   elseif op == 'R' then
     local cap = tonumber(a[1])
     local len = 0
@@ -165,33 +168,43 @@ for _ = 1, tonumber(nxt()) do
   elseif op == 'z' then
     redis.call('ZREM', k, a[1])
   elseif op == 'Q' then
-    -- arq's enqueue_job, inside the commit: an id queued, running or with a kept result is not queued again
-    if redis.call('EXISTS', k, KEYS[tonumber(a[1])]) == 0 then
-      redis.call('PSETEX', k, a[5], a[4])
-      redis.call('ZADD', KEYS[tonumber(a[2])], a[3], a[6])
+    -- arq's enqueue_job, inside the commit, for all the jobs a step decided (one ZADD): an id queued or
+    -- running (its job key exists) is not queued again. arq also looks for a kept result; flowcraft's
+    -- workers keep none (keep_result=0)
+    local added = {}
+    for j = 1, n, 5 do
+      if redis.call('SET', KEYS[tonumber(a[j])], a[j + 2], 'NX', 'PX', a[j + 3]) then
+        added[#added + 1] = a[j + 1]; added[#added + 1] = a[j + 4]
+      end
     end
+    if #added > 0 then call_chunked('ZADD', k, added, 1, 1000) end
   elseif op == 'W' then
     local tokens = {}
     for j = 1, tonumber(a[1]) do tokens[j] = '1' end
     local len = redis.call('LPUSH', k, unpack(tokens))
-    if len > tonumber(a[2]) then redis.call('LTRIM', k, 0, tonumber(a[2]) - 1) end
+    -- trimmed back to cap once it holds twice that: a busy queue's every enqueue then costs one LPUSH
+    if len > 2 * tonumber(a[2]) then redis.call('LTRIM', k, 0, tonumber(a[2]) - 1) end
     if len == #tokens then redis.call('EXPIRE', k, 86400) end
   elseif op == 'U' then
-    -- a queued job whose step this commit claimed: dropped from the queue, unless a worker has it already
-    if redis.call('EXISTS', a[2] .. a[1]) == 0 then
-      redis.call('ZREM', k, a[1])
-      redis.call('DEL', a[3] .. a[1])
-    end
+    -- a queued job whose step this commit claimed: dropped from the queue. A worker that took it already
+    -- finds the step claimed (so runs nothing), or, when it had not read the job yet, no job ("expired")
+    redis.call('ZREM', k, a[1])
+    redis.call('DEL', a[2] .. a[1])
   elseif op == 'N' then
-    -- take the next ready job of the queue for this worker, as arq's own pickers do: its in-progress key
-    -- (SET NX, one lease long) is the lock they all respect; the job stays in the queue until finished
-    -- (the oldest ready jobs are the likeliest to be running already: one MGET finds those that are not)
+    -- take one of the oldest ready jobs of the queue for this worker, as arq's own pickers do: its
+    -- in-progress key (SET NX, one lease long) is the lock they all respect; the job stays in the queue
+    -- until finished (the oldest ready jobs are the likeliest to be running already: one MGET finds those
+    -- that are not). Looked at from a random one of them on (a[6]): arq's pickers read the very oldest,
+    -- and each id both go for costs the loser a round of checks
     local ids = redis.call('ZRANGEBYSCORE', k, '-inf', a[1], 'LIMIT', 0, tonumber(a[5]))
     if #ids > 0 then
       local locks = {}
       for j, id in ipairs(ids) do locks[j] = a[2] .. id end
       locks = redis.call('MGET', unpack(locks))
-      for j, id in ipairs(ids) do
+      local from = tonumber(a[6]) % #ids
+      for step = 0, #ids - 1 do
+        local j = (from + step) % #ids + 1
+        local id = ids[j]
         if not locks[j] and redis.call('SET', a[2] .. id, '1', 'NX', 'PX', a[4]) then
           local payload = redis.call('GET', a[3] .. id)
           if payload then picked = {id, payload}; break end

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -79,6 +80,13 @@ def arq_pool_for(redis: Redis, queue_name: str) -> ArqRedis:
     return ArqRedis(arq_pool, job_serializer=serialize, job_deserializer=deserialize, default_queue_name=queue_name)
 
 
+def _job_keys(job_id: str) -> list[str]:
+    """arq's keys of one job that its end deletes: in-progress lock, retry counter, payload."""
+    from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+
+    return [p + job_id for p in (in_progress_key_prefix, retry_key_prefix, job_key_prefix)]
+
+
 class ArqQueue:
     def __init__(self, pool: ArqRedis, queue_name: str) -> None:
         self.pool = pool
@@ -103,52 +111,46 @@ class ArqQueue:
             await self.wake(max(1, ready))  # a deferred job wakes one worker too: it learns when the job is due
         return added
 
-    def job_record(self, job: Job, now_ms: int) -> tuple[str, str, int, bytes, int]:
+    def job_record(self, job: Job, now_ms: int) -> tuple[str, int, bytes, int]:
         """What arq's ``enqueue_job`` would write for ``job``, for a commit that queues it itself (atomically
-        with the decision): (job key, result key, score, payload, expiry ms). arq's own serializer framing
-        and key names, so arq's worker runs it as if ``enqueue_job`` had queued it."""
-        from arq.constants import expires_extra_ms, job_key_prefix, result_key_prefix
+        with the decision): (job key, score, payload, expiry ms). arq's own serializer framing and key
+        names, so arq's worker runs it as if ``enqueue_job`` had queued it."""
+        from arq.constants import expires_extra_ms, job_key_prefix
         from arq.jobs import serialize_job
 
         score = max(now_ms, job.not_before_ms)
         payload = serialize_job(STEP_FUNCTION, (job.to_dict(),), {}, None, now_ms, serializer=serialize)
-        return (job_key_prefix + job.job_id, result_key_prefix + job.job_id, score, payload,
-                score - now_ms + expires_extra_ms)
+        return job_key_prefix + job.job_id, score, payload, score - now_ms + expires_extra_ms
 
     async def finish(self, job_id: str) -> None:
         """A job this worker took itself (in a commit) is done: what arq's ``finish_job`` does, with no result
-        kept."""
-        from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
-
+        kept. (arq's abort set is left alone: flowcraft never aborts an arq job, a cancel is its own.)"""
         async with self.pool.pipeline(transaction=True) as pipe:
-            pipe.delete(*(p + job_id for p in (in_progress_key_prefix, retry_key_prefix, job_key_prefix)))
-            pipe.zrem(abort_jobs_ss, job_id)
+            pipe.delete(*_job_keys(job_id))
             pipe.zrem(self.queue_name, job_id)
             await pipe.execute()
 
     def finish_ops(self, program: Commit, job_id: str) -> None:
         """``finish``, as ops of a commit (the job's last step): no round trip of its own."""
-        from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
-
-        for prefix in (in_progress_key_prefix, retry_key_prefix, job_key_prefix):
-            program.op(OP_DEL, prefix + job_id)
-        program.op(OP_ZREM, abort_jobs_ss, job_id)
+        first, *more = _job_keys(job_id)
+        program.op(OP_DEL, first, *(program.key(k) for k in more))
         program.op(OP_ZREM, self.queue_name, job_id)
 
     def unqueue_op(self, program: Commit, job_id: str) -> None:
-        """A commit claimed the step of queued job ``job_id`` for its own worker: drop the job, unless a worker
-        holds it already (whose claim then finds the step held)."""
-        from arq.constants import in_progress_key_prefix, job_key_prefix
+        """A commit claimed the step of queued job ``job_id`` for its own worker: drop the job (a worker that
+        holds it already finds the step held, and runs nothing)."""
+        from arq.constants import job_key_prefix
 
-        program.op(OP_UNQUEUE, self.queue_name, job_id, in_progress_key_prefix, job_key_prefix)
+        program.op(OP_UNQUEUE, self.queue_name, job_id, job_key_prefix)
 
     def pick_op(self, program: Commit, lock_ms: int, look: int) -> None:
-        """Take the oldest ready job nobody holds for the committing worker, locked ``lock_ms`` as arq locks
-        the jobs it runs (``commit.picked`` reads it from the reply)."""
+        """Take one of the ``look`` oldest ready jobs nobody holds for the committing worker, locked
+        ``lock_ms`` as arq locks the jobs it runs (``commit.picked`` reads it from the reply)."""
         from arq.constants import in_progress_key_prefix, job_key_prefix
         from arq.utils import timestamp_ms
 
-        program.op(OP_PICK, self.queue_name, timestamp_ms(), in_progress_key_prefix, job_key_prefix, lock_ms, look)
+        program.op(OP_PICK, self.queue_name, timestamp_ms(), in_progress_key_prefix, job_key_prefix, lock_ms, look,
+                   random.randrange(look))
 
     async def defer(self, job_id: str, seconds: float) -> None:
         """Put a job this worker took back for later (arq's ``Retry(defer=...)``): due in ``seconds``, and
@@ -232,8 +234,8 @@ class ArqQueue:
         await self.pool.aclose()
 
 
-# Wake tokens kept at most: enough to wake every idle worker of a big fleet at once, few enough that a burst
-# of enqueues never grows the list.
+# Wake tokens pushed at most at once: enough to wake every idle worker of a big fleet, few enough that a burst
+# of enqueues never grows the list (a commit trims it back to this when it holds twice as many).
 WAKE_CAP = 64
 
 
@@ -256,6 +258,11 @@ class WakingWorker(Worker):
         self._done_seen = (0, 0, 0)
 
     async def _poll_iteration(self) -> None:
+        # arq reads up to queue_read_limit ready ids, then works through them one free slot at a time: ids read
+        # while every slot was busy are stale by the time one frees (the slots' own commits take queued jobs,
+        # commit.OP_PICK), and each costs a WATCH/EXISTS/ZSCORE round to learn so. Read only as many as there
+        # are free slots now.
+        self.queue_read_limit = max(1, self.max_jobs - self.job_counter)
         await super()._poll_iteration()
         if self.burst:
             return

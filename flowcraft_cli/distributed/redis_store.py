@@ -143,6 +143,8 @@ class RedisStore(Store):
         self.enqueues = queue is not None
         self.conflicts = 0  # transactions decided again because a field they read had changed
         self._kept: dict[str, float] = {}  # key -> when this process last extended its expiry (monotonic s)
+        # what the program being built marked done in _kept, with the time it replaced: undone if refused
+        self._marks: list[tuple[str, float | None]] = []
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # run id -> (lock, callers holding or waiting)
         # run id -> (kind, field) -> the bytes last seen or written by this process (None: absent)
         self._cache: OrderedDict[str, _RunFields] = OrderedDict()
@@ -213,8 +215,11 @@ class RedisStore(Store):
             if txn.started is not None and self.queue_name is not None:
                 txn.put(RUN, "queue", self.queue_name)  # whose reconciler may judge it (another project's may not)
             self._checks(program, txn)
+            # building a program is synchronous: no other transaction marks anything in between
+            marks: list[tuple[str, float | None]] = []
+            self._marks = marks
             if txn.dirty:
-                self._writes(program, txn)
+                self._writes(program, txn, meta)
                 self._catalog_writes(program, txn, meta)
                 warm = {kind: list(fields) for kind, fields in txn.warm.items()}
                 warmed = self._warmed.setdefault(run_id, set())
@@ -232,7 +237,11 @@ class RedisStore(Store):
                         self.queue.finish_ops(program, txn.finish_job)
                     if txn.pick_ms:
                         self.queue.pick_op(program, txn.pick_ms, PICK_LOOK)
-            reply = await self._apply(keys=program.keys, args=program.argv())
+            try:
+                reply = await self._apply(keys=program.keys, args=program.argv())
+            except BaseException:
+                self._undo(marks)
+                raise
             if int(reply[0]) == 1:
                 txn.picked = picked(reply)
                 if txn.dirty:
@@ -243,6 +252,7 @@ class RedisStore(Store):
                     self._warmed.setdefault(run_id, set()).update(txn.warm_once)
                     self._absorb(run_id, program, reply)
                 return result
+            self._undo(marks)
             # a field read changed (another process committed a step of this run): decide again on the values
             # the refused commit sent back, after a short random pause once it keeps happening, so that a crowd
             # of siblings finishing together on several workers (a wide fan-in) spreads out
@@ -254,6 +264,14 @@ class RedisStore(Store):
                     del cache[cached]
             if tries > 2:
                 await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * tries)))
+
+    def _undo(self, marks: list[tuple[str, float | None]]) -> None:
+        """A program that was not applied did not do what it marked done in ``_kept``: it is still due."""
+        for key, before in reversed(marks):
+            if before is None:
+                self._kept.pop(key, None)
+            else:
+                self._kept[key] = before
 
     def _absorb(self, run_id: str, program: Commit, reply: list[Any]) -> _RunFields:
         """Remember the field values a reply carries (current values of a refused commit's reads, or the warm
@@ -288,7 +306,7 @@ class RedisStore(Store):
                 continue
             cache[(kind, fld)] = None if value is MISSING else txn.encoded.get((kind, fld)) or dumps(value).encode()
 
-    def _writes(self, program: Commit, txn: Txn) -> None:
+    def _writes(self, program: Commit, txn: Txn, meta: dict[str, Any]) -> None:
         run_id = txn.run_id
         ttl = self._ttl_of(txn)
         ms = ttl * 1000 if ttl and ttl > 0 else 0
@@ -316,24 +334,35 @@ class RedisStore(Store):
             program.op(OP_HDEL, keys.kind_key(kind, run_id), *fields)
         if jobs:
             self._enqueue(program, jobs, now)
-        program.op(OP_SET_PX, keys.progress_key(run_id), now, ms)
+        # the progress key's idle time is what the reconciler reads ("time since progress"): written by every
+        # step, but by this process at most once a second per run (a chain does a step a millisecond), and
+        # always with the expiry the run's keys get now
+        resets = _resets_expiry(txn)
+        progressed = resets or self._due_every(f"progress:{run_id}", 1.0)
+        if progressed:
+            program.op(OP_SET_PX, keys.progress_key(run_id), now, ms)
         if txn.events:
             program.op(OP_PUSH, keys.events_key(run_id), EVENT_CAP, *(dumps(e) for e in txn.events))
         if txn.unfinal:
             program.op(OP_DEL, keys.status_key(run_id))
         if txn.final is not None:
-            program.op(OP_SET_PX, keys.status_key(run_id), dumps(txn.final[0]), 0)
+            program.op(OP_SET_PX, keys.status_key(run_id), dumps(txn.final[0]), ms)
+        # keys written above with the expiry they need: no PEXPIRE of their own
+        expired = {keys.progress_key(run_id)} if progressed else set()
+        if txn.final is not None or txn.unfinal:
+            expired.add(keys.status_key(run_id))
         # Expiry: every key of the run gets the run's TTL when the run starts, ends, or asks for longer (a
         # sleep), and otherwise at most every min(60 s, TTL/4) per process, so that a key no step writes for a
         # while (the context during a long node) does not lapse alone; in between, only a hash this
         # transaction may have created again (see _RECREATED) is looked at.
         if txn.started is not None:  # a new run: its keys are those this transaction writes
-            for key in sorted({keys.kind_key(kind, run_id) for kind in sets} | {keys.progress_key(run_id)}
+            for key in sorted({keys.kind_key(kind, run_id) for kind in sets}
                               | ({keys.events_key(run_id)} if txn.events else set())):
                 program.op(OP_EXPIRE, key, ms)
-        elif _resets_expiry(txn) or self._due(f"run:{run_id}", ms):
+        elif resets or self._due_run(run_id, ms, meta.get("created_at")):
             for key in keys.run_keys(run_id):
-                program.op(OP_EXPIRE, key, ms)
+                if key not in expired:
+                    program.op(OP_EXPIRE, key, ms)
         elif ms:
             known = self._nonempty.get(run_id, set())
             for kind in (sets.keys() & _RECREATED) - known:
@@ -361,11 +390,12 @@ class RedisStore(Store):
         assert self.queue is not None
         queue_key = self.queue.queue_name
         ready = 0
+        args: list[bytes | str | int] = []
         for job in jobs:
-            job_key, result_key, score, payload, expires_ms = self.queue.job_record(job, now)
-            program.op(OP_ENQUEUE, job_key, program.key(result_key), program.key(queue_key), score, payload,
-                       expires_ms, job.job_id)
+            job_key, score, payload, expires_ms = self.queue.job_record(job, now)
+            args += [program.key(job_key), score, payload, expires_ms, job.job_id]
             ready += score <= now
+        program.op(OP_ENQUEUE, queue_key, *args)
         # a deferred job wakes one worker too: it learns when the job is due (WakingWorker)
         program.op(OP_WAKE, keys.wake_key(queue_key), min(max(1, ready), WAKE_CAP), WAKE_CAP)
 
@@ -380,11 +410,17 @@ class RedisStore(Store):
         if txn.started is not None:
             from .definitions import document_of
 
+            # written by the first run of this version this process starts, then as often as _due extends it
             bp = txn.started
-            program.op(OP_DEFINE, keys.blueprint_key(bp.id, bp.version), document_of(bp), ms)
-        elif meta.get("blueprint_id") and meta.get("blueprint_version"):
+            key = keys.blueprint_key(bp.id, bp.version)
+            if self._due(key, ms):
+                program.op(OP_DEFINE, key, document_of(bp), ms)
+        # keys shared by runs (the definition, the index) only ever grow their expiry: a run's end, which
+        # shortens its own keys' to the TTL, extends them only when that outlasts the running TTL they got
+        grows = txn.ttl_s is not None or txn.unfinal or (txn.final is not None and self._beyond_running(ms))
+        if txn.started is None and meta.get("blueprint_id") and meta.get("blueprint_version"):
             key = keys.blueprint_key(meta["blueprint_id"], meta["blueprint_version"])
-            if _resets_expiry(txn) or self._due(key, ms):
+            if grows or self._due(key, ms):
                 program.op(OP_EXTEND, key, ms)
         # the index of the queue the run was started on (a client configured for another queue may cancel it)
         queue = self.queue_name if txn.started is not None else meta.get("queue")
@@ -407,19 +443,24 @@ class RedisStore(Store):
                     program.op(OP_ZREM, keys.runs_by_status_key(other, queue), run_id)
         ends = txn.started is not None or txn.final is not None
         if ends:
-            added += [keys.runs_key(queue), keys.runs_expiry_key(queue)]
-            program.op(OP_ZADD, added[-2], created, run_id)
-            program.op(OP_ZADD, added[-1], now + ms if ms else "+inf", run_id)
+            if txn.started is not None:  # (at the end they hold the run already: they exist, with an expiry)
+                added += [keys.runs_key(queue), keys.runs_expiry_key(queue)]
+            program.op(OP_ZADD, index[0], created, run_id)
+            program.op(OP_ZADD, index[1], now + ms if ms else "+inf", run_id)
             if self._due_every(f"trim:{queue}", 1.0):  # entries of expired runs, at most once a second here
                 program.op(OP_TRIM_INDEX, index[1], now, keys.kind_key(RUN, ""), TRIM_BATCH,
                            *(program.key(k) for k in index))
         # last: a sorted set created above has no expiry yet; an index key lives as long as its longest-lived
-        # run, so it only ever grows its expiry (or loses it, for a run kept forever). The keys written here
-        # every time; all of them when the run asks for longer (a sleep, a retry) or this process has not for
-        # a while
-        longer = txn.ttl_s is not None or txn.unfinal
-        for key in index if longer or self._due(index[0], ms) else added:
-            program.op(OP_EXTEND_INDEX, key, ms)
+        # run, so it only ever grows its expiry (or loses it, for a run kept forever): all of them when the run
+        # asks for longer (a sleep, a retry, a TTL beyond the running one), else as often as _due says (so an
+        # index key may lapse up to a minute before the last run in it); in between, a key this transaction
+        # may have created gets one if it has none
+        if grows or self._due(index[0], ms):
+            for key in index:
+                program.op(OP_EXTEND_INDEX, key, ms)
+        elif ms:
+            for key in added:
+                program.op(OP_EXPIRE_NEW, key, ms)
 
     def _due_every(self, key: str, every_s: float) -> bool:
         """Has ``every_s`` passed since this process last did what ``key`` names (then: it is done now)?"""
@@ -428,14 +469,36 @@ class RedisStore(Store):
             return False
         if len(self._kept) > 10_000:
             self._kept.clear()  # bounded: forgetting only means doing it once more
+        self._marks.append((key, self._kept.get(key)))
         self._kept[key] = now
         return True
+
+    def _beyond_running(self, ms: int) -> bool:
+        """Does an expiry of ``ms`` (0: none) outlast what a run's start and ``_due`` give shared keys (the
+        running TTL, given up to one ``_period`` ago)?"""
+        running = self.running_ttl_s * 1000 if self.running_ttl_s > 0 else 0
+        return running > 0 and (ms <= 0 or ms > running - self._period(running) * 1000)
+
+    def _due_run(self, run_id: str, ttl_ms: int, created_at: Any) -> bool:
+        """``_due`` for a run's keys. The first step of a run this process sees need not extend them when the
+        run started (so gave them all its TTL) less than a period ago: a run of a few steps is then never
+        extended between its start and its end."""
+        key = f"run:{run_id}"
+        if key not in self._kept and isinstance(created_at, int):
+            age_s = time.time() - created_at / 1000
+            if 0 <= age_s < self._period(ttl_ms):
+                self._kept[key] = time.monotonic() - age_s
+        return self._due(key, ttl_ms)
+
+    @staticmethod
+    def _period(ttl_ms: int) -> float:
+        return 60.0 if ttl_ms <= 0 else min(60.0, ttl_ms / 4000)
 
     def _due(self, key: str, ttl_ms: int) -> bool:
         """Is it time to extend ``key``'s expiry again? Keys every step would otherwise touch (a blueprint's
         definition, a queue's run index) are extended by this process at most every quarter of their TTL
         (and at most every minute): their TTL is days, a step is milliseconds."""
-        return self._due_every(key, 60.0 if ttl_ms <= 0 else min(60.0, ttl_ms / 4000))
+        return self._due_every(key, self._period(ttl_ms))
 
     async def read(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
         if not fields:

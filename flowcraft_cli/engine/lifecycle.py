@@ -105,10 +105,11 @@ class RunTxn:
         """Claim, for this worker, a node of this run whose job waits in the queue (one this process queued),
         to run it next instead of picking a job: a fan-out's branches then run one after another on each busy
         worker slot, with one commit each and no queue round trips. Its queue job is dropped in the same
-        commit (``Txn.unqueue``), unless a worker has it in progress (whose claim then finds it held)."""
+        commit (``Txn.unqueue``; a worker that took it already then finds the step held). The newest first:
+        workers picking from the queue take the oldest, so the two rarely reach for the same job."""
         hints = self.engine.queued_hints(self.t.run_id)
         while hints:
-            node_id = hints.popleft()
+            node_id = hints.pop()
             node = self.bp.node_map.get(node_id)
             if node is None or node.uses in BUILTINS:
                 continue

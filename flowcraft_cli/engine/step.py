@@ -64,7 +64,9 @@ class Step:
         self.inline: list[InlineStep] = []
         self._last_txn: Txn | None = None
         self.picked: tuple[str, bytes] | None = None  # the queue job its commit took for this worker (pick_ms)
-        self.finished_job: str | None = None  # the queue job its commit finished (Engine.taken_jobs)
+        # a commit of this step took its own queue job out of the queue (finished a job this worker took, or
+        # dropped one arq handed over): the job's worker must not hand it back to arq (ArqAdapter.step)
+        self.left_queue = False
 
     async def txn(self, fn: Callable[[RunTxn], Any], reads: dict[str, list[str]] | None = None, *,
                   inline: bool = False) -> Any:
@@ -86,10 +88,16 @@ class Step:
             self.inline = run.inline
             if inline and result and not run.inline:  # only a commit that went through takes more work
                 await run.steal_queued()
-            if inline and result and not run.inline:
-                if self.list_as in self.engine.taken_jobs:  # the last step of a job this worker took: finish it
+            if inline and result:
+                if self.list_as in self.engine.taken_jobs:  # a job this worker took: finished in this commit
                     t.finish_job = self.list_as
-                if self.engine.pick_ms:
+                elif run.inline and self.preclaimed is None:
+                    # the job arq handed over is done once its step hands the slot on (the successor is listed
+                    # under it in this commit): out of the queue now, or every look at the queue until the
+                    # chain ends finds it (locked) and pays a WATCH/EXISTS/ZSCORE round to learn so. arq's
+                    # own finish, when the chain ends, finds nothing left to remove but its lock
+                    t.unqueue.append(self.list_as)
+                if not run.inline and self.engine.pick_ms:
                     t.pick_ms = self.engine.pick_ms  # nothing to run next here: take the queue's next job
             self._last_txn = t
             return (result, run.scheduled)
@@ -263,7 +271,10 @@ class Step:
             self.engine.active_tokens.add(successor.token)  # held from its claim on, not from when it starts
         if got is not None and got[0] and self._last_txn is not None:
             self.picked = self._last_txn.picked
-            self.finished_job = self._last_txn.finish_job
+            done = self._last_txn.finish_job
+            if done is not None:
+                self.engine.taken_jobs.discard(done)  # finished: later steps on its slot leave it alone
+            self.left_queue = done == self.job.job_id or self.job.job_id in self._last_txn.unqueue
         if got is None or not got[0]:
             if self.claimed:
                 log.warning("job %s: fenced off: node %r of run %s is no longer claimed by this worker (the run "
