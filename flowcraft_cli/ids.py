@@ -6,6 +6,7 @@ Node ids may hold any character, but Redis field names and job ids are built fro
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -18,9 +19,11 @@ _PLAIN_NODE_ID = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPES = str.maketrans({"%": "%25", "|": "%7C", "#": "%23"})
 
 
+@functools.lru_cache(maxsize=1 << 16, typed=True)
 def field_name(*parts: object) -> str:
     """``parts`` escaped (``%`` ``|`` ``#``) and joined by ``|``: an escaped part holds no ``|``, and never
-    is a bare ``#``, which callers may append as a marker (a join's count field)."""
+    is a bare ``#``, which callers may append as a marker (a join's count field). Remembered: a step names
+    the same job ids and join fields several times (a 200-branch fan-out, each of them three times)."""
     return "|".join(str(p).translate(_ESCAPES) for p in parts)
 
 

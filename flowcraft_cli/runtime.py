@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .blueprint import Blueprint
-from .engine import Engine, EngineSettings, now_ms
+from .engine import Engine, EngineSettings, Handled, now_ms
 from .jobs import Job
 from .registry import NodeRegistry
 from .store import MemoryStore, Store
@@ -49,6 +49,10 @@ class FlowRuntime:
         self.store = store or MemoryStore()
         self.engine = Engine(self.store, blueprints, registry, worker_id="local",
                              settings=EngineSettings(ttl_s=0))
+        # a step's commit claims the successor it makes ready, which its task runs next, as a worker slot
+        # does (one transaction a node, not a claim and a commit); queued siblings are left to their own
+        # tasks, which exist already (Engine.take_queued is for workers, whose queue is shared)
+        self.engine.inline_steps = True
         self._sem = asyncio.Semaphore(concurrency) if concurrency > 0 else None
         self._on_event = on_event
         self._tasks: set[asyncio.Task[None]] = set()
@@ -100,13 +104,25 @@ class FlowRuntime:
         if self._on_event:
             self._on_event("start", job)
         if self._sem is None:
-            handled = await self.engine.handle(job)
+            handled = await self._handle_chain(owner, job)
         else:
             async with self._sem:
-                handled = await self.engine.handle(job)
-        if self._on_event:
-            self._on_event("end", job)
+                handled = await self._handle_chain(owner, job)
         if handled.retry_after_s is not None:  # cannot happen in-process (one blueprint set), kept for symmetry
             await asyncio.sleep(handled.retry_after_s)
             self._spawn([(owner, job)])
         self._spawn(handled.scheduled)
+
+    async def _handle_chain(self, owner: str, job: Job) -> Handled:
+        """Handle ``job``, then the successors its commits claim for this task, one after another."""
+        handled = await self.engine.handle(job)
+        while True:
+            if self._on_event:
+                self._on_event("end", job)
+            if handled.inline is None:
+                return handled
+            self._spawn(handled.scheduled)
+            job = handled.inline.job
+            if self._on_event:
+                self._on_event("start", job)
+            handled = await self.engine.handle(job, handled.inline)

@@ -43,13 +43,26 @@ def dumps(value: Any) -> str:
 def loads(raw: str | bytes, *, lenient: bool = False, where: str = "a stored value") -> Any:
     """One stored value. One that is not JSON (corrupt, or planted) raises UndecodableValue naming
     ``where``, or with ``lenient`` (what a view shows) reads as the string ``<undecodable: N bytes>``."""
+    got = _SCALARS.get(raw)
+    if got is not None:
+        return got[0]
     try:
-        return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        value = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
     except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
         size = len(raw if isinstance(raw, bytes) else raw.encode(errors="surrogatepass"))
         if lenient:
             return f"<undecodable: {size} bytes>"
         raise UndecodableValue(f"{where}: {size} bytes that are not JSON") from None
+    if value is None or isinstance(value, (str, int, float)) and len(raw) <= 64:
+        # short immutable values (a run's status, its blueprint id, counters, timestamps) are read by every
+        # step: decoded once. Lists and dicts are decoded each time (callers may change what they get)
+        if len(_SCALARS) >= 4096:
+            _SCALARS.clear()
+        _SCALARS[raw] = (value,)
+    return value
+
+
+_SCALARS: dict[str | bytes, tuple[Any]] = {}  # raw JSON -> (decoded,), for short scalars only (``loads``)
 
 
 class Txn(ABC):
@@ -252,7 +265,7 @@ class MemoryStore(Store):
 
     async def read(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
         h = self._runs.get(run_id, {}).get(kind, {})
-        return [json.loads(h[f]) if f in h else MISSING for f in fields]
+        return [loads(h[f]) if f in h else MISSING for f in fields]
 
     async def read_all(self, run_id: str, kind: str, *, lenient: bool = False) -> dict[str, Any]:
         return {f: loads(v, lenient=lenient) for f, v in self._runs.get(run_id, {}).get(kind, {}).items()}

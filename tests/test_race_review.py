@@ -131,3 +131,139 @@ def test_a_redis_error_before_an_inline_step_starts_does_not_strand_it(redis_url
 
     assert asyncio.run(go()) == "completed"
     assert calls.count("b") == 1
+
+
+# ---- found by the review of "a job leaves the queue when its step hands its slot on" (each failed before its fix)
+
+SLOW = {"id": "slow", "nodes": [{"id": "x", "uses": "slow"}], "edges": []}
+FAST = {"id": "fast", "nodes": [{"id": "y", "uses": "fast"}], "edges": []}
+CHAIN3 = {"id": "chain3", "nodes": [{"id": f"n{i}", "uses": "tag"} for i in range(3)],
+          "edges": [{"source": "n0", "target": "n1"}, {"source": "n1", "target": "n2"}]}
+
+
+def test_a_free_slot_is_not_starved_by_a_running_job_at_the_queue_head(redis_url):
+    """Two slots, one busy with a long node whose job sits at the head of the queue (arq keeps a running job
+    queued until it ends). A job queued after it runs on the free slot while the long one still runs: a look
+    at the queue that reads only as many ids as there are free slots found only the running one."""
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def slow(ctx):
+        order.append("slow start")
+        await asyncio.wait_for(release.wait(), 30)
+        order.append("slow end")
+
+    def fast(ctx):
+        order.append("fast")
+        release.set()
+
+    async def go():
+        a = make_adapter(Redis.from_url(redis_url), [SLOW, FAST], {"slow": slow, "fast": fast},
+                         queue_name="rv-starve", concurrency=2, idle_s=0.2)
+        task = asyncio.ensure_future(a.start())
+        try:
+            await a.start_run("slow", {})
+            while "slow start" not in order:
+                await asyncio.sleep(0.02)
+            run_id = await a.start_run("fast", {})
+            while (await a.status(run_id)) is None:
+                await asyncio.sleep(0.02)
+        finally:
+            a.stop()
+            await task
+            await a.close()
+            await a.redis.aclose()
+
+    asyncio.run(go())
+    assert order == ["slow start", "fast", "slow end"]  # the slow node ends only once fast has run
+
+
+def test_a_lost_reply_to_a_commit_that_took_its_job_out_of_the_queue(redis_url, caplog):
+    """n0's commit applies (its job out of the queue, n1 claimed for the slot under the job's entry) but its
+    reply is lost. The worker hands the job back to arq (Retry): arq's ZINCRBY queued its id again with no
+    job behind it ("job expired"), and the worker unlisted the entry, which listed n1 by then: n1 stayed
+    running until a reconciler came. Now arq moves the job only if it is still queued, the entry stays, and
+    the worker's heartbeat recovers n1."""
+    state: dict[str, bool | None] = {"arm": False}
+
+    async def go():
+        a = make_adapter(Redis.from_url(redis_url), [CHAIN3], {"tag": lambda ctx: ctx.node_id},
+                         queue_name="rv-ghost", concurrency=1)
+        real_unqueue, real_apply = a.queue.unqueue_op, a.store._apply
+
+        def unqueue_op(program, job_id):
+            if state["arm"] is False:
+                state["arm"] = True
+            return real_unqueue(program, job_id)
+
+        async def apply(*args, **kw):
+            reply = await real_apply(*args, **kw)
+            if state["arm"] is True:
+                state["arm"] = None  # once: the commit applied, its reply is lost
+                raise RedisConnectionError("reply lost")
+            return reply
+
+        a.queue.unqueue_op, a.store._apply = unqueue_op, apply
+        try:
+            run_id = await a.start_run("chain3", {})
+            await asyncio.wait_for(a.start(burst=True), 20)
+            failed = a._worker.jobs_failed
+            queued = await a.redis.zrange("rv-ghost", 0, -1)
+            await a._beat()  # the worker's heartbeat: its listed steps that are not in flight
+            await asyncio.wait_for(a.start(burst=True), 20)
+            return failed, queued, (await a.inspect(run_id)).status
+        finally:
+            await a.close()
+            await a.redis.aclose()
+
+    failed, queued, status = asyncio.run(go())
+    assert state["arm"] is None  # the fault was injected
+    assert failed == 0 and queued == [] and not [r for r in caplog.records if "expired" in r.getMessage()]
+    assert status == "completed"
+
+
+def _two(version: str) -> dict:
+    return {"id": "two", "metadata": {"version": version},
+            "nodes": [{"id": "s", "uses": "tag"}, {"id": "p", "uses": "tag"}, {"id": "q", "uses": "tag"}],
+            "edges": [{"source": "s", "target": "p"}, {"source": "s", "target": "q"}]}
+
+
+def test_a_stolen_job_handed_back_by_a_worker_of_another_version_is_not_queued_again(redis_url):
+    """Rolling deploy: worker B (old version) has q's job in progress; A's commit claims q for its slot and
+    drops q's job. B's version gate hands the job back (Retry): arq's ZINCRBY queued the id again, due at
+    once, with no job behind it."""
+    from arq import Retry
+
+    from flowcraft_cli.jobs import Job
+
+    async def go():
+        a = make_adapter(Redis.from_url(redis_url), [_two("new")], {"tag": lambda ctx: ctx.node_id},
+                         queue_name="rv-ver")
+        b = make_adapter(Redis.from_url(redis_url), [_two("old")], {"tag": lambda ctx: ctx.node_id},
+                         queue_name="rv-ver")
+        try:
+            a.create_worker()
+            await a.workers.beat(a._fields())
+            run_id, scheduled = await a.engine.start_run("two", {})
+            s = await a.engine.handle(scheduled[0][1])
+            q = Job(run_id, "q", 1)
+            await b.queue.pool.psetex(f"arq:in-progress:{q.job_id}", 15000, b"1")  # B's arq started q
+            p = await a.engine.handle(s.inline.job, s.inline)  # A claims q, its job dropped
+            assert p.inline is not None and p.inline.job.node_id == "q"
+            wb = b.create_worker()
+            try:
+                await b.step({"job_id": q.job_id}, q.to_dict())
+                retry = None
+            except Retry as e:
+                retry = e
+            assert retry is not None and retry.defer_score
+            # what arq's run_job does next with a Retry: finish=False, incr_score = the deferral
+            await wb.finish_job(q.job_id, False, None, 0, False, retry.defer_score + 5, None)
+            return await a.redis.zscore("rv-ver", q.job_id), await a.redis.exists(f"arq:in-progress:{q.job_id}")
+        finally:
+            for ad in (a, b):
+                await ad.close()
+                await ad.redis.aclose()
+
+    score, locked = asyncio.run(go())
+    assert score is None and locked == 0

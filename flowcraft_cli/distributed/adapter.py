@@ -344,6 +344,7 @@ class ArqAdapter:
         handled: Handled | None = None
         ran = job  # the step handled last: this job's, or one its chain claimed inline
         left_queue = False  # the step's commit took this job out of the queue (its chain goes on under it)
+        unknown = False  # a Redis error left it unknown whether the step's commit applied
         try:
             if _FAILPOINT == f"before-hold:{job.node_id}":
                 os._exit(137)  # fault-injection: die after arq handed the job over, before it is listed
@@ -361,6 +362,7 @@ class ArqAdapter:
                 # commit and the queueing (the worker died there), so finish that part now
                 await self.reconcile(job.run_id)
         except (RedisError, OSError) as e:
+            unknown = handled is None  # did its commit apply? (its reply may be what was lost)
             if left_queue:
                 # its own step is done and the job out of the queue: handing it back would queue a job with no
                 # payload. The step of its chain that met the error is listed under this worker, which
@@ -374,7 +376,7 @@ class ArqAdapter:
             raise Retry(defer=1) from e
         finally:
             if owner:
-                await self._done_with(job_id, job.job_id, handled)
+                await self._done_with(job_id, job.job_id, handled, unknown)
         picked = handled.picked
         while picked is not None:  # the last commit took the queue's next job for this worker: run it here
             picked = await self._run_picked(*picked)
@@ -388,11 +390,13 @@ class ArqAdapter:
             return f"{FAILED_RESULT} attempt {ran.attempt} of node {ran.node_id}: {handled.failed}"
         return handled.describe()
 
-    async def _done_with(self, job_id: str, listed_as: str, handled: Handled | None) -> None:
+    async def _done_with(self, job_id: str, listed_as: str, handled: Handled | None, unknown: bool = False) -> None:
         """Queue job ``job_id`` is done here: unlist its step (``listed_as``) unless its commit did, and only
         then let it leave ``in_flight``: the heartbeat recovers listed steps that are not in flight, and this
-        one is still finishing."""
-        if handled is None or handled.listed:  # still listed: no commit unlisted it (or we do not know)
+        one is still finishing. ``unknown``: a Redis error hid whether its commit applied; if it did, the
+        entry now lists the successor it claimed for this slot, so it stays for the heartbeat to judge
+        (recovered if claimed, dropped if not)."""
+        if not unknown and (handled is None or handled.listed):  # still listed: no commit unlisted it
             try:
                 await asyncio.shield(self.workers.release([listed_as]))
             except (RedisError, OSError):
@@ -430,6 +434,7 @@ class ArqAdapter:
         self.in_flight[job_id] = job
         self.engine.taken_jobs.add(job_id)
         handled: Handled | None = None
+        unknown = False
         try:
             handled = await self.engine.handle(job)
             handled, _ = await self._run_inline(job_id, handled, job)
@@ -437,9 +442,10 @@ class ArqAdapter:
         except (RedisError, OSError) as e:
             # Redis went away mid-step: leave the job locked; arq hands it on when the lock lapses
             log.warning("job %s: Redis error (%s: %s); left for the queue", job_id, type(e).__name__, e)
+            unknown = handled is None
             return None
         finally:
-            await self._done_with(job_id, job_id, handled)
+            await self._done_with(job_id, job_id, handled, unknown)
             unfinished = job_id in self.engine.taken_jobs  # no commit finished it (Step.left_queue)
             self.engine.taken_jobs.discard(job_id)
         if handled.retry_after_s is not None:
@@ -478,7 +484,7 @@ class ArqAdapter:
         )
         # a step's commit claims one successor it makes ready for this worker, which runs it next in the same
         # queue job (CONTRACT §6): a chain then goes through the queue once, not once per node
-        self.engine.inline_steps = self.inline_steps
+        self.engine.inline_steps = self.engine.take_queued = self.inline_steps
         # ... and a commit that claims none takes the queue's next ready job for this worker, locked one lease
         self.engine.pick_ms = int(self.lease_s * 1000) if self.inline_steps else 0
         # arq locks a running job for its job timeout + 10 s; here the lock lasts one lease and the heartbeat
@@ -545,6 +551,7 @@ class ArqAdapter:
             self._stopping.set()
             self.engine.pick_ms = 0  # take no more jobs in commits either,
             self.engine.inline_steps = False  # nor claim steps to run next: what is left goes to the queue
+            self.engine.take_queued = False
 
     async def _drain(self, worker: Worker, main: asyncio.Future[Any]) -> None:
         worker.allow_pick_jobs = False

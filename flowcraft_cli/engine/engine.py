@@ -116,8 +116,12 @@ class Engine:
         self.clock = clock
         self.active_tokens: set[str] = set()  # claims held by steps running in this process right now
         # may a step's commit claim a successor it fires for this worker to run next (Handled.inline)? Only a
-        # driver that then runs it (the arq worker) turns this on
+        # driver that then runs it (the arq worker, FlowRuntime) turns this on
         self.inline_steps = False
+        # may a commit with nothing to run next claim a step of its run this process queued, for its worker
+        # (RunTxn.steal_queued)? For a worker, whose jobs wait in a shared queue; not in-process, where each
+        # queued step has its own task already
+        self.take_queued = False
         # and may such a commit that claims no successor take its queue's next ready job for this worker, locked
         # for this many ms (0: no)? Only a driver that runs it and renews its lock (the arq worker) sets it
         self.pick_ms = 0

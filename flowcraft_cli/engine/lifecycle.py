@@ -98,7 +98,7 @@ class RunTxn:
         the commit and then deletes the outbox entry (a crash in between leaves it for the reconciler)."""
         self.t.put(OUTBOX, job.job_id, job.to_dict())
         self.scheduled.append((self.t.run_id, job))
-        if self.engine.inline_steps and job.kind == JobKind.EXEC and not job.not_before_ms:
+        if self.engine.take_queued and job.kind == JobKind.EXEC and not job.not_before_ms:
             self.engine.note_queued(self.t.run_id, job.node_id)  # a later commit here may run it instead
 
     async def steal_queued(self) -> bool:
@@ -212,6 +212,8 @@ class RunTxn:
                 src = joins.first_taken(preds, arrivals)
                 trigger = (src, Decision(tgt, True, arrivals[src].value))
             await self.fire(tgt, await self._value_of(*trigger))
+        elif verdict == joins.JoinVerdict.FIRE and len(preds) == 1 and trigger is not None:
+            await self.fire(tgt, await self._value_of(*trigger))  # joins.join_input of its one arrival
         elif verdict == joins.JoinVerdict.FIRE:
             await self.fire(tgt, await self._join_input(tgt, gen))
 
