@@ -53,7 +53,7 @@ def loads(raw: str | bytes, *, lenient: bool = False, where: str = "a stored val
         if lenient:
             return f"<undecodable: {size} bytes>"
         raise UndecodableValue(f"{where}: {size} bytes that are not JSON") from None
-    if value is None or isinstance(value, (str, int, float)) and len(raw) <= 64:
+    if (value is None or isinstance(value, (str, int, float))) and len(raw) <= 64:
         # short immutable values (a run's status, its blueprint id, counters, timestamps) are read by every
         # step: decoded once. Lists and dicts are decoded each time (callers may change what they get)
         if len(_SCALARS) >= 4096:

@@ -299,6 +299,8 @@ class WakingWorker(Worker):
         free = self.max_jobs - self.job_counter
         if free <= 0 or not job_ids:
             return
+        # (a reply lost after the script ran leaves its locks unrenewed: those jobs wait one lock, a lease,
+        # as one would after arq's own pickup died between its lock and its task; they are not lost)
         taken = await self._lock_ready(keys=[self.queue_name], args=[
             timestamp_ms(), in_progress_key_prefix, int(self.in_progress_timeout_s * 1000), free, *job_ids])
         for job_id, score in zip(taken[::2], taken[1::2], strict=True):
