@@ -15,7 +15,7 @@ from ..jobs import Job
 from ..node_api import _MISSING
 from ..store import JOINS, OUTBOX, RUN, STATE, Txn
 from . import joins, loops
-from .reads import input_fields, node_input_from, warm_run
+from .reads import input_fields, node_input_from, tracks_arrivals, warm_run
 from .routing import Decision, Route
 from .state import (
     ACTIVE_NODE,
@@ -190,9 +190,12 @@ class RunTxn:
                 continue
             if joins.decided_in(rec, gen):
                 continue  # already fired or skipped in this generation: a duplicate or late arrival
-            counts = await self._record_arrival(tgt, gen, src, d)
-            if counts is None:
-                continue
+            if tracks_arrivals(self.bp, tgt):
+                counts = await self._record_arrival(tgt, gen, src, d)
+                if counts is None:
+                    continue
+            else:
+                counts = joins.count_arrival(None, d.taken)  # its one arrival decides it now
             if joins.is_busy(rec):
                 continue  # still busy with the previous loop iteration: its completion looks at this join
             await self._decide_join(tgt, node, rec, gen, counts, (src, d) if d.taken else None, work)

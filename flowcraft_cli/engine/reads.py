@@ -122,6 +122,13 @@ def _gen_known(bp: Blueprint, node_id: str) -> bool:
     return not bp.loops_containing.get(node_id) and not bp.is_loop_controller(node_id)
 
 
+def tracks_arrivals(bp: Blueprint, node_id: str) -> bool:
+    """Does a node's join record its arrivals (``JOINS``)? Not for one predecessor outside every loop: its
+    one arrival decides it at once (fire or skip), and its record then says so (``joins.decided_in``), so
+    a second delivery of that arrival changes nothing. A chain's steps then write no join fields at all."""
+    return len(bp.predecessors.get(node_id, ())) > 1 or not _gen_known(bp, node_id)
+
+
 async def prefetch_commit(t: Txn, bp: Blueprint, node_id: str) -> None:
     """What committing ``node_id``'s result reads, fetched up front in (at most) two round trips instead of
     one per field: its successors' records, then their join arrivals and counts in those records'
@@ -133,9 +140,11 @@ async def prefetch_commit(t: Txn, bp: Blueprint, node_id: str) -> None:
     recs = await t.get_many(NODES, targets)
     fields = []
     for tgt in targets:
-        gen = recs[tgt].get("gen", 0) if isinstance(recs.get(tgt), Mapping) else 0
-        fields += [arrival_field(tgt, gen, node_id), count_field(tgt, gen)]
-    await t.prefetch({JOINS: fields})
+        if tracks_arrivals(bp, tgt):
+            gen = recs[tgt].get("gen", 0) if isinstance(recs.get(tgt), Mapping) else 0
+            fields += [arrival_field(tgt, gen, node_id), count_field(tgt, gen)]
+    if fields:
+        await t.prefetch({JOINS: fields})
 
 
 _RUN_FIELDS: dict[int, tuple[Blueprint, dict[str, list[str]]]] = {}  # id(bp) -> (bp, its run_fields)
@@ -149,7 +158,7 @@ def run_fields(bp: Blueprint) -> dict[str, list[str]]:
         return got[1]
     joins = []
     for edge in bp.edges:
-        if _gen_known(bp, edge.target):
+        if _gen_known(bp, edge.target) and tracks_arrivals(bp, edge.target):
             joins += [arrival_field(edge.target, 0, edge.source), count_field(edge.target, 0)]
     fields = {NODES: [n.id for n in bp.nodes], JOINS: list(dict.fromkeys(joins))}
     if len(_RUN_FIELDS) > 1000:
