@@ -231,3 +231,19 @@ def test_composite_field_names_escape_their_parts():
     assert arrival_field("a|b", 1, "#") != arrival_field("a", 1, "b|#")
     assert count_field("t", 0) != arrival_field("t", 0, "#")
     assert batch_state_field("n", 2, 5) == "n|2|s|5"
+
+
+def test_only_a_join_of_several_predecessors_or_inside_a_loop_records_its_arrivals():
+    """A node with one predecessor outside every loop is decided by that one arrival at once (its record then
+    says so), so its arrival is not stored: a chain's steps write no join fields."""
+    from flowcraft_cli.engine.reads import run_fields, tracks_arrivals
+    from tests.harness import make_blueprints, make_registry
+
+    doc = {"id": "mix", "nodes": [{"id": n, "uses": "tag"} for n in ("a", "b", "c", "j")],
+           "edges": [{"source": "a", "target": "b"}, {"source": "a", "target": "c"},
+                     {"source": "b", "target": "j"}, {"source": "c", "target": "j"}]}
+    registry = make_registry({"tag": lambda ctx: None})
+    bp = make_blueprints([doc], registry)["mix"]
+    assert [n for n in ("a", "b", "c", "j") if tracks_arrivals(bp, n)] == ["j"]
+    assert set(run_fields(bp)["joins"]) == {arrival_field("j", 0, "b"), arrival_field("j", 0, "c"),
+                                            count_field("j", 0)}

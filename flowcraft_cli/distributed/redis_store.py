@@ -317,7 +317,8 @@ class RedisStore(Store):
         reads = txn.reads if isinstance(txn, _RedisTxn) else {}
         for (kind, fld), value in txn._writes.items():
             if kind == OUTBOX and self.enqueues and value is not MISSING:
-                jobs.append(Job.from_dict(value))
+                got = txn.jobs.get(fld)
+                jobs.append(got if isinstance(got, Job) and got.to_dict() == value else Job.from_dict(value))
             elif value is MISSING:
                 if reads.get((kind, fld), b"") is not None:  # absent as read (and checked): nothing to delete
                     dels.setdefault(kind, []).append(fld)

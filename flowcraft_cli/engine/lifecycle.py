@@ -97,6 +97,7 @@ class RunTxn:
         """Write the job to the outbox of the run whose transaction this is; the driver queues it after
         the commit and then deletes the outbox entry (a crash in between leaves it for the reconciler)."""
         self.t.put(OUTBOX, job.job_id, job.to_dict())
+        self.t.jobs[job.job_id] = job  # a store that queues it in the commit needs not decode it again
         self.scheduled.append((self.t.run_id, job))
         if self.engine.take_queued and job.kind == JobKind.EXEC and not job.not_before_ms:
             self.engine.note_queued(self.t.run_id, job.node_id)  # a later commit here may run it instead
