@@ -12,7 +12,9 @@ bookkeeping of its successors, dead-path skips, the jobs that follow (written to
 the run's status. Nothing is half-done after a crash (``step.Step``, ``lifecycle.RunTxn``).
 
 Joins count arrivals per (target, generation, source): a duplicate delivery cannot count twice, and a
-loop ``continue`` starts a new generation of the loop body.
+loop ``continue`` starts a new generation of the loop body. A node with one predecessor outside every loop
+records none: its one arrival decides it at once, and its record then says so (``joins.decided_in``), so a
+repeat of that arrival changes nothing (``reads.tracks_arrivals``).
 """
 
 from __future__ import annotations
