@@ -153,6 +153,14 @@ class Project:
         return self.log.read_text().splitlines() if self.log.exists() else []
 
 
+def slow_fan_yaml(log: object, branches: list[str], seconds: float = 1) -> str:
+    """``start -> each of branches (slow, ``seconds``) -> join``, logging to ``log``."""
+    nodes = "\n".join(f"  - {{id: {b}, uses: slow, params: {{seconds: {seconds}, log: \"{log}\"}}}}" for b in branches)
+    edges = "\n".join(f"  - {{source: start, target: {b}}}\n  - {{source: {b}, target: join}}" for b in branches)
+    return (f"nodes:\n  - {{id: start, uses: noop}}\n{nodes}\n  - {{id: join, uses: join, params: {{log: \"{log}\"}}}}\n"
+            f"edges:\n{edges}\n")
+
+
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while True:

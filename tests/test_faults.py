@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import redis as redis_lib
 
-from tests.e2e import Project, wait_for
+from tests.e2e import Project, slow_fan_yaml, wait_for
 from tests.redis_server import RedisServer
 
 SLOW_JOIN = """
@@ -114,6 +114,31 @@ def test_redis_restart_with_aof_mid_run(tmp_path):
         view = project.wait_run(run_id)
         assert view["status"] == "completed", view
         assert _count(project, "end run") == 1 and _count(project, "join end") >= 1
+        assert _no_key_without_ttl(server.url) == []
+        project.stop_all()
+    finally:
+        server.close()
+
+
+def test_redis_restart_while_slots_run_claimed_branches(tmp_path):
+    """A fan-out on 8 slots whose commits claim queued siblings for their slots and take jobs out of the queue:
+    Redis restarts (AOF) mid-fan, so commits in flight fail, some after they applied (their reply lost). The
+    run completes on the same worker, no branch is left behind, and the join runs once."""
+    server = RedisServer(appendonly=True, extra=["--appendfsync", "always"])
+    try:
+        project = Project(tmp_path, server.url, job_timeout=30, lease=3)
+        branches = [f"b{i:02d}" for i in range(20)]
+        (tmp_path / "blueprints" / "slow-fan.yaml").write_text(slow_fan_yaml(project.log, branches, seconds=0.5))
+        worker = project.start_worker()
+        run_id = project.cli("enqueue", "slow-fan", check=True).stdout.strip()
+        wait_for(lambda: sum(1 for c in project.calls() if c.split()[1:2] == ["start"]) >= 11, 60, "a second wave")
+        server.stop()  # SIGTERM: Redis writes its AOF and exits
+        server.start()
+        view = project.wait_run(run_id, timeout=60)
+        assert view["status"] == "completed", view
+        assert worker.poll() is None
+        assert {c.split()[0] for c in project.calls() if c.split()[1:2] == ["end"]} == set(branches)
+        assert _count(project, "join run") == 1
         assert _no_key_without_ttl(server.url) == []
         project.stop_all()
     finally:

@@ -12,7 +12,7 @@ import sys
 import pytest
 import redis as redis_lib
 
-from tests.e2e import Project, wait_for
+from tests.e2e import Project, slow_fan_yaml, wait_for
 
 SLOW_CHAIN = """
 nodes:
@@ -215,3 +215,30 @@ def test_worker_killed_before_listing_its_step_is_covered_by_arqs_lease(tmp_path
     view = project.wait_run(run_id, timeout=30)  # before: arq's lock lasted job_timeout + 10 s (310 s)
     assert view["status"] == "completed"
     assert _count(project, "slow end") == 1 and _count(project, "start run") == 1
+
+
+def test_a_fan_out_whose_worker_dies_while_its_slots_run_claimed_branches_completes(tmp_path, redis_url, stop):
+    """20 one-second branches on 8 slots: the first wave comes from the queue (arq), then each slot's commit
+    claims a queued sibling and drops its job, and a job leaves the queue once its step hands the slot on.
+    SIGKILL mid-fan: the steps the dead worker held are listed under it, not queued; another worker (no
+    reconciler) recovers them a lease later and runs what is still queued. Every branch ends exactly once."""
+    project = _project(tmp_path, redis_url, lease=3, job_timeout=300)
+    stop(project)
+    branches = [f"b{i:02d}" for i in range(20)]
+    (tmp_path / "blueprints" / "slow-fan.yaml").write_text(slow_fan_yaml(project.log, branches))
+    w0 = project.start_worker()
+    run_id = project.cli("enqueue", "slow-fan", check=True).stdout.strip()
+    # past the first wave (8 slots): later branches were claimed by the slots' own commits
+    wait_for(lambda: sum(1 for c in project.calls() if c.split()[1:2] == ["start"]) >= 11, 60, "a second wave")
+    w0.send_signal(signal.SIGKILL)
+    w0.wait()
+    project.start_worker()
+    view = project.wait_run(run_id, timeout=60)
+    assert view["status"] == "completed", view.get("reason")
+    ends = [c.split()[0] for c in project.calls() if c.split()[1:2] == ["end"]]
+    lost = _lost(view)
+    assert lost and all(e["node_id"] in branches for e in lost)  # the dead worker's steps, recovered
+    assert set(ends) == set(branches)  # none left behind
+    # none run twice to its end, unless the kill fell between its end and its commit (then it was lost)
+    assert len(ends) <= len(branches) + len(lost)
+    assert sum(1 for c in project.calls() if c.startswith("join run")) == 1
