@@ -104,16 +104,16 @@ class FlowRuntime:
         if self._on_event:
             self._on_event("start", job)
         if self._sem is None:
-            handled = await self._handle_chain(owner, job)
+            handled = await self._handle_chain(job)
         else:
             async with self._sem:
-                handled = await self._handle_chain(owner, job)
+                handled = await self._handle_chain(job)
         if handled.retry_after_s is not None:  # cannot happen in-process (one blueprint set), kept for symmetry
             await asyncio.sleep(handled.retry_after_s)
             self._spawn([(owner, job)])
         self._spawn(handled.scheduled)
 
-    async def _handle_chain(self, owner: str, job: Job) -> Handled:
+    async def _handle_chain(self, job: Job) -> Handled:
         """Handle ``job``, then the successors its commits claim for this task, one after another."""
         handled = await self.engine.handle(job)
         while True:

@@ -29,6 +29,7 @@ from .errors import UndecodableValue
 
 if TYPE_CHECKING:
     from .blueprint import Blueprint
+    from .jobs import Job
 
 RUN, NODES, JOINS, BATCH, OUTBOX, STATE = "run", "nodes", "joins", "batch", "outbox", "state"
 KINDS = (RUN, NODES, JOINS, BATCH, OUTBOX, STATE)
@@ -79,7 +80,7 @@ class Txn(ABC):
         # steps listed or unlisted under the worker running them, with this transaction's writes (a driver with
         # a worker registry applies them; the memory store has none): (worker id, job id, job or None to unlist)
         self.listing: list[tuple[str, str, dict[str, Any] | None]] = []
-        self.jobs: dict[str, Any] = {}  # job id -> the Job whose dict this transaction put in OUTBOX (RunTxn.schedule)
+        self.jobs: dict[str, Job] = {}  # job id -> the Job whose dict this transaction put in OUTBOX (RunTxn.schedule)
         self.ancestors: list[str] = []  # subflow parents (outermost first): their keys get at least that expiry
         self.blueprint_id: str | None = None  # the run's blueprint, when the engine knows it (for observers)
         self.started: Blueprint | None = None  # set by the transaction that creates the run (a store may record it)

@@ -317,8 +317,7 @@ class RedisStore(Store):
         reads = txn.reads if isinstance(txn, _RedisTxn) else {}
         for (kind, fld), value in txn._writes.items():
             if kind == OUTBOX and self.enqueues and value is not MISSING:
-                got = txn.jobs.get(fld)
-                jobs.append(got if isinstance(got, Job) and got.to_dict() == value else Job.from_dict(value))
+                jobs.append(txn.jobs.get(fld) or Job.from_dict(value))  # (RunTxn.schedule keeps the Job)
             elif value is MISSING:
                 if reads.get((kind, fld), b"") is not None:  # absent as read (and checked): nothing to delete
                     dels.setdefault(kind, []).append(fld)
