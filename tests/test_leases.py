@@ -242,3 +242,34 @@ def test_a_fan_out_whose_worker_dies_while_its_slots_run_claimed_branches_comple
     # none run twice to its end, unless the kill fell between its end and its commit (then it was lost)
     assert len(ends) <= len(branches) + len(lost)
     assert sum(1 for c in project.calls() if c.startswith("join run")) == 1
+
+
+def test_two_workers_and_a_sweeping_reconciler_through_a_fan_out_and_a_sigkill(tmp_path, redis_url, stop):
+    """Two workers share a 20-branch fan-out (their slots claim queued siblings, jobs leave the queue as slots
+    go on), a reconciler sweeps every 0.2 s with threshold 0 (so it judges the healthy run over and over), and
+    one worker is SIGKILLed mid-fan. Nothing runs twice to its end except a step the dead worker held, nothing
+    is left behind, and the join runs once."""
+    project = _project(tmp_path, redis_url, lease=3, job_timeout=300)
+    stop(project)
+    branches = [f"b{i:02d}" for i in range(20)]
+    (tmp_path / "blueprints" / "slow-fan.yaml").write_text(slow_fan_yaml(project.log, branches, seconds=0.5))
+    w0 = project.start_worker()
+    project.start_worker()
+    sweeper = subprocess.Popen([sys.executable, "-m", "flowcraft_cli", "reconcile", "--threshold", "0",
+                                "--interval", "0.2", "--json"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        run_id = project.cli("enqueue", "slow-fan", check=True).stdout.strip()
+        wait_for(lambda: sum(1 for c in project.calls() if c.split()[1:2] == ["start"]) >= 11, 60, "a second wave")
+        w0.send_signal(signal.SIGKILL)
+        w0.wait()
+        view = project.wait_run(run_id, timeout=60)
+    finally:
+        sweeper.terminate()
+        _, err = sweeper.communicate(timeout=30)
+    assert sweeper.returncode == 0, err
+    assert view["status"] == "completed", view.get("reason")
+    ends = [c.split()[0] for c in project.calls() if c.split()[1:2] == ["end"]]
+    assert set(ends) == set(branches)
+    assert len(ends) <= len(branches) + len(_lost(view))  # a second end only for a step the dead worker held
+    assert sum(1 for c in project.calls() if c.startswith("join run")) == 1
