@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import random
 import re
 
 from .errors import InvalidInput
@@ -17,6 +19,16 @@ CHILD_SEP = "::"  # reserved: only subflow child run ids contain it, so no user 
 _RUN_ID_CHARS = re.compile(r"[A-Za-z0-9_.:-]+")
 _PLAIN_NODE_ID = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPES = str.maketrans({"%": "%25", "|": "%7C", "#": "%23"})
+# claim tokens tell one claim of a node from another: unique, not secret, so not ``secrets`` (one getrandom
+# syscall a step, 2% of a worker's CPU). Seeded from os.urandom at import, and again in a forked child, so
+# that no two processes share a sequence
+_TOKENS = random.Random()
+os.register_at_fork(after_in_child=_TOKENS.seed)
+
+
+def claim_token() -> str:
+    """12 hex digits naming one claim of a node (the commit that ends the step must carry it)."""
+    return f"{_TOKENS.getrandbits(48):012x}"
 
 
 @functools.lru_cache(maxsize=1 << 16, typed=True)

@@ -239,7 +239,11 @@ def test_a_refused_commit_still_writes_what_its_retry_owes(redis_url):
     async def go():
         r = Redis.from_url(redis_url)
         a = make_adapter(r, [CHAIN], {"tag": lambda ctx: ctx.node_id}, queue_name="commit-marks")
+        # a run started a few seconds ago: the progress mark its start wrote is due again at its first step
+        real_clock = a.engine.clock
+        a.engine.clock = lambda: real_clock() - 5_000
         run_id, scheduled = await a.engine.start_run("chain", {})  # a's cache holds the run's meta now
+        a.engine.clock = real_clock
         progress = keys.progress_key(run_id)
         await r.set(progress, "0", px=600_000)
         # another process rewrites a field a's claim reads (same JSON, other bytes): a's commit is refused

@@ -572,4 +572,5 @@ class ArqAdapter:
         await asyncio.gather(main, *worker.tasks.values(), return_exceptions=True)
 
     async def close(self) -> None:
+        await self.store.close()
         await self.queue.close()

@@ -41,6 +41,7 @@ from .commit import (
     picked,
 )
 from .queue import WAKE_CAP, ArqQueue
+from .scripting import HeldScript
 
 T = TypeVar("T")
 EVENT_CAP = 10_000
@@ -148,9 +149,14 @@ class RedisStore(Store):
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # run id -> (lock, callers holding or waiting)
         # run id -> (kind, field) -> the bytes last seen or written by this process (None: absent)
         self._cache: OrderedDict[str, _RunFields] = OrderedDict()
-        self._apply = redis.register_script(APPLY)
+        self._script = HeldScript(redis, APPLY)
+        self._apply = self._script.__call__  # (tests wrap it to lose a reply)
         self._nonempty: dict[str, set[str]] = {}  # run id -> kinds of _RECREATED this process knows hold a field
         self._warmed: dict[str, set[str]] = {}  # run id -> Txn.warm_once tags already fetched into the cache
+
+    async def close(self) -> None:
+        """Close the connections the commit script holds (the client's pool is its owner's to close)."""
+        await self._script.close()
 
     def _fields_of(self, run_id: str) -> _RunFields:
         got = self._cache.get(run_id)
@@ -198,7 +204,7 @@ class RedisStore(Store):
                     raise
                 program = Commit()
                 self._checks(program, txn)
-                reply = await self._apply(keys=program.keys, args=program.argv())
+                reply = await self._apply(program.keys, program.argv())
                 if int(reply[0]) == 1:
                     raise
                 self._absorb(run_id, program, reply)
@@ -238,7 +244,7 @@ class RedisStore(Store):
                     if txn.pick_ms:
                         self.queue.pick_op(program, txn.pick_ms, PICK_LOOK)
             try:
-                reply = await self._apply(keys=program.keys, args=program.argv())
+                reply = await self._apply(program.keys, program.argv())
             except BaseException:
                 self._undo(marks)
                 raise
@@ -338,7 +344,7 @@ class RedisStore(Store):
         # step, but by this process at most once a second per run (a chain does a step a millisecond), and
         # always with the expiry the run's keys get now
         resets = _resets_expiry(txn)
-        progressed = resets or self._due_every(f"progress:{run_id}", 1.0)
+        progressed = resets or self._due_every(self._seen_start(f"progress:{run_id}", 1.0, meta), 1.0)
         if progressed:
             program.op(OP_SET_PX, keys.progress_key(run_id), now, ms)
         if txn.events:
@@ -367,7 +373,7 @@ class RedisStore(Store):
             known = self._nonempty.get(run_id, set())
             for kind in (sets.keys() & _RECREATED) - known:
                 program.op(OP_EXPIRE_NEW, keys.kind_key(kind, run_id), ms)
-            if txn.events and self._due(f"events:{run_id}", ms):
+            if txn.events and self._due(self._seen_start(f"events:{run_id}", self._period(ms), meta), ms):
                 program.op(OP_EXPIRE_NEW, keys.events_key(run_id), ms)
         if txn.ancestors:  # a parent run's keys live at least as long as any of its live children (§6.1)
             for ancestor in txn.ancestors:
@@ -483,12 +489,19 @@ class RedisStore(Store):
         """``_due`` for a run's keys. The first step of a run this process sees need not extend them when the
         run started (so gave them all its TTL) less than a period ago: a run of a few steps is then never
         extended between its start and its end."""
-        key = f"run:{run_id}"
+        return self._due(self._seen_start(f"run:{run_id}", self._period(ttl_ms), {"created_at": created_at}),
+                         ttl_ms)
+
+    def _seen_start(self, key: str, period_s: float, meta: dict[str, Any]) -> str:
+        """``key`` names something a run's start did (its keys' expiry, its progress stamp, its events' expiry).
+        The first time this process asks about it for a run younger than ``period_s``, it counts as done by this
+        process at the run's start, so that a short run's first steps here do not do it again."""
+        created_at = meta.get("created_at")
         if key not in self._kept and isinstance(created_at, int):
             age_s = time.time() - created_at / 1000
-            if 0 <= age_s < self._period(ttl_ms):
+            if 0 <= age_s < period_s:
                 self._kept[key] = time.monotonic() - age_s
-        return self._due(key, ttl_ms)
+        return key
 
     @staticmethod
     def _period(ttl_ms: int) -> float:

@@ -4,13 +4,13 @@ finalize the run. Every read and write goes through the transaction's ``Txn``, a
 
 from __future__ import annotations
 
-import secrets
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..blueprint import BUILTINS, Blueprint, JoinStrategy, NodeDef
+from ..ids import claim_token
 from ..jobs import Job
 from ..node_api import _MISSING
 from ..store import JOINS, OUTBOX, RUN, STATE, Txn
@@ -147,7 +147,7 @@ class RunTxn:
         the claim a queued job's step would take, written in this commit instead of a queue job."""
         assert self.inline_as is not None
         now, node = self.engine.clock(), self.bp.node_map[job.node_id]
-        token = secrets.token_hex(6)
+        token = claim_token()
         claimed = replace(rec, status=NodeStatus.RUNNING, token=token, worker=self.engine.worker_id,
                           job=self.inline_as, attempt_started_at=now, started_at=now)
         write_node(self.t, job.node_id, claimed)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..blueprint import Blueprint, NodeDef
 from ..errors import NodeFailure, UndecodableValue
+from ..ids import claim_token
 from ..jobs import Job
 from ..store import NODES, RUN, STATE, Txn
 from .builtins import batch, function, loop, sleep, subflow, wait
@@ -48,7 +48,7 @@ class Step:
         self.node = node
         self.job = job
         self.run_id = job.run_id
-        self.token = secrets.token_hex(6)
+        self.token = claim_token()
         self.held_elsewhere = False  # set when a live step of another delivery holds the node
         self.stale = False  # set when the node no longer expects this step (duplicate or late delivery)
         self.claimed = False  # this step took the node's claim (its commit must still find its token)

@@ -1,0 +1,98 @@
+"""The commit script on connections of its own (``distributed.scripting.HeldScript``): what redis-py's
+client would have survived, it survives too. Real Redis; the connections are killed or flushed by Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from flowcraft_cli.distributed import scripting
+from flowcraft_cli.distributed.scripting import HeldScript
+
+ECHO = "return redis.call('GET', KEYS[1]) or ARGV[1]"
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_flushed_script_is_loaded_again(redis_url):
+    async def go():
+        redis = Redis.from_url(redis_url)
+        script = HeldScript(redis, ECHO)
+        try:
+            assert await script(["held:none"], ["first"]) == b"first"
+            await redis.script_flush()  # as after a restart: Redis knows no script
+            assert await script(["held:none"], ["again"]) == b"again"
+            assert await script(["held:none"], ["and again"]) == b"and again"
+        finally:
+            await script.close()
+            await redis.aclose()
+    _run(go())
+
+
+def test_an_error_reply_leaves_the_connection_usable(redis_url):
+    async def go():
+        redis = Redis.from_url(redis_url)
+        script = HeldScript(redis, "return redis.error_reply('NOPE ' .. ARGV[1])")
+        good = HeldScript(redis, ECHO)
+        try:
+            for i in range(3):
+                try:
+                    await script([], [str(i)])
+                except ResponseError as e:
+                    assert str(e) == f"NOPE {i}"
+                else:
+                    raise AssertionError("an error reply raised nothing")
+            assert len(script._idle) == 1  # the one connection, kept and reused
+            assert await good(["held:none"], ["ok"]) == b"ok"
+        finally:
+            await script.close()
+            await good.close()
+            await redis.aclose()
+    _run(go())
+
+
+def test_an_idle_connection_redis_closed_is_opened_again(redis_url, monkeypatch):
+    """Redis drops the held connection (CLIENT KILL stands for an idle timeout or a restart); the next call
+    after a pause finds it closed before it sends, and goes on a new one."""
+    monkeypatch.setattr(scripting, "_CHECK_AFTER_S", 0.0)
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        script = HeldScript(redis, ECHO)
+        try:
+            assert await script(["held:none"], ["one"]) == b"one"
+            held = script._idle[0][0]
+            await held.send_command("CLIENT", "ID")
+            first = await held.read_response()
+            assert await redis.client_kill_filter(_id=first) == 1
+            assert await script(["held:none"], ["two"]) == b"two"
+            assert script._idle[0][0] is held  # the same object, connected again
+            await held.send_command("CLIENT", "ID")
+            assert await held.read_response() != first
+        finally:
+            await script.close()
+            await redis.aclose()
+    _run(go())
+
+
+def test_a_cancelled_call_does_not_leave_its_reply_for_the_next(redis_url):
+    """A call cancelled while its reply is on the way: the next call must read its own reply, not that one."""
+    async def go():
+        redis = Redis.from_url(redis_url)
+        slow = HeldScript(redis, "local t = redis.call('TIME'); local s = tonumber(t[1]) * 1e6 + tonumber(t[2]);"
+                                 " repeat local n = redis.call('TIME') until (tonumber(n[1]) * 1e6 + tonumber(n[2])) - s > 50000;"
+                                 " return ARGV[1]")
+        try:
+            task = asyncio.create_task(slow([], ["stale"]))
+            await asyncio.sleep(0.01)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            assert await slow([], ["fresh"]) == b"fresh"
+        finally:
+            await slow.close()
+            await redis.aclose()
+    _run(go())
