@@ -558,3 +558,28 @@ edges:
     ttls = asyncio.run(go())
     assert ttls["run"] > 3600
     assert all(t >= ttls["run"] - 5 for t in ttls.values()), ttls
+
+
+def test_a_finished_run_gives_every_key_it_has_the_finished_ttl(redis_url, redis_sync):
+    """At a run's end every key it has gets ``ttl_s``; the hashes a run may never have (joins, a batch's
+    items, an outbox) are looked at with one EXISTS first. A fan-in has joins: they must get it too."""
+    doc = """
+id: fanttl
+nodes:
+  - {id: s, uses: echo}
+  - {id: x, uses: echo}
+  - {id: y, uses: echo}
+  - {id: j, uses: echo}
+edges:
+  - {source: s, target: x}
+  - {source: s, target: y}
+  - {source: x, target: j}
+  - {source: y, target: j}
+"""
+    view = _run_one(redis_url, doc, {"echo": lambda ctx: ctx.input}, running_ttl_s=6000, ttl_s=60)
+    assert view.status == "completed"
+    run_id = view.run_id
+    assert redis_sync.exists(keys.kind_key("joins", run_id))
+    present = [k for k in keys.run_keys(run_id) if redis_sync.exists(k)]
+    assert all(0 < redis_sync.ttl(k) <= 60 for k in present), {k: redis_sync.ttl(k) for k in present}
+    assert not redis_sync.exists(keys.kind_key("batch", run_id), keys.kind_key("outbox", run_id))

@@ -37,6 +37,7 @@ OP_DEL = "X"  # args: key# of more keys to delete with it (one DEL)
 OP_PUSH = "R"  # args: cap, value, ...       RPUSH, then LTRIM to the last ``cap`` only when longer
 OP_EXPIRE = "E"  # args: ms (<= 0: PERSIST)
 OP_EXPIRE_NEW = "T"  # args: ms             only a key with no expiry (one this op's transaction created)
+OP_EXPIRE_ANY = "A"  # args: ms, key# of more keys   as E on each, after one EXISTS of them all finds any
 OP_EXTEND = "G"  # args: ms (<= 0: none)   never shortens: a key with a longer expiry (or none) keeps it
 OP_EXTEND_INDEX = "K"  # args: ms (<= 0: PERSIST)  gives a key with none an expiry, else never shortens it
 OP_DEFINE = "B"  # args: document, ms      SET keeping a longer expiry (or none) an earlier run gave it
@@ -138,6 +139,15 @@ for _ = 1, tonumber(nxt()) do
   elseif op == 'E' then
     local ms = tonumber(a[1])
     if ms > 0 then redis.call('PEXPIRE', k, ms) else redis.call('PERSIST', k) end
+  elseif op == 'A' then
+    local ms = tonumber(a[1])
+    local all = {k}
+    for j = 2, n do all[j] = KEYS[tonumber(a[j])] end
+    if redis.call('EXISTS', unpack(all)) > 0 then
+      for j = 1, #all do
+        if ms > 0 then redis.call('PEXPIRE', all[j], ms) else redis.call('PERSIST', all[j]) end
+      end
+    end
   elseif op == 'T' then
     local ms = tonumber(a[1])
     if ms > 0 and redis.call('PTTL', k) == -1 then redis.call('PEXPIRE', k, ms) end

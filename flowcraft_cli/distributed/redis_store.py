@@ -26,6 +26,7 @@ from .commit import (
     OP_DEL,
     OP_ENQUEUE,
     OP_EXPIRE,
+    OP_EXPIRE_ANY,
     OP_EXPIRE_NEW,
     OP_EXTEND,
     OP_EXTEND_INDEX,
@@ -366,9 +367,14 @@ class RedisStore(Store):
                               | ({keys.events_key(run_id)} if txn.events else set())):
                 program.op(OP_EXPIRE, key, ms)
         elif resets or self._due_run(run_id, ms, meta.get("created_at")):
+            # the hashes a run may never hold a field in (joins of a chain, a batch's items, an outbox when
+            # commits queue their jobs) are looked at with one EXISTS first: most runs have none of them
+            maybe = [keys.kind_key(kind, run_id) for kind in sorted(_RECREATED - sets.keys())]
             for key in keys.run_keys(run_id):
-                if key not in expired:
+                if key not in expired and key not in maybe:
                     program.op(OP_EXPIRE, key, ms)
+            if maybe:
+                program.op(OP_EXPIRE_ANY, maybe[0], ms, *(program.key(k) for k in maybe[1:]))
         elif ms:
             known = self._nonempty.get(run_id, set())
             for kind in (sets.keys() & _RECREATED) - known:

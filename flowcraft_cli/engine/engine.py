@@ -31,7 +31,7 @@ from ..errors import BlueprintUnavailable, InvalidInput, RunNotFound, StateConfl
 from ..ids import check_run_id
 from ..jobs import Job
 from ..registry import NodeRegistry
-from ..store import BATCH, MISSING, NODES, OUTBOX, RUN, STATE, Store, Txn, dumps
+from ..store import BATCH, MISSING, NODES, OUTBOX, RUN, STATE, Store, Txn, check_json
 from .lifecycle import RunTxn
 from .reads import read_node_input, read_route, run_fields
 from .routing import check_resume_action
@@ -678,8 +678,8 @@ def _attempt(rec: NodeRecord) -> int:
     return rec.attempt
 
 
-def _check_json(value: Any, what: str) -> str:
+def _check_json(value: Any, what: str) -> None:
     try:
-        return dumps(value)
+        check_json(value)
     except (TypeError, ValueError) as e:
         raise InvalidInput(f"{what} is not JSON-serializable: {e}") from None

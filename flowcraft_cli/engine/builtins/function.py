@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ...blueprint import NodeDef
 from ...errors import NodeFailure, NodeTimeout, json_type
 from ...node_api import _MISSING, NodeContext, NodeResult, RunContext, SyncRunContext
-from ...store import MISSING, STATE, dumps
+from ...store import MISSING, STATE, check_json, dumps
 from ..reads import read_context
 
 if TYPE_CHECKING:
@@ -53,15 +53,17 @@ async def call_node(step: Step, runner: NodeDef, node_input: Any, attempt: int, 
                       idempotency_key=idempotency_key(run_id, runner.id, step.job.seq, item))
     # the attempt's own limit and nothing shorter (CONTRACT §6.1): the node's timeout, else the default
     timeout = runner.config.timeout_ms / 1000 if runner.config.timeout_ms else step.engine.settings.attempt_timeout_s
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the coroutine in a task of its own, one
+    # more task and loop turn a node; this runs it in the step's task, and the limit covers the whole attempt
     try:
-        if _is_async(fn):
-            result = await asyncio.wait_for(fn(ctx), timeout)
-        else:
-            loop = asyncio.get_running_loop()
-            ctx.context = SyncRunContext(view, loop)
-            result = await asyncio.wait_for(asyncio.to_thread(fn, ctx), timeout)
-            if inspect.isawaitable(result):
-                result = await asyncio.wait_for(result, timeout)
+        async with asyncio.timeout(timeout):
+            if _is_async(fn):
+                result = await fn(ctx)
+            else:
+                ctx.context = SyncRunContext(view, asyncio.get_running_loop())
+                result = await asyncio.to_thread(fn, ctx)
+                if inspect.isawaitable(result):
+                    result = await result
     except TimeoutError:
         raise NodeTimeout(f"attempt {attempt} timed out after {int((timeout or 0) * 1000)} ms") from None
     except NodeFailure:
@@ -94,7 +96,7 @@ async def call_node(step: Step, runner: NodeDef, node_input: Any, attempt: int, 
 
 def json_problem(value: Any) -> str | None:
     try:
-        dumps(value)
+        check_json(value)
         return None
     except (TypeError, ValueError):
         return _first_bad_type(value)

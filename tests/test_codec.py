@@ -1,0 +1,67 @@
+"""How values are stored (``store.dumps``/``loads``, msgspec's JSON codec with the json module behind it):
+what the json module wrote before still reads the same, and the rules for what a node may return are the
+json module's, in both runtimes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from flowcraft_cli.errors import UndecodableValue
+from flowcraft_cli.store import check_json, dumps, loads
+
+BIG = 2**70 + 1
+
+
+@pytest.mark.parametrize("value", [
+    None, True, 0, -1, BIG, -BIG, 2**64, 0.1, 1e16, -2.5e-300, "", "é ✓ 𝄞", "a\"b\\c\n",
+    [1, [2, [3]]], {"k": {"n": None}}, {"1": 1, "b": [True, False]},
+])
+def test_a_value_reads_back_as_written_and_as_the_json_module_reads_it(value):
+    raw = dumps(value)
+    assert loads(raw) == value == json.loads(raw)
+    assert loads(raw.encode()) == value
+    assert type(loads(raw)) is type(value)
+
+
+def test_keys_the_json_module_turns_into_strings_still_are():
+    assert json.loads(dumps({1: "a", None: "c", 1.5: "d"})) == {"1": "a", "null": "c", "1.5": "d"}
+    assert dumps({True: "b"}) == '{"true":"b"}' == json.dumps({True: "b"}, separators=(",", ":"))
+
+
+def test_nan_is_stored_as_null_and_nan_written_before_still_reads():
+    assert dumps([math.nan, math.inf, -math.inf]) == "[null,null,null]"
+    assert math.isnan(loads("NaN")) and loads(b"[Infinity]") == [math.inf]
+
+
+def test_what_is_not_json_is_refused_by_the_check_and_undecodable_on_read():
+    import datetime
+
+    for bad in (datetime.date.today(), {1, 2}, b"x", object()):
+        with pytest.raises((TypeError, ValueError)):
+            check_json(bad)
+    for raw in (b"\xff\xfe", "{", b"[1,", "nul"):
+        with pytest.raises(UndecodableValue):
+            loads(raw)
+        assert loads(raw, lenient=True).startswith("<undecodable:")
+
+
+def test_a_node_output_round_trips_exactly_in_both_runtimes(flow):
+    doc = """
+id: codec
+nodes: [{id: a, uses: a}, {id: b, uses: b}]
+edges: [{source: a, target: b}]
+"""
+
+    def a(ctx):
+        return {"big": BIG, "nan": math.nan, "text": "𝄞", "nested": [0.1, {"x": -BIG}]}
+
+    def b(ctx):
+        return ctx.input
+
+    r = flow.run(doc, {"a": a, "b": b})
+    assert r.status == "completed"
+    expected = {"big": BIG, "nan": None, "text": "𝄞", "nested": [0.1, {"x": -BIG}]}
+    assert r.outputs == {"a": expected, "b": expected}
