@@ -1,5 +1,6 @@
-"""The commit script on connections of its own (``distributed.scripting.HeldScript``): what redis-py's
-client would have survived, it survives too. Real Redis; the connections are killed or flushed by Redis."""
+"""The step path's round trips on connections of its own (``distributed.scripting.HeldConnections``): what
+redis-py's client would have survived, they survive too. Real Redis; connections are killed or scripts
+flushed by Redis itself."""
 
 from __future__ import annotations
 
@@ -9,9 +10,24 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from flowcraft_cli.distributed import scripting
-from flowcraft_cli.distributed.scripting import HeldScript
+from flowcraft_cli.distributed.scripting import HeldConnections
 
 ECHO = "return redis.call('GET', KEYS[1]) or ARGV[1]"
+
+
+class HeldScript:
+    """One script on held connections, as the Redis store calls its commit."""
+
+    def __init__(self, redis: Redis, source: str) -> None:
+        self.held = HeldConnections(redis)
+        self.script = redis.register_script(source)
+        self._idle = self.held._idle
+
+    async def __call__(self, keys, args):
+        return await self.held.script(self.script, keys, args)
+
+    async def close(self) -> None:
+        await self.held.close()
 
 
 def _run(coro):
@@ -94,5 +110,29 @@ def test_a_cancelled_call_does_not_leave_its_reply_for_the_next(redis_url):
             assert await slow([], ["fresh"]) == b"fresh"
         finally:
             await slow.close()
+            await redis.aclose()
+    _run(go())
+
+
+def test_a_pipeline_reads_every_reply_even_after_an_error(redis_url):
+    """A pipeline whose middle command is refused (WRONGTYPE) raises that error, after reading the replies
+    behind it: the connection stays in step for the next call."""
+    async def go():
+        redis = Redis.from_url(redis_url)
+        held = HeldConnections(redis)
+        try:
+            await redis.set("held:str", "v")
+            await redis.hset("held:hash", mapping={"a": "1", "b": "2"})
+            try:
+                await held.pipeline([("HMGET", "held:hash", "a"), ("HMGET", "held:str", "a"),
+                                     ("HMGET", "held:hash", "b")])
+            except ResponseError as e:
+                assert "WRONGTYPE" in str(e)
+            else:
+                raise AssertionError("a refused command raised nothing")
+            assert await held.pipeline([("HMGET", "held:hash", "b", "a", "zz")]) == [[b"2", b"1", None]]
+            assert len(held._idle) == 1
+        finally:
+            await held.close()
             await redis.aclose()
     _run(go())

@@ -42,7 +42,7 @@ from .commit import (
     picked,
 )
 from .queue import WAKE_CAP, ArqQueue
-from .scripting import HeldScript
+from .scripting import HeldConnections
 
 T = TypeVar("T")
 EVENT_CAP = 10_000
@@ -150,14 +150,19 @@ class RedisStore(Store):
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # run id -> (lock, callers holding or waiting)
         # run id -> (kind, field) -> the bytes last seen or written by this process (None: absent)
         self._cache: OrderedDict[str, _RunFields] = OrderedDict()
-        self._script = HeldScript(redis, APPLY)
-        self._apply = self._script.__call__  # (tests wrap it to lose a reply)
+        self._held = HeldConnections(redis)  # the step path's round trips (see scripting)
+        script = redis.register_script(APPLY)
+
+        async def apply(keys: list[Any], args: list[Any]) -> Any:
+            return await self._held.script(script, keys, args)
+
+        self._apply = apply  # (a test wraps it to lose a reply)
         self._nonempty: dict[str, set[str]] = {}  # run id -> kinds of _RECREATED this process knows hold a field
         self._warmed: dict[str, set[str]] = {}  # run id -> Txn.warm_once tags already fetched into the cache
 
     async def close(self) -> None:
-        """Close the connections the commit script holds (the client's pool is its owner's to close)."""
-        await self._script.close()
+        """Close the connections the step path holds (the client's pool is its owner's to close)."""
+        await self._held.close()
 
     def _fields_of(self, run_id: str) -> _RunFields:
         got = self._cache.get(run_id)
@@ -540,10 +545,8 @@ class RedisStore(Store):
         todo = {kind: fields for kind, fields in todo.items() if fields}
         if not todo:
             return {}
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for kind, fields in todo.items():
-                pipe.hmget(keys.kind_key(kind, run_id), fields)
-            replies = await pipe.execute()
+        replies = await self._held.pipeline([("HMGET", keys.kind_key(kind, run_id), *fields)
+                                             for kind, fields in todo.items()])
         fetched: dict[tuple[str, str], bytes | None] = {}
         for (kind, fields), got in zip(todo.items(), replies, strict=True):
             for f, raw in zip(fields, got, strict=True):
