@@ -352,15 +352,7 @@ class ArqAdapter:
             # until the claim, arq's lease-long lock on the job covers a crash
             handled = await self.engine.handle(job)
             left_queue = handled.left_queue
-            if _FAILPOINT and _FAILPOINT == f"after-commit:{job.node_id}":
-                os._exit(137)  # fault-injection for the crash tests: die right after a commit
-            handled, ran = await self._run_inline(job_id, handled, job)
-            await self.flush(handled.scheduled)
-            if handled.outcome in (StepOutcome.STALE, StepOutcome.RUN_FINISHED) and \
-                    await self.redis.hlen(keys.kind_key(OUTBOX, job.run_id)):
-                # a redelivered step that already happened: what it decided may have been lost between its
-                # commit and the queueing (the worker died there), so finish that part now
-                await self.reconcile(job.run_id)
+            handled, ran = await self._go_on(job_id, job, handled)
         except (RedisError, OSError) as e:
             unknown = handled is None  # did its commit apply? (its reply may be what was lost)
             if left_queue:
@@ -403,6 +395,21 @@ class ArqAdapter:
                 pass  # still listed: this worker's heartbeat recovers it once Redis answers
         self.in_flight.pop(job_id, None)
 
+    async def _go_on(self, job_id: str, job: Job, handled: Handled) -> tuple[Handled, Job]:
+        """After queue job ``job_id``'s own step (``handled``), whether arq handed it over or a commit took
+        it: run the chain its commits claimed for this worker, queue what the last step decided, and finish a
+        redelivered step's lost queueing. Returns the last step's outcome and job."""
+        if _FAILPOINT and _FAILPOINT == f"after-commit:{job.node_id}":
+            os._exit(137)  # fault-injection for the crash tests: die right after a commit
+        handled, ran = await self._run_inline(job_id, handled, job)
+        await self.flush(handled.scheduled)
+        if handled.outcome in (StepOutcome.STALE, StepOutcome.RUN_FINISHED) and \
+                await self.redis.hlen(keys.kind_key(OUTBOX, job.run_id)):
+            # a redelivered step that already happened: what it decided may have been lost between its
+            # commit and the queueing (the worker died there), so finish that part now
+            await self.reconcile(job.run_id)
+        return handled, ran
+
     async def _run_inline(self, job_id: str, handled: Handled, ran: Job) -> tuple[Handled, Job]:
         """Run the successors commits claimed for this worker, one after another, under queue job
         ``job_id``'s entry in this worker's list of steps (so the heartbeat keeps each held, and recovery
@@ -437,8 +444,7 @@ class ArqAdapter:
         unknown = False
         try:
             handled = await self.engine.handle(job)
-            handled, _ = await self._run_inline(job_id, handled, job)
-            await self.flush(handled.scheduled)
+            handled, _ = await self._go_on(job_id, job, handled)
         except (RedisError, OSError) as e:
             # Redis went away mid-step: leave the job locked; arq hands it on when the lock lapses
             log.warning("job %s: Redis error (%s: %s); left for the queue", job_id, type(e).__name__, e)
