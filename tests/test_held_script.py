@@ -136,3 +136,28 @@ def test_a_pipeline_reads_every_reply_even_after_an_error(redis_url):
             await held.close()
             await redis.aclose()
     _run(go())
+
+
+def test_calls_beyond_the_held_connections_go_through_the_clients_pool(redis_url, monkeypatch):
+    """Many calls at once (a client starting runs from a thousand tasks): at most MAX_HELD connections are
+    held, the rest go through the client's own pool; every call gets its own reply."""
+    monkeypatch.setattr(scripting, "MAX_HELD", 3)
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        script = HeldScript(redis, "redis.call('INCR', KEYS[1]); return ARGV[1]")
+        held = script.held
+        try:
+            await redis.delete("held:count")
+            replies = await asyncio.gather(*(script(["held:count"], [str(i)]) for i in range(40)))
+            reads = await asyncio.gather(*(held.pipeline([("GET", "held:count"), ("ECHO", str(i))])
+                                           for i in range(40)))
+            return replies, reads, held._open, len(held._idle)
+        finally:
+            await script.close()
+            await redis.aclose()
+
+    replies, reads, opened, idle = _run(go())
+    assert replies == [str(i).encode() for i in range(40)]
+    assert [r[1] for r in reads] == [str(i).encode() for i in range(40)] and {r[0] for r in reads} == {b"40"}
+    assert opened <= 3 and idle == opened

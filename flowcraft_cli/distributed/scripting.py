@@ -8,7 +8,8 @@ command on a held connection and reading its reply is about 30 µs; a chain step
 client's bookkeeping was about a tenth of a worker's CPU.
 
 Connections here come from the client's pool's factory (same URL, timeouts and parser) but are held by
-this object: one per call in flight, kept between calls. A connection that failed in any way (a timeout,
+this object: one per call in flight (up to ``MAX_HELD``; calls beyond go through the client's pool),
+kept between calls. A connection that failed in any way (a timeout,
 a cancelled call, a dropped socket) is closed and never reused, since its reply stream may be out of step;
 replies that are Redis errors leave it usable (every reply of the call is read first). One idle for a
 while is checked the way redis-py checks every connection it hands out (a server restart or an idle timeout
@@ -26,15 +27,22 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError
 
 _CHECK_AFTER_S = 1.0  # an idle connection older than this is checked before use
+# at most this many connections held: a worker needs one per slot; a client starting runs from many tasks at
+# once (a web server) goes through its own pool beyond that, bounded as that pool is configured
+MAX_HELD = 16
 
 
 class HeldConnections:
     def __init__(self, redis: Redis) -> None:
+        self._redis = redis
         self._pool = redis.connection_pool
         self._idle: list[tuple[AbstractConnection, float]] = []  # (connection, when it was last used)
+        self._open = 0  # connections made here and not closed (idle or in a call)
 
     async def script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """EVALSHA of a script registered on the client; loaded again if Redis lost it (a restart)."""
+        if not self._idle and self._open >= MAX_HELD:
+            return await script(keys=keys, args=args)
         try:
             return (await self.pipeline([("EVALSHA", script.sha, len(keys), *keys, *args)]))[0]
         except NoScriptError:
@@ -43,7 +51,16 @@ class HeldConnections:
     async def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """The commands sent in one write, their replies in order; the first error reply is raised once every
         reply has been read."""
-        conn, since = self._idle.pop() if self._idle else (self._pool.make_connection(), None)
+        if self._idle:
+            conn, since = self._idle.pop()
+        elif self._open >= MAX_HELD:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                return list(await pipe.execute())
+        else:
+            conn, since = self._pool.make_connection(), None
+            self._open += 1
         try:
             await conn.connect()  # (returns at once when connected)
             if since is not None and time.monotonic() - since > _CHECK_AFTER_S:
@@ -58,6 +75,7 @@ class HeldConnections:
                     error = error or e
                     replies.append(e)
         except BaseException:
+            self._open -= 1
             await conn.disconnect()
             raise
         self._idle.append((conn, time.monotonic()))
@@ -67,6 +85,7 @@ class HeldConnections:
 
     async def close(self) -> None:
         while self._idle:
+            self._open -= 1
             await self._idle.pop()[0].disconnect()
 
 
