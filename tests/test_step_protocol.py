@@ -500,6 +500,39 @@ def test_a_woken_worker_with_every_slot_busy_does_not_spin(redis_url, redis_sync
     assert asyncio.run(go()) <= 5
 
 
+def test_wake_tokens_left_by_a_fan_out_are_dropped_not_worked_through(redis_url, redis_sync, monkeypatch):
+    """A fan-out pushes a wake-up token per ready branch (up to WAKE_CAP, for a fleet); a lone worker runs
+    the branches inline and is left with the tokens. Each cost a look at the queue (three commands) until it
+    dropped them all once it found the queue empty."""
+    looks, _, _, _ = _turns_of_a_held_worker(monkeypatch)
+    doc = {"id": "wide", "nodes": [{"id": "s", "uses": "echo"}, *({"id": f"b{i}", "uses": "echo"} for i in range(40)),
+                                   {"id": "j", "uses": "echo"}],
+           "edges": [e for i in range(40) for e in ({"source": "s", "target": f"b{i}"},
+                                                     {"source": f"b{i}", "target": "j"})]}
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        w = _adapter(redis, [doc], {"echo": lambda ctx: ctx.node_id}, worker_id="w-wake", queue_name="wake-q",
+                     concurrency=2)
+        task = asyncio.ensure_future(w.start())
+        run_id = await w.start_run("wide", {})
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await w.status(run_id) or await redis.llen(keys.wake_key("wake-q")):
+            assert asyncio.get_running_loop().time() < deadline, "the run did not end, or its tokens stayed"
+            await asyncio.sleep(0.02)
+        turns = looks[0]
+        status = await w.status(run_id)
+        w.stop()
+        await task
+        await w.close()
+        await redis.aclose()
+        return status, turns
+
+    status, turns = asyncio.run(go())
+    assert status["status"] == "completed"
+    assert turns <= 15, turns  # about one per token before (39 tokens), a handful now
+
+
 def test_a_draining_worker_does_not_spin(redis_url, redis_sync, monkeypatch):
     """Review finding: after stop() the worker takes no job and waits for its running steps; its loop must
     wait with them, not turn tens of thousands of times a second."""

@@ -288,6 +288,8 @@ class WakingWorker(Worker):
         self._stale_deferred = True
         self._done_seen = (0, 0, 0)
         self._lock_ready = self.pool.register_script(_LOCK_READY)
+        self._woken = False  # the last wait ended on a wake-up token
+        self._saw_none = False  # the last look at the queue found no ready job at all
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's ``start_jobs``, with every id's check and lock in one call instead of four round trips each:
@@ -296,6 +298,7 @@ class WakingWorker(Worker):
         from arq.constants import in_progress_key_prefix
         from arq.utils import timestamp_ms
 
+        self._saw_none = not job_ids
         free = self.max_jobs - self.job_counter
         if free <= 0 or not job_ids:
             return
@@ -353,6 +356,14 @@ class WakingWorker(Worker):
         if self.job_counter >= self.max_jobs:
             await self._wait_for_a_slot()  # every slot is busy
             return
+        if self._woken and self._saw_none:
+            # Woken, and the queue has nothing ready: the tokens left announce jobs already taken (a fan-out
+            # pushes up to WAKE_CAP for a fleet; its siblings were then run inline), and each would cost a
+            # look at the queue. Drop them all, then look once more before blocking: a job queued in between
+            # (whose token went with the rest) is seen by that look, and any queued after it pushes a new one
+            await self.pool.delete(self._wake_key)
+            self._woken = False
+            return
         from arq.utils import timestamp_ms
 
         now = timestamp_ms()
@@ -368,5 +379,6 @@ class WakingWorker(Worker):
         timeout = self.idle_s if self._next_due is None else min(self.idle_s, max(0.0, (self._next_due - now) / 1000))
         if timeout >= 0.01:
             # Redis >= 6 takes a fractional timeout; redis-py's stubs say int
-            if await self.pool.blpop([self._wake_key], timeout=timeout) is not None:  # type: ignore[arg-type]
+            self._woken = await self.pool.blpop([self._wake_key], timeout=timeout) is not None  # type: ignore[arg-type]
+            if self._woken:
                 self._stale_deferred = True
