@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -161,3 +162,14 @@ def test_calls_beyond_the_held_connections_go_through_the_clients_pool(redis_url
     assert replies == [str(i).encode() for i in range(40)]
     assert [r[1] for r in reads] == [str(i).encode() for i in range(40)] and {r[0] for r in reads} == {b"40"}
     assert opened <= 3 and idle == opened
+
+
+def test_commands_are_packed_as_redis_py_packs_them():
+    from redis.asyncio.connection import Connection
+
+    conn = Connection()
+    for args in [("EVALSHA", "a" * 40, 2, "k:é", "k|%7C", b"\xff\x00blob", -7, 0), ("HMGET", "h", "f"),
+                 ("SET", "x", 1.5), ("ECHO", "")]:
+        assert scripting._pack(args) == b"".join(conn.pack_command(*args))
+    with pytest.raises(TypeError):
+        scripting._pack(("SET", "x", True))
