@@ -173,3 +173,78 @@ def test_commands_are_packed_as_redis_py_packs_them():
         assert scripting._pack(args) == b"".join(conn.pack_command(*args))
     with pytest.raises(TypeError):
         scripting._pack(("SET", "x", True))
+
+
+def test_a_commit_right_after_redis_dropped_every_client_connects_again(redis_url, redis_sync):
+    """Review finding: a held connection Redis closed (CLIENT KILL; a proxy or a restart does the same) was
+    reused without a check when last used under a second ago, and the next commit failed. redis-py's pool
+    checks every connection it hands out; the held ones are checked too once the loop has seen the close."""
+    from flowcraft_cli.distributed.redis_store import RedisStore
+    from flowcraft_cli.store import STATE
+
+    async def go():
+        redis = Redis.from_url(redis_url, socket_connect_timeout=3, health_check_interval=10)
+        store = RedisStore(redis)
+
+        async def write(t):
+            t.put(STATE, "x", 1)
+
+        try:
+            await store.transact("held-kill", write)  # its connection is held now, idle
+            redis_sync.client_kill_filter(_type="normal", skipme=True)  # an operator drops every client
+            await asyncio.sleep(0.05)  # (the event loop sees the close)
+            await store.transact("held-kill", write)  # well within a second of the last commit
+        finally:
+            await store.close()
+            await redis.aclose()
+
+    _run(go())
+
+
+def test_redis_dropping_every_client_mid_chain_costs_no_step(redis_url, caplog):
+    """End to end: a node drops every Redis client while a chain runs on a worker; the step's commit goes
+    out on a held connection Redis closed. The run completes with no step handed back or left to recovery."""
+    import logging
+
+    import redis as sync_redis
+
+    from tests.harness import make_adapter
+
+    killer = sync_redis.Redis.from_url(redis_url)
+    killed: list[int] = []
+
+    def kill(ctx):
+        if not killed:  # once: an operator's one CLIENT KILL
+            killed.append(1)
+            killer.client_kill_filter(_type="normal", skipme=True)
+        return "killed"
+
+    doc = "id: chain\nnodes:\n  - {id: a, uses: echo}\n  - {id: b, uses: kill}\n  - {id: c, uses: echo}\n" \
+          "edges:\n  - {source: a, target: b}\n  - {source: b, target: c}\n"
+
+    async def go():
+        redis = Redis.from_url(redis_url, socket_connect_timeout=3, health_check_interval=10)
+        w = make_adapter(redis, [doc], {"echo": lambda ctx: ctx.node_id, "kill": kill}, queue_name="kill-q",
+                         worker_id="wk", concurrency=2)
+        task = asyncio.ensure_future(w.start())
+        run_id = await w.start_run("chain", {})
+        deadline = asyncio.get_running_loop().time() + 30
+        status = None
+        while status is None:
+            assert asyncio.get_running_loop().time() < deadline, "the run did not end"
+            try:
+                status = await w.status(run_id)
+            except Exception:  # noqa: BLE001 - this client's own connection was dropped too
+                pass
+            await asyncio.sleep(0.02)
+        w.stop()
+        await task
+        await w.close()
+        await redis.aclose()
+        return status
+
+    with caplog.at_level(logging.WARNING, logger="flowcraft"):
+        status = _run(go())
+    killer.close()
+    assert killed and status["status"] == "completed"
+    assert not [r.getMessage() for r in caplog.records if "Redis error" in r.getMessage()]

@@ -1090,3 +1090,27 @@ def test_retry_runs_only_the_failed_node_and_what_it_kept_from_running(flow):
     assert flaky_view.status == "completed" and flaky_view.error is None
     with pytest.raises(StateConflict):
         s.retry(first.run_id)  # a completed run is not retried
+
+
+def test_context_variables_a_node_sets_do_not_reach_the_next_node(flow):
+    """Each node runs in a task of its own: a context variable one sets (a request id a logging library
+    binds) is not seen by the node after it, even when that one runs inline in the same worker slot."""
+    import contextvars
+
+    seen = contextvars.ContextVar("seen", default="unset")
+    doc = """
+id: ctxvars
+nodes: [{id: a, uses: setter}, {id: b, uses: reader}]
+edges: [{source: a, target: b}]
+"""
+
+    async def setter(ctx):
+        seen.set("from a")
+        return "a"
+
+    async def reader(ctx):
+        return seen.get()
+
+    r = flow.run(doc, {"setter": setter, "reader": reader})
+    assert r.status == "completed"
+    assert r.outputs["b"] == "unset"

@@ -6,16 +6,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import pytest
 import yaml
+from arq.worker import Worker, func
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from flowcraft_cli.distributed import keys
 from flowcraft_cli.distributed.adapter import ArqAdapter
+from flowcraft_cli.distributed.queue import (
+    STEP_FUNCTION,
+    ArqQueue,
+    WakingWorker,
+    arq_pool_for,
+    deserialize,
+    serialize,
+)
 from flowcraft_cli.engine import Recovery, StepOutcome
 from flowcraft_cli.jobs import Job
+from flowcraft_cli.store import NODES
 from tests.harness import make_adapter
 
 CHAIN = """
@@ -616,3 +627,82 @@ edges:
     present = [k for k in keys.run_keys(run_id) if redis_sync.exists(k)]
     assert all(0 < redis_sync.ttl(k) <= 60 for k in present), {k: redis_sync.ttl(k) for k in present}
     assert not redis_sync.exists(keys.kind_key("batch", run_id), keys.kind_key("outbox", run_id))
+
+
+def test_a_step_cancelled_at_shutdown_is_handed_back_even_if_its_node_swallows_the_cancel(redis_url, redis_sync):
+    """A stopping worker cancels a step still running after ``shutdown_wait_s`` and hands it back. A node that
+    swallows the cancel and returns must not have that value committed as its output (review finding: it was,
+    while nodes ran in the step's own task under asyncio.timeout)."""
+    started = asyncio.Event()
+
+    async def stubborn(ctx):
+        started.set()
+        try:
+            await asyncio.sleep(10)
+            return "full"
+        except asyncio.CancelledError:
+            return "partial"  # a node that cleans up and returns what it has
+
+    doc = "id: one\nnodes:\n  - {id: a, uses: stubborn}\n"
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        w = _adapter(redis, [doc], {"stubborn": stubborn}, queue_name="cancel-q", worker_id="wc",
+                         shutdown_wait_s=0.2)
+        task = asyncio.ensure_future(w.start())
+        run_id = await w.start_run("one", {})
+        await asyncio.wait_for(started.wait(), 30)
+        w.stop()  # SIGTERM: in-flight steps get shutdown_wait_s, then are cancelled and handed back
+        await task
+        status = await w.status(run_id)
+        node = await w.store.read(run_id, NODES, ["a"])
+        await w.close()
+        await redis.aclose()
+        return status, node
+
+    status, node = asyncio.run(go())
+    assert status is None, f"the run ended ({status}) with the swallowed cancel's value as output: {node}"
+
+
+def test_a_job_announced_while_a_woken_worker_drops_its_tokens_is_not_left_waiting(redis_url, redis_sync):
+    """Review finding: a woken worker that found nothing ready dropped the whole wake list, with the tokens
+    of jobs queued after its look; another idle worker with a free slot then slept ``idle_s`` with a job
+    ready. Worker A (one slot) and B are driven turn by turn."""
+    async def hold(ctx, *args):
+        await asyncio.sleep(30)
+
+    async def go():
+        redis = Redis.from_url(redis_url)
+        pool = arq_pool_for(redis, "rq")
+        q = ArqQueue(pool, "rq")
+
+        def worker():
+            return WakingWorker(functions=[func(hold, name=STEP_FUNCTION, keep_result=0)], queue_name="rq",
+                                redis_pool=pool, max_jobs=1, idle_s=3, keep_result=0, handle_signals=False,
+                                job_serializer=serialize, job_deserializer=deserialize)
+
+        a, b = worker(), worker()
+        await q.wake(1)  # a token whose job is gone already (a fan-out sibling run inline)
+        await a._wait_for_work()  # A is woken by it
+        assert getattr(a, "_woken", True)
+        await Worker._poll_iteration(a)  # A's look: nothing ready
+        await Worker._poll_iteration(b)  # B's look: nothing ready; B goes on to block next
+        # two ready jobs are queued now, with a wake token each
+        await q.enqueue([Job("r1", "n", 0), Job("r2", "n", 0)])
+        await a._wait_for_work()  # A: woken + saw none -> DEL of the wake list (both new tokens go)
+        await Worker._poll_iteration(a)  # A's second look: takes one job (its one slot)
+        assert a.job_counter == 1
+        ready = await pool.zrangebyscore("rq", min=float("-inf"), max=int(time.time() * 1000) + 1)
+        assert len(ready) == 2  # one job running on A, one waiting for a worker
+        t0 = time.monotonic()
+        await b._wait_for_work()  # B has a free slot and a job is ready: it should not sleep idle_s
+        waited = time.monotonic() - t0
+        for t in a.tasks.values():
+            t.cancel()
+        await asyncio.gather(*a.tasks.values(), return_exceptions=True)
+        await pool.aclose()
+        await redis.aclose()
+        return waited
+
+    waited = asyncio.run(go())
+    assert waited < 0.5, f"B blocked {waited:.2f}s (idle_s) with a ready job and a free slot: its wake token was DELeted"

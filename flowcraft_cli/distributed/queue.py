@@ -270,6 +270,15 @@ return out
 """
 
 
+# Drop the wake tokens when no job is ready (KEYS: the queue, its wake list; ARGV: now ms): one step on the
+# server, so that a token pushed for a job queued after the look is never dropped with the stale ones.
+# Returns -1 when a job is ready (nothing dropped).
+_DROP_STALE_WAKES = """
+if redis.call('ZCOUNT', KEYS[1], '-inf', ARGV[1]) > 0 then return -1 end
+return redis.call('DEL', KEYS[2])
+"""
+
+
 class WakingWorker(Worker):
     """arq's Worker, woken instead of polling (arq polls its queue every ``poll_delay``; a chain of steps then
     waits one poll per hop, and an idle worker asks Redis 50 times a second).
@@ -288,6 +297,7 @@ class WakingWorker(Worker):
         self._stale_deferred = True
         self._done_seen = (0, 0, 0)
         self._lock_ready = self.pool.register_script(_LOCK_READY)
+        self._drop_stale_wakes = self.pool.register_script(_DROP_STALE_WAKES)
         self._woken = False  # the last wait ended on a wake-up token
         self._saw_none = False  # the last look at the queue found no ready job at all
 
@@ -356,15 +366,16 @@ class WakingWorker(Worker):
         if self.job_counter >= self.max_jobs:
             await self._wait_for_a_slot()  # every slot is busy
             return
-        if self._woken and self._saw_none:
-            # Woken, and the queue has nothing ready: the tokens left announce jobs already taken (a fan-out
-            # pushes up to WAKE_CAP for a fleet; its siblings were then run inline), and each would cost a
-            # look at the queue. Drop them all, then look once more before blocking: a job queued in between
-            # (whose token went with the rest) is seen by that look, and any queued after it pushes a new one
-            await self.pool.delete(self._wake_key)
-            self._woken = False
-            return
         from arq.utils import timestamp_ms
+
+        if self._woken and self._saw_none:
+            # Woken, and the queue had nothing ready: the tokens left announce jobs already taken (a fan-out
+            # pushes up to WAKE_CAP for a fleet; its branches then ran inline), and each would cost a look at
+            # the queue. Dropped at once if still nothing is ready (checked in the same step on the server, so
+            # a job queued since keeps its token for whichever worker is free); else look again
+            self._woken = False
+            if await self._drop_stale_wakes(keys=[self.queue_name, self._wake_key], args=[timestamp_ms()]) == -1:
+                return
 
         now = timestamp_ms()
         # When is the next deferred job due? Asked again only when something may have changed it: a wake-up

@@ -8,12 +8,12 @@ command on a held connection and reading its reply is about 30 µs; a chain step
 client's bookkeeping was about a tenth of a worker's CPU.
 
 Connections here come from the client's pool's factory (same URL, timeouts and parser) but are held by
-this object: one per call in flight (up to ``MAX_HELD``; calls beyond go through the client's pool),
-kept between calls. A connection that failed in any way (a timeout,
-a cancelled call, a dropped socket) is closed and never reused, since its reply stream may be out of step;
-replies that are Redis errors leave it usable (every reply of the call is read first). One idle for a
-while is checked the way redis-py checks every connection it hands out (a server restart or an idle timeout
-closes it), so a quiet worker's first commit does not fail on a socket Redis dropped long ago.
+this object: one per call in flight (up to ``MAX_HELD``; calls beyond go through the client's pool), kept
+between calls. A connection that failed in any way (a timeout, a cancelled call, a dropped socket) is closed
+and never reused, since its reply stream may be out of step; replies that are Redis errors leave it usable
+(every reply of the call is read first). Before reuse, one that Redis has closed as far as the event loop has
+seen (CLIENT KILL, a restart), or one idle for over a second, is checked the way redis-py checks every
+connection it hands out, and connected again: a commit does not fail on a socket Redis dropped.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ class HeldConnections:
         self._pool = redis.connection_pool
         self._idle: list[tuple[AbstractConnection, float]] = []  # (connection, when it was last used)
         self._open = 0  # connections made here and not closed (idle or in a call)
+        self._closed = False
 
     async def script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """EVALSHA of a script registered on the client; loaded again if Redis lost it (a restart)."""
@@ -63,7 +64,7 @@ class HeldConnections:
             self._open += 1
         try:
             await conn.connect()  # (returns at once when connected)
-            if since is not None and time.monotonic() - since > _CHECK_AFTER_S:
+            if since is not None and (time.monotonic() - since > _CHECK_AFTER_S or _closed_by_server(conn)):
                 await _ready(conn)
             await conn.send_packed_command(b"".join(_pack(c) for c in commands), check_health=False)
             replies: list[Any] = []
@@ -78,15 +79,27 @@ class HeldConnections:
             self._open -= 1
             await conn.disconnect()
             raise
-        self._idle.append((conn, time.monotonic()))
+        if self._closed:  # closed while this call ran: its connection is not kept
+            self._open -= 1
+            await conn.disconnect()
+        else:
+            self._idle.append((conn, time.monotonic()))
         if error is not None:
             raise error
         return replies
 
     async def close(self) -> None:
+        self._closed = True
         while self._idle:
             self._open -= 1
             await self._idle.pop()[0].disconnect()
+
+
+def _closed_by_server(conn: AbstractConnection) -> bool:
+    """Has the event loop already seen Redis close this connection (CLIENT KILL, a restart, a proxy)? Free to
+    ask (no system call), so asked before every reuse; a connection idle for longer gets redis-py's own check."""
+    reader = getattr(conn, "_reader", None)  # redis-py's asyncio.StreamReader for the socket (None: not open)
+    return reader is None or reader.at_eof()
 
 
 async def _ready(conn: AbstractConnection) -> None:

@@ -53,17 +53,15 @@ async def call_node(step: Step, runner: NodeDef, node_input: Any, attempt: int, 
                       idempotency_key=idempotency_key(run_id, runner.id, step.job.seq, item))
     # the attempt's own limit and nothing shorter (CONTRACT §6.1): the node's timeout, else the default
     timeout = runner.config.timeout_ms / 1000 if runner.config.timeout_ms else step.engine.settings.attempt_timeout_s
-    # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the coroutine in a task of its own, one
-    # more task and loop turn a node; this runs it in the step's task, and the limit covers the whole attempt
     try:
-        async with asyncio.timeout(timeout):
-            if _is_async(fn):
-                result = await fn(ctx)
-            else:
-                ctx.context = SyncRunContext(view, asyncio.get_running_loop())
-                result = await asyncio.to_thread(fn, ctx)
-                if inspect.isawaitable(result):
-                    result = await result
+        if _is_async(fn):
+            result = await _in_own_task(fn(ctx), timeout)
+        else:
+            loop = asyncio.get_running_loop()
+            ctx.context = SyncRunContext(view, loop)
+            result = await asyncio.wait_for(asyncio.to_thread(fn, ctx), timeout)  # (a copy of the context)
+            if inspect.isawaitable(result):
+                result = await _in_own_task(result, timeout)
     except TimeoutError:
         raise NodeTimeout(f"attempt {attempt} timed out after {int((timeout or 0) * 1000)} ms") from None
     except NodeFailure:
@@ -90,6 +88,18 @@ async def call_node(step: Step, runner: NodeDef, node_input: Any, attempt: int, 
             raise NodeFailure(f"node {runner.id!r} set context key {key!r} to a value that is not "
                               f"JSON-serializable (a {bad})", fatal=True)
     return output, action, dict(view.writes)
+
+async def _in_own_task(awaitable: Any, timeout: float | None) -> Any:
+    """Await a node's coroutine in a task of its own, in both runtimes and with or without a timeout: context
+    variables the node sets stay in its task (they do not reach the next step run inline in this one), and a
+    cancel of the step (a stopping worker) ends the step even when the node swallows it and returns."""
+    me = asyncio.current_task()
+    cancels = me.cancelling() if me is not None else 0
+    result = await asyncio.wait_for(asyncio.ensure_future(awaitable), timeout)
+    if me is not None and me.cancelling() > cancels:
+        raise asyncio.CancelledError()  # the step was cancelled; the node's task swallowed it
+    return result
+
 
 # ---- built-ins
 
