@@ -69,7 +69,7 @@ def loads(raw: str | bytes, *, lenient: bool = False, where: str = "a stored val
     if got is not None:
         return got[0]
     try:
-        value = _decode(raw)
+        value = parse_json(raw)
     except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
         size = len(raw if isinstance(raw, bytes) else raw.encode(errors="surrogatepass"))
         if lenient:
@@ -84,7 +84,8 @@ def loads(raw: str | bytes, *, lenient: bool = False, where: str = "a stored val
     return value
 
 
-def _decode(raw: str | bytes) -> Any:
+def parse_json(raw: str | bytes) -> Any:
+    """JSON text to a value (msgspec, with the json module behind it); raises ValueError if it is not JSON."""
     try:
         return _DECODER.decode(raw)
     except msgspec.DecodeError:

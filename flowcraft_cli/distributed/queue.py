@@ -4,7 +4,6 @@ maintenance mode and pins redis<6). Jobs travel as JSON — never pickle — on 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 from collections.abc import Iterable
@@ -17,6 +16,7 @@ from arq.worker import Worker
 from redis.asyncio import ConnectionPool, Redis
 
 from ..jobs import Job
+from ..store import dumps, parse_json
 from . import keys
 from .commit import OP_DEL, OP_PICK, OP_UNQUEUE, OP_ZREM, Commit
 
@@ -63,12 +63,13 @@ class QueueCounts:
 
 
 def serialize(data: Any) -> bytes:
-    return json.dumps(data, separators=(",", ":")).encode()
+    """arq's job framing as JSON (a fan-out's commit encodes one per branch): the store's codec."""
+    return dumps(data).encode()
 
 
 def deserialize(raw: bytes) -> Any:
     # arq reports a failure here as "deserializing job failed" and drops the job without running it
-    return json.loads(raw)
+    return parse_json(raw)
 
 
 def arq_pool_for(redis: Redis, queue_name: str) -> ArqRedis:
