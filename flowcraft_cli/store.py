@@ -128,6 +128,10 @@ class Txn(ABC):
         # a queue job this worker took itself whose last step this commit is: the commit finishes it in the queue
         self.finish_job: str | None = None
         self.unqueue: list[str] = []  # queue jobs whose steps this commit claimed: dropped unless in progress
+        # job id -> the fields (kind -> fields) its step will read first: a store that queues the job in its
+        # commit may send their values with it, so that a worker new to the run reads nothing before its claim
+        # (a run's start jobs; a value sent that is stale by then only makes the claim decide again)
+        self.seeds: dict[str, dict[str, list[str]]] = {}
 
     @abstractmethod
     async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]: ...

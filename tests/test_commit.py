@@ -258,3 +258,97 @@ def test_a_refused_commit_still_writes_what_its_retry_owes(redis_url):
     handled, mark, conflicts = asyncio.run(go())
     assert conflicts >= 1 and handled.outcome == StepOutcome.OK
     assert mark is not None and mark != b"0"
+
+
+def _count_reads(adapter) -> list[tuple]:
+    """Every HMGET pipeline ``adapter``'s store sends (the read of a run's fields before a step decides)."""
+    sent: list[tuple] = []
+    held = adapter.store._held
+    real = held.pipeline
+
+    async def pipeline(commands):
+        sent.extend(c for c in commands if c[0] == "HMGET")
+        return await real(commands)
+
+    held.pipeline = pipeline
+    return sent
+
+
+def test_a_start_job_carries_what_its_claim_reads(redis_url):
+    """A run's start jobs carry the fields their claim reads (the meta, the node's record, its input), as the
+    start wrote them: a worker that has never seen the run claims and commits without reading first."""
+    ran: list[str] = []
+
+    def tag(ctx):
+        ran.append(ctx.node_id)
+        return ctx.node_id
+
+    async def go():
+        client, worker = _two_workers(redis_url, CHAIN, "seed-q", tag)
+        reads = _count_reads(worker)
+        run_id = await client.start_run("chain", {"x": 1})
+        await worker.start(burst=True)
+        view = await worker.inspect(run_id)
+        await _close(client, worker)
+        return view, reads
+
+    view, reads = asyncio.run(go())
+    assert view.status == "completed" and ran == ["a", "b"]
+    assert reads == []
+
+
+def test_a_seed_gone_stale_only_makes_the_claim_decide_again(redis_url):
+    """The run is cancelled after its start job was queued: the worker's claim decides on the seed (a
+    running run), its commit is refused, and deciding again on what Redis holds it runs nothing."""
+    ran: list[str] = []
+
+    async def go():
+        client, worker = _two_workers(redis_url, CHAIN, "seed-q2", lambda ctx: ran.append(ctx.node_id))
+        run_id = await client.start_run("chain", {})
+        assert await client.cancel(run_id)
+        await worker.start(burst=True)
+        status, conflicts = await worker.status(run_id), worker.store.conflicts
+        await _close(client, worker)
+        return status, conflicts
+
+    status, conflicts = asyncio.run(go())
+    assert status["status"] == "cancelled" and ran == []
+    assert conflicts >= 1
+
+
+@pytest.mark.parametrize("seed", ["not a dict", {"run": "x"}, {"run": {"status": 7}}, {"nodes": {"a": ["x"]}}])
+def test_a_malformed_seed_is_ignored(redis_url, seed):
+    """A seed that is not field -> JSON text (planted, or from another version) is not used: the claim reads
+    what it needs from Redis."""
+    async def go():
+        worker = make_adapter(Redis.from_url(redis_url), [CHAIN], {"tag": lambda ctx: ctx.node_id},
+                              queue_name="seed-q3")
+        run_id, scheduled = await worker.engine.start_run("chain", {})
+        worker.store.forget(run_id)  # as a worker that never saw the run
+        result = await worker.step({"job_id": scheduled[0][1].job_id}, scheduled[0][1].to_dict(), seed=seed)
+        view = await worker.inspect(run_id)
+        await _close(worker)
+        return result, view
+
+    result, view = asyncio.run(go())
+    assert "rejected" not in result
+    assert {n.node_id: n.status for n in view.nodes}["a"] == "completed"
+
+
+def test_a_large_input_is_not_copied_into_the_start_job(redis_url):
+    """A start job carries only small values: a large run input is read by the worker's claim."""
+    async def go():
+        client, worker = _two_workers(redis_url, CHAIN, "seed-q4", lambda ctx: ctx.input)
+        reads = _count_reads(worker)
+        big = {"blob": "x" * 20_000}
+        run_id = await client.start_run("chain", big)
+        payload = await client.redis.get(f"arq:job:{run_id}|a|1|exec|1")
+        await worker.start(burst=True)
+        view = await worker.inspect(run_id)
+        await _close(client, worker)
+        return view, reads, payload
+
+    view, reads, payload = asyncio.run(go())
+    assert view.status == "completed" and view.outputs["b"] == {"blob": "x" * 20_000}
+    assert payload is not None and len(payload) < 5_000
+    assert [c for c in reads if c[2:] == ("_inputs.a",)]  # read by the claim, not carried

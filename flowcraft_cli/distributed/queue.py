@@ -112,15 +112,18 @@ class ArqQueue:
             await self.wake(max(1, ready))  # a deferred job wakes one worker too: it learns when the job is due
         return added
 
-    def job_record(self, job: Job, now_ms: int) -> tuple[str, int, bytes, int]:
+    def job_record(self, job: Job, now_ms: int, seed: dict[str, dict[str, str | None]] | None = None,
+                   ) -> tuple[str, int, bytes, int]:
         """What arq's ``enqueue_job`` would write for ``job``, for a commit that queues it itself (atomically
         with the decision): (job key, score, payload, expiry ms). arq's own serializer framing and key
-        names, so arq's worker runs it as if ``enqueue_job`` had queued it."""
+        names, so arq's worker runs it as if ``enqueue_job`` had queued it. ``seed``: the run's fields its
+        step reads first (kind -> field -> stored JSON, None for absent), passed as the keyword ``seed``."""
         from arq.constants import expires_extra_ms, job_key_prefix
         from arq.jobs import serialize_job
 
         score = max(now_ms, job.not_before_ms)
-        payload = serialize_job(STEP_FUNCTION, (job.to_dict(),), {}, None, now_ms, serializer=serialize)
+        payload = serialize_job(STEP_FUNCTION, (job.to_dict(),), {"seed": seed} if seed else {}, None, now_ms,
+                                serializer=serialize)
         return job_key_prefix + job.job_id, score, payload, score - now_ms + expires_extra_ms
 
     async def finish(self, job_id: str) -> None:

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from ..errors import UndecodableValue
 from ..jobs import Job
-from ..store import BATCH, JOINS, KINDS, MISSING, OUTBOX, RUN, Store, Txn, dumps, loads
+from ..store import BATCH, JOINS, KINDS, MISSING, NODES, OUTBOX, RUN, STATE, Store, Txn, dumps, loads
 from . import keys
 from .commit import (
     APPLY,
@@ -71,6 +71,7 @@ def _s(value: Any) -> Any:
 _RECREATED = frozenset({JOINS, BATCH, OUTBOX})
 _RUN_CACHE_CAP = 2_000  # runs whose fields this process remembers (least recently used forgotten first)
 _VALUE_CACHE_CAP = 64 * 1024  # bytes: a bigger value (a large node output) is read from Redis each time
+_SEED_VALUE_CAP = 8 * 1024  # bytes: a bigger value is not sent with a start job (``Txn.seeds``)
 
 
 class _RunFields(dict[tuple[str, str], bytes | None]):
@@ -345,7 +346,7 @@ class RedisStore(Store):
         for kind, fields in dels.items():
             program.op(OP_HDEL, keys.kind_key(kind, run_id), *fields)
         if jobs:
-            self._enqueue(program, jobs, now)
+            self._enqueue(program, txn, jobs, now)
         # the progress key's idle time is what the reconciler reads ("time since progress"): written by every
         # step, but by this process at most once a second per run (a chain does a step a millisecond), and
         # always with the expiry the run's keys get now
@@ -402,19 +403,63 @@ class RedisStore(Store):
                 # (so deleted) as its steps end, or by whoever recovers them when the worker dies
                 program.op(OP_HSET, steps, job_id, dumps(job))
 
-    def _enqueue(self, program: Commit, jobs: list[Job], now: int) -> None:
+    def _enqueue(self, program: Commit, txn: Txn, jobs: list[Job], now: int) -> None:
         """The jobs this transaction decided, queued by the commit itself (see ``ArqQueue.job_record``)."""
         assert self.queue is not None
         queue_key = self.queue.queue_name
         ready = 0
         args: list[bytes | str | int] = []
         for job in jobs:
-            job_key, score, payload, expires_ms = self.queue.job_record(job, now)
+            wanted = txn.seeds.get(job.job_id)
+            seed = self._seed_of(txn, wanted) if wanted else None
+            job_key, score, payload, expires_ms = self.queue.job_record(job, now, seed)
             args += [program.key(job_key), score, payload, expires_ms, job.job_id]
             ready += score <= now
         program.op(OP_ENQUEUE, queue_key, *args)
         # a deferred job wakes one worker too: it learns when the job is due (WakingWorker)
         program.op(OP_WAKE, keys.wake_key(queue_key), min(max(1, ready), WAKE_CAP), WAKE_CAP)
+
+    def _seed_of(self, txn: Txn, wanted: dict[str, list[str]]) -> dict[str, dict[str, str | None]]:
+        """The values of ``wanted`` fields as this transaction leaves them: written by it, read by it, or known
+        to this process (a new run's fields it took to be absent). Fields it knows nothing of are left out."""
+        cache = self._fields_of(txn.run_id)
+        reads = txn.reads if isinstance(txn, _RedisTxn) else {}
+        encoded = txn.encoded if isinstance(txn, _RedisTxn) else {}
+        seed: dict[str, dict[str, str | None]] = {}
+        for kind, fields in wanted.items():
+            for fld in fields:
+                key = (kind, fld)
+                if key in txn._writes:
+                    if txn._writes[key] is MISSING:
+                        raw = None
+                    elif key in encoded:
+                        raw = encoded[key]
+                    else:
+                        continue
+                elif key in reads:
+                    raw = reads[key]
+                elif key in cache:
+                    raw = cache[key]
+                else:
+                    continue
+                if raw is not None and len(raw) > _SEED_VALUE_CAP:
+                    continue  # a large input is read by the worker, not copied into every start job
+                seed.setdefault(kind, {})[fld] = None if raw is None else raw.decode()
+        return seed
+
+    def seed(self, run_id: str, seed: Any) -> None:
+        """Values of a run's fields that came with a queue job (``Txn.seeds``), remembered as if read, unless
+        this process knows the run already (what it knows is as new). Checked by the commit like any value
+        remembered: one that changed since only makes the step decide again. A malformed seed is ignored."""
+        if run_id in self._cache or not isinstance(seed, dict):
+            return
+        cache = self._fields_of(run_id)
+        for kind in (RUN, NODES, STATE):
+            fields = seed.get(kind)
+            if isinstance(fields, dict):
+                for fld, raw in fields.items():
+                    if isinstance(fld, str) and (raw is None or isinstance(raw, str)):
+                        cache[(kind, fld)] = None if raw is None else raw.encode()
 
     def _ttl_of(self, txn: Txn) -> int | None:
         return txn.final[1] if txn.final is not None else self.running_ttl_s if txn.ttl_s is None else txn.ttl_s

@@ -33,7 +33,7 @@ from ..jobs import Job
 from ..registry import NodeRegistry
 from ..store import BATCH, MISSING, NODES, OUTBOX, RUN, STATE, Store, Txn, check_json
 from .lifecycle import RunTxn
-from .reads import read_node_input, read_route, run_fields
+from .reads import first_reads, read_node_input, read_route, run_fields
 from .routing import check_resume_action
 from .state import (
     ACTIVE_NODE,
@@ -193,6 +193,8 @@ class Engine:
             for node_id in bp.start_nodes:
                 await run.fire(node_id, run_input)
             await run.settle()
+            for _, job in run.scheduled:  # what each start job's claim reads, sent with it where a store can
+                t.seeds[job.job_id] = first_reads(bp.node_map[job.node_id])
             return run.scheduled
 
         return run_id, await self.store.transact(run_id, txn_fn)

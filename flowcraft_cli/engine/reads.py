@@ -8,9 +8,9 @@ from typing import Any
 
 from ..blueprint import Blueprint, EdgeDef, NodeDef
 from ..node_api import _MISSING
-from ..store import JOINS, MISSING, NODES, STATE, Store, Txn
+from ..store import JOINS, MISSING, NODES, RUN, STATE, Store, Txn
 from .routing import Route, expression_names, route_edges
-from .state import arrival_field, count_field
+from .state import META_FIELDS, arrival_field, count_field
 
 
 async def read_context(store: Store, run_id: str, key: str) -> Any:
@@ -148,6 +148,12 @@ async def prefetch_commit(t: Txn, bp: Blueprint, node_id: str) -> None:
 
 
 _RUN_FIELDS: dict[int, tuple[Blueprint, dict[str, list[str]]]] = {}  # id(bp) -> (bp, its run_fields)
+
+
+def first_reads(node: NodeDef) -> dict[str, list[str]]:
+    """What a queued step of ``node`` reads before it decides anything: the run's meta, the node's record, its
+    input (``Step.claim``)."""
+    return {RUN: list(META_FIELDS), NODES: [node.id], STATE: input_fields(node)}
 
 
 def run_fields(bp: Blueprint) -> dict[str, list[str]]:
