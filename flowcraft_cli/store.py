@@ -227,6 +227,10 @@ class Store(ABC):
         stale: for a decision a transaction checks again."""
         return await self.read(run_id, kind, fields)
 
+    def forget(self, run_id: str) -> None:
+        """Drop what the store remembers of a run, if it remembers anything (RedisStore)."""
+        return None
+
     @abstractmethod
     async def read_all(self, run_id: str, kind: str, *, lenient: bool = False) -> dict[str, Any]:
         """``lenient``: a value that is not JSON reads as ``<undecodable: N bytes>`` (see ``loads``)."""

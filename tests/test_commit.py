@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from flowcraft_cli.distributed import keys
 from flowcraft_cli.distributed.commit import APPLY, OP_HSET, OP_PUSH, Commit
+from flowcraft_cli.distributed.queue import deserialize
 from flowcraft_cli.engine import StepOutcome
 from flowcraft_cli.jobs import Job
 from tests.harness import make_adapter
@@ -276,7 +277,9 @@ def _count_reads(adapter) -> list[tuple]:
 
 def test_a_start_job_carries_what_its_claim_reads(redis_url):
     """A run's start jobs carry the fields their claim reads (the meta, the node's record, its input), as the
-    start wrote them: a worker that has never seen the run claims and commits without reading first."""
+    start wrote them, beside arq's own keys in the payload: a worker that takes one in a commit claims it
+    without reading first. arq hands the job to the step without them (a worker of an earlier release would
+    reject an argument it does not know), so the one run arq hands over is read as before."""
     ran: list[str] = []
 
     def tag(ctx):
@@ -284,17 +287,22 @@ def test_a_start_job_carries_what_its_claim_reads(redis_url):
         return ctx.node_id
 
     async def go():
-        client, worker = _two_workers(redis_url, CHAIN, "seed-q", tag)
+        client = make_adapter(Redis.from_url(redis_url), [CHAIN], {"tag": tag}, queue_name="seed-q")
+        worker = make_adapter(Redis.from_url(redis_url), [CHAIN], {"tag": tag}, queue_name="seed-q",
+                              concurrency=1)
         reads = _count_reads(worker)
-        run_id = await client.start_run("chain", {"x": 1})
-        await worker.start(burst=True)
-        view = await worker.inspect(run_id)
+        run_ids = [await client.start_run("chain", {"x": i}) for i in range(3)]
+        payload = deserialize(await client.redis.get(f"arq:job:{run_ids[0]}|a|1|exec|1"))
+        await worker.start(burst=True)  # arq hands one start job over; each run's end takes the next
+        views = [await worker.inspect(r) for r in run_ids]
         await _close(client, worker)
-        return view, reads
+        return views, reads, payload, run_ids
 
-    view, reads = asyncio.run(go())
-    assert view.status == "completed" and ran == ["a", "b"]
-    assert reads == []
+    views, reads, payload, run_ids = asyncio.run(go())
+    assert all(v.status == "completed" for v in views) and sorted(ran) == ["a"] * 3 + ["b"] * 3
+    assert payload["k"] == {} and payload["seed"]["nodes"]["a"]  # not an argument of the step
+    read_runs = {r for r in run_ids for c in reads if c[1].endswith(r)}
+    assert len(read_runs) == 1, reads  # the run arq handed over; the two taken by commits read nothing
 
 
 def test_a_seed_gone_stale_only_makes_the_claim_decide_again(redis_url):
@@ -304,35 +312,19 @@ def test_a_seed_gone_stale_only_makes_the_claim_decide_again(redis_url):
 
     async def go():
         client, worker = _two_workers(redis_url, CHAIN, "seed-q2", lambda ctx: ran.append(ctx.node_id))
-        run_id = await client.start_run("chain", {})
+        run_id, scheduled = await client.engine.start_run("chain", {})
+        job = scheduled[0][1]
+        seed = deserialize(await client.redis.get(f"arq:job:{job.job_id}"))["seed"]
         assert await client.cancel(run_id)
-        await worker.start(burst=True)
+        worker.store.seed(run_id, seed)  # as _run_picked does with the payload of a job a commit took
+        handled = await worker.engine.handle(job)
         status, conflicts = await worker.status(run_id), worker.store.conflicts
         await _close(client, worker)
-        return status, conflicts
+        return handled, status, conflicts
 
-    status, conflicts = asyncio.run(go())
+    handled, status, conflicts = asyncio.run(go())
     assert status["status"] == "cancelled" and ran == []
-    assert conflicts >= 1
-
-
-@pytest.mark.parametrize("seed", ["not a dict", {"run": "x"}, {"run": {"status": 7}}, {"nodes": {"a": ["x"]}}])
-def test_a_malformed_seed_is_ignored(redis_url, seed):
-    """A seed that is not field -> JSON text (planted, or from another version) is not used: the claim reads
-    what it needs from Redis."""
-    async def go():
-        worker = make_adapter(Redis.from_url(redis_url), [CHAIN], {"tag": lambda ctx: ctx.node_id},
-                              queue_name="seed-q3")
-        run_id, scheduled = await worker.engine.start_run("chain", {})
-        worker.store.forget(run_id)  # as a worker that never saw the run
-        result = await worker.step({"job_id": scheduled[0][1].job_id}, scheduled[0][1].to_dict(), seed=seed)
-        view = await worker.inspect(run_id)
-        await _close(worker)
-        return result, view
-
-    result, view = asyncio.run(go())
-    assert "rejected" not in result
-    assert {n.node_id: n.status for n in view.nodes}["a"] == "completed"
+    assert conflicts >= 1 and handled.scheduled == []
 
 
 def test_a_large_input_is_not_copied_into_the_start_job(redis_url):
@@ -352,3 +344,64 @@ def test_a_large_input_is_not_copied_into_the_start_job(redis_url):
     assert view.status == "completed" and view.outputs["b"] == {"blob": "x" * 20_000}
     assert payload is not None and len(payload) < 5_000
     assert [c for c in reads if c[2:] == ("_inputs.a",)]  # read by the claim, not carried
+
+
+OTHER = """
+id: other
+nodes:
+  - {id: a, uses: other}
+"""
+
+
+def test_a_run_id_used_again_is_run_on_its_own_blueprint(redis_url):
+    """Review finding: a worker chose a step's blueprint on what it remembered of the run. A run id used
+    again after the first run expired (or a start job that outlived its run, carrying its values) made it run
+    the new run's node with the old run's blueprint: the commits' checks refused the old values, but the step
+    decided again with the blueprint it had. A transaction that finds the run of another blueprint now ends
+    the step, which is handled again on fresh values."""
+    ran: list[str] = []
+    nodes = {"tag": lambda ctx: ran.append(f"tag:{ctx.node_id}") or "t",
+             "other": lambda ctx: ran.append(f"other:{ctx.node_id}") or "o"}
+
+    async def go():
+        client = make_adapter(Redis.from_url(redis_url), [CHAIN, OTHER], nodes, queue_name="reuse-q", ttl_s=1)
+        worker = make_adapter(Redis.from_url(redis_url), [CHAIN, OTHER], nodes, queue_name="reuse-q")
+        run_id, scheduled = await client.engine.start_run("chain", {}, run_id="reused")
+        await worker.engine.handle(scheduled[0][1])  # the worker remembers the run, of blueprint chain
+        assert await client.cancel(run_id)
+        deadline = asyncio.get_running_loop().time() + 10
+        while await client.status(run_id) is not None:  # its keys expire (ttl 1 s)
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        ran.clear()
+        _, again = await client.engine.start_run("other", {}, run_id=run_id)
+        handled = await worker.engine.handle(again[0][1])
+        view = await worker.inspect(run_id)
+        await _close(client, worker)
+        return handled, view
+
+    handled, view = asyncio.run(go())
+    assert ran == ["other:a"]
+    assert view.status == "completed" and [n.node_id for n in view.nodes] == ["a"]
+
+
+@pytest.mark.parametrize("seed", [{"run": {"status": "not json"}}, {"run": {"status": '"bogus"'}},
+                                  {"run": {"pending": '"x"'}}, {"nodes": {"a": '{"status": 5}'}},
+                                  {"joins": {}}, {"run": {"status": 7}}, "not a dict"])
+def test_a_seed_with_anything_wrong_in_it_is_ignored_whole(redis_url, seed):
+    """Review finding: a seed of strings that are not the run's values was remembered as read, and the step
+    raised on it (arq recorded the job failed, not retried); so did every later job of the run on that worker."""
+    async def go():
+        worker = make_adapter(Redis.from_url(redis_url), [CHAIN], {"tag": lambda ctx: ctx.node_id},
+                              queue_name="seed-bad")
+        run_id, scheduled = await worker.engine.start_run("chain", {})
+        worker.store.forget(run_id)  # as a worker that never saw the run
+        worker.store.seed(run_id, seed)
+        handled = await worker.engine.handle(scheduled[0][1])
+        view = await worker.inspect(run_id)
+        await _close(worker)
+        return handled, view
+
+    handled, view = asyncio.run(go())
+    assert handled.outcome == StepOutcome.OK
+    assert {n.node_id: n.status for n in view.nodes}["a"] == "completed"

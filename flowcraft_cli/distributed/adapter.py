@@ -326,10 +326,8 @@ class ArqAdapter:
 
     # ---- worker side
 
-    async def step(self, ctx: dict[str, Any], payload: Any = None, *extra: Any, seed: Any = None,
-                   **kwargs: Any) -> str:
-        """The one arq function: decode strictly, run the step, queue what follows. ``seed``: the run's fields
-        the step reads first, sent with a run's start jobs (``RedisStore.seed``)."""
+    async def step(self, ctx: dict[str, Any], payload: Any = None, *extra: Any, **kwargs: Any) -> str:
+        """The one arq function: decode strictly, run the step, queue what follows."""
         try:
             if extra or kwargs:
                 raise ValueError("unexpected extra arguments")
@@ -337,7 +335,6 @@ class ArqAdapter:
         except ValueError as e:
             log.error("job %s rejected, not run: %s", ctx.get("job_id"), e)
             return "rejected"
-        self.store.seed(job.run_id, seed)
         job_id = str(ctx.get("job_id") or job.job_id)
         # a second delivery of a job this worker is running (arq's lock lapsed while the event loop was blocked)
         # must not unlist it: the first delivery owns the listing
@@ -434,15 +431,12 @@ class ArqAdapter:
             data = deserialize(payload)
             if not isinstance(data, dict) or data.get("f") != STEP_FUNCTION or len(data.get("a") or ()) != 1:
                 raise ValueError("not a flowcraft step")
-            extra = data.get("k") or {}
-            if not isinstance(extra, dict) or set(extra) - {"seed"}:
-                raise ValueError("unexpected extra arguments")
             job = Job.from_dict(data["a"][0])
         except ValueError as e:
             log.error("job %s rejected, not run: %s", job_id, e)
             await self.queue.finish(job_id)
             return None
-        self.store.seed(job.run_id, extra.get("seed"))
+        self.store.seed(job.run_id, data.get("seed"))  # (a start job's: what its claim reads, ArqQueue.job_record)
         if job_id in self.in_flight:
             return None  # this worker runs it already (it cannot take the same lock twice; defensive)
         self.in_flight[job_id] = job

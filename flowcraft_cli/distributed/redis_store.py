@@ -16,9 +16,24 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
+from ..engine.state import NodeRecord, RunMeta
 from ..errors import UndecodableValue
 from ..jobs import Job
-from ..store import BATCH, JOINS, KINDS, MISSING, NODES, OUTBOX, RUN, STATE, Store, Txn, dumps, loads
+from ..store import (
+    BATCH,
+    JOINS,
+    KINDS,
+    MISSING,
+    NODES,
+    OUTBOX,
+    RUN,
+    STATE,
+    Store,
+    Txn,
+    dumps,
+    loads,
+    parse_json,
+)
 from . import keys
 from .commit import (
     APPLY,
@@ -450,16 +465,28 @@ class RedisStore(Store):
     def seed(self, run_id: str, seed: Any) -> None:
         """Values of a run's fields that came with a queue job (``Txn.seeds``), remembered as if read, unless
         this process knows the run already (what it knows is as new). Checked by the commit like any value
-        remembered: one that changed since only makes the step decide again. A malformed seed is ignored."""
-        if run_id in self._cache or not isinstance(seed, dict):
+        remembered: one that changed since only makes the step decide again (a step whose run turns out to be
+        of another blueprint is handled again on fresh values, ``Engine._handle``). A seed with anything in it
+        that is not a stored value of its kind (planted, another version's) is ignored whole."""
+        if run_id in self._cache or not isinstance(seed, dict) or set(seed) - {RUN, NODES, STATE}:
+            return
+        values: dict[tuple[str, str], bytes | None] = {}
+        try:
+            for kind, fields in seed.items():
+                for fld, raw in fields.items():
+                    if not isinstance(fld, str) or not (raw is None or isinstance(raw, str)):
+                        return
+                    values[(kind, fld)] = None if raw is None else raw.encode()
+                    decoded = None if raw is None else parse_json(raw)
+                    if kind == NODES and decoded is not None:
+                        NodeRecord.from_json(decoded)
+            RunMeta.from_fields({f: parse_json(raw) for (kind, f), raw in values.items()
+                                 if kind == RUN and raw is not None})
+        except (ValueError, TypeError, KeyError, AttributeError):
             return
         cache = self._fields_of(run_id)
-        for kind in (RUN, NODES, STATE):
-            fields = seed.get(kind)
-            if isinstance(fields, dict):
-                for fld, raw in fields.items():
-                    if isinstance(fld, str) and (raw is None or isinstance(raw, str)):
-                        cache[(kind, fld)] = None if raw is None else raw.encode()
+        for key, raw in values.items():
+            cache[key] = raw  # (_RunFields leaves out large values)
 
     def _ttl_of(self, txn: Txn) -> int | None:
         return txn.final[1] if txn.final is not None else self.running_ttl_s if txn.ttl_s is None else txn.ttl_s

@@ -472,7 +472,7 @@ class Engine:
             handled.listed = True  # never ran: the driver unlists it
         return handled
 
-    async def _handle(self, job: Job, inline: InlineStep | None) -> Handled:
+    async def _handle(self, job: Job, inline: InlineStep | None, *, again: bool = False) -> Handled:
         # the meta as this process last saw it, where it remembers: the step's claim checks it again in its
         # transaction; only a meta that would stop the step here is read afresh first. A run new to this
         # process is fetched with what its claim reads (for a node without `inputs`), in one go
@@ -496,6 +496,11 @@ class Engine:
             return Handled(outcome=StepOutcome.UNKNOWN_NODE)
         step = Step(self, bp, node, job, inline)  # its transactions restart the version grace (Step.txn)
         scheduled = await step.run()
+        if step.other_blueprint and inline is None and not again:
+            # the blueprint was chosen on what this process remembered of the run, and the run in Redis is of
+            # another (its id was used again after it expired): forget it, and handle the job on fresh values
+            self.store.forget(job.run_id)
+            return await self._handle(job, inline, again=True)
         if step.held_elsewhere:
             # a live worker runs this very step (a duplicate delivery): it commits, or, should it die, the
             # step is recovered from its worker's list; this copy has nothing to do

@@ -67,6 +67,9 @@ class Step:
         # a commit of this step took its own queue job out of the queue (finished a job this worker took, or
         # dropped one arq handed over): the job's worker must not hand it back to arq (ArqAdapter.step)
         self.left_queue = False
+        # the run, as a transaction of this step found it, is not of this step's blueprint (what the process
+        # remembered of it was another run's of the same id): the step is handled again on fresh values
+        self.other_blueprint = False
 
     async def txn(self, fn: Callable[[RunTxn], Any], reads: dict[str, list[str]] | None = None, *,
                   inline: bool = False) -> Any:
@@ -78,7 +81,8 @@ class Step:
             run = RunTxn(self.engine, t, self.bp)
             self.inline = []
             meta = await run.meta()
-            if meta.status in FINAL_STATUSES:
+            self.other_blueprint = meta.blueprint_id != self.bp.id or meta.blueprint_version != self.bp.version
+            if meta.status in FINAL_STATUSES or self.other_blueprint:
                 return None
             if meta.version_wait_since is not None:
                 run.set_meta(version_wait_since=None)  # a worker with the run's version is here: the grace restarts
