@@ -405,3 +405,37 @@ def test_a_seed_with_anything_wrong_in_it_is_ignored_whole(redis_url, seed):
     handled, view = asyncio.run(go())
     assert handled.outcome == StepOutcome.OK
     assert {n.node_id: n.status for n in view.nodes}["a"] == "completed"
+
+
+def test_a_claim_decided_again_forgets_that_it_first_found_the_node_held(redis_url):
+    """Review finding (older than the seeds): a claim that first decided on a stale memory of the node (running
+    under another live worker) set "held elsewhere", and kept it when, decided again on fresh values, it took
+    the claim and ran the step: the worker then reported the step as another's and dropped what it decided
+    (its successor stayed claimed, unrun, until this worker's heartbeat recovered it)."""
+    from flowcraft_cli.engine.state import JobKind, NodeRecord, NodeStatus
+    from flowcraft_cli.store import dumps
+
+    ran: list[str] = []
+
+    async def go():
+        a = make_adapter(Redis.from_url(redis_url), [CHAIN], {"tag": lambda ctx: ran.append(ctx.node_id)},
+                         queue_name="held-q")
+        run_id, scheduled = await a.engine.start_run("chain", {})
+        job = scheduled[0][1]
+        # a's memory: node a running under worker "b", alive and holding it; in Redis it is still queued
+        stale = NodeRecord(status=NodeStatus.RUNNING, seq=1, attempt=1, phase=JobKind.EXEC, token="t0", worker="b",
+                           job=job.job_id).to_json()
+        a.store._fields_of(run_id)[("nodes", "a")] = dumps(stale).encode()
+        real_held = a.engine.claim_is_held
+
+        async def held(holder):
+            return holder.worker == "b" or await real_held(holder)
+
+        a.engine.claim_is_held = held
+        handled = await a.engine.handle(job)
+        await _close(a)
+        return handled
+
+    handled = asyncio.run(go())
+    assert ran == ["a"]
+    assert handled.outcome == StepOutcome.OK and [j.node_id for _, j in handled.scheduled] == ["b"]

@@ -196,6 +196,7 @@ class Step:
             return self.preclaimed.record
 
         async def fn(run: RunTxn) -> tuple[NodeRecord, bool] | None:
+            self.held_elsewhere = False  # (a decision taken again on fresh values starts over)
             warm_run(run.t, self.bp)  # what the commit will read comes back with the claim
             rec = await read_node(run.t, self.node.id)
             if rec is None or rec.seq != job.seq or rec.current_phase != job.kind \

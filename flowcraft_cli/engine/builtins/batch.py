@@ -65,6 +65,7 @@ async def run_item(step: Step) -> list[tuple[str, Job]]:
     now = step.engine.clock()
 
     async def claim(run: RunTxn) -> tuple[Any, str | None] | None:
+        step.held_elsewhere = False  # (a decision taken again on fresh values starts over)
         rec = await read_node(run.t, node.id)
         if rec is None or rec.seq != job.seq or rec.status != NodeStatus.RUNNING or rec.phase != JobKind.EXEC:
             return None
