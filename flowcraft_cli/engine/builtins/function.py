@@ -89,6 +89,7 @@ async def call_node(step: Step, runner: NodeDef, node_input: Any, attempt: int, 
                               f"JSON-serializable (a {bad})", fatal=True)
     return output, action, dict(view.writes)
 
+
 async def _in_own_task(awaitable: Any, timeout: float | None) -> Any:
     """Await a node's coroutine in a task of its own, in both runtimes and with or without a timeout: context
     variables the node sets stay in its task (they do not reach the next step run inline in this one), and a
