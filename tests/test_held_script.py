@@ -192,7 +192,11 @@ def test_a_commit_right_after_redis_dropped_every_client_connects_again(redis_ur
         try:
             await store.transact("held-kill", write)  # its connection is held now, idle
             redis_sync.client_kill_filter(_type="normal", skipme=True)  # an operator drops every client
-            await asyncio.sleep(0.05)  # (the event loop sees the close)
+            held = store._held._idle[0][0]
+            deadline = asyncio.get_running_loop().time() + 10
+            while not scripting._closed_by_server(held):  # until the event loop has seen the close
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.005)
             await store.transact("held-kill", write)  # well within a second of the last commit
         finally:
             await store.close()
