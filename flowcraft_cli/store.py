@@ -127,7 +127,7 @@ class Txn(ABC):
         self.picked: tuple[str, bytes] | None = None
         # a queue job this worker took itself whose last step this commit is: the commit finishes it in the queue
         self.finish_job: str | None = None
-        self.unqueue: list[str] = []  # queue jobs whose steps this commit claimed: dropped unless in progress
+        self.unqueue: list[str] = []  # queue jobs whose steps this commit claimed: dropped from the queue
         # job id -> the fields (kind -> fields) its step will read first: a store that queues the job in its
         # commit may send their values with it, so that a worker new to the run reads nothing before its claim
         # (a run's start jobs; a value sent that is stale by then only makes the claim decide again)

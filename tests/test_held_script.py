@@ -5,6 +5,7 @@ flushed by Redis itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from redis.asyncio import Redis
@@ -35,27 +36,32 @@ def _run(coro):
     return asyncio.run(coro)
 
 
+@contextlib.asynccontextmanager
+async def _scripts(redis_url: str, *sources: str):
+    """A client, and one HeldScript per source on it; all closed on the way out."""
+    redis = Redis.from_url(redis_url)
+    scripts = [HeldScript(redis, source) for source in sources]
+    try:
+        yield redis, *scripts
+    finally:
+        for script in scripts:
+            await script.close()
+        await redis.aclose()
+
+
 def test_a_flushed_script_is_loaded_again(redis_url):
     async def go():
-        redis = Redis.from_url(redis_url)
-        script = HeldScript(redis, ECHO)
-        try:
+        async with _scripts(redis_url, ECHO) as (redis, script):
             assert await script(["held:none"], ["first"]) == b"first"
             await redis.script_flush()  # as after a restart: Redis knows no script
             assert await script(["held:none"], ["again"]) == b"again"
             assert await script(["held:none"], ["and again"]) == b"and again"
-        finally:
-            await script.close()
-            await redis.aclose()
     _run(go())
 
 
 def test_an_error_reply_leaves_the_connection_usable(redis_url):
     async def go():
-        redis = Redis.from_url(redis_url)
-        script = HeldScript(redis, "return redis.error_reply('NOPE ' .. ARGV[1])")
-        good = HeldScript(redis, ECHO)
-        try:
+        async with _scripts(redis_url, "return redis.error_reply('NOPE ' .. ARGV[1])", ECHO) as (_, script, good):
             for i in range(3):
                 try:
                     await script([], [str(i)])
@@ -65,10 +71,6 @@ def test_an_error_reply_leaves_the_connection_usable(redis_url):
                     raise AssertionError("an error reply raised nothing")
             assert len(script._idle) == 1  # the one connection, kept and reused
             assert await good(["held:none"], ["ok"]) == b"ok"
-        finally:
-            await script.close()
-            await good.close()
-            await redis.aclose()
     _run(go())
 
 
@@ -78,9 +80,7 @@ def test_an_idle_connection_redis_closed_is_opened_again(redis_url, monkeypatch)
     monkeypatch.setattr(scripting, "_CHECK_AFTER_S", 0.0)
 
     async def go():
-        redis = Redis.from_url(redis_url)
-        script = HeldScript(redis, ECHO)
-        try:
+        async with _scripts(redis_url, ECHO) as (redis, script):
             assert await script(["held:none"], ["one"]) == b"one"
             held = script._idle[0][0]
             await held.send_command("CLIENT", "ID")
@@ -90,28 +90,22 @@ def test_an_idle_connection_redis_closed_is_opened_again(redis_url, monkeypatch)
             assert script._idle[0][0] is held  # the same object, connected again
             await held.send_command("CLIENT", "ID")
             assert await held.read_response() != first
-        finally:
-            await script.close()
-            await redis.aclose()
     _run(go())
 
 
 def test_a_cancelled_call_does_not_leave_its_reply_for_the_next(redis_url):
     """A call cancelled while its reply is on the way: the next call must read its own reply, not that one."""
+    busy_50ms = ("local t = redis.call('TIME'); local s = tonumber(t[1]) * 1e6 + tonumber(t[2]);"
+                 " repeat local n = redis.call('TIME') until (tonumber(n[1]) * 1e6 + tonumber(n[2])) - s > 50000;"
+                 " return ARGV[1]")
+
     async def go():
-        redis = Redis.from_url(redis_url)
-        slow = HeldScript(redis, "local t = redis.call('TIME'); local s = tonumber(t[1]) * 1e6 + tonumber(t[2]);"
-                                 " repeat local n = redis.call('TIME') until (tonumber(n[1]) * 1e6 + tonumber(n[2])) - s > 50000;"
-                                 " return ARGV[1]")
-        try:
+        async with _scripts(redis_url, busy_50ms) as (_, slow):
             task = asyncio.create_task(slow([], ["stale"]))
             await asyncio.sleep(0.01)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             assert await slow([], ["fresh"]) == b"fresh"
-        finally:
-            await slow.close()
-            await redis.aclose()
     _run(go())
 
 
@@ -145,18 +139,13 @@ def test_calls_beyond_the_held_connections_go_through_the_clients_pool(redis_url
     monkeypatch.setattr(scripting, "MAX_HELD", 3)
 
     async def go():
-        redis = Redis.from_url(redis_url)
-        script = HeldScript(redis, "redis.call('INCR', KEYS[1]); return ARGV[1]")
-        held = script.held
-        try:
+        async with _scripts(redis_url, "redis.call('INCR', KEYS[1]); return ARGV[1]") as (redis, script):
+            held = script.held
             await redis.delete("held:count")
             replies = await asyncio.gather(*(script(["held:count"], [str(i)]) for i in range(40)))
             reads = await asyncio.gather(*(held.pipeline([("GET", "held:count"), ("ECHO", str(i))])
                                            for i in range(40)))
             return replies, reads, held._open, len(held._idle)
-        finally:
-            await script.close()
-            await redis.aclose()
 
     replies, reads, opened, idle = _run(go())
     assert replies == [str(i).encode() for i in range(40)]

@@ -436,9 +436,9 @@ class ArqAdapter:
             log.error("job %s rejected, not run: %s", job_id, e)
             await self.queue.finish(job_id)
             return None
-        self.store.seed(job.run_id, data.get("seed"))  # (a start job's: what its claim reads, ArqQueue.job_record)
         if job_id in self.in_flight:
             return None  # this worker runs it already (it cannot take the same lock twice; defensive)
+        self.store.seed(job.run_id, data.get("seed"))  # (a start job's: what its claim reads, ArqQueue.job_record)
         self.in_flight[job_id] = job
         self.engine.taken_jobs.add(job_id)
         handled: Handled | None = None

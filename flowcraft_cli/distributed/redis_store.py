@@ -366,7 +366,8 @@ class RedisStore(Store):
         # step, but by this process at most once a second per run (a chain does a step a millisecond), and
         # always with the expiry the run's keys get now
         resets = _resets_expiry(txn)
-        progressed = resets or self._due_every(self._seen_start(f"progress:{run_id}", 1.0, meta), 1.0)
+        created = meta.get("created_at")
+        progressed = resets or self._due_since_start(f"progress:{run_id}", 1.0, created)
         if progressed:
             program.op(OP_SET_PX, keys.progress_key(run_id), now, ms)
         if txn.events:
@@ -387,7 +388,7 @@ class RedisStore(Store):
             for key in sorted({keys.kind_key(kind, run_id) for kind in sets}
                               | ({keys.events_key(run_id)} if txn.events else set())):
                 program.op(OP_EXPIRE, key, ms)
-        elif resets or self._due_run(run_id, ms, meta.get("created_at")):
+        elif resets or self._due_since_start(f"run:{run_id}", self._period(ms), created):
             # the hashes a run may never hold a field in (joins of a chain, a batch's items, an outbox when
             # commits queue their jobs) are looked at with one EXISTS first: most runs have none of them
             maybe = [keys.kind_key(kind, run_id) for kind in sorted(_RECREATED - sets.keys())]
@@ -400,7 +401,7 @@ class RedisStore(Store):
             known = self._nonempty.get(run_id, set())
             for kind in (sets.keys() & _RECREATED) - known:
                 program.op(OP_EXPIRE_NEW, keys.kind_key(kind, run_id), ms)
-            if txn.events and self._due(self._seen_start(f"events:{run_id}", self._period(ms), meta), ms):
+            if txn.events and self._due_since_start(f"events:{run_id}", self._period(ms), created):
                 program.op(OP_EXPIRE_NEW, keys.events_key(run_id), ms)
         if txn.ancestors:  # a parent run's keys live at least as long as any of its live children (§6.1)
             for ancestor in txn.ancestors:
@@ -471,6 +472,7 @@ class RedisStore(Store):
         if run_id in self._cache or not isinstance(seed, dict) or set(seed) - {RUN, NODES, STATE}:
             return
         values: dict[tuple[str, str], bytes | None] = {}
+        meta: dict[str, Any] = {}
         try:
             for kind, fields in seed.items():
                 for fld, raw in fields.items():
@@ -478,10 +480,11 @@ class RedisStore(Store):
                         return
                     values[(kind, fld)] = None if raw is None else raw.encode()
                     decoded = None if raw is None else parse_json(raw)
-                    if kind == NODES and decoded is not None:
+                    if kind == RUN and decoded is not None:
+                        meta[fld] = decoded
+                    elif kind == NODES and decoded is not None:
                         NodeRecord.from_json(decoded)
-            RunMeta.from_fields({f: parse_json(raw) for (kind, f), raw in values.items()
-                                 if kind == RUN and raw is not None})
+            RunMeta.from_fields(meta)
         except (ValueError, TypeError, KeyError, AttributeError):
             return
         cache = self._fields_of(run_id)
@@ -568,23 +571,15 @@ class RedisStore(Store):
         running = self.running_ttl_s * 1000 if self.running_ttl_s > 0 else 0
         return running > 0 and (ms <= 0 or ms > running - self._period(running) * 1000)
 
-    def _due_run(self, run_id: str, ttl_ms: int, created_at: Any) -> bool:
-        """``_due`` for a run's keys. The first step of a run this process sees need not extend them when the
-        run started (so gave them all its TTL) less than a period ago: a run of a few steps is then never
-        extended between its start and its end."""
-        return self._due(self._seen_start(f"run:{run_id}", self._period(ttl_ms), {"created_at": created_at}),
-                         ttl_ms)
-
-    def _seen_start(self, key: str, period_s: float, meta: dict[str, Any]) -> str:
-        """``key`` names something a run's start did (its keys' expiry, its progress stamp, its events' expiry).
-        The first time this process asks about it for a run younger than ``period_s``, it counts as done by this
-        process at the run's start, so that a short run's first steps here do not do it again."""
-        created_at = meta.get("created_at")
+    def _due_since_start(self, key: str, every_s: float, created_at: Any) -> bool:
+        """``_due_every`` for something a run's start did too (its keys' expiry, its progress stamp, its events'
+        expiry): the first time this process asks about a run younger than ``every_s``, it counts as done at
+        the run's start, so that a short run's first steps here do not do it again."""
         if key not in self._kept and isinstance(created_at, int):
             age_s = time.time() - created_at / 1000
-            if 0 <= age_s < period_s:
+            if 0 <= age_s < every_s:
                 self._kept[key] = time.monotonic() - age_s
-        return key
+        return self._due_every(key, every_s)
 
     @staticmethod
     def _period(ttl_ms: int) -> float:

@@ -42,8 +42,6 @@ class HeldConnections:
 
     async def script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """EVALSHA of a script registered on the client; loaded again if Redis lost it (a restart)."""
-        if not self._idle and self._open >= MAX_HELD:
-            return await script(keys=keys, args=args)
         try:
             return (await self.pipeline([("EVALSHA", script.sha, len(keys), *keys, *args)]))[0]
         except NoScriptError:
@@ -76,12 +74,10 @@ class HeldConnections:
                     error = error or e
                     replies.append(e)
         except BaseException:
-            self._open -= 1
-            await conn.disconnect()
+            await self._drop(conn)
             raise
         if self._closed:  # closed while this call ran: its connection is not kept
-            self._open -= 1
-            await conn.disconnect()
+            await self._drop(conn)
         else:
             self._idle.append((conn, time.monotonic()))
         if error is not None:
@@ -91,8 +87,11 @@ class HeldConnections:
     async def close(self) -> None:
         self._closed = True
         while self._idle:
-            self._open -= 1
-            await self._idle.pop()[0].disconnect()
+            await self._drop(self._idle.pop()[0])
+
+    async def _drop(self, conn: AbstractConnection) -> None:
+        self._open -= 1
+        await conn.disconnect()
 
 
 def _closed_by_server(conn: AbstractConnection) -> bool:
