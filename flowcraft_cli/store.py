@@ -132,6 +132,9 @@ class Txn(ABC):
         # commit may send their values with it, so that a worker new to the run reads nothing before its claim
         # (a run's start jobs; a value sent that is stale by then only makes the claim decide again)
         self.seeds: dict[str, dict[str, list[str]]] = {}
+        # values decoded further by the engine (its typed records), by (kind, field): valid as long as the
+        # field is not written but through the same helper, which keeps the memo in step (``engine.state``)
+        self.memo: dict[tuple[str, str], Any] = {}
 
     @abstractmethod
     async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]: ...
@@ -163,16 +166,17 @@ class Txn(ABC):
         return default if v is MISSING else v
 
     async def get_many(self, kind: str, fields: Iterable[str]) -> dict[str, Any]:
-        fields = list(fields)
-        todo = [f for f in fields if (kind, f) not in self._writes and (kind, f) not in self._cache]
+        writes, cache = self._writes, self._cache
+        wanted = [(kind, f) for f in fields]
+        todo = [key for key in wanted if key not in writes and key not in cache]
         if todo:
-            for f, raw in zip(todo, await self._load(kind, todo), strict=True):
-                self._cache[(kind, f)] = MISSING if raw is None else self._loads(kind, f, raw)
+            for key, raw in zip(todo, await self._load(kind, [f for _, f in todo]), strict=True):
+                cache[key] = MISSING if raw is None else self._loads(kind, key[1], raw)
         out: dict[str, Any] = {}
-        for f in fields:
-            v = self._writes.get((kind, f), self._cache.get((kind, f), MISSING))
+        for key in wanted:
+            v = writes[key] if key in writes else cache[key]
             if v is not MISSING:
-                out[f] = v
+                out[key[1]] = v
         return out
 
     async def get_all(self, kind: str) -> dict[str, Any]:
@@ -186,6 +190,9 @@ class Txn(ABC):
         return out
 
     def _loads(self, kind: str, field: str, raw: str | bytes) -> Any:
+        got = _SCALARS.get(raw)  # (``loads``'s own first look, before its error message is made up)
+        if got is not None:
+            return got[0]
         return loads(raw, where=f"run {self.run_id!r}: {kind} field {field!r}")
 
     def put(self, kind: str, field: str, value: Any) -> None:

@@ -23,7 +23,7 @@ import logging
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..blueprint import Blueprint
@@ -38,6 +38,7 @@ from .routing import check_resume_action
 from .state import (
     ACTIVE_NODE,
     FINAL_STATUSES,
+    GATE_FIELDS,
     META_FIELDS,
     BatchItem,
     InlineStep,
@@ -53,6 +54,7 @@ from .state import (
     batch_done_field,
     batch_size_field,
     batch_state_field,
+    evolve,
     fetch_all_nodes,
     fetch_meta,
     fetch_node,
@@ -264,7 +266,7 @@ class Engine:
             rec = await read_node(t, node_id)
             if rec is None or rec.status != NodeStatus.AWAITING:
                 raise StateConflict(f"node {node_id!r} of run {run_id!r} is no longer awaiting")
-            woken[:] = [replace(rec, status=NodeStatus.RUNNING)]
+            woken[:] = [evolve(rec, status=NodeStatus.RUNNING)]
             write_node(t, node_id, woken[0])
             run.set_meta(awaiting_nodes=[n for n in m.awaiting_nodes if n != node_id])
             run.set_meta(status=RunStatus.RUNNING)
@@ -275,7 +277,7 @@ class Engine:
             m = await run.meta()
             if await read_node(t, node_id) != woken[0] or m.status != RunStatus.RUNNING:
                 return  # the node moved on meanwhile (the child ended and told it): nothing to put back
-            write_node(t, node_id, replace(woken[0], status=NodeStatus.AWAITING))
+            write_node(t, node_id, evolve(woken[0], status=NodeStatus.AWAITING))
             run.set_meta(awaiting_nodes=[*m.awaiting_nodes, node_id])
             run.add_pending(-1)
             if m.pending == 0:
@@ -355,7 +357,7 @@ class Engine:
             for node_id in again:
                 rec = records[node_id]
                 # the node's record starts over as never fired in this generation, its busy count undone
-                write_node(t, node_id, replace(rec, status=NodeStatus.PENDING, error=None, fired_gen=rec.gen - 1,
+                write_node(t, node_id, evolve(rec, status=NodeStatus.PENDING, error=None, fired_gen=rec.gen - 1,
                                                token=None, job=None, child=None, items=None, phase=JobKind.EXEC,
                                                lost_in_row=0, recovery=0))
                 await run.count_busy(node_id, -1)
@@ -478,7 +480,7 @@ class Engine:
         # process is fetched with what its claim reads (for a node without `inputs`), in one go
         await self.store.preload(job.run_id, {RUN: list(META_FIELDS), NODES: [job.node_id],
                                               STATE: [f"_inputs.{job.node_id}"]})
-        meta = await self.find_meta(job.run_id, cached=True)
+        meta = await self.find_meta(job.run_id, cached=True, fields=GATE_FIELDS)
         if meta is None or meta.status in FINAL_STATUSES or meta.version_wait_since is not None \
                 or (bp := self.blueprints.get(meta.blueprint_id)) is None or bp.version != meta.blueprint_version:
             meta = await self.find_meta(job.run_id)
@@ -595,14 +597,14 @@ class Engine:
             redo = Job(job.run_id, node.id, job.seq, job.kind, job.attempt, recovery=job.recovery + 1)
             if rec.child or rec.items is not None:
                 # the attempt's work lives on (a child run, batch items): drive it again, lose nothing
-                write_node(t, node.id, replace(rec, recovery=job.recovery + 1))
+                write_node(t, node.id, evolve(rec, recovery=job.recovery + 1))
                 run.schedule(redo)
                 return Recovery.RECOVERED
             failed = False
             if lost:
                 rec, failed = await run.lose_attempt(node, rec, job, worker)
             if not failed:
-                write_node(t, node.id, replace(rec, status=NodeStatus.QUEUED, token=None, job=None,
+                write_node(t, node.id, evolve(rec, status=NodeStatus.QUEUED, token=None, job=None,
                                                recovery=job.recovery + 1))
                 run.schedule(redo)
             await run.settle()
@@ -646,8 +648,9 @@ class Engine:
 
     # ------------------------------------------------------------------ helpers shared by steps
 
-    async def find_meta(self, run_id: str, *, cached: bool = False) -> RunMeta | None:
-        meta = await fetch_meta(self.store, run_id, cached=cached)
+    async def find_meta(self, run_id: str, *, cached: bool = False,
+                        fields: tuple[str, ...] = META_FIELDS) -> RunMeta | None:
+        meta = await fetch_meta(self.store, run_id, cached=cached, fields=fields)
         return None if meta.status is None else meta
 
     async def read_meta(self, run_id: str) -> RunMeta:

@@ -5,12 +5,11 @@ an arrival still counts, whether a join fires, waits or is skipped, and what inp
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from enum import StrEnum
 from typing import Any
 
 from ..blueprint import JoinStrategy
-from .state import ACTIVE_NODE, REF, Arrival, NodeRecord, NodeStatus
+from .state import ACTIVE_NODE, REF, Arrival, NodeRecord, NodeStatus, evolve
 
 
 class JoinVerdict(StrEnum):
@@ -80,4 +79,4 @@ def join_input(predecessors: Sequence[str], arrivals: Mapping[str, Arrival], out
 
 def skipped(rec: NodeRecord | None, gen: int) -> NodeRecord:
     """The record of a node skipped in ``gen`` (a dead path)."""
-    return replace(rec or NodeRecord(), status=NodeStatus.SKIPPED, gen=gen, fired_gen=gen)
+    return evolve(rec or NodeRecord(), status=NodeStatus.SKIPPED, gen=gen, fired_gen=gen)

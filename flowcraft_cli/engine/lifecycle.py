@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..blueprint import BUILTINS, Blueprint, JoinStrategy, NodeDef
@@ -33,6 +32,7 @@ from .state import (
     RunStatus,
     arrival_field,
     count_field,
+    evolve,
     read_all_nodes,
     read_arrival,
     read_arrivals,
@@ -148,7 +148,7 @@ class RunTxn:
         assert self.inline_as is not None
         now, node = self.engine.clock(), self.bp.node_map[job.node_id]
         token = claim_token()
-        claimed = replace(rec, status=NodeStatus.RUNNING, token=token, worker=self.engine.worker_id,
+        claimed = evolve(rec, status=NodeStatus.RUNNING, token=token, worker=self.engine.worker_id,
                           job=self.inline_as, attempt_started_at=now, started_at=now)
         write_node(self.t, job.node_id, claimed)
         self.t.listing.append((self.engine.worker_id, self.inline_as, job.to_dict()))
@@ -254,7 +254,7 @@ class RunTxn:
                 return
             if not entry and await self._body_busy(node.id):
                 # iterations do not overlap: the next one starts when every node of this one rests
-                write_node(self.t, node.id, replace(rec or NodeRecord(seq=0, runs=0), held=Held(src, d.value)))
+                write_node(self.t, node.id, evolve(rec or NodeRecord(seq=0, runs=0), held=Held(src, d.value)))
                 return
             if entry:
                 await self._record_arrival(node.id, gen, src, d)
@@ -278,7 +278,7 @@ class RunTxn:
             if rec is None or rec.held is None or rec.status in ACTIVE_NODE or await self._body_busy(controller):
                 continue
             held = rec.held
-            write_node(self.t, controller, replace(rec, held=None))
+            write_node(self.t, controller, evolve(rec, held=None))
             value = held.value if held.value is not REF else await self.t.get(STATE, f"_outputs.{held.source}")
             await self.fire(controller, value)
 
@@ -341,7 +341,7 @@ class RunTxn:
             self.t.put(STATE, f"_outputs.{fallback_of}", output)
             status = NodeStatus.FAILED  # the original failed; its fallback's output stands in
         # an earlier attempt's error is history (events), not the node's state; a fallback keeps the error
-        new = replace(rec, status=status, finished_at=ts, action=action, runs=rec.runs + 1, token=None,
+        new = evolve(rec, status=status, finished_at=ts, action=action, runs=rec.runs + 1, token=None,
                       error=rec.error if fallback_of is not None else None)
         write_node(self.t, fallback_of or node.id, new)
         if fallback_of is not None:
@@ -404,7 +404,7 @@ class RunTxn:
                                       "attempt": rec.attempt, "started_at": rec.attempt_started_at,
                                       "worker": rec.worker, "error": f"stopped: {why}"})
                     end = NodeStatus.CANCELLED if cancelled else NodeStatus.FAILED
-                    write_node(self.t, node_id, replace(
+                    write_node(self.t, node_id, evolve(
                         rec, status=end, finished_at=ts, token=None,
                         error=rec.error or f"stopped: {why} before it finished"))
         self.t.final = ({"status": status.value, "reason": reason, "payload": payload}, self.engine.settings.ttl_s)
@@ -417,7 +417,7 @@ class RunTxn:
         when that makes ``max(2, maxRetries)`` lost attempts in a row. Returns the record with the count, and
         whether the node failed."""
         lost = (rec.lost_in_row or 0) + 1
-        rec = replace(rec, lost_in_row=lost)
+        rec = evolve(rec, lost_in_row=lost)
         self.t.event(_lost_event(node.id, job, rec.attempt_started_at, worker, self.engine.clock()))
         runner = node if job.kind == JobKind.EXEC else self.bp.node_map[node.config.fallback or ""]
         if lost < _lost_limit(runner):
@@ -430,7 +430,7 @@ class RunTxn:
                         worker: str) -> tuple[BatchItem, bool]:
         """``lose_attempt`` for one batch item: too many lost in a row fail the item, and so the batch node."""
         lost = (st.lost_in_row or 0) + 1
-        st = replace(st, lost_in_row=lost)
+        st = evolve(st, lost_in_row=lost)
         self.t.event(_lost_event(node.id, job, st.attempt_started_at, worker, self.engine.clock()))
         if lost < _lost_limit(node):
             return st, False
@@ -454,24 +454,24 @@ class RunTxn:
                           "attempt": attempt, "started_at": rec.attempt_started_at,
                           "error": error, "worker": self.engine.worker_id, **({"traceback": tb} if tb else {})})
         # this attempt ended (or ends the node), so it was not lost; whatever comes next is a fresh job
-        rec = replace(rec, lost_in_row=0, recovery=0, job=None)
+        rec = evolve(rec, lost_in_row=0, recovery=0, job=None)
         if retry and not fatal and attempt < cfg.max_retries and job.kind != JobKind.ITEM:
             delay = cfg.retry_delay_ms * (2 ** (attempt - 1))
             if event:
                 self.t.events[-1]["retry_in_ms"] = delay
-            write_node(self.t, node.id, replace(rec, status=NodeStatus.QUEUED, attempt=attempt + 1, error=error,
+            write_node(self.t, node.id, evolve(rec, status=NodeStatus.QUEUED, attempt=attempt + 1, error=error,
                                                 child=None, items=None, token=None, retry_at=ts + delay))
             self.schedule(Job(self.t.run_id, node.id, rec.seq, phase.value, attempt + 1, not_before_ms=ts + delay))
             return
         if not fatal and phase == JobKind.EXEC and node.config.fallback:
-            write_node(self.t, node.id, replace(rec, status=NodeStatus.QUEUED, phase=JobKind.FALLBACK, attempt=1,
+            write_node(self.t, node.id, evolve(rec, status=NodeStatus.QUEUED, phase=JobKind.FALLBACK, attempt=1,
                                                 exec_attempts=attempt, error=error, fallback=node.config.fallback,
                                                 child=None, items=None, token=None))
             self.schedule(Job(self.t.run_id, node.id, rec.seq, "fallback", 1))
             return
         if phase == JobKind.FALLBACK:
             error = f"{rec.error}; fallback {node.config.fallback!r} failed: {error}"
-        write_node(self.t, node.id, replace(rec, status=NodeStatus.FAILED, error=error, finished_at=ts,
+        write_node(self.t, node.id, evolve(rec, status=NodeStatus.FAILED, error=error, finished_at=ts,
                                             runs=rec.runs + 1, token=None))
         self.add_pending(-1)
         self.set_meta(failed_node=node.id)

@@ -5,14 +5,14 @@ and how a ``continue`` resets the body. ``lifecycle.RunTxn`` reads the values an
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from ..blueprint import BREAK, CONTINUE, EdgeDef
 from ..errors import ExpressionEvalError
 from ..expressions import Expression
 from .routing import condition_holds, select_edges
-from .state import ACTIVE_NODE, Arrival, JobKind, NodeRecord, NodeStatus
+from .state import ACTIVE_NODE, Arrival, JobKind, NodeRecord, NodeStatus, evolve
 
 
 @dataclass(slots=True)
@@ -81,7 +81,7 @@ def fired(rec: NodeRecord | None, *, is_controller: bool, loop_entry: bool, now_
 def with_busy(controller: NodeRecord | None, delta: int) -> NodeRecord:
     """A loop-controller's count of body nodes fired and not yet finished, moved by ``delta``."""
     rec = controller or NodeRecord(status=NodeStatus.PENDING, seq=0, runs=0, gen=0)
-    return replace(rec, busy=max(0, (rec.busy or 0) + delta))
+    return evolve(rec, busy=max(0, (rec.busy or 0) + delta))
 
 
 def body_busy(controller: NodeRecord | None, inner_controllers: Iterable[NodeRecord]) -> bool:
@@ -97,7 +97,7 @@ def next_generation(rec: NodeRecord | None) -> NodeRecord | None:
     if rec is not None and rec.status in ACTIVE_NODE:
         return None
     base = rec or NodeRecord(seq=0, runs=0, fired_gen=-1)
-    return replace(base, gen=base.gen + 1, status=NodeStatus.PENDING, held=None)
+    return evolve(base, gen=base.gen + 1, status=NodeStatus.PENDING, held=None)
 
 
 def carried_arrivals(outside: list[str], old: Mapping[str, Arrival]) -> tuple[dict[str, Arrival], tuple[int, int]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..blueprint import Blueprint, NodeDef
@@ -26,6 +25,7 @@ from .state import (
     NodeRecord,
     NodeStatus,
     RunStatus,
+    evolve,
     read_item,
     read_node,
     write_item,
@@ -48,7 +48,7 @@ class Step:
         self.node = node
         self.job = job
         self.run_id = job.run_id
-        self.token = claim_token()
+        self.token = inline.token if inline is not None else claim_token()
         self.held_elsewhere = False  # set when a live step of another delivery holds the node
         self.stale = False  # set when the node no longer expects this step (duplicate or late delivery)
         self.claimed = False  # this step took the node's claim (its commit must still find its token)
@@ -58,8 +58,6 @@ class Step:
         self.node_input: Any = None  # the node's input, read by its claim
         self.preclaimed = inline  # claimed for this worker by its predecessor's commit (runs without a claim)
         self.list_as = inline.list_as if inline else job.job_id  # its entry in this worker's list of steps
-        if inline is not None:
-            self.token = inline.token
         # the successor this step's commit claimed for this worker, to run next (engine.inline_steps)
         self.inline: list[InlineStep] = []
         self._last_txn: Txn | None = None
@@ -146,14 +144,14 @@ class Step:
                 st = await read_item(run.t, self.node.id, job.seq, job.item)
                 if st is not None and st.token == self.token and st.status == ItemStatus.RUNNING:
                     write_item(run.t, self.node.id, job.seq, job.item,
-                               replace(st, status=ItemStatus.QUEUED, token=None, job=None))
+                               evolve(st, status=ItemStatus.QUEUED, token=None, job=None))
                     self.unlist_step(run)
                     return True
                 return False
             rec = await read_node(run.t, self.node.id)
             if rec is not None and rec.token == self.token and rec.status == NodeStatus.RUNNING \
                     and not rec.child and rec.items is None:
-                write_node(run.t, self.node.id, replace(rec, status=NodeStatus.QUEUED, token=None, job=None))
+                write_node(run.t, self.node.id, evolve(rec, status=NodeStatus.QUEUED, token=None, job=None))
                 self.unlist_step(run)
                 if self.preclaimed is not None:
                     run.schedule(job)  # claimed inline, it has no queue job of its own to be handed back to
@@ -208,7 +206,7 @@ class Step:
                     return None
                 if rec.child or rec.items is not None:
                     # its child run / batch is already under way: take the claim over and drive it on
-                    write_node(run.t, self.node.id, replace(rec, worker=self.engine.worker_id, job=job.job_id))
+                    write_node(run.t, self.node.id, evolve(rec, worker=self.engine.worker_id, job=job.job_id))
                     self.list_step(run)
                     return rec, True
                 if rec.worker and rec.worker != self.engine.worker_id:
@@ -219,7 +217,7 @@ class Step:
                         return None
             elif rec.status != NodeStatus.QUEUED:
                 return None
-            new = replace(rec, status=NodeStatus.RUNNING, token=self.token, worker=self.engine.worker_id,
+            new = evolve(rec, status=NodeStatus.RUNNING, token=self.token, worker=self.engine.worker_id,
                           job=job.job_id, attempt_started_at=now)
             if job.attempt == 1 and job.kind == JobKind.EXEC:
                 new.started_at = now

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ...errors import NodeFailure, json_type
@@ -21,6 +20,7 @@ from ..state import (
     batch_input_field,
     batch_result_field,
     batch_size_field,
+    evolve,
     fetch_node,
     read_item,
     read_node,
@@ -49,7 +49,7 @@ async def run_batch(step: Step, rec: NodeRecord, node_input: Any) -> list[tuple[
     seq = step.job.seq
 
     async def fn(run: RunTxn, r: NodeRecord) -> None:
-        write_node(run.t, step.node.id, replace(r, items=len(node_input)))
+        write_node(run.t, step.node.id, evolve(r, items=len(node_input)))
         run.t.put(BATCH, batch_size_field(step.node.id, seq), len(node_input))
         run.t.put(BATCH, batch_done_field(step.node.id, seq), 0)
         for i, item in enumerate(node_input):
@@ -83,7 +83,7 @@ async def run_item(step: Step) -> list[tuple[str, Job]]:
             if failed:
                 await run.settle()
                 return None
-        write_item(run.t, node.id, job.seq, job.item, replace(
+        write_item(run.t, node.id, job.seq, job.item, evolve(
             st, status=ItemStatus.RUNNING, token=step.token, worker=step.engine.worker_id, job=job.job_id,
             attempt_started_at=now))
         step.list_step(run)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ...blueprint import CONTINUE
@@ -13,7 +12,7 @@ from ..lifecycle import RunTxn
 from ..loops import decide_loop
 from ..reads import read_scope
 from ..routing import aggregate, expression_names
-from ..state import NodeRecord
+from ..state import NodeRecord, evolve
 
 if TYPE_CHECKING:
     from ..step import Step
@@ -41,7 +40,7 @@ async def run_loop(step: Step, rec: NodeRecord, node_input: Any) -> list[tuple[s
         elif decision.capped:
             run.t.event({"type": "loop_max_iterations", "ts": step.engine.clock(), "node": node.id,
                          "iterations": iteration})
-        counted = replace(r, iter=iteration + 1 if action == CONTINUE else iteration)
+        counted = evolve(r, iter=iteration + 1 if action == CONTINUE else iteration)
         await run.complete(node, counted, None, action, route, {})
 
     return await step.commit(fn)

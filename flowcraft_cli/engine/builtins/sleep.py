@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ...jobs import Job
 from ...loading import parse_duration_ms
 from ..lifecycle import RunTxn
 from ..reads import read_node_input
-from ..state import NodeRecord, NodeStatus, fetch_node, write_node
+from ..state import NodeRecord, NodeStatus, evolve, fetch_node, write_node
 
 if TYPE_CHECKING:
     from ..step import Step
@@ -24,7 +23,7 @@ async def run_sleep(step: Step, rec: NodeRecord, node_input: Any) -> list[tuple[
     wake_at = step.engine.clock() + duration
 
     async def fn(run: RunTxn, r: NodeRecord) -> None:
-        write_node(run.t, step.node.id, replace(r, status=NodeStatus.SLEEPING, wake_at=wake_at))
+        write_node(run.t, step.node.id, evolve(r, status=NodeStatus.SLEEPING, wake_at=wake_at))
         keep_until = max(wake_at, (await run.meta()).keep_until or 0)
         run.set_meta(keep_until=keep_until)
         run.extend_expiry(keep_until)

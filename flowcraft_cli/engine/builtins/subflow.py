@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ...blueprint import NodeDef
@@ -13,7 +12,7 @@ from ...jobs import Job
 from ...store import MISSING, OUTBOX, STATE
 from ..lifecycle import RunTxn
 from ..reads import read_node_input
-from ..state import JobKind, NodeRecord, NodeStatus, ParentRef, RunStatus, fetch_node, write_node
+from ..state import JobKind, NodeRecord, NodeStatus, ParentRef, RunStatus, evolve, fetch_node, write_node
 
 if TYPE_CHECKING:
     from ..step import Step
@@ -35,7 +34,7 @@ async def run_subflow(step: Step, rec: NodeRecord, runner: NodeDef, node_input: 
     scheduled: list[tuple[str, Job]] = []
     if not step.resumed:
         async def fn(run: RunTxn, r: NodeRecord) -> None:
-            write_node(run.t, step.node.id, replace(r, child=child_id))
+            write_node(run.t, step.node.id, evolve(r, child=child_id))
         scheduled = await step.commit(fn, unlist=False)  # listed until the child run exists
         if step.stale:  # the node moved on (duplicate delivery, or the run finished): start no child
             return []
@@ -58,7 +57,7 @@ async def _child_awaits(step: Step, rec: NodeRecord, child_id: str) -> list[tupl
     node is passed on to the child."""
     async def fn(run: RunTxn, r: NodeRecord) -> None:
         m = await run.meta()
-        write_node(run.t, step.node.id, replace(r, status=NodeStatus.AWAITING))
+        write_node(run.t, step.node.id, evolve(r, status=NodeStatus.AWAITING))
         run.set_meta(awaiting_nodes=[*m.awaiting_nodes, step.node.id])
         run.add_pending(-1)
         run.t.event({"type": "node_awaiting", "ts": step.engine.clock(), "node": step.node.id,
@@ -87,12 +86,12 @@ async def run_child(step: Step) -> list[tuple[str, Job]]:
         # the child was resumed directly and has ended: this node is busy again until it settles below
         async def wake(run: RunTxn, rr: NodeRecord) -> None:
             m = await run.meta()
-            write_node(run.t, step.node.id, replace(rr, status=NodeStatus.RUNNING))
+            write_node(run.t, step.node.id, evolve(rr, status=NodeStatus.RUNNING))
             run.set_meta(awaiting_nodes=[n for n in m.awaiting_nodes if n != step.node.id])
             run.add_pending(1)
 
         await step.commit(wake, token=r.token, status=NodeStatus.AWAITING)
-        r = replace(r, status=NodeStatus.RUNNING)
+        r = evolve(r, status=NodeStatus.RUNNING)
     phase = r.current_phase
     runner = step.node if phase == JobKind.EXEC else step.bp.node_map[step.node.config.fallback or ""]
     job = Job(step.run_id, step.node.id, step.job.seq, phase.value, r.attempt or 0)
