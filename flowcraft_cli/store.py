@@ -56,6 +56,14 @@ def dumps(value: Any) -> str:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def dumpb(value: Any) -> bytes:
+    """``dumps``, as UTF-8 bytes (what a store writes), without a round trip through str."""
+    try:
+        return _ENCODER.encode(value)
+    except (TypeError, ValueError, OverflowError):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def check_json(value: Any) -> None:
     """Raise TypeError or ValueError unless ``value`` is made of JSON's types only (dict, list, str, int,
     float, bool, None): the json module's rules, stricter than msgspec's (which takes dates, sets, bytes)."""
@@ -68,6 +76,22 @@ def loads(raw: str | bytes, *, lenient: bool = False, where: str = "a stored val
     got = _SCALARS.get(raw)
     if got is not None:
         return got[0]
+    return _decode(raw, lenient, where)
+
+
+def load_field(raw: str | bytes, run_id: str, kind: str, field: str, *, lenient: bool = False) -> Any:
+    """``loads`` of one field of a run's hash, named in the error; the name is made up only for an error (a
+    step reads dozens of fields)."""
+    got = _SCALARS.get(raw)
+    if got is not None:
+        return got[0]
+    try:
+        return _decode(raw, False, "")
+    except UndecodableValue:
+        return _decode(raw, lenient, f"run {run_id!r}: {kind} field {field!r}")
+
+
+def _decode(raw: str | bytes, lenient: bool, where: str) -> Any:
     try:
         value = parse_json(raw)
     except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
@@ -190,10 +214,7 @@ class Txn(ABC):
         return out
 
     def _loads(self, kind: str, field: str, raw: str | bytes) -> Any:
-        got = _SCALARS.get(raw)  # (``loads``'s own first look, before its error message is made up)
-        if got is not None:
-            return got[0]
-        return loads(raw, where=f"run {self.run_id!r}: {kind} field {field!r}")
+        return load_field(raw, self.run_id, kind, field)
 
     def put(self, kind: str, field: str, value: Any) -> None:
         self._writes[(kind, field)] = value
@@ -313,10 +334,11 @@ class MemoryStore(Store):
 
     async def read(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
         h = self._runs.get(run_id, {}).get(kind, {})
-        return [loads(h[f]) if f in h else MISSING for f in fields]
+        return [load_field(h[f], run_id, kind, f) if f in h else MISSING for f in fields]
 
     async def read_all(self, run_id: str, kind: str, *, lenient: bool = False) -> dict[str, Any]:
-        return {f: loads(v, lenient=lenient) for f, v in self._runs.get(run_id, {}).get(kind, {}).items()}
+        return {f: load_field(v, run_id, kind, f, lenient=lenient)
+                for f, v in self._runs.get(run_id, {}).get(kind, {}).items()}
 
     async def read_status(self, run_id: str) -> dict[str, Any] | None:
         return self._status.get(run_id)

@@ -291,6 +291,10 @@ class Commit:
         """The commit holds only if ``key``'s field still has ``raw`` (None: is absent)."""
         self._groups.setdefault(self.key(key), []).append((fld, raw))
 
+    def check_all(self, key: str, checks: list[tuple[str, bytes | None]]) -> None:
+        """``check`` for several fields of one hash."""
+        self._groups.setdefault(self.key(key), []).extend(checks)
+
     def check_whole(self, key: str, fields: dict[str, bytes]) -> None:
         """The commit holds only if the hash ``key`` is exactly ``fields``."""
         self._wholes.append((self.key(key), fields))

@@ -30,8 +30,9 @@ from ..store import (
     STATE,
     Store,
     Txn,
+    dumpb,
     dumps,
-    loads,
+    load_field,
     parse_json,
 )
 from . import keys
@@ -115,17 +116,21 @@ class _RedisTxn(Txn):
         self.encoded: dict[tuple[str, str], bytes] = {}  # each value written, as JSON bytes (``_writes``)
 
     async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]:
-        misses = [f for f in fields if (kind, f) not in self.reads and (kind, f) not in self._fields]
+        reads, remembered = self.reads, self._fields
+        wanted = [(kind, f) for f in fields]
+        misses = [key for key in wanted if key not in reads and key not in remembered]
         if misses:
-            got = await self._store.redis.hmget(keys.kind_key(kind, self.run_id), misses)
-            for f, raw in zip(misses, got, strict=True):
-                self._fields[(kind, f)] = self.reads[(kind, f)] = None if raw is None else _raw(raw)
+            got = await self._store.redis.hmget(keys.kind_key(kind, self.run_id), [f for _, f in misses])
+            for key, raw in zip(misses, got, strict=True):
+                remembered[key] = reads[key] = None if raw is None else _raw(raw)
         out: list[str | bytes | None] = []
-        for f in fields:
-            if (kind, f) not in self.reads:
-                self.reads[(kind, f)] = self._fields[(kind, f)]
+        for key in wanted:
+            if key in reads:
+                out.append(reads[key])
+            else:
+                raw = reads[key] = remembered[key]
                 self.cached = True
-            out.append(self.reads[(kind, f)])
+                out.append(raw)
         return out
 
     async def prefetch(self, wanted: dict[str, list[str]]) -> None:
@@ -312,9 +317,15 @@ class RedisStore(Store):
 
     def _checks(self, program: Commit, txn: _RedisTxn) -> None:
         run_id = txn.run_id
+        by_kind: dict[str, list[tuple[str, bytes | None]]] = {}
         for (kind, fld), raw in txn.reads.items():
+            got = by_kind.get(kind)
+            if got is None:
+                got = by_kind[kind] = []
+            got.append((fld, raw))
+        for kind, checks in by_kind.items():
             if kind not in txn.wholes:
-                program.check(keys.kind_key(kind, run_id), fld, raw)
+                program.check_all(keys.kind_key(kind, run_id), checks)
         for kind, whole in txn.wholes.items():
             program.check_whole(keys.kind_key(kind, run_id), whole)
 
@@ -332,14 +343,14 @@ class RedisStore(Store):
         for (kind, fld), value in txn._writes.items():
             if kind == OUTBOX and self.enqueues:
                 continue
-            cache[(kind, fld)] = None if value is MISSING else txn.encoded.get((kind, fld)) or dumps(value).encode()
+            cache[(kind, fld)] = None if value is MISSING else txn.encoded.get((kind, fld)) or dumpb(value)
 
     def _writes(self, program: Commit, txn: Txn, meta: dict[str, Any]) -> None:
         run_id = txn.run_id
         ttl = self._ttl_of(txn)
         ms = ttl * 1000 if ttl and ttl > 0 else 0
         now = int(time.time() * 1000)
-        sets: dict[str, list[str]] = {}
+        sets: dict[str, list[str | bytes]] = {}
         dels: dict[str, list[str]] = {}
         jobs: list[Job] = []
         reads = txn.reads if isinstance(txn, _RedisTxn) else {}
@@ -350,12 +361,11 @@ class RedisStore(Store):
                 if reads.get((kind, fld), b"") is not None:  # absent as read (and checked): nothing to delete
                     dels.setdefault(kind, []).append(fld)
             else:
-                raw = dumps(value)
-                encoded = raw.encode()
+                encoded = dumpb(value)
                 if isinstance(txn, _RedisTxn):
                     txn.encoded[(kind, fld)] = encoded  # what _remember keeps after the commit
                 if reads.get((kind, fld)) != encoded:  # the value read (and checked) is this one: no write
-                    sets.setdefault(kind, []).extend((fld, raw))
+                    sets.setdefault(kind, []).extend((fld, encoded))
         for kind, args in sets.items():
             program.op(OP_HSET, keys.kind_key(kind, run_id), *args)
         for kind, fields in dels.items():
@@ -533,11 +543,11 @@ class RedisStore(Store):
             for other in leaves:
                 if other != group:
                     program.op(OP_ZREM, keys.runs_by_status_key(other, queue), run_id)
-        ends = txn.started is not None or txn.final is not None
-        if ends:
-            if txn.started is not None:  # (at the end they hold the run already: they exist, with an expiry)
-                added += [keys.runs_key(queue), keys.runs_expiry_key(queue)]
+        if txn.started is not None:
+            added += [keys.runs_key(queue), keys.runs_expiry_key(queue)]
             program.op(OP_ZADD, index[0], created, run_id)
+        if txn.started is not None or txn.final is not None:
+            # (at the end, the list of runs holds the run already: an entry is dropped only once its run is gone)
             program.op(OP_ZADD, index[1], now + ms if ms else "+inf", run_id)
             if self._due_every(f"trim:{queue}", 1.0):  # entries of expired runs, at most once a second here
                 program.op(OP_TRIM_INDEX, index[1], now, keys.kind_key(RUN, ""), TRIM_BATCH,
@@ -551,8 +561,11 @@ class RedisStore(Store):
             for key in index:
                 program.op(OP_EXTEND_INDEX, key, ms)
         elif ms:
+            # (a key this process saw to an expiry less than a period ago is left alone: emptied and created
+            # again meanwhile, it goes without one until the next look, as an index key may lapse early)
             for key in added:
-                program.op(OP_EXPIRE_NEW, key, ms)
+                if self._due_every(f"new:{key}", self._period(ms)):
+                    program.op(OP_EXPIRE_NEW, key, ms)
 
     def _due_every(self, key: str, every_s: float) -> bool:
         """Has ``every_s`` passed since this process last did what ``key`` names (then: it is done now)?"""
@@ -595,7 +608,7 @@ class RedisStore(Store):
         if not fields:
             return []
         values = await self.redis.hmget(keys.kind_key(kind, run_id), fields)
-        return [MISSING if v is None else loads(v, where=f"run {run_id!r}: {kind} field {f!r}")
+        return [MISSING if v is None else load_field(v, run_id, kind, f)
                 for f, v in zip(fields, values, strict=True)]
 
     async def preload(self, run_id: str, wanted: dict[str, list[str]]) -> None:
@@ -607,9 +620,12 @@ class RedisStore(Store):
         its memory of the run. Returns what was read."""
         cache = self._fields_of(run_id)
         skip = skip or {}
-        todo = {kind: [f for f in fields if (kind, f) not in cache and (kind, f) not in skip]
-                for kind, fields in wanted.items()}
-        todo = {kind: fields for kind, fields in todo.items() if fields}
+        todo: dict[str, list[str]] = {}
+        for kind, fields in wanted.items():
+            for f in fields:
+                key = (kind, f)
+                if key not in cache and key not in skip:
+                    todo.setdefault(kind, []).append(f)
         if not todo:
             return {}
         replies = await self._held.pipeline([("HMGET", keys.kind_key(kind, run_id), *fields)
@@ -627,12 +643,12 @@ class RedisStore(Store):
         out = []
         for f in fields:
             raw = cache[(kind, f)]
-            out.append(MISSING if raw is None else loads(raw, where=f"run {run_id!r}: {kind} field {f!r}"))
+            out.append(MISSING if raw is None else load_field(raw, run_id, kind, f))
         return out
 
     async def read_all(self, run_id: str, kind: str, *, lenient: bool = False) -> dict[str, Any]:
         raw = await self.redis.hgetall(keys.kind_key(kind, run_id))
-        return {_s(k): loads(v, lenient=lenient, where=f"run {run_id!r}: {kind} field {_s(k)!r}")
+        return {_s(k): load_field(v, run_id, kind, _s(k), lenient=lenient)
                 for k, v in raw.items()}
 
     async def read_status(self, run_id: str) -> dict[str, Any] | None:

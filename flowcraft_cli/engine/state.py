@@ -63,6 +63,17 @@ class StepOutcome(StrEnum):
     VERSION_GRACE_EXPIRED = "version grace expired"  # no matching worker came in time: the run failed
 
 
+_RUN_STATUSES: dict[str, RunStatus] = {s.value: s for s in RunStatus}
+E = TypeVar("E", bound=StrEnum)
+
+
+def _member(enum: type[E], members: dict[str, E], value: Any) -> E:
+    """An enum member from its stored value: a dict lookup (the enum's own call costs ten times as much),
+    else the enum's own call, and its ValueError for a value that is none of them."""
+    got = members.get(value) if isinstance(value, str) else None
+    return got if got is not None else enum(value)
+
+
 FINAL_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
 RESTING_STATUSES = FINAL_STATUSES | {RunStatus.AWAITING}
 ACTIVE_NODE = frozenset({NodeStatus.QUEUED, NodeStatus.RUNNING, NodeStatus.SLEEPING, NodeStatus.AWAITING})
@@ -229,7 +240,8 @@ class RunMeta:
         parent = values.get("parent")
         status = values.get("status")
         return cls(
-            status=None if status is None else RunStatus(status), reason=values.get("reason"),
+            status=None if status is None else _member(RunStatus, _RUN_STATUSES, status),
+            reason=values.get("reason"),
             blueprint_id=values.get("blueprint_id") or "", blueprint_version=values.get("blueprint_version") or "",
             pending=int(values.get("pending") or 0), awaiting_nodes=list(values.get("awaiting_nodes") or []),
             created_at=values.get("created_at"), finished_at=values.get("finished_at"),
@@ -311,7 +323,7 @@ class NodeRecord:
         known, extra = _split(cls, data, "a node record")
         if "status" in known:
             status = known["status"]
-            known["status"] = _NODE_STATUSES.get(status) or NodeStatus(status)
+            known["status"] = _member(NodeStatus, _NODE_STATUSES, status)
         if known.get("phase") is not None:
             known["phase"] = JobKind(known["phase"])
         if known.get("held") is not None:
@@ -332,7 +344,7 @@ class NodeRecord:
         return self.phase or JobKind.EXEC
 
 
-_NODE_STATUSES: dict[Any, NodeStatus] = {s.value: s for s in NodeStatus}
+_NODE_STATUSES: dict[str, NodeStatus] = {s.value: s for s in NodeStatus}
 
 
 @dataclass(slots=True)
