@@ -50,9 +50,10 @@ class FlowRuntime:
         self.engine = Engine(self.store, blueprints, registry, worker_id="local",
                              settings=EngineSettings(ttl_s=0))
         # a step's commit claims the successor it makes ready, which its task runs next, as a worker slot
-        # does (one transaction a node, not a claim and a commit); queued siblings are left to their own
-        # tasks, which exist already (Engine.take_queued is for workers, whose queue is shared)
-        self.engine.inline_steps = True
+        # does (one transaction a node, not a claim and a commit); a commit that makes none ready claims a
+        # queued sibling instead (a fan-out's branches), whose own task then ends without a transaction
+        self.engine.inline_steps = self.engine.take_queued = True
+        self._taken: set[str] = set()  # ids of queued jobs a commit claimed (Handled.unqueued): not to run
         self._sem = asyncio.Semaphore(concurrency) if concurrency > 0 else None
         self._on_event = on_event
         self._tasks: set[asyncio.Task[None]] = set()
@@ -90,6 +91,7 @@ class FlowRuntime:
             for task in done:
                 self._tasks.discard(task)
                 task.result()  # an engine bug must surface, not vanish
+        self._taken.clear()  # no task left to skip its job (one whose step was claimed as it started ran it)
 
     def _spawn(self, scheduled: list[tuple[str, Job]]) -> None:
         for owner, job in scheduled:
@@ -101,8 +103,6 @@ class FlowRuntime:
         delay = (job.not_before_ms - now_ms()) / 1000
         if delay > 0:
             await asyncio.sleep(delay)
-        if self._on_event:
-            self._on_event("start", job)
         if self._sem is None:
             handled = await self._handle_chain(job)
         else:
@@ -115,8 +115,14 @@ class FlowRuntime:
 
     async def _handle_chain(self, job: Job) -> Handled:
         """Handle ``job``, then the successors its commits claim for this task, one after another."""
+        if job.job_id in self._taken:  # an earlier commit claimed its step, and its task ran it
+            self._taken.discard(job.job_id)
+            return Handled()
+        if self._on_event:
+            self._on_event("start", job)
         handled = await self.engine.handle(job)
         while True:
+            self._taken.update(j for j in handled.unqueued if j != job.job_id)
             if self._on_event:
                 self._on_event("end", job)
             if handled.inline is None:

@@ -181,3 +181,49 @@ def test_a_job_whose_commit_hands_its_slot_on_leaves_the_queue_at_once(redis_url
     out, statuses = asyncio.run(go())
     assert out == [(True, None, 0), (True, None, 0)]
     assert statuses == ["completed", "completed"] and calls == ["n0", "n1", "n2"] * 2
+
+
+def test_a_queued_retry_is_not_claimed_before_its_delay(redis_url):
+    """A branch's attempt failed on worker B and waits out its retry delay, its next attempt queued for later.
+    Worker A, whose commit queued the branch in the first place (so it remembers it as queued), finishes its
+    own branch and looks for a queued sibling to run: the waiting retry is not one (it once was, and ran at
+    once, with no delay at all)."""
+    calls: list[tuple[str, int]] = []
+
+    def tag(ctx):
+        calls.append((ctx.node_id, ctx.attempt))
+        if ctx.node_id == "q" and ctx.attempt == 1:
+            raise RuntimeError("first attempt fails")
+        return ctx.node_id
+
+    doc = {"id": "later", "nodes": [{"id": "s", "uses": "tag"}, {"id": "p", "uses": "tag"},
+                                    {"id": "q", "uses": "tag", "config": {"maxRetries": 2, "retryDelay": 60000}}],
+           "edges": [{"source": "s", "target": "p"}, {"source": "s", "target": "q"}]}
+
+    async def go():
+        a = make_adapter(Redis.from_url(redis_url), [doc], {"tag": tag}, queue_name="take-6")
+        b = make_adapter(Redis.from_url(redis_url), [doc], {"tag": tag}, queue_name="take-6")
+        for ad in (a, b):
+            ad.create_worker()
+            await ad.workers.beat(ad._fields())
+        run_id, scheduled = await a.engine.start_run("later", {})
+        s = await a.engine.handle(scheduled[0][1])  # s fires p (inline for A) and q (queued: A remembers it)
+        assert s.inline is not None and s.inline.job.node_id == "p"
+        failed = await b.engine.handle(Job(run_id, "q", 1))  # B runs q's first attempt: it fails
+        assert failed.failed
+        # A no longer remembers the run's fields (after 2,000 other runs it forgets them; what it queued it
+        # remembers longer), so its commit decides on q's record as it is now
+        a.store.forget(run_id)
+        p = await a.engine.handle(s.inline.job, s.inline)  # p's commit: is there a queued sibling to run?
+        record = await a.redis.hget(f"flowcraft:nodes:{run_id}", "q")
+        retry = await a.redis.zscore("take-6", Job(run_id, "q", 1, attempt=2).job_id)
+        for ad in (a, b):
+            await ad.close()
+            await ad.redis.aclose()
+        return p, record, retry
+
+    p, record, retry = asyncio.run(go())
+    assert p.inline is None, f"claimed {p.inline.job} before its retry delay"
+    assert b'"status":"queued"' in record and b'"attempt":2' in record
+    assert retry is not None  # still waiting in the queue, due in a minute
+    assert calls == [("s", 1), ("q", 1), ("p", 1)]

@@ -93,6 +93,7 @@ class Handled:
     inline: InlineStep | None = None  # the successor claimed for this worker: handle it next (handle(job, inline))
     picked: tuple[str, bytes] | None = None  # a queue job the commit took for this worker: (id, payload)
     left_queue: bool = False  # a commit of the job's own step took the job out of the queue (Step.left_queue)
+    unqueued: list[str] = field(default_factory=list)  # queued jobs its commit claimed (Txn.unqueue): not to run
 
     def describe(self) -> str:
         """The outcome as a worker's log line says it (``ok``, ``stale``, ``run is completed`` ...)."""
@@ -509,7 +510,7 @@ class Engine:
             return Handled(outcome=StepOutcome.HELD_ELSEWHERE)
         return Handled(scheduled=scheduled, outcome=StepOutcome.STALE if step.stale else StepOutcome.OK,
                        failed=step.failure, listed=step.listed, inline=step.inline[0] if step.inline else None,
-                       picked=step.picked, left_queue=step.left_queue)
+                       picked=step.picked, left_queue=step.left_queue, unqueued=step.unqueued)
 
     def note_queued(self, run_id: str, node_id: str) -> None:
         """A commit here queued ``node_id``'s step: a later commit of the run here may run it instead."""

@@ -117,6 +117,8 @@ class RunTxn:
             rec = await read_node(self.t, node_id)
             if rec is None or rec.status != NodeStatus.QUEUED or rec.current_phase != JobKind.EXEC:
                 continue
+            if rec.retry_at is not None and rec.retry_at > self.engine.clock():
+                continue  # a failed attempt's retry, which waits out its delay in the queue
             job = Job(self.t.run_id, node_id, rec.seq, JobKind.EXEC.value, rec.attempt or 1, recovery=rec.recovery or 0)
             await self._claim_inline(job, rec)
             self.t.unqueue.append(job.job_id)

@@ -65,6 +65,7 @@ class Step:
         # a commit of this step took its own queue job out of the queue (finished a job this worker took, or
         # dropped one arq handed over): the job's worker must not hand it back to arq (ArqAdapter.step)
         self.left_queue = False
+        self.unqueued: list[str] = []  # queued jobs its commit claimed for this worker (``Txn.unqueue``)
         # the run, as a transaction of this step found it, is not of this step's blueprint (what the process
         # remembered of it was another run's of the same id): the step is handled again on fresh values
         self.other_blueprint = False
@@ -278,6 +279,7 @@ class Step:
             if done is not None:
                 self.engine.taken_jobs.discard(done)  # finished: later steps on its slot leave it alone
             self.left_queue = done == self.job.job_id or self.job.job_id in self._last_txn.unqueue
+            self.unqueued = self._last_txn.unqueue
         if got is None or not got[0]:
             if self.claimed:
                 log.warning("job %s: fenced off: node %r of run %s is no longer claimed by this worker (the run "
