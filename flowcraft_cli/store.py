@@ -307,7 +307,9 @@ class MemoryStore(Store):
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def transact(self, run_id: str, fn: Callable[[Txn], Awaitable[T]]) -> T:
-        lock = self._locks.setdefault(run_id, asyncio.Lock())
+        lock = self._locks.get(run_id)
+        if lock is None:
+            lock = self._locks[run_id] = asyncio.Lock()
         async with lock:
             data = self._runs.get(run_id, {})
             txn = _MemoryTxn(run_id, data)

@@ -247,3 +247,38 @@ def test_only_a_join_of_several_predecessors_or_inside_a_loop_records_its_arriva
     assert [n for n in ("a", "b", "c", "j") if tracks_arrivals(bp, n)] == ["j"]
     assert set(run_fields(bp)["joins"]) == {arrival_field("j", 0, "b"), arrival_field("j", 0, "c"),
                                             count_field("j", 0)}
+
+
+def test_a_step_cancelled_after_its_nodes_timeout_fired_ends_without_waiting_for_the_node():
+    """The node ignores both its timeout and the step's cancel (a stopping worker): the step still ends with
+    the cancel while the node runs on, as asyncio.wait_for has it, rather than wait for the node."""
+    import asyncio
+
+    from flowcraft_cli.engine.builtins.function import _in_own_task
+
+    state: dict[str, bool] = {"returned": False}
+
+    async def stubborn() -> str:
+        for _ in range(50):
+            try:
+                await asyncio.sleep(0.02)
+            except asyncio.CancelledError:
+                pass
+        state["returned"] = True
+        return "late"
+
+    async def go() -> tuple[bool, bool]:
+        timed_out = asyncio.Event()
+        step = asyncio.create_task(_in_own_task(stubborn(), 0.05))
+        asyncio.get_running_loop().call_later(0.1, timed_out.set)
+        await timed_out.wait()  # the timeout has fired; the node ignored it
+        step.cancel()  # the worker stops
+        try:
+            await step
+            cancelled = False
+        except asyncio.CancelledError:
+            cancelled = True
+        return cancelled, state["returned"]
+
+    cancelled, returned = asyncio.run(go())
+    assert cancelled and not returned

@@ -1114,3 +1114,41 @@ edges: [{source: a, target: b}]
     r = flow.run(doc, {"setter": setter, "reader": reader})
     assert r.status == "completed"
     assert r.outputs["b"] == "unset"
+
+
+def test_a_retry_claimed_by_a_siblings_commit_keeps_the_nodes_first_start():
+    """In-process, x's commit claims q's retry (its delay over) to run next: q's record still says the node
+    started with its first attempt, as a retry claimed from its own job keeps it."""
+    import asyncio
+
+    from flowcraft_cli.runtime import FlowRuntime
+    from tests.harness import make_blueprints, make_registry
+
+    doc = {"id": "fan", "nodes": [{"id": "s", "uses": "fast"}, {"id": "p", "uses": "slow"},
+                                  {"id": "q", "uses": "flaky", "config": {"maxRetries": 2, "retryDelay": 20}},
+                                  {"id": "x", "uses": "slow"}],
+           "edges": [{"source": "s", "target": "p"}, {"source": "s", "target": "q"}, {"source": "s", "target": "x"}]}
+    first: dict[str, float] = {}
+
+    async def fast(ctx):
+        return 1
+
+    async def slow(ctx):
+        await asyncio.sleep(0.3 if ctx.node_id == "p" else 0.15)
+        return 1
+
+    async def flaky(ctx):
+        if ctx.attempt == 1:
+            first["q"] = time.time() * 1000
+            raise RuntimeError("once")
+        return 1
+
+    async def go():
+        reg = make_registry({"fast": fast, "slow": slow, "flaky": flaky})
+        rt = FlowRuntime(make_blueprints([doc], reg), reg, concurrency=2)
+        res = await rt.run("fan", {})
+        return res, await rt.engine.store.read(res.run_id, "nodes", ["q"])
+
+    res, (q,) = asyncio.run(go())
+    assert res.status == "completed"
+    assert q["attempt"] == 2 and q["started_at"] <= first["q"]  # stamped by the first attempt's claim

@@ -227,3 +227,215 @@ def test_a_queued_retry_is_not_claimed_before_its_delay(redis_url):
     assert b'"status":"queued"' in record and b'"attempt":2' in record
     assert retry is not None  # still waiting in the queue, due in a minute
     assert calls == [("s", 1), ("q", 1), ("p", 1)]
+
+
+CHAIN4 = {"id": "chain4", "nodes": [{"id": f"n{i}", "uses": "tag"} for i in range(4)],
+          "edges": [{"source": f"n{i}", "target": f"n{i + 1}"} for i in range(3)]}
+
+
+def test_a_worker_dead_on_the_third_step_of_an_inline_chain_is_recovered(redis_url):
+    """n0's job runs n0, n1 and n2 on one slot, the later two claimed inline by the commit before, all under
+    n0's entry in the worker's list of steps. The worker dies running n2: whoever recovers the entry records
+    n2's attempt as lost and queues n2 again (not n0, which is done); the run completes, n2 and n3 run once
+    more and once."""
+    calls: list[str] = []
+
+    async def go():
+        a = make_adapter(Redis.from_url(redis_url), [CHAIN4], {"tag": lambda ctx: calls.append(ctx.node_id)},
+                         queue_name="take-7", lease_s=1)
+        b = make_adapter(Redis.from_url(redis_url), [CHAIN4], {"tag": lambda ctx: calls.append(ctx.node_id)},
+                         queue_name="take-7", lease_s=1)
+        for ad in (a, b):
+            ad.create_worker()
+            await ad.workers.beat(ad._fields())
+        run_id, scheduled = await a.engine.start_run("chain4", {})
+        n0 = await a.engine.handle(scheduled[0][1])
+        n1 = await a.engine.handle(n0.inline.job, n0.inline)
+        assert n1.inline is not None and n1.inline.job.node_id == "n2"
+        # A dies as n2 starts: its claim stays, listed under n0's job id; its lease lapses
+        listed = await a.redis.hkeys(f"flowcraft:worker-steps:{a.worker_id}")
+        await a.close()
+        await a.redis.delete(f"flowcraft:worker:{a.worker_id}")
+        await a.redis.aclose()
+        recovered = await b.recover_dead_workers([a.worker_id])
+        await b.start(burst=True)
+        view = await b.inspect(run_id)
+        left = await b.redis.hlen(f"flowcraft:worker-steps:{a.worker_id}")
+        await b.close()
+        await b.redis.aclose()
+        return listed, recovered, view, left, run_id
+
+    listed, recovered, view, left, run_id = asyncio.run(go())
+    assert listed == [Job(run_id, "n0", 1).job_id.encode()]
+    assert recovered == 1 and left == 0
+    assert view.status == "completed", view.reason
+    assert calls == ["n0", "n1", "n2", "n3"]  # n2's lost attempt never ran its node: A died before it did
+    lost = [e for e in view.to_json()["timeline"] if e["outcome"] == "lost"]
+    assert [e["node_id"] for e in lost] == ["n2"]
+
+
+def test_an_active_group_created_again_soon_after_gets_an_expiry(redis_url):
+    """Runs A and B each empty the queue's group of active runs at their end; C, started right after, creates
+    it again: it gets an expiry at once (a key without one, and the entries of runs that never end, would
+    stay for good on a queue that goes quiet)."""
+    async def go():
+        a = make_adapter(Redis.from_url(redis_url), [ONE], {"tag": lambda ctx: 1}, queue_name="take-8")
+        for _ in range(2):
+            run_id, scheduled = await a.engine.start_run("one", {})
+            await a.engine.handle(scheduled[0][1])
+        await a.engine.start_run("one", {})
+        pttl = await a.redis.pttl("flowcraft:runs-by-status:active:take-8")
+        await a.close()
+        await a.redis.aclose()
+        return pttl
+
+    assert asyncio.run(go()) > 0
+
+
+async def _dies(a) -> None:
+    """A worker dies: its connections close and its lease lapses (its list of steps stays)."""
+    await a.close()
+    await a.redis.delete(f"flowcraft:worker:{a.worker_id}")
+    await a.redis.aclose()
+
+
+def _pair(redis_url, doc, tag, queue):
+    return [make_adapter(Redis.from_url(redis_url), [doc], {"tag": tag}, queue_name=queue, lease_s=1)
+            for _ in range(2)]
+
+
+def test_a_retry_claimed_under_its_own_steps_entry_is_recovered(redis_url):
+    """q's first attempt fails with no retry delay, and q's own commit claims the retry to run next, under q's
+    entry, which still names attempt 1. The worker dies running attempt 2: that attempt is recovered."""
+    def tag(ctx):
+        if ctx.node_id == "q" and ctx.attempt == 1:
+            raise RuntimeError("once")
+        return ctx.node_id
+
+    doc = {"id": "rt", "nodes": [{"id": "s", "uses": "tag"}, {"id": "p", "uses": "tag"},
+                                 {"id": "q", "uses": "tag", "config": {"maxRetries": 3}}],
+           "edges": [{"source": "s", "target": "p"}, {"source": "s", "target": "q"}]}
+
+    async def go():
+        a, b = _pair(redis_url, doc, tag, "take-9")
+        for ad in (a, b):
+            ad.create_worker()
+            await ad.workers.beat(ad._fields())
+        run_id, scheduled = await a.engine.start_run("rt", {})
+        s = await a.engine.handle(scheduled[0][1])
+        q1 = await a.engine.handle(Job(run_id, "q", 1))
+        assert q1.inline is not None and (q1.inline.job.node_id, q1.inline.job.attempt) == ("q", 2)
+        await a.engine.handle(s.inline.job, s.inline)
+        await _dies(a)
+        await b.recover_dead_workers([a.worker_id])
+        await b.start(burst=True)
+        view = await b.inspect(run_id)
+        await b.close()
+        await b.redis.aclose()
+        return view
+
+    view = asyncio.run(go())
+    assert view.status == "completed", view.reason
+    assert [(e["node_id"], e["attempt"]) for e in view.to_json()["timeline"] if e["outcome"] == "lost"] == [("q", 2)]
+
+
+def test_a_sibling_claimed_by_a_batchs_commit_is_recovered(redis_url):
+    """bt's commit queues its items and claims the queued sibling y under bt's entry; bt's record stays running
+    under that entry while its items run. The worker dies running y: y is recovered, not bt (which goes on as
+    it was, its items run by whoever takes their jobs)."""
+    def tag(ctx):
+        return [1, 2] if ctx.node_id == "s" else ctx.node_id
+
+    doc = {"id": "bsib", "nodes": [{"id": "s", "uses": "tag"}, {"id": "x", "uses": "tag"},
+                                   {"id": "bt", "uses": "batch", "params": {"worker": "tag"}},
+                                   {"id": "y", "uses": "tag"}],
+           "edges": [{"source": "s", "target": "x"}, {"source": "s", "target": "bt"}, {"source": "s", "target": "y"}]}
+
+    async def go():
+        a, b = _pair(redis_url, doc, tag, "take-10")
+        for ad in (a, b):
+            ad.create_worker()
+            await ad.workers.beat(ad._fields())
+        run_id, scheduled = await a.engine.start_run("bsib", {})
+        s = await a.engine.handle(scheduled[0][1])
+        assert s.inline is not None and s.inline.job.node_id == "x"
+        bt = await a.engine.handle(Job(run_id, "bt", 1))
+        assert bt.inline is not None and bt.inline.job.node_id == "y"
+        await _dies(a)
+        await b.recover_dead_workers([a.worker_id])
+        await b.start(burst=True)
+        view = await b.inspect(run_id)
+        await b.close()
+        await b.redis.aclose()
+        return view
+
+    view = asyncio.run(go())
+    assert view.status == "completed", view.reason
+    # y, and x, which s's commit claimed for A too (under s's entry) and A never got to
+    assert sorted(e["node_id"] for e in view.to_json()["timeline"] if e["outcome"] == "lost") == ["x", "y"]
+
+
+def test_the_reconciler_recovers_an_inline_step_whose_workers_list_is_gone(redis_url):
+    """The worker died running n2 of an inline chain and its list of steps is gone too (expired): the
+    reconciler finds n2's claim held by no one and recovers it, although the claim names the chain's entry
+    (n0's job), not n2's own job."""
+    async def go():
+        a, b = _pair(redis_url, CHAIN4, lambda ctx: ctx.node_id, "take-11")
+        for ad in (a, b):
+            ad.create_worker()
+            await ad.workers.beat(ad._fields())
+        run_id, scheduled = await a.engine.start_run("chain4", {})
+        n0 = await a.engine.handle(scheduled[0][1])
+        await a.engine.handle(n0.inline.job, n0.inline)
+        await a.redis.delete(f"flowcraft:worker-steps:{a.worker_id}")
+        await _dies(a)
+        outcome = await b.reconcile(run_id)
+        await b.start(burst=True)
+        view = await b.inspect(run_id)
+        await b.close()
+        await b.redis.aclose()
+        return outcome, view
+
+    outcome, view = asyncio.run(go())
+    assert outcome.enqueued, outcome
+    assert view.status == "completed", view.reason
+    assert [e["node_id"] for e in view.to_json()["timeline"] if e["outcome"] == "lost"] == ["n2"]
+
+
+def test_a_step_whose_worker_came_back_stays_listed_and_its_successor_too(redis_url):
+    """B takes A for dead (A was paused past its lease) and looks at A's steps just as A is back: n0 is held
+    by A, so B recovers nothing, and must not drop n0's entry either: n0's commit then claims n1 under it, and
+    when A dies for good, n1 is found there and recovered."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def tag(ctx):
+        if ctx.node_id == "n0":
+            started.set()
+            await release.wait()
+        return ctx.node_id
+
+    async def go():
+        a, b = _pair(redis_url, CHAIN4, tag, "take-12")
+        for ad in (a, b):
+            ad.create_worker()
+            await ad.workers.beat(ad._fields())
+        run_id, scheduled = await a.engine.start_run("chain4", {})
+        n0 = asyncio.ensure_future(a.engine.handle(scheduled[0][1]))
+        await started.wait()
+        await b.recover_dead_workers([a.worker_id])  # A is alive: n0 is held, nothing to recover
+        listed = await a.redis.hlen(f"flowcraft:worker-steps:{a.worker_id}")
+        release.set()
+        handled = await n0
+        assert handled.inline is not None and handled.inline.job.node_id == "n1"
+        await _dies(a)
+        await b.recover_dead_workers([a.worker_id])
+        await b.start(burst=True)
+        view = await b.inspect(run_id)
+        await b.close()
+        await b.redis.aclose()
+        return listed, view
+
+    listed, view = asyncio.run(go())
+    assert listed == 1
+    assert view.status == "completed", view.reason
+    assert [e["node_id"] for e in view.to_json()["timeline"] if e["outcome"] == "lost"] == ["n1"]

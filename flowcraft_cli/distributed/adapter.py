@@ -165,12 +165,12 @@ class ArqAdapter:
         try:
             expected, outbox_ids, lost = await self.engine.expected_jobs(run_id)
             alive = await self.queue.state_of([job.job_id for job in expected])
-            planned = [job for job in expected if job.job_id not in alive] + [job for job, _ in lost]
+            planned = [job for job in expected if job.job_id not in alive] + [job for job, _, _ in lost]
             if dry_run:
                 return ReconcileOutcome(planned, [])
             enqueued = await self.queue.enqueue([job for job in expected if job.job_id not in alive])
-            for job, worker in lost:  # claimed by a worker that no longer holds them
-                enqueued += await self._recover_step(job.job_id, job, worker) or []
+            for job, worker, held_as in lost:  # claimed by a worker that no longer holds them
+                enqueued += await self._recover_step(held_as, job, worker) or []
             # only the entries read above: one written since then belongs to a step that queues it itself
             await self.store.ack_jobs(run_id, outbox_ids)
             if enqueued:

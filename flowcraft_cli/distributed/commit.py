@@ -317,7 +317,7 @@ class Commit:
         binary type, so bytes travel as strings), ``flat`` followed by the program's items."""
         program = self.program()
         try:
-            return [msgspec.msgpack.encode([v.decode() if isinstance(v, bytes) else v for v in program])]
+            return [msgspec.msgpack.encode([v.decode() if type(v) is bytes else v for v in program])]
         except UnicodeDecodeError:
             return ["flat", *program]
 

@@ -543,8 +543,9 @@ class RedisStore(Store):
             for other in leaves:
                 if other != group:
                     program.op(OP_ZREM, keys.runs_by_status_key(other, queue), run_id)
+        always = (keys.runs_key(queue), keys.runs_expiry_key(queue))
         if txn.started is not None:
-            added += [keys.runs_key(queue), keys.runs_expiry_key(queue)]
+            added += always
             program.op(OP_ZADD, index[0], created, run_id)
         if txn.started is not None or txn.final is not None:
             # (at the end, the list of runs holds the run already: an entry is dropped only once its run is gone)
@@ -561,10 +562,12 @@ class RedisStore(Store):
             for key in index:
                 program.op(OP_EXTEND_INDEX, key, ms)
         elif ms:
-            # (a key this process saw to an expiry less than a period ago is left alone: emptied and created
-            # again meanwhile, it goes without one until the next look, as an index key may lapse early)
+            # a group of runs is emptied as its runs move on (the active one, at every run's end) and created again
+            # by the next: looked at each time. The list of runs and their expiry dates always hold the run
+            # committing (the trim keeps a run whose keys exist), so they are never emptied, only expire: this
+            # process looks at them once a period (a key it saw to an expiry then has one still)
             for key in added:
-                if self._due_every(f"new:{key}", self._period(ms)):
+                if key not in always or self._due_every(f"new:{key}", self._period(ms)):
                     program.op(OP_EXPIRE_NEW, key, ms)
 
     def _due_every(self, key: str, every_s: float) -> bool:

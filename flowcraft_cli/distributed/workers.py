@@ -79,11 +79,13 @@ return redis.call('HEXISTS', KEYS[2], ARGV[1])
 """
 
 # Forget what was recovered of a worker that stopped heartbeating. KEYS: [1] worker hash, [2] steps hash,
-# [3] the queue's workers zset; ARGV: [1] worker id, [2..] the recovered job ids. Only those listings go: a worker
-# that came back meanwhile (a long pause) keeps the steps it listed since, and stays registered; a worker is
-# dropped from the zset only once it is gone and lists nothing.
+# [3] the queue's workers zset; ARGV: [1] worker id, [2..] the recovered job ids. Only those listings go, and only
+# while the worker is still gone: one that came back meanwhile (a long pause) keeps its whole list, since a step
+# the recovery found held is its own and goes on under its entry (so may the successors its commits claim);
+# its own heartbeat lets go of those it no longer runs. A worker is dropped from the zset only once it is
+# gone and lists nothing.
 _FORGET = """
-if #ARGV > 1 then redis.call('HDEL', KEYS[2], unpack(ARGV, 2)) end
+if #ARGV > 1 and redis.call('EXISTS', KEYS[1]) == 0 then redis.call('HDEL', KEYS[2], unpack(ARGV, 2)) end
 if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('HLEN', KEYS[2]) == 0 then
   redis.call('ZREM', KEYS[3], ARGV[1])
   return 1

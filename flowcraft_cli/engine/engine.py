@@ -390,12 +390,13 @@ class Engine:
             return True
         return await self.store.transact(run_id, fn)
 
-    async def expected_jobs(self, run_id: str) -> tuple[list[Job], list[str], list[tuple[Job, str]]]:
+    async def expected_jobs(self, run_id: str) -> tuple[list[Job], list[str], list[tuple[Job, str, str]]]:
         """Every step a running run is waiting for, as the jobs that would carry them: its outbox, and each
         queued, sleeping or batch step. The reconciler queues those whose job is gone; queueing one that
         still exists is a no-op (same job id), and a stale one is dropped at its claim. Also returns the
         outbox entries read, which the caller may clear once it has queued what they stand for, and the
-        claimed steps no live worker holds any more, as (claim job, worker): ``recover`` those."""
+        claimed steps no live worker holds any more, as (claim job, worker, the entry it is listed under in
+        that worker's list: its own job's id, or for a step claimed inline its chain's): ``recover`` those."""
         meta = await self.find_meta(run_id)
         if meta is None:
             return [], [], []
@@ -403,7 +404,7 @@ class Engine:
         if running:
             await self._blueprint_for(meta, run_id)  # a run no loaded blueprint describes cannot be resumed from here
         jobs: dict[str, Job] = {}
-        lost: list[tuple[Job, str]] = []
+        lost: list[tuple[Job, str, str]] = []
         live = running or meta.status == RunStatus.AWAITING
         records = await fetch_all_nodes(self.store, run_id) if live else {}
         outbox = await self.store.read_all(run_id, OUTBOX)
@@ -453,10 +454,10 @@ class Engine:
                         if item.status == ItemStatus.QUEUED:
                             found.append(item_job)
                         elif item.status == ItemStatus.RUNNING and not await self.claim_is_held(item):
-                            lost.append((item_job, item.worker or ""))
+                            lost.append((item_job, item.worker or "", item.job or item_job.job_id))
             elif status == NodeStatus.RUNNING and rec.token and not await self.claim_is_held(rec):
-                lost.append((Job(run_id, node_id, seq, phase, _attempt(rec), recovery=rec.recovery or 0),
-                             rec.worker or ""))
+                claim = Job(run_id, node_id, seq, phase, _attempt(rec), recovery=rec.recovery or 0)
+                lost.append((claim, rec.worker or "", rec.job or claim.job_id))
             for job in found:
                 jobs.setdefault(job.job_id, job)
         return list(jobs.values()), list(outbox), lost
@@ -556,12 +557,13 @@ class Engine:
         bp = await self._find_blueprint(meta)
         if bp is None or bp.version != meta.blueprint_version:
             return Recovery.UNKNOWN, []  # a worker with this blueprint version recovers it
-        node = bp.node_map.get(job.node_id)
-        if node is None:
-            return Recovery.NOTHING, []
-        if job.kind not in (JobKind.EXEC, JobKind.FALLBACK, JobKind.ITEM):
-            return Recovery.REQUEUE, []  # gather, wake, child: claim nothing; they check their own state
-        async def decide(run: RunTxn, t: Txn) -> Recovery:
+
+        async def decide(run: RunTxn, t: Txn, job: Job) -> Recovery:
+            node = bp.node_map.get(job.node_id)
+            if node is None:
+                return Recovery.NOTHING
+            if job.kind not in (JobKind.EXEC, JobKind.FALLBACK, JobKind.ITEM):
+                return Recovery.REQUEUE  # gather, wake, child: claim nothing; they check their own state
             if (await run.meta()).status in FINAL_STATUSES:
                 return Recovery.NOTHING
             rec = await read_node(t, node.id)
@@ -613,7 +615,7 @@ class Engine:
 
         async def fn(t: Txn) -> tuple[Recovery, list[tuple[str, Job]]]:
             run = RunTxn(self, t, bp)
-            outcome = await decide(run, t)
+            outcome = await decide(run, t, await _listed_step(self.store, t, job, worker, held_as))
             return outcome, run.scheduled
 
         return await self.store.transact(job.run_id, fn)
@@ -679,6 +681,44 @@ class Engine:
             if stored is not None:
                 return stored
         return bp
+
+
+async def _listed_step(store: Store, t: Txn, job: Job, worker: str, held_as: str) -> Job:
+    """The step that holds the entry ``held_as`` in ``worker``'s list of steps, as its current job. The entry
+    names the job it was made for, and is not rewritten when its step hands it on to a successor (or a queued
+    sibling, or its own retry) that its commit claimed to run next: the step holding it is the one whose
+    claim names it, running. A batch or subflow node whose items or child run are under way keeps naming the
+    entry it was started under: a plain step holding the entry comes first, and only without one is the
+    listed step itself driven on (``recover``)."""
+    if job.kind not in (JobKind.EXEC, JobKind.FALLBACK):
+        return job
+
+    def holds(rec: NodeRecord | None) -> bool:
+        return rec is not None and rec.status == NodeStatus.RUNNING and rec.worker == worker \
+            and rec.job == held_as and rec.attempt is not None and not rec.child and rec.items is None
+
+    own = await read_node(t, job.node_id)
+    if holds(own):
+        assert own is not None
+        return _job_of(job.run_id, job.node_id, own)
+    # the others are looked for outside the transaction, and only the one found is read (and so checked) in
+    # it: every other step of a busy run committing meanwhile does not make the recovery decide again
+    for node_id, data in (await store.read_all(job.run_id, NODES, lenient=True)).items():
+        try:
+            maybe = NodeRecord.from_json(data)
+        except (ValueError, TypeError):
+            continue  # (a corrupt record is not this step's: the run's own steps fail on it)
+        if node_id != job.node_id and holds(maybe):
+            rec = await read_node(t, node_id)
+            if holds(rec):
+                assert rec is not None
+                return _job_of(job.run_id, node_id, rec)
+    return job
+
+
+def _job_of(run_id: str, node_id: str, rec: NodeRecord) -> Job:
+    """The job of a node's claimed step, as its record says it (firing, phase, attempt, recoveries)."""
+    return Job(run_id, node_id, rec.seq, rec.current_phase.value, _attempt(rec), recovery=rec.recovery or 0)
 
 
 def _attempt(rec: NodeRecord) -> int:

@@ -151,9 +151,15 @@ class RunTxn:
         now, node = self.engine.clock(), self.bp.node_map[job.node_id]
         token = claim_token()
         claimed = evolve(rec, status=NodeStatus.RUNNING, token=token, worker=self.engine.worker_id,
-                          job=self.inline_as, attempt_started_at=now, started_at=now)
+                          job=self.inline_as, attempt_started_at=now)
+        if job.attempt == 1:  # (a retry, claimed by a sibling's commit, keeps the node's first start, as Step.claim)
+            claimed.started_at = now
         write_node(self.t, job.node_id, claimed)
-        self.t.listing.append((self.engine.worker_id, self.inline_as, job.to_dict()))
+        # it takes over the committing step's entry as it is, which names the job the chain started from (no
+        # rewrite a step: recovery finds the step running under it by its claim, ``engine._listed_step``); a
+        # commit that unlisted its step before claiming a queued sibling (``steal_queued``) keeps the entry
+        entry = (self.engine.worker_id, self.inline_as)
+        self.t.listing = [e for e in self.t.listing if (e[0], e[1]) != entry or e[2] is not None]
         node_input = node_input_from(node, await self.t.get_many(STATE, input_fields(node)))
         self.inline.append(InlineStep(job, token, claimed, node_input, self.inline_as))
 

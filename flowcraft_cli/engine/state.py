@@ -489,8 +489,9 @@ def write_count(t: Txn, target: str, gen: int, counts: tuple[int, int]) -> None:
 class InlineStep:
     """A successor a committing step claimed for its own worker, in its commit (CONTRACT §6: a worker may run
     the successors it makes ready): it runs next, on the same worker, without going through the queue. It is
-    listed under the worker as ``list_as`` (the queue job its chain started from), so it is held, and
-    recovered if the worker dies, exactly like a claimed queued step."""
+    listed under the worker as ``list_as`` (the queue job its chain started from: it takes that entry over,
+    unchanged, and its claim names it), so it is held, and recovered if the worker dies, exactly like a
+    claimed queued step."""
 
     job: Any  # jobs.Job
     token: str

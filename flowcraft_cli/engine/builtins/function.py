@@ -96,25 +96,9 @@ async def _in_own_task(awaitable: Any, timeout: float | None) -> Any:
     cancel of the step (a stopping worker) ends the step even when the node swallows it and returns."""
     me = asyncio.current_task()
     cancels = me.cancelling() if me is not None else 0
-    task = asyncio.ensure_future(awaitable)
-    # asyncio.wait_for's timeout, without its waiter future and extra loop turn (a third of a no-op node's
-    # cost): a timer cancels the task, and its cancellation then reads as the timeout
-    expired: list[bool] = []
-
-    def expire() -> None:
-        expired.append(True)
-        task.cancel()
-
-    handle = asyncio.get_running_loop().call_later(timeout, expire) if timeout is not None else None
-    try:
-        result = await task
-    except asyncio.CancelledError:
-        if expired and (me is None or me.cancelling() <= cancels):
-            raise TimeoutError() from None
-        raise
-    finally:
-        if handle is not None:
-            handle.cancel()
+    # (asyncio.wait_for, not a timer of its own: a step cancelled once the timeout fired ends at once, whatever
+    # the node does with the cancel)
+    result = await asyncio.wait_for(asyncio.ensure_future(awaitable), timeout)
     if me is not None and me.cancelling() > cancels:
         raise asyncio.CancelledError()  # the step was cancelled; the node's task swallowed it
     return result
