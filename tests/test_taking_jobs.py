@@ -229,6 +229,32 @@ def test_a_queued_retry_is_not_claimed_before_its_delay(redis_url):
     assert calls == [("s", 1), ("q", 1), ("p", 1)]
 
 
+async def _dies(a) -> None:
+    """A worker dies: its connections close and its lease lapses (its list of steps stays)."""
+    await a.close()
+    await a.redis.delete(f"flowcraft:worker:{a.worker_id}")
+    await a.redis.aclose()
+
+
+async def _pair(redis_url, doc, tag, queue):
+    """Two live workers (A, B) of one queue, with a lease of 1 s."""
+    pair = [make_adapter(Redis.from_url(redis_url), [doc], {"tag": tag}, queue_name=queue, lease_s=1)
+            for _ in range(2)]
+    for ad in pair:
+        ad.create_worker()
+        await ad.workers.beat(ad._fields())
+    return pair
+
+
+async def _finish(b, run_id):
+    """B works the queue until it is empty; the run as it is then."""
+    await b.start(burst=True)
+    view = await b.inspect(run_id)
+    await b.close()
+    await b.redis.aclose()
+    return view
+
+
 CHAIN4 = {"id": "chain4", "nodes": [{"id": f"n{i}", "uses": "tag"} for i in range(4)],
           "edges": [{"source": f"n{i}", "target": f"n{i + 1}"} for i in range(3)]}
 
@@ -241,28 +267,17 @@ def test_a_worker_dead_on_the_third_step_of_an_inline_chain_is_recovered(redis_u
     calls: list[str] = []
 
     async def go():
-        a = make_adapter(Redis.from_url(redis_url), [CHAIN4], {"tag": lambda ctx: calls.append(ctx.node_id)},
-                         queue_name="take-7", lease_s=1)
-        b = make_adapter(Redis.from_url(redis_url), [CHAIN4], {"tag": lambda ctx: calls.append(ctx.node_id)},
-                         queue_name="take-7", lease_s=1)
-        for ad in (a, b):
-            ad.create_worker()
-            await ad.workers.beat(ad._fields())
+        a, b = await _pair(redis_url, CHAIN4, lambda ctx: calls.append(ctx.node_id), "take-7")
         run_id, scheduled = await a.engine.start_run("chain4", {})
         n0 = await a.engine.handle(scheduled[0][1])
         n1 = await a.engine.handle(n0.inline.job, n0.inline)
         assert n1.inline is not None and n1.inline.job.node_id == "n2"
         # A dies as n2 starts: its claim stays, listed under n0's job id; its lease lapses
         listed = await a.redis.hkeys(f"flowcraft:worker-steps:{a.worker_id}")
-        await a.close()
-        await a.redis.delete(f"flowcraft:worker:{a.worker_id}")
-        await a.redis.aclose()
+        await _dies(a)
         recovered = await b.recover_dead_workers([a.worker_id])
-        await b.start(burst=True)
-        view = await b.inspect(run_id)
         left = await b.redis.hlen(f"flowcraft:worker-steps:{a.worker_id}")
-        await b.close()
-        await b.redis.aclose()
+        view = await _finish(b, run_id)
         return listed, recovered, view, left, run_id
 
     listed, recovered, view, left, run_id = asyncio.run(go())
@@ -292,18 +307,6 @@ def test_an_active_group_created_again_soon_after_gets_an_expiry(redis_url):
     assert asyncio.run(go()) > 0
 
 
-async def _dies(a) -> None:
-    """A worker dies: its connections close and its lease lapses (its list of steps stays)."""
-    await a.close()
-    await a.redis.delete(f"flowcraft:worker:{a.worker_id}")
-    await a.redis.aclose()
-
-
-def _pair(redis_url, doc, tag, queue):
-    return [make_adapter(Redis.from_url(redis_url), [doc], {"tag": tag}, queue_name=queue, lease_s=1)
-            for _ in range(2)]
-
-
 def test_a_retry_claimed_under_its_own_steps_entry_is_recovered(redis_url):
     """q's first attempt fails with no retry delay, and q's own commit claims the retry to run next, under q's
     entry, which still names attempt 1. The worker dies running attempt 2: that attempt is recovered."""
@@ -317,10 +320,7 @@ def test_a_retry_claimed_under_its_own_steps_entry_is_recovered(redis_url):
            "edges": [{"source": "s", "target": "p"}, {"source": "s", "target": "q"}]}
 
     async def go():
-        a, b = _pair(redis_url, doc, tag, "take-9")
-        for ad in (a, b):
-            ad.create_worker()
-            await ad.workers.beat(ad._fields())
+        a, b = await _pair(redis_url, doc, tag, "take-9")
         run_id, scheduled = await a.engine.start_run("rt", {})
         s = await a.engine.handle(scheduled[0][1])
         q1 = await a.engine.handle(Job(run_id, "q", 1))
@@ -328,11 +328,7 @@ def test_a_retry_claimed_under_its_own_steps_entry_is_recovered(redis_url):
         await a.engine.handle(s.inline.job, s.inline)
         await _dies(a)
         await b.recover_dead_workers([a.worker_id])
-        await b.start(burst=True)
-        view = await b.inspect(run_id)
-        await b.close()
-        await b.redis.aclose()
-        return view
+        return await _finish(b, run_id)
 
     view = asyncio.run(go())
     assert view.status == "completed", view.reason
@@ -352,10 +348,7 @@ def test_a_sibling_claimed_by_a_batchs_commit_is_recovered(redis_url):
            "edges": [{"source": "s", "target": "x"}, {"source": "s", "target": "bt"}, {"source": "s", "target": "y"}]}
 
     async def go():
-        a, b = _pair(redis_url, doc, tag, "take-10")
-        for ad in (a, b):
-            ad.create_worker()
-            await ad.workers.beat(ad._fields())
+        a, b = await _pair(redis_url, doc, tag, "take-10")
         run_id, scheduled = await a.engine.start_run("bsib", {})
         s = await a.engine.handle(scheduled[0][1])
         assert s.inline is not None and s.inline.job.node_id == "x"
@@ -363,11 +356,7 @@ def test_a_sibling_claimed_by_a_batchs_commit_is_recovered(redis_url):
         assert bt.inline is not None and bt.inline.job.node_id == "y"
         await _dies(a)
         await b.recover_dead_workers([a.worker_id])
-        await b.start(burst=True)
-        view = await b.inspect(run_id)
-        await b.close()
-        await b.redis.aclose()
-        return view
+        return await _finish(b, run_id)
 
     view = asyncio.run(go())
     assert view.status == "completed", view.reason
@@ -380,21 +369,14 @@ def test_the_reconciler_recovers_an_inline_step_whose_workers_list_is_gone(redis
     reconciler finds n2's claim held by no one and recovers it, although the claim names the chain's entry
     (n0's job), not n2's own job."""
     async def go():
-        a, b = _pair(redis_url, CHAIN4, lambda ctx: ctx.node_id, "take-11")
-        for ad in (a, b):
-            ad.create_worker()
-            await ad.workers.beat(ad._fields())
+        a, b = await _pair(redis_url, CHAIN4, lambda ctx: ctx.node_id, "take-11")
         run_id, scheduled = await a.engine.start_run("chain4", {})
         n0 = await a.engine.handle(scheduled[0][1])
         await a.engine.handle(n0.inline.job, n0.inline)
         await a.redis.delete(f"flowcraft:worker-steps:{a.worker_id}")
         await _dies(a)
         outcome = await b.reconcile(run_id)
-        await b.start(burst=True)
-        view = await b.inspect(run_id)
-        await b.close()
-        await b.redis.aclose()
-        return outcome, view
+        return outcome, await _finish(b, run_id)
 
     outcome, view = asyncio.run(go())
     assert outcome.enqueued, outcome
@@ -415,10 +397,7 @@ def test_a_step_whose_worker_came_back_stays_listed_and_its_successor_too(redis_
         return ctx.node_id
 
     async def go():
-        a, b = _pair(redis_url, CHAIN4, tag, "take-12")
-        for ad in (a, b):
-            ad.create_worker()
-            await ad.workers.beat(ad._fields())
+        a, b = await _pair(redis_url, CHAIN4, tag, "take-12")
         run_id, scheduled = await a.engine.start_run("chain4", {})
         n0 = asyncio.ensure_future(a.engine.handle(scheduled[0][1]))
         await started.wait()
@@ -429,11 +408,7 @@ def test_a_step_whose_worker_came_back_stays_listed_and_its_successor_too(redis_
         assert handled.inline is not None and handled.inline.job.node_id == "n1"
         await _dies(a)
         await b.recover_dead_workers([a.worker_id])
-        await b.start(burst=True)
-        view = await b.inspect(run_id)
-        await b.close()
-        await b.redis.aclose()
-        return listed, view
+        return listed, await _finish(b, run_id)
 
     listed, view = asyncio.run(go())
     assert listed == 1
