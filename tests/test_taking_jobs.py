@@ -9,6 +9,7 @@ import asyncio
 from redis.asyncio import Redis
 
 from flowcraft_cli.jobs import Job
+from flowcraft_cli.store import NODES
 from tests.harness import make_adapter
 
 FAN = {"id": "fan", "nodes": [{"id": "s", "uses": "tag"}, *({"id": f"b{i}", "uses": "tag"} for i in range(30)),
@@ -414,3 +415,85 @@ def test_a_step_whose_worker_came_back_stays_listed_and_its_successor_too(redis_
     assert listed == 1
     assert view.status == "completed", view.reason
     assert [e["node_id"] for e in view.to_json()["timeline"] if e["outcome"] == "lost"] == ["n1"]
+
+
+def test_a_step_that_commits_between_the_recoverers_scan_and_its_read_stays_listed(redis_url):
+    """A runs n1 (claimed inline under n0's entry) past its lease. B recovers A: n0 is done, and B's scan of the
+    run finds n1 running under the entry; A's n1 commit lands (claiming n2 under the same entry) before B's
+    transaction reads n1. B must not take that for "nothing to recover" and drop the entry: n2 runs under it,
+    and when A dies for good, n2 is recovered from it."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def tag(ctx):
+        if ctx.node_id == "n1":
+            started.set()
+            await release.wait()
+        return ctx.node_id
+
+    async def go():
+        a, b = await _pair(redis_url, CHAIN4, tag, "take-13")
+        run_id, scheduled = await a.engine.start_run("chain4", {})
+        n0 = await a.engine.handle(scheduled[0][1])
+        n1 = asyncio.ensure_future(a.engine.handle(n0.inline.job, n0.inline))
+        await started.wait()
+        await a.redis.delete(f"flowcraft:worker:{a.worker_id}")  # A's lease lapses (a pause); it goes on later
+        read_all = b.store.read_all
+
+        async def scan_then_a_commits(run, kind, **kw):
+            got = await read_all(run, kind, **kw)
+            if kind == NODES and not release.is_set():
+                release.set()
+                handled = await n1  # A's n1 commit lands: it claims n2 under n0's entry
+                assert handled.inline is not None and handled.inline.job.node_id == "n2"
+            return got
+
+        b.store.read_all = scan_then_a_commits
+        await b.recover_dead_workers([a.worker_id])
+        b.store.read_all = read_all
+        listed = await b.redis.hlen(f"flowcraft:worker-steps:{a.worker_id}")
+        await _dies(a)  # before running n2
+        await b.recover_dead_workers([a.worker_id])
+        return listed, await _finish(b, run_id)
+
+    listed, view = asyncio.run(go())
+    assert listed == 1
+    assert view.status == "completed", view.reason
+    assert [e["node_id"] for e in view.to_json()["timeline"] if e["outcome"] == "lost"] == ["n2"]
+
+
+def test_a_held_steps_entry_stays_when_its_worker_lapses_again_before_the_forget(redis_url):
+    """B recovers A, which is back: n0 is held, nothing to recover. A's lease lapses again before B forgets
+    what it recovered: n0's entry must not go with it (n0 is running; its commit claims n1 under it)."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def tag(ctx):
+        if ctx.node_id == "n0":
+            started.set()
+            await release.wait()
+        return ctx.node_id
+
+    async def go():
+        a, b = await _pair(redis_url, CHAIN4, tag, "take-14")
+        run_id, scheduled = await a.engine.start_run("chain4", {})
+        n0 = asyncio.ensure_future(a.engine.handle(scheduled[0][1]))
+        await started.wait()
+        forget = b.workers.forget
+
+        async def lapse_then_forget(worker_id, recovered=()):
+            await b.redis.delete(f"flowcraft:worker:{worker_id}")  # A pauses past its lease again
+            return await forget(worker_id, recovered)
+
+        b.workers.forget = lapse_then_forget
+        await b.recover_dead_workers([a.worker_id])  # A is alive when B decides: n0 is held
+        b.workers.forget = forget
+        release.set()
+        handled = await n0
+        assert handled.inline is not None and handled.inline.job.node_id == "n1"
+        listed = await b.redis.hlen(f"flowcraft:worker-steps:{a.worker_id}")
+        await _dies(a)  # before running n1
+        await b.recover_dead_workers([a.worker_id])
+        return listed, await _finish(b, run_id)
+
+    listed, view = asyncio.run(go())
+    assert listed == 1
+    assert view.status == "completed", view.reason

@@ -238,9 +238,10 @@ class ArqAdapter:
     async def _recover_step(self, job_id: str, job: Job, worker_id: str, *, lost: bool = True) -> list[str] | None:
         """One step a worker no longer holds: record the lost attempt and queue it anew (a new job id), or
         queue it again as it was if it never got claimed. Returns the job ids really queued, or None when
-        this worker cannot judge the step (its run's blueprint version is not loaded here)."""
+        the step stays listed: this worker cannot judge it (its run's blueprint version is not loaded here, or
+        it moved on as it looked), or a live worker holds it (one back from a pause)."""
         outcome, scheduled = await self.engine.recover(job, worker_id, lost=lost, held_as=job_id)
-        if outcome == Recovery.UNKNOWN:
+        if outcome in (Recovery.UNKNOWN, Recovery.HELD):
             return None
         if outcome == Recovery.NOTHING:
             # the step moved on (done, or taken over by the worker arq handed the job to): its arq job, if

@@ -577,9 +577,10 @@ class Engine:
                     return Recovery.NOTHING
                 if st.status == ItemStatus.QUEUED:
                     return Recovery.REQUEUE
-                if st.status != ItemStatus.RUNNING or st.worker != worker or st.job != held_as \
-                        or await self.claim_is_held(st):
+                if st.status != ItemStatus.RUNNING or st.worker != worker or st.job != held_as:
                     return Recovery.NOTHING
+                if await self.claim_is_held(st):
+                    return Recovery.HELD
                 failed = False
                 if lost:
                     st, failed = await run.lose_item(node, rec, st, job, worker)
@@ -594,9 +595,10 @@ class Engine:
                 return Recovery.NOTHING
             if rec.status == NodeStatus.QUEUED:
                 return Recovery.REQUEUE
-            if rec.status != NodeStatus.RUNNING or rec.worker != worker or rec.job != held_as \
-                    or await self.claim_is_held(rec):
+            if rec.status != NodeStatus.RUNNING or rec.worker != worker or rec.job != held_as:
                 return Recovery.NOTHING
+            if await self.claim_is_held(rec):
+                return Recovery.HELD
             redo = Job(job.run_id, node.id, job.seq, job.kind, job.attempt, recovery=job.recovery + 1)
             if rec.child or rec.items is not None:
                 # the attempt's work lives on (a child run, batch items): drive it again, lose nothing
@@ -615,7 +617,8 @@ class Engine:
 
         async def fn(t: Txn) -> tuple[Recovery, list[tuple[str, Job]]]:
             run = RunTxn(self, t, bp)
-            outcome = await decide(run, t, await _listed_step(self.store, t, job, worker, held_as))
+            step = await _listed_step(self.store, t, job, worker, held_as)
+            outcome = Recovery.UNKNOWN if step is None else await decide(run, t, step)
             return outcome, run.scheduled
 
         return await self.store.transact(job.run_id, fn)
@@ -683,13 +686,15 @@ class Engine:
         return bp
 
 
-async def _listed_step(store: Store, t: Txn, job: Job, worker: str, held_as: str) -> Job:
+async def _listed_step(store: Store, t: Txn, job: Job, worker: str, held_as: str) -> Job | None:
     """The step that holds the entry ``held_as`` in ``worker``'s list of steps, as its current job. The entry
     names the job it was made for, and is not rewritten when its step hands it on to a successor (or a queued
     sibling, or its own retry) that its commit claimed to run next: the step holding it is the one whose
     claim names it, running. A batch or subflow node whose items or child run are under way keeps naming the
     entry it was started under: a plain step holding the entry comes first, and only without one is the
-    listed step itself driven on (``recover``)."""
+    listed step itself driven on (``recover``). None: the step found moved on between the look and the
+    transaction (a worker past its lease still working): what it claimed next was not seen, so it is looked
+    at again later rather than taken for nothing left to recover."""
     if job.kind not in (JobKind.EXEC, JobKind.FALLBACK):
         return job
 
@@ -697,6 +702,7 @@ async def _listed_step(store: Store, t: Txn, job: Job, worker: str, held_as: str
         return rec is not None and rec.status == NodeStatus.RUNNING and rec.worker == worker \
             and rec.job == held_as and rec.attempt is not None and not rec.child and rec.items is None
 
+    moved = False
     own = await read_node(t, job.node_id)
     if holds(own):
         assert own is not None
@@ -713,7 +719,9 @@ async def _listed_step(store: Store, t: Txn, job: Job, worker: str, held_as: str
             if holds(rec):
                 assert rec is not None
                 return _job_of(job.run_id, node_id, rec)
-    return job
+            # it moved on since the scan (what it claimed next is not in the scan): judged again later
+            moved = True
+    return None if moved else job
 
 
 def _job_of(run_id: str, node_id: str, rec: NodeRecord) -> Job:

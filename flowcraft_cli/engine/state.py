@@ -45,8 +45,10 @@ class Recovery(StrEnum):
     """What recovering a step of a dead (or dropped) claim found."""
 
     NOTHING = "nothing"  # the step already moved on: nothing to do
-    UNKNOWN = "unknown"  # this worker cannot judge the run (blueprint or version not loaded): leave it
+    UNKNOWN = "unknown"  # this worker cannot judge the run (blueprint or version not loaded), or the step moved
+    #                      on as it looked (engine._listed_step): leave it listed, to be looked at again
     REQUEUE = "requeue"  # the step was never claimed: queue the same job again
+    HELD = "held"  # a live worker holds the step (it came back): not recovered, and its entry stays
     RECOVERED = "recovered"  # a claimed step was lost: recorded, and a new job (a new id) scheduled
 
 
