@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from redis.asyncio import Redis
 
 from flowcraft_cli.jobs import Job
@@ -256,6 +257,31 @@ async def _finish(b, run_id):
     return view
 
 
+async def _taken_over(a, b, run_id):
+    """A dies; B recovers its steps and works the queue until it is empty: the run as it is then."""
+    await _dies(a)
+    await b.recover_dead_workers([a.worker_id])
+    return await _finish(b, run_id)
+
+
+def _lost(view) -> list[str]:
+    """The nodes of a run's lost attempts, in the order they were lost."""
+    return [e["node_id"] for e in view.to_json()["timeline"] if e["outcome"] == "lost"]
+
+
+def _gate(node_id: str):
+    """A node function that stops at ``node_id`` until released: (function, started, release)."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def tag(ctx):
+        if ctx.node_id == node_id:
+            started.set()
+            await release.wait()
+        return ctx.node_id
+
+    return tag, started, release
+
+
 CHAIN4 = {"id": "chain4", "nodes": [{"id": f"n{i}", "uses": "tag"} for i in range(4)],
           "edges": [{"source": f"n{i}", "target": f"n{i + 1}"} for i in range(3)]}
 
@@ -362,7 +388,7 @@ def test_a_sibling_claimed_by_a_batchs_commit_is_recovered(redis_url):
     view = asyncio.run(go())
     assert view.status == "completed", view.reason
     # y, and x, which s's commit claimed for A too (under s's entry) and A never got to
-    assert sorted(e["node_id"] for e in view.to_json()["timeline"] if e["outcome"] == "lost") == ["x", "y"]
+    assert sorted(_lost(view)) == ["x", "y"]
 
 
 def test_the_reconciler_recovers_an_inline_step_whose_workers_list_is_gone(redis_url):
@@ -382,39 +408,42 @@ def test_the_reconciler_recovers_an_inline_step_whose_workers_list_is_gone(redis
     outcome, view = asyncio.run(go())
     assert outcome.enqueued, outcome
     assert view.status == "completed", view.reason
-    assert [e["node_id"] for e in view.to_json()["timeline"] if e["outcome"] == "lost"] == ["n2"]
+    assert _lost(view) == ["n2"]
 
 
-def test_a_step_whose_worker_came_back_stays_listed_and_its_successor_too(redis_url):
+@pytest.mark.parametrize("lapses_again", [False, True])
+def test_a_step_whose_worker_came_back_stays_listed_and_its_successor_too(redis_url, lapses_again):
     """B takes A for dead (A was paused past its lease) and looks at A's steps just as A is back: n0 is held
-    by A, so B recovers nothing, and must not drop n0's entry either: n0's commit then claims n1 under it, and
-    when A dies for good, n1 is found there and recovered."""
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def tag(ctx):
-        if ctx.node_id == "n0":
-            started.set()
-            await release.wait()
-        return ctx.node_id
+    by A, so B recovers nothing, and must not drop n0's entry either, even when A's lease lapses again before
+    B forgets what it recovered: n0's commit then claims n1 under the entry, and when A dies for good, n1 is
+    found there and recovered."""
+    tag, started, release = _gate("n0")
 
     async def go():
         a, b = await _pair(redis_url, CHAIN4, tag, "take-12")
         run_id, scheduled = await a.engine.start_run("chain4", {})
         n0 = asyncio.ensure_future(a.engine.handle(scheduled[0][1]))
         await started.wait()
-        await b.recover_dead_workers([a.worker_id])  # A is alive: n0 is held, nothing to recover
+        forget = b.workers.forget
+
+        async def lapse_then_forget(worker_id, recovered=()):
+            await b.redis.delete(f"flowcraft:worker:{worker_id}")  # A pauses past its lease again
+            return await forget(worker_id, recovered)
+
+        if lapses_again:
+            b.workers.forget = lapse_then_forget
+        await b.recover_dead_workers([a.worker_id])  # A is alive when B decides: n0 is held
+        b.workers.forget = forget
         listed = await a.redis.hlen(f"flowcraft:worker-steps:{a.worker_id}")
         release.set()
         handled = await n0
         assert handled.inline is not None and handled.inline.job.node_id == "n1"
-        await _dies(a)
-        await b.recover_dead_workers([a.worker_id])
-        return listed, await _finish(b, run_id)
+        return listed, await _taken_over(a, b, run_id)  # A dies before running n1
 
     listed, view = asyncio.run(go())
     assert listed == 1
     assert view.status == "completed", view.reason
-    assert [e["node_id"] for e in view.to_json()["timeline"] if e["outcome"] == "lost"] == ["n1"]
+    assert _lost(view) == ["n1"]
 
 
 def test_a_step_that_commits_between_the_recoverers_scan_and_its_read_stays_listed(redis_url):
@@ -422,13 +451,7 @@ def test_a_step_that_commits_between_the_recoverers_scan_and_its_read_stays_list
     run finds n1 running under the entry; A's n1 commit lands (claiming n2 under the same entry) before B's
     transaction reads n1. B must not take that for "nothing to recover" and drop the entry: n2 runs under it,
     and when A dies for good, n2 is recovered from it."""
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def tag(ctx):
-        if ctx.node_id == "n1":
-            started.set()
-            await release.wait()
-        return ctx.node_id
+    tag, started, release = _gate("n1")
 
     async def go():
         a, b = await _pair(redis_url, CHAIN4, tag, "take-13")
@@ -451,49 +474,9 @@ def test_a_step_that_commits_between_the_recoverers_scan_and_its_read_stays_list
         await b.recover_dead_workers([a.worker_id])
         b.store.read_all = read_all
         listed = await b.redis.hlen(f"flowcraft:worker-steps:{a.worker_id}")
-        await _dies(a)  # before running n2
-        await b.recover_dead_workers([a.worker_id])
-        return listed, await _finish(b, run_id)
+        return listed, await _taken_over(a, b, run_id)  # A dies before running n2
 
     listed, view = asyncio.run(go())
     assert listed == 1
     assert view.status == "completed", view.reason
-    assert [e["node_id"] for e in view.to_json()["timeline"] if e["outcome"] == "lost"] == ["n2"]
-
-
-def test_a_held_steps_entry_stays_when_its_worker_lapses_again_before_the_forget(redis_url):
-    """B recovers A, which is back: n0 is held, nothing to recover. A's lease lapses again before B forgets
-    what it recovered: n0's entry must not go with it (n0 is running; its commit claims n1 under it)."""
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def tag(ctx):
-        if ctx.node_id == "n0":
-            started.set()
-            await release.wait()
-        return ctx.node_id
-
-    async def go():
-        a, b = await _pair(redis_url, CHAIN4, tag, "take-14")
-        run_id, scheduled = await a.engine.start_run("chain4", {})
-        n0 = asyncio.ensure_future(a.engine.handle(scheduled[0][1]))
-        await started.wait()
-        forget = b.workers.forget
-
-        async def lapse_then_forget(worker_id, recovered=()):
-            await b.redis.delete(f"flowcraft:worker:{worker_id}")  # A pauses past its lease again
-            return await forget(worker_id, recovered)
-
-        b.workers.forget = lapse_then_forget
-        await b.recover_dead_workers([a.worker_id])  # A is alive when B decides: n0 is held
-        b.workers.forget = forget
-        release.set()
-        handled = await n0
-        assert handled.inline is not None and handled.inline.job.node_id == "n1"
-        listed = await b.redis.hlen(f"flowcraft:worker-steps:{a.worker_id}")
-        await _dies(a)  # before running n1
-        await b.recover_dead_workers([a.worker_id])
-        return listed, await _finish(b, run_id)
-
-    listed, view = asyncio.run(go())
-    assert listed == 1
-    assert view.status == "completed", view.reason
+    assert _lost(view) == ["n2"]
