@@ -85,20 +85,18 @@ def load_field(raw: str | bytes, run_id: str, kind: str, field: str, *, lenient:
     got = _SCALARS.get(raw)
     if got is not None:
         return got[0]
-    try:
-        return _decode(raw, False, "")
-    except UndecodableValue:
-        return _decode(raw, lenient, f"run {run_id!r}: {kind} field {field!r}")
+    return _decode(raw, lenient, lambda: f"run {run_id!r}: {kind} field {field!r}")
 
 
-def _decode(raw: str | bytes, lenient: bool, where: str) -> Any:
+def _decode(raw: str | bytes, lenient: bool, where: str | Callable[[], str]) -> Any:
     try:
         value = parse_json(raw)
     except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
         size = len(raw if isinstance(raw, bytes) else raw.encode(errors="surrogatepass"))
         if lenient:
             return f"<undecodable: {size} bytes>"
-        raise UndecodableValue(f"{where}: {size} bytes that are not JSON") from None
+        raise UndecodableValue(f"{where if isinstance(where, str) else where()}: {size} bytes that are not JSON") \
+            from None
     if (value is None or isinstance(value, (str, int, float))) and len(raw) <= 64:
         # short immutable values (a run's status, its blueprint id, counters, timestamps) are read by every
         # step: decoded once. Lists and dicts are decoded each time (callers may change what they get)

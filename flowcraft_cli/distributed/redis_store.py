@@ -319,10 +319,7 @@ class RedisStore(Store):
         run_id = txn.run_id
         by_kind: dict[str, list[tuple[str, bytes | None]]] = {}
         for (kind, fld), raw in txn.reads.items():
-            got = by_kind.get(kind)
-            if got is None:
-                got = by_kind[kind] = []
-            got.append((fld, raw))
+            by_kind.setdefault(kind, []).append((fld, raw))
         for kind, checks in by_kind.items():
             if kind not in txn.wholes:
                 program.check_all(keys.kind_key(kind, run_id), checks)
@@ -543,9 +540,9 @@ class RedisStore(Store):
             for other in leaves:
                 if other != group:
                     program.op(OP_ZREM, keys.runs_by_status_key(other, queue), run_id)
-        always = (keys.runs_key(queue), keys.runs_expiry_key(queue))
+        never_emptied = (keys.runs_key(queue), keys.runs_expiry_key(queue))
         if txn.started is not None:
-            added += always
+            added += never_emptied
             program.op(OP_ZADD, index[0], created, run_id)
         if txn.started is not None or txn.final is not None:
             # (at the end, the list of runs holds the run already: an entry is dropped only once its run is gone)
@@ -567,7 +564,7 @@ class RedisStore(Store):
             # committing (the trim keeps a run whose keys exist), so they are never emptied, only expire: this
             # process looks at them once a period (a key it saw to an expiry then has one still)
             for key in added:
-                if key not in always or self._due_every(f"new:{key}", self._period(ms)):
+                if key not in never_emptied or self._due_every(f"new:{key}", self._period(ms)):
                     program.op(OP_EXPIRE_NEW, key, ms)
 
     def _due_every(self, key: str, every_s: float) -> bool:

@@ -24,7 +24,7 @@ import secrets
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..blueprint import Blueprint
 from ..errors import BlueprintUnavailable, InvalidInput, RunNotFound, StateConflict
@@ -456,7 +456,7 @@ class Engine:
                         elif item.status == ItemStatus.RUNNING and not await self.claim_is_held(item):
                             lost.append((item_job, item.worker or "", item.job or item_job.job_id))
             elif status == NodeStatus.RUNNING and rec.token and not await self.claim_is_held(rec):
-                claim = Job(run_id, node_id, seq, phase, _attempt(rec), recovery=rec.recovery or 0)
+                claim = _job_of(run_id, node_id, rec)
                 lost.append((claim, rec.worker or "", rec.job or claim.job_id))
             for job in found:
                 jobs.setdefault(job.job_id, job)
@@ -698,14 +698,13 @@ async def _listed_step(store: Store, t: Txn, job: Job, worker: str, held_as: str
     if job.kind not in (JobKind.EXEC, JobKind.FALLBACK):
         return job
 
-    def holds(rec: NodeRecord | None) -> bool:
+    def holds(rec: NodeRecord | None) -> TypeGuard[NodeRecord]:
         return rec is not None and rec.status == NodeStatus.RUNNING and rec.worker == worker \
             and rec.job == held_as and rec.attempt is not None and not rec.child and rec.items is None
 
     moved = False
     own = await read_node(t, job.node_id)
     if holds(own):
-        assert own is not None
         return _job_of(job.run_id, job.node_id, own)
     # the others are looked for outside the transaction, and only the one found is read (and so checked) in
     # it: every other step of a busy run committing meanwhile does not make the recovery decide again
@@ -717,7 +716,6 @@ async def _listed_step(store: Store, t: Txn, job: Job, worker: str, held_as: str
         if node_id != job.node_id and holds(maybe):
             rec = await read_node(t, node_id)
             if holds(rec):
-                assert rec is not None
                 return _job_of(job.run_id, node_id, rec)
             # it moved on since the scan (what it claimed next is not in the scan): judged again later
             moved = True

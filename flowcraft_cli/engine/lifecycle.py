@@ -156,10 +156,7 @@ class RunTxn:
             claimed.started_at = now
         write_node(self.t, job.node_id, claimed)
         # it takes over the committing step's entry as it is, which names the job the chain started from (no
-        # rewrite a step: recovery finds the step running under it by its claim, ``engine._listed_step``); a
-        # commit that unlisted its step before claiming a queued sibling (``steal_queued``) keeps the entry
-        entry = (self.engine.worker_id, self.inline_as)
-        self.t.listing = [e for e in self.t.listing if (e[0], e[1]) != entry or e[2] is not None]
+        # rewrite a step: recovery finds the step running under it by its claim, ``engine._listed_step``)
         node_input = node_input_from(node, await self.t.get_many(STATE, input_fields(node)))
         self.inline.append(InlineStep(job, token, claimed, node_input, self.inline_as))
 

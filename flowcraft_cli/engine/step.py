@@ -89,8 +89,6 @@ class Step:
                 run.inline_as = self.list_as
             result = await fn(run)
             self.inline = run.inline
-            if inline and result and not run.inline:  # only a commit that went through takes more work
-                await run.steal_queued()
             if inline and result:
                 if self.list_as in self.engine.taken_jobs:  # a job this worker took: finished in this commit
                     t.finish_job = self.list_as
@@ -264,8 +262,10 @@ class Step:
             await prefetch_commit(run.t, self.bp, self.node.id)
             await fn(run, rec)
             await run.settle()
+            if run.inline_as is not None and not run.inline:
+                await run.steal_queued()  # it made nothing ready for this worker: a queued sibling, if any
             if unlist:
-                self.unlist_step(run)
+                self.unlist_step(run)  # (unless a step it claimed takes its entry over)
             return True
 
         got = await self.txn(wrapped, inline=unlist and self.engine.inline_steps and self.claimed)
