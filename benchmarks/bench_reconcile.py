@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from redis.asyncio import Redis  # noqa: E402
 
 from flowcraft_cli.distributed.adapter import ArqAdapter  # noqa: E402
-from flowcraft_cli.distributed.keys import kind_key, progress_key  # noqa: E402
+from flowcraft_cli.distributed.keys import field_name, kind_key, progress_key  # noqa: E402
 from flowcraft_cli.distributed.reconciler import create_arq_reconciler  # noqa: E402
 from flowcraft_cli.jobs import Job  # noqa: E402
 from flowcraft_cli.loading import parse_blueprint  # noqa: E402
@@ -52,7 +52,7 @@ async def fill(redis: Redis, n: int, running_pct: float, stalled: int, version: 
         pipe.set(progress_key(run_id), now)
         if i < stalled:  # a step committed but never queued
             job = Job(run_id, "x", 1)
-            pipe.hset(kind_key(NODES, run_id), "x", dumps({"status": "queued", "seq": 1, "gen": 0, "attempt": 1,
+            pipe.hset(kind_key(NODES, run_id), field_name(NODES, "x"), dumps({"status": "queued", "seq": 1, "gen": 0, "attempt": 1,
                                                             "phase": "exec", "runs": 0}))
             pipe.hset(kind_key(OUTBOX, run_id), job.job_id, dumps(job.to_dict()))
         if len(pipe) > 5000:

@@ -266,7 +266,7 @@ def test_inspect_shows_undecodable_values(project, redis_url):
     r = redis_lib.Redis.from_url(redis_url)
     r.hset(f"workflow:state:{run_id}", mapping={"bytes": b"\xff\xfe", "text": b"{not json",
                                                 "pickled": pickle.dumps({"x": 1})})
-    r.hset(f"flowcraft:nodes:{run_id}", "b", b"\x80garbage")
+    r.hset(f"flowcraft:run:{run_id}", "n:b", b"\x80garbage")
     view = project.cli_json("inspect", run_id)
     assert view["context"]["bytes"] == "<undecodable: 2 bytes>"
     assert view["context"]["text"] == "<undecodable: 9 bytes>"

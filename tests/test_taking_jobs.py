@@ -217,7 +217,7 @@ def test_a_queued_retry_is_not_claimed_before_its_delay(redis_url):
         # remembers longer), so its commit decides on q's record as it is now
         a.store.forget(run_id)
         p = await a.engine.handle(s.inline.job, s.inline)  # p's commit: is there a queued sibling to run?
-        record = await a.redis.hget(f"flowcraft:nodes:{run_id}", "q")
+        record = await a.redis.hget(f"flowcraft:run:{run_id}", "n:q")
         retry = await a.redis.zscore("take-6", Job(run_id, "q", 1, attempt=2).job_id)
         for ad in (a, b):
             await ad.close()

@@ -5,10 +5,13 @@ last step of a run that never ends; a subflow child's steps extend its ancestors
 
   workflow:state:<run_id>      HASH   the run context, JSON values (Flowcraft layout: _outputs.<node>, ...)
   workflow:status:<run_id>     STRING the final result {"status", "reason", "payload"}, written once
-  flowcraft:run:<run_id>       HASH   run meta (status, blueprint id/version, pending count, timestamps,
-                                      and the queue it was started on)
-  flowcraft:nodes:<run_id>     HASH   node_id -> node record (status, seq, attempt, timings, error, worker)
-  flowcraft:joins:<run_id>     HASH   join arrivals per (target, generation, source)
+  flowcraft:run:<run_id>       HASH   the run's coordination state, one hash so that a step reads and writes
+                                      it with one command each and the run has fewer keys to expire:
+                                        <name>     run meta (status, blueprint id/version, pending count,
+                                                   timestamps, the queue it was started on); names are
+                                                   identifiers, never holding ':'
+                                        n:<node>   node record (status, seq, attempt, timings, error, worker)
+                                        j:<field>  join arrival per (target, generation, source)
   flowcraft:batch:<run_id>     HASH   batch items and results
   flowcraft:outbox:<run_id>    HASH   jobs decided but not yet confirmed in the queue
   flowcraft:events:<run_id>    LIST   the run's events (capped)
@@ -81,18 +84,35 @@ RUNS_EXPIRY_PREFIX = "flowcraft:runs-expiry:"
 #: status groups of the run index; a run's meta status maps to one (running and awaiting are "active")
 RUN_GROUPS = ("active", "completed", "failed", "cancelled")
 
+RUN_PREFIX = "flowcraft:run:"
 _KIND_PREFIX = {
     STATE: STATE_PREFIX,
-    RUN: "flowcraft:run:",
-    NODES: "flowcraft:nodes:",
-    JOINS: "flowcraft:joins:",
+    RUN: RUN_PREFIX,
+    NODES: RUN_PREFIX,
+    JOINS: RUN_PREFIX,
     BATCH: "flowcraft:batch:",
     OUTBOX: "flowcraft:outbox:",
 }
+#: kinds kept as fields of the run's hash, behind a prefix each (the meta's own fields have none)
+FIELD_PREFIX = {NODES: "n:", JOINS: "j:"}
+_PREFIX_KIND = {p: k for k, p in FIELD_PREFIX.items()}
 
 
 def kind_key(kind: str, run_id: str) -> str:
+    """The hash that holds a run's fields of ``kind`` (the meta, node records and joins share one)."""
     return _KIND_PREFIX[kind] + run_id
+
+
+def field_name(kind: str, name: str) -> str:
+    """The stored name of a field of ``kind`` in its hash (``kind_key``)."""
+    prefix = FIELD_PREFIX.get(kind)
+    return name if prefix is None else prefix + name
+
+
+def run_hash_field(stored: str) -> tuple[str, str]:
+    """(kind, name) of a field of the run's hash, from its stored name."""
+    kind = _PREFIX_KIND.get(stored[:2])
+    return (RUN, stored) if kind is None else (kind, stored[2:])
 
 
 def status_key(run_id: str) -> str:
@@ -109,8 +129,8 @@ def progress_key(run_id: str) -> str:
 
 def run_keys(run_id: str) -> list[str]:
     """Every key of one run, for expiry and for tests that check nothing is left behind."""
-    return [kind_key(k, run_id) for k in _KIND_PREFIX] + [status_key(run_id), events_key(run_id),
-                                                          progress_key(run_id)]
+    return [*dict.fromkeys(kind_key(k, run_id) for k in _KIND_PREFIX), status_key(run_id), events_key(run_id),
+            progress_key(run_id)]
 
 
 def coord_key(name: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
-from ..engine.state import NodeRecord, RunMeta
+from ..engine.state import META_FIELDS, NodeRecord, RunMeta
 from ..errors import UndecodableValue
 from ..jobs import Job
 from ..store import (
@@ -81,10 +81,24 @@ def _s(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _of_kind(kind: str, raw: Mapping[Any, Any]) -> dict[str, Any]:
+    """The fields of ``kind`` in its hash read whole (HGETALL), by their names in the kind: the run's hash
+    holds three kinds (``keys.FIELD_PREFIX``)."""
+    if kind not in (RUN, NODES, JOINS):
+        return {_s(k): v for k, v in raw.items()}
+    out = {}
+    for k, v in raw.items():
+        got, name = keys.run_hash_field(_s(k))
+        if got == kind:
+            out[name] = v
+    return out
+
+
 # Kinds whose hash a transaction may empty (and so delete) and a later one create again, without an expiry:
-# a write to one gets an expiry if it has none. The others (meta, node records, context) exist from the
-# run's start to its end and keep the expiry given at start and refreshed by ``_due``.
-_RECREATED = frozenset({JOINS, BATCH, OUTBOX})
+# a write to one gets an expiry if it has none. The others (the run's hash of meta, node records and joins,
+# and the context) exist from the run's start to its end and keep the expiry given at start and refreshed
+# by ``_due``.
+_RECREATED = frozenset({BATCH, OUTBOX})
 _RUN_CACHE_CAP = 2_000  # runs whose fields this process remembers (least recently used forgotten first)
 _VALUE_CACHE_CAP = 64 * 1024  # bytes: a bigger value (a large node output) is read from Redis each time
 _SEED_VALUE_CAP = 8 * 1024  # bytes: a bigger value is not sent with a start job (``Txn.seeds``)
@@ -120,7 +134,8 @@ class _RedisTxn(Txn):
         wanted = [(kind, f) for f in fields]
         misses = [key for key in wanted if key not in reads and key not in remembered]
         if misses:
-            got = await self._store.redis.hmget(keys.kind_key(kind, self.run_id), [f for _, f in misses])
+            prefix = keys.FIELD_PREFIX.get(kind, "")
+            got = await self._store.redis.hmget(keys.kind_key(kind, self.run_id), [prefix + f for _, f in misses])
             for key, raw in zip(misses, got, strict=True):
                 remembered[key] = reads[key] = None if raw is None else _raw(raw)
         out: list[str | bytes | None] = []
@@ -144,8 +159,10 @@ class _RedisTxn(Txn):
                     self._fields.setdefault((kind, f), None)
 
     async def _load_all(self, kind: str) -> dict[str, str | bytes]:
+        if kind == RUN:  # (the commit checks a whole hash by its fields' prefix, and the meta's have none)
+            raise NotImplementedError("a transaction reads the run's meta field by field")
         raw = await self._store.redis.hgetall(keys.kind_key(kind, self.run_id))
-        whole = {_s(k): _raw(v) for k, v in raw.items()}
+        whole = {f: _raw(v) for f, v in _of_kind(kind, raw).items()}
         self.wholes[kind] = whole
         for f, v in whole.items():
             self._fields[(kind, f)] = v
@@ -262,7 +279,8 @@ class RedisStore(Store):
                             warm.setdefault(kind, []).extend(fields)
                 cache = self._fields_of(run_id)
                 for kind, fields in warm.items():
-                    program.warm(keys.kind_key(kind, run_id), [f for f in fields if (kind, f) not in cache])
+                    prefix = keys.FIELD_PREFIX.get(kind, "")
+                    program.warm(keys.kind_key(kind, run_id), [prefix + f for f in fields if (kind, f) not in cache])
                 if self.queue is not None:  # the queue work this commit does for its worker
                     for job_id in txn.unqueue:
                         self.queue.unqueue_op(program, job_id)
@@ -310,9 +328,10 @@ class RedisStore(Store):
         """Remember the field values a reply carries (current values of a refused commit's reads, or the warm
         fields of an applied one)."""
         cache = self._fields_of(run_id)
+        run_key = keys.kind_key(RUN, run_id)
         kinds = {keys.kind_key(kind, run_id): kind for kind in KINDS}
         for key, fld, raw in program.values(reply):
-            cache[(kinds[key], fld)] = raw
+            cache[keys.run_hash_field(fld) if key == run_key else (kinds[key], fld)] = raw
         return cache
 
     def _checks(self, program: Commit, txn: _RedisTxn) -> None:
@@ -322,9 +341,12 @@ class RedisStore(Store):
             by_kind.setdefault(kind, []).append((fld, raw))
         for kind, checks in by_kind.items():
             if kind not in txn.wholes:
-                program.check_all(keys.kind_key(kind, run_id), checks)
+                prefix = keys.FIELD_PREFIX.get(kind)
+                program.check_all(keys.kind_key(kind, run_id),
+                                  checks if prefix is None else [(prefix + f, raw) for f, raw in checks])
         for kind, whole in txn.wholes.items():
-            program.check_whole(keys.kind_key(kind, run_id), whole)
+            prefix = keys.FIELD_PREFIX.get(kind, "")
+            program.check_whole(keys.kind_key(kind, run_id), {prefix + f: v for f, v in whole.items()}, prefix)
 
     def _remember(self, txn: _RedisTxn) -> None:
         """After a commit: the values written are what Redis holds now."""
@@ -356,17 +378,20 @@ class RedisStore(Store):
                 jobs.append(txn.jobs.get(fld) or Job.from_dict(value))  # (RunTxn.schedule keeps the Job)
             elif value is MISSING:
                 if reads.get((kind, fld), b"") is not None:  # absent as read (and checked): nothing to delete
-                    dels.setdefault(kind, []).append(fld)
+                    dels.setdefault(kind, []).append(keys.field_name(kind, fld))
             else:
                 encoded = dumpb(value)
                 if isinstance(txn, _RedisTxn):
                     txn.encoded[(kind, fld)] = encoded  # what _remember keeps after the commit
                 if reads.get((kind, fld)) != encoded:  # the value read (and checked) is this one: no write
-                    sets.setdefault(kind, []).extend((fld, encoded))
-        for kind, args in sets.items():
-            program.op(OP_HSET, keys.kind_key(kind, run_id), *args)
-        for kind, fields in dels.items():
-            program.op(OP_HDEL, keys.kind_key(kind, run_id), *fields)
+                    sets.setdefault(kind, []).extend((keys.field_name(kind, fld), encoded))
+        # one HSET (and one HDEL) a hash: the meta, node records and joins share the run's
+        for op, changes in ((OP_HSET, sets), (OP_HDEL, dels)):
+            by_key: dict[str, list[str | bytes]] = {}
+            for kind, args in changes.items():
+                by_key.setdefault(keys.kind_key(kind, run_id), []).extend(args)
+            for key, args in by_key.items():
+                program.op(op, key, *args)
         if jobs:
             self._enqueue(program, txn, jobs, now)
         # the progress key's idle time is what the reconciler reads ("time since progress"): written by every
@@ -607,7 +632,8 @@ class RedisStore(Store):
     async def read(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
         if not fields:
             return []
-        values = await self.redis.hmget(keys.kind_key(kind, run_id), fields)
+        prefix = keys.FIELD_PREFIX.get(kind, "")
+        values = await self.redis.hmget(keys.kind_key(kind, run_id), [prefix + f for f in fields])
         return [MISSING if v is None else load_field(v, run_id, kind, f)
                 for f, v in zip(fields, values, strict=True)]
 
@@ -628,12 +654,15 @@ class RedisStore(Store):
                     todo.setdefault(kind, []).append(f)
         if not todo:
             return {}
-        replies = await self._held.pipeline([("HMGET", keys.kind_key(kind, run_id), *fields)
-                                             for kind, fields in todo.items()])
+        by_key: dict[str, list[tuple[str, str]]] = {}  # one HMGET a hash (the run's holds three kinds)
+        for kind, fields in todo.items():
+            by_key.setdefault(keys.kind_key(kind, run_id), []).extend((kind, f) for f in fields)
+        replies = await self._held.pipeline([("HMGET", key, *(keys.field_name(kind, f) for kind, f in names))
+                                             for key, names in by_key.items()])
         fetched: dict[tuple[str, str], bytes | None] = {}
-        for (kind, fields), got in zip(todo.items(), replies, strict=True):
-            for f, raw in zip(fields, got, strict=True):
-                cache[(kind, f)] = fetched[(kind, f)] = None if raw is None else _raw(raw)
+        for names, got in zip(by_key.values(), replies, strict=True):
+            for at, raw in zip(names, got, strict=True):
+                cache[at] = fetched[at] = None if raw is None else _raw(raw)
         return fetched
 
     async def peek(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
@@ -648,8 +677,7 @@ class RedisStore(Store):
 
     async def read_all(self, run_id: str, kind: str, *, lenient: bool = False) -> dict[str, Any]:
         raw = await self.redis.hgetall(keys.kind_key(kind, run_id))
-        return {_s(k): load_field(v, run_id, kind, _s(k), lenient=lenient)
-                for k, v in raw.items()}
+        return {k: load_field(v, run_id, kind, k, lenient=lenient) for k, v in _of_kind(kind, raw).items()}
 
     async def read_status(self, run_id: str) -> dict[str, Any] | None:
         raw = await self.redis.get(keys.status_key(run_id))
@@ -663,3 +691,4 @@ class RedisStore(Store):
 
 
 assert set(KINDS) <= set(keys._KIND_PREFIX)
+assert not any(":" in f for f in META_FIELDS)  # so no meta field has a prefix of keys.FIELD_PREFIX
