@@ -9,6 +9,8 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
+from flowcraft_cli.distributed import keys
+from flowcraft_cli.distributed.views import RunReader
 from flowcraft_cli.jobs import Job
 from flowcraft_cli.store import NODES
 from tests.harness import make_adapter
@@ -332,6 +334,28 @@ def test_an_active_group_created_again_soon_after_gets_an_expiry(redis_url):
         return pttl
 
     assert asyncio.run(go()) > 0
+
+
+def test_a_group_of_runs_is_never_emptied_and_views_skip_its_placeholder(redis_url):
+    """The last run leaving the active group leaves the group's placeholder behind, with the group's expiry (so
+    the next run to start need not look at it), and the run list shows runs only."""
+    async def go():
+        a = make_adapter(Redis.from_url(redis_url), [ONE], {"tag": lambda ctx: 1}, queue_name="take-9")
+        run_id, scheduled = await a.engine.start_run("one", {})
+        await a.engine.handle(scheduled[0][1])
+        active = keys.runs_by_status_key("active", "take-9")
+        left = (await a.redis.zrange(active, 0, -1), await a.redis.pttl(active))
+        reader = RunReader(a.redis, "take-9")
+        listed = ([r.run_id for r in await reader.list_runs(status="running")],
+                  [r.run_id for r in await reader.list_runs()],
+                  [r.run_id for r in await reader.list_runs(status="completed")])
+        await a.close()
+        await a.redis.aclose()
+        return run_id, left, listed
+
+    run_id, (members, pttl), listed = asyncio.run(go())
+    assert members == [keys.GROUP_PLACEHOLDER.encode()] and pttl > 0
+    assert listed == ([], [run_id], [run_id])
 
 
 def test_a_retry_claimed_under_its_own_steps_entry_is_recovered(redis_url):

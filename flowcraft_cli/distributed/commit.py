@@ -42,7 +42,7 @@ OP_EXPIRE_ANY = "A"  # args: ms, key# of more keys   as E on each, after one EXI
 OP_EXTEND = "G"  # args: ms (<= 0: none)   never shortens: a key with a longer expiry (or none) keeps it
 OP_EXTEND_INDEX = "K"  # args: ms (<= 0: PERSIST)  gives a key with none an expiry, else never shortens it
 OP_DEFINE = "B"  # args: document, ms      SET keeping a longer expiry (or none) an earlier run gave it
-OP_ZADD = "Z"  # args: score, member
+OP_ZADD = "Z"  # args: score, member, ...
 OP_ZREM = "z"  # args: member
 OP_ENQUEUE = "Q"  # key: arq's queue; args: per job: job key#, score, payload, expires ms, job id
 OP_WAKE = "W"  # args: n, cap                LPUSH n tokens, keep at most 2 x ``cap``, a day's expiry when new
@@ -180,7 +180,7 @@ for _ = 1, tonumber(nxt()) do
       redis.call('PEXPIRE', k, ms)
     end
   elseif op == 'Z' then
-    redis.call('ZADD', k, a[1], a[2])
+    redis.call('ZADD', k, unpack(a))
   elseif op == 'z' then
     redis.call('ZREM', k, a[1])
   elseif op == 'Q' then

@@ -44,7 +44,10 @@ Blueprints and the run index (CONTRACT §10: views need only Redis):
   flowcraft:runs:<queue>               ZSET   run id -> created_at (ms): the runs started on a queue, newest
                                       last; written when a run starts and when it finishes
   flowcraft:runs-by-status:<group>:<queue>  ZSET  the same runs by status group (active = running or awaiting,
-                                      completed, failed, cancelled), moved whenever a run's status changes
+                                      completed, failed, cancelled), moved whenever a run's status changes;
+                                      each also holds a placeholder member "" (no run has that id) scored
+                                      -inf, so that a group is never emptied, and so never created again
+                                      without an expiry, when its last run moves on
   flowcraft:runs-expiry:<queue>        ZSET   run id -> when its keys were last due to expire (ms); each index
                                       write looks at entries past due and drops those whose run is gone,
                                       so index entries expire with their runs (no SCAN)
@@ -83,6 +86,8 @@ RUNS_BY_STATUS_PREFIX = "flowcraft:runs-by-status:"
 RUNS_EXPIRY_PREFIX = "flowcraft:runs-expiry:"
 #: status groups of the run index; a run's meta status maps to one (running and awaiting are "active")
 RUN_GROUPS = ("active", "completed", "failed", "cancelled")
+#: a member of every status group that is no run (run ids are 1 to 128 characters): readers skip it
+GROUP_PLACEHOLDER = ""
 
 RUN_PREFIX = "flowcraft:run:"
 _KIND_PREFIX = {

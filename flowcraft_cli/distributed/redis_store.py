@@ -559,15 +559,15 @@ class RedisStore(Store):
         if isinstance(status, str):
             group = keys.run_group(status)
             added.append(keys.runs_by_status_key(group, queue))
-            program.op(OP_ZADD, added[-1], created, run_id)
+            # with the group's placeholder, so that the last run leaving a group does not delete it
+            program.op(OP_ZADD, added[-1], created, run_id, "-inf", keys.GROUP_PLACEHOLDER)
             # a new run is in no group yet; a run that ends leaves the active one (a retry, the one it failed in)
             leaves = () if txn.started is not None else ("active",) if txn.final is not None else keys.RUN_GROUPS
             for other in leaves:
                 if other != group:
                     program.op(OP_ZREM, keys.runs_by_status_key(other, queue), run_id)
-        never_emptied = (keys.runs_key(queue), keys.runs_expiry_key(queue))
         if txn.started is not None:
-            added += never_emptied
+            added += index[:2]
             program.op(OP_ZADD, index[0], created, run_id)
         if txn.started is not None or txn.final is not None:
             # (at the end, the list of runs holds the run already: an entry is dropped only once its run is gone)
@@ -584,12 +584,13 @@ class RedisStore(Store):
             for key in index:
                 program.op(OP_EXTEND_INDEX, key, ms)
         elif ms:
-            # a group of runs is emptied as its runs move on (the active one, at every run's end) and created again
-            # by the next: looked at each time. The list of runs and their expiry dates always hold the run
-            # committing (the trim keeps a run whose keys exist), so they are never emptied, only expire: this
-            # process looks at them once a period (a key it saw to an expiry then has one still)
+            # an index key is never emptied (the list of runs and their expiry dates hold the run committing, and
+            # the trim keeps a run whose keys exist; a group of runs holds its placeholder), so it is never created
+            # again but after it expired. Every period this process extends the index keys that exist as far as
+            # the running TTL (above), so one it saw to an expiry within a period has one still, and it looks at
+            # each key it adds runs to once a period
             for key in added:
-                if key not in never_emptied or self._due_every(f"new:{key}", self._period(ms)):
+                if self._due_every(f"new:{key}", self._period(ms)):
                     program.op(OP_EXPIRE_NEW, key, ms)
 
     def _due_every(self, key: str, every_s: float) -> bool:

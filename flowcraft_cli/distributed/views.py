@@ -113,10 +113,11 @@ class RunReader:
         out: list[RunSummary] = []
         offset, page = 0, max(limit, 50)
         while len(out) < limit:
-            run_ids = [_s(r) for r in await self.redis.zrevrangebyscore(index, "+inf", low, start=offset, num=page)]
-            if not run_ids:
+            got = await self.redis.zrevrangebyscore(index, "+inf", low, start=offset, num=page)
+            if not got:
                 break
-            offset += len(run_ids)
+            offset += len(got)
+            run_ids = [r for r in map(_s, got) if r != keys.GROUP_PLACEHOLDER]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for run_id in run_ids:
                     pipe.hmget(keys.kind_key(RUN, run_id), list(_SUMMARY_FIELDS))
