@@ -160,3 +160,17 @@ def make_adapter(redis: Any, docs: list[str | dict], nodes: Mapping[str, Callabl
     registry = make_registry(nodes)
     return ArqAdapter(connection=redis, queue_name=kw.pop("queue_name", "dup-queue"),
                       runtime_options={"registry": registry, "blueprints": make_blueprints(docs, registry)}, **kw)
+
+
+def idle_s(redis_sync: Any, run_id: str) -> float:
+    """Seconds without progress, as the reconciler judges a run: its progress key's idle time, else (no step
+    wrote one yet: a run's start writes none) the time since the run was created."""
+    import time
+
+    from flowcraft_cli.distributed.keys import kind_key, progress_key
+
+    idle = redis_sync.object("idletime", progress_key(run_id))
+    if idle is not None:
+        return float(idle)
+    created = redis_sync.hget(kind_key("run", run_id), "created_at")
+    return 0.0 if created is None else time.time() - int(created) / 1000

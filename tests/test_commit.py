@@ -10,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from flowcraft_cli.distributed import keys
-from flowcraft_cli.distributed.commit import APPLY, OP_HSET, OP_PUSH, Commit
+from flowcraft_cli.distributed.commit import APPLY, OP_HDEL, OP_HSET, Commit
 from flowcraft_cli.distributed.queue import deserialize
 from flowcraft_cli.engine import StepOutcome
 from flowcraft_cli.jobs import Job
@@ -129,14 +129,14 @@ def test_a_big_program_commits_whole_or_not_at_all(redis_url):
     async def go():
         r = Redis.from_url(redis_url)
         apply = r.register_script(APPLY)
-        key, events = "flowcraft:test:big", "flowcraft:test:events"
-        await r.delete(key, events)
+        key = "flowcraft:test:big"
+        await r.delete(key)
         p = Commit()
         p.check(key, "guard", None)
         p.op(OP_HSET, key, *(x for i in range(5000) for x in (f"f{i}", str(i))))
-        p.op(OP_PUSH, events, 3, *(f"e{i}" for i in range(2500)))
+        p.op(OP_HDEL, key, *(f"f{i}" for i in range(2500, 5000)))
         first = await apply(keys=p.keys, args=p.argv())
-        size, tail = await r.hlen(key), await r.lrange(events, 0, -1)
+        size, tail = await r.hlen(key), await r.hmget(key, "f2499", "f2500")
         # a second program that read "guard" as absent, but it is set now: refused, nothing written
         await r.hset(key, "guard", "1")
         q = Commit()
@@ -146,12 +146,12 @@ def test_a_big_program_commits_whole_or_not_at_all(redis_url):
         second = await apply(keys=q.keys, args=q.argv())
         f0 = await r.hget(key, "f0")
         conflicts = q.values(second)
-        await r.delete(key, events)
+        await r.delete(key)
         await r.aclose()
         return first, size, tail, second, f0, conflicts
 
     first, size, tail, second, f0, conflicts = asyncio.run(go())
-    assert first == [1, None, None] and size == 5000 and tail == [b"e2497", b"e2498", b"e2499"]
+    assert first == [1, None, None] and size == 2500 and tail == [b"2499", None]
     assert second[0] == 0 and f0 == b"0"
     assert conflicts == [("flowcraft:test:big", "guard", b"1"), ("flowcraft:test:big", "f7", b"7")]
 
@@ -277,8 +277,9 @@ def _count_reads(adapter) -> list[tuple]:
 
 def test_a_start_job_carries_what_its_claim_reads(redis_url):
     """A run's start jobs carry the fields their claim reads (the meta, the node's record, its input), as the
-    start wrote them, beside arq's own keys in the payload: a worker that takes one in a commit claims it
-    without reading first. arq hands the job to the step without them (a worker of an earlier release would
+    start wrote them, beside arq's own keys in the payload, and for a small blueprint every node record (the
+    others absent) and the run's count of events: a worker that takes one in a commit claims it without
+    reading first, and its claim's commit sends back nothing for the run's next commits to read. arq hands the job to the step without them (a worker of an earlier release would
     reject an argument it does not know), so the one run arq hands over is read as before."""
     ran: list[str] = []
 
@@ -301,6 +302,7 @@ def test_a_start_job_carries_what_its_claim_reads(redis_url):
     views, reads, payload, run_ids = asyncio.run(go())
     assert all(v.status == "completed" for v in views) and sorted(ran) == ["a"] * 3 + ["b"] * 3
     assert payload["k"] == {} and payload["seed"]["nodes"]["a"]  # not an argument of the step
+    assert payload["seed"]["nodes"]["b"] is None and payload["seed"]["run"]["events"] == "1"
     read_runs = {r for r in run_ids for c in reads if c[1].endswith(r)}
     assert len(read_runs) == 1, reads  # the run arq handed over; the two taken by commits read nothing
 
@@ -439,3 +441,35 @@ def test_a_claim_decided_again_forgets_that_it_first_found_the_node_held(redis_u
     handled = asyncio.run(go())
     assert ran == ["a"]
     assert handled.outcome == StepOutcome.OK and [j.node_id for _, j in handled.scheduled] == ["b"]
+
+
+def test_a_runs_events_are_numbered_fields_of_its_hash_and_capped(redis_url, redis_sync, monkeypatch):
+    """Each event is a field ``e:<n>`` of the run's hash, numbered by the run's ``events`` count: read in
+    order, and only the last EVENT_CAP kept. Two steps adding events at once both land (the count is checked
+    by the commit, so the second one is decided again on the first one's count)."""
+    from flowcraft_cli.distributed import redis_store
+
+    monkeypatch.setattr(redis_store, "EVENT_CAP", 4)
+
+    async def go():
+        a, b = _two_workers(redis_url, FAN, "commit-events", lambda ctx: ctx.node_id)
+        r = a.redis
+        run_id, scheduled = await a.engine.start_run("fan", {})
+        s = await a.engine.handle(scheduled[0][1])
+        branches = [job for _, job in s.scheduled]
+        # two processes finish two branches at once
+        await asyncio.gather(a.engine.handle(branches[0]), b.engine.handle(branches[1]))
+        for job in branches[2:]:
+            await a.engine.handle(job)
+        await a.start(burst=True)
+        events = await a.store.read_events(run_id)
+        fields = sorted(f for f in await r.hkeys(keys.kind_key("run", run_id)) if f.startswith(b"e:"))
+        count = await r.hget(keys.kind_key("run", run_id), "events")
+        await _close(a, b)
+        return events, fields, count
+
+    events, fields, count = asyncio.run(go())
+    # run_started, 5 node_completed (s, x, y, z, j), run_finished: 7, of which the last 4 are kept
+    assert int(count) == 7 and fields == [b"e:4", b"e:5", b"e:6", b"e:7"]
+    assert [e["type"] for e in events] == ["node_completed"] * 3 + ["run_finished"]
+    assert events[-2]["node"] == "j"

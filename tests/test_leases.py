@@ -162,7 +162,8 @@ def test_worker_paused_past_its_lease_is_fenced_off(tmp_path, redis_url, stop):
     assert view["status"] == "completed"
     wait_for(lambda: _count(project, "slow end") == 2, 30, "the paused worker to finish its stale attempt")
     wait_for(lambda: "fenced off" in project.worker_log(0), 30, "the paused worker to log that it was fenced off")
-    events = [json.loads(e) for e in redis_lib.Redis.from_url(redis_url).lrange(f"flowcraft:events:{run_id}", 0, -1)]
+    stored = redis_lib.Redis.from_url(redis_url).hgetall(f"flowcraft:run:{run_id}")  # events: fields e:<n>
+    events = [json.loads(v) for _, v in sorted((int(k[2:]), v) for k, v in stored.items() if k.startswith(b"e:"))]
     assert [e["worker"] for e in events if e["type"] == "node_completed" and e["node"] == "slow"] == \
         [next(n for n in view["nodes"] if n["node_id"] == "slow")["worker"]]
     assert _count(project, "end run") == 1

@@ -10,15 +10,16 @@ import sys
 import threading
 
 import pytest
+import redis
 from redis.asyncio import Redis
 
 from flowcraft_cli.distributed.adapter import ArqAdapter
-from flowcraft_cli.distributed.keys import progress_key
+from flowcraft_cli.distributed.keys import kind_key
 from flowcraft_cli.distributed.reconciler import create_arq_reconciler
 from flowcraft_cli.jobs import Job
 from flowcraft_cli.store import NODES as NODE_RECORDS
 from tests.e2e import Project, wait_for
-from tests.harness import make_blueprints, make_registry
+from tests.harness import idle_s, make_blueprints, make_registry
 
 ROUTED = """
 id: routed
@@ -78,6 +79,7 @@ class Env:
                               runtime_options={"registry": registry, "blueprints": bps})
 
         self.adapter = self.do(make())
+        self.redis_sync = redis.Redis.from_url(url)
 
     def do(self, coro):
         return self.loop.run_until_complete(coro)
@@ -105,8 +107,8 @@ class Env:
                                     stalled_threshold_seconds=threshold, dry_run=dry_run)
         return self.do(rec.run())
 
-    def idle(self, run_id: str) -> int:
-        return self.do(self.adapter.redis.object("idletime", progress_key(run_id))) or 0
+    def idle(self, run_id: str) -> float:
+        return idle_s(self.redis_sync, run_id)
 
     def wait_idle(self, run_id: str, seconds: float) -> None:
         wait_for(lambda: self.idle(run_id) > seconds, 30, f"run {run_id} to be idle > {seconds}s", interval=0.2)
@@ -117,6 +119,7 @@ class Env:
     def close(self) -> None:
         self.do(self.adapter.close())
         self.do(self.adapter.redis.aclose())
+        self.redis_sync.close()
         self.loop.close()
 
 
@@ -140,12 +143,12 @@ def test_stalled_run_is_found_and_resumed(env):
 
 def test_a_stall_is_found_under_an_lfu_eviction_policy(env, redis_sync):
     """Under an LFU policy Redis refuses OBJECT IDLETIME: the idle time comes from the clock the progress key
-    holds (every commit writes it)."""
+    holds (every commit writes it), or before any did, from the run's created_at."""
     redis_sync.config_set("maxmemory-policy", "allkeys-lfu")
     try:
         run_id = env.start_unqueued("simple")
         with pytest.raises(Exception, match="LFU"):
-            redis_sync.object("idletime", progress_key(run_id))
+            redis_sync.object("idletime", kind_key("state", run_id))
         assert env.sweep(threshold=5).stalled_runs == 0  # just started: not idle, even without IDLETIME
         stats = wait_for(lambda: (s := env.sweep(threshold=1)).stalled_runs and s, 30, "the run to look stalled",
                          interval=0.2)
@@ -162,12 +165,9 @@ def test_reads_do_not_hide_a_stall(env):
     stop = threading.Event()
 
     def poll():
-        import redis
-
         r = redis.Redis.from_url(env.url)
         while not stop.is_set():  # what `inspect --watch` reads, every 0.2 s
-            for kind in ("run", "nodes"):
-                r.hgetall(f"flowcraft:{kind}:{run_id}")
+            r.hgetall(f"flowcraft:run:{run_id}")
             r.hgetall(f"workflow:state:{run_id}")
             stop.wait(0.2)
 

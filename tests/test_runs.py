@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from flowcraft_cli.distributed import keys
 from flowcraft_cli.distributed.adapter import ArqAdapter
 from tests.e2e import Project, wait_for
-from tests.harness import make_blueprints, make_registry
+from tests.harness import idle_s, make_blueprints, make_registry
 
 WAITS = "nodes: [{id: w, uses: wait}]\nedges: []\n"
 
@@ -78,8 +78,7 @@ def test_reconcile_from_an_empty_directory_judges_its_queue_and_skips_another(tm
         for job_id in redis_sync.zrange(project.queue, 0, -1):
             redis_sync.delete(b"arq:job:" + job_id)
         redis_sync.delete(project.queue)
-    wait_for(lambda: all(redis_sync.object("idletime", keys.progress_key(r)) for r in (lost, foreign)), 10,
-             "the runs to be idle")
+    wait_for(lambda: all(idle_s(redis_sync, r) >= 1 for r in (lost, foreign)), 10, "the runs to be idle")
 
     r = bare_cli(empty, redis_url, mine.queue, "reconcile", "--threshold", "0", "--json")
     assert r.returncode == 0, r.stderr
@@ -147,8 +146,7 @@ def test_runs_filters_table_and_json(runs, empty, redis_url, redis_sync):
     # started two hours ago, as far as the index and the run's meta are concerned
     two_hours_ago = int(time.time() * 1000) - 2 * 3600 * 1000
     redis_sync.hset(keys.kind_key("run", old), "created_at", two_hours_ago)
-    for key in (keys.runs_key(runs.queue), keys.runs_by_status_key("completed", runs.queue)):
-        redis_sync.zadd(key, {old: two_hours_ago})
+    redis_sync.zadd(keys.runs_by_status_key("completed", runs.queue), {old: two_hours_ago})
 
     def listed(*args: str) -> list[dict]:
         r = bare_cli(empty, redis_url, runs.queue, "runs", *args, "--json")
@@ -182,7 +180,7 @@ def test_index_entries_expire_with_their_runs(redis_url, redis_sync, empty):
     try:
         first = short.make("good")[0]
         index = keys.run_index_keys(short.queue)
-        assert redis_sync.zscore(keys.runs_key(short.queue), first) is not None
+        assert redis_sync.zscore(keys.runs_expiry_key(short.queue), first) is not None
         assert redis_sync.zscore(keys.runs_by_status_key("completed", short.queue), first) is not None
         definition = redis_sync.keys("flowcraft:blueprint:good:*")
         assert len(definition) == 1 and redis_sync.get(definition[0])
@@ -194,6 +192,6 @@ def test_index_entries_expire_with_their_runs(redis_url, redis_sync, empty):
         assert json.loads(r.stdout)["runs"] == []
         second = short.make("good")[0]  # the next index write drops the expired entry everywhere
         assert all(redis_sync.zscore(k, first) is None for k in index)
-        assert redis_sync.zscore(keys.runs_key(short.queue), second) is not None
+        assert redis_sync.zscore(keys.runs_by_status_key("completed", short.queue), second) is not None
     finally:
         short.close()

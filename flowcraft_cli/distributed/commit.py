@@ -35,7 +35,6 @@ OP_HSET = "H"  # args: field, value, ...
 OP_HDEL = "D"  # args: field, ...
 OP_SET_PX = "S"  # args: value, ms (ms <= 0: no expiry)
 OP_DEL = "X"  # args: key# of more keys to delete with it (one DEL)
-OP_PUSH = "R"  # args: cap, value, ...       RPUSH, then LTRIM to the last ``cap`` only when longer
 OP_EXPIRE = "E"  # args: ms (<= 0: PERSIST)
 OP_EXPIRE_NEW = "T"  # args: ms             only a key with no expiry (one this op's transaction created)
 OP_EXPIRE_ANY = "A"  # args: ms, key# of more keys   as E on each, after one EXISTS of them all finds any
@@ -132,16 +131,6 @@ for _ = 1, tonumber(nxt()) do
     local more = {}
     for j = 1, n do more[j] = KEYS[tonumber(a[j])] end
     redis.call('DEL', k, unpack(more))
-  elseif op == 'R' then
-    local cap = tonumber(a[1])
-    local len = 0
-    local s = 2
-    while s <= n do
-      local e = math.min(n, s + 999)
-      len = redis.call('RPUSH', k, unpack(a, s, e))
-      s = e + 1
-    end
-    if len > cap then redis.call('LTRIM', k, -cap, -1) end
   elseif op == 'E' then
     local ms = tonumber(a[1])
     if ms > 0 then redis.call('PEXPIRE', k, ms) else redis.call('PERSIST', k) end

@@ -12,12 +12,15 @@ last step of a run that never ends; a subflow child's steps extend its ancestors
                                                    identifiers, never holding ':'
                                         n:<node>   node record (status, seq, attempt, timings, error, worker)
                                         j:<field>  join arrival per (target, generation, source)
+                                        e:<n>      the run's n-th event (the last EVENT_CAP are kept);
+                                                   ``events`` counts them
   flowcraft:batch:<run_id>     HASH   batch items and results
   flowcraft:outbox:<run_id>    HASH   jobs decided but not yet confirmed in the queue
-  flowcraft:events:<run_id>    LIST   the run's events (capped)
-  flowcraft:progress:<run_id>  STRING time of the run's last step; written by every step and read by nothing,
+  flowcraft:progress:<run_id>  STRING time of the run's last step; written by its steps (not by its start: until
+                                      one writes it, the run's created_at stands in) and read by nothing,
                                       so its OBJECT IDLETIME is "time since progress" (reads of the run,
-                                      e.g. `inspect`, do not reset it, unlike the state hash's)
+                                      e.g. `inspect`, do not reset it, unlike the state hash's); deleted
+                                      when the run ends
 
 Workers (CONTRACT §6.1):
 
@@ -41,10 +44,10 @@ Blueprints and the run index (CONTRACT §10: views need only Redis):
                                       written when such a run starts; it expires no sooner than any run that
                                       uses it (every transaction of a run extends it as far as the run's own
                                       keys). ``:`` and ``%`` in the id are escaped (%3A, %25)
-  flowcraft:runs:<queue>               ZSET   run id -> created_at (ms): the runs started on a queue, newest
-                                      last; written when a run starts and when it finishes
-  flowcraft:runs-by-status:<group>:<queue>  ZSET  the same runs by status group (active = running or awaiting,
-                                      completed, failed, cancelled), moved whenever a run's status changes;
+  flowcraft:runs-by-status:<group>:<queue>  ZSET  run id -> created_at (ms): the runs started on a queue
+                                      by status group (active = running or awaiting, completed, failed,
+                                      cancelled), moved whenever a run's status changes (all of a queue's
+                                      runs, newest first, are a merge of its groups);
                                       each also holds a placeholder member "" (no run has that id) scored
                                       -inf, so that a group is never emptied, and so never created again
                                       without an expiry, when its last run moves on
@@ -73,7 +76,6 @@ from ..store import BATCH, JOINS, NODES, OUTBOX, RUN, STATE
 
 STATE_PREFIX = "workflow:state:"
 STATUS_PREFIX = "workflow:status:"
-EVENTS_PREFIX = "flowcraft:events:"
 PROGRESS_PREFIX = "flowcraft:progress:"
 COORD_PREFIX = "flowcraft:coord:"
 WORKER_PREFIX = "flowcraft:worker:"
@@ -81,7 +83,6 @@ WORKER_STEPS_PREFIX = "flowcraft:worker-steps:"
 WORKERS_PREFIX = "flowcraft:workers:"
 WORKERS_SEEN_PREFIX = "flowcraft:workers-seen:"
 BLUEPRINT_PREFIX = "flowcraft:blueprint:"
-RUNS_PREFIX = "flowcraft:runs:"
 RUNS_BY_STATUS_PREFIX = "flowcraft:runs-by-status:"
 RUNS_EXPIRY_PREFIX = "flowcraft:runs-expiry:"
 #: status groups of the run index; a run's meta status maps to one (running and awaiting are "active")
@@ -90,16 +91,21 @@ RUN_GROUPS = ("active", "completed", "failed", "cancelled")
 GROUP_PLACEHOLDER = ""
 
 RUN_PREFIX = "flowcraft:run:"
+#: the run's events: a kind of the Redis store's own (the engine's transactions collect them in ``Txn.events``),
+#: numbered from 1 by the run's ``EVENT_COUNT`` field
+EVENTS = "events"
+EVENT_COUNT = "events"
 _KIND_PREFIX = {
     STATE: STATE_PREFIX,
     RUN: RUN_PREFIX,
     NODES: RUN_PREFIX,
     JOINS: RUN_PREFIX,
+    EVENTS: RUN_PREFIX,
     BATCH: "flowcraft:batch:",
     OUTBOX: "flowcraft:outbox:",
 }
 #: kinds kept as fields of the run's hash, behind a prefix each (the meta's own fields have none)
-FIELD_PREFIX = {NODES: "n:", JOINS: "j:"}
+FIELD_PREFIX = {NODES: "n:", JOINS: "j:", EVENTS: "e:"}
 _PREFIX_KIND = {p: k for k, p in FIELD_PREFIX.items()}
 
 
@@ -124,18 +130,13 @@ def status_key(run_id: str) -> str:
     return STATUS_PREFIX + run_id
 
 
-def events_key(run_id: str) -> str:
-    return EVENTS_PREFIX + run_id
-
-
 def progress_key(run_id: str) -> str:
     return PROGRESS_PREFIX + run_id
 
 
 def run_keys(run_id: str) -> list[str]:
     """Every key of one run, for expiry and for tests that check nothing is left behind."""
-    return [*dict.fromkeys(kind_key(k, run_id) for k in _KIND_PREFIX), status_key(run_id), events_key(run_id),
-            progress_key(run_id)]
+    return [*dict.fromkeys(kind_key(k, run_id) for k in _KIND_PREFIX), status_key(run_id), progress_key(run_id)]
 
 
 def coord_key(name: str) -> str:
@@ -164,10 +165,6 @@ def blueprint_key(blueprint_id: str, version: str) -> str:
     return f"{BLUEPRINT_PREFIX}{blueprint_id.replace('%', '%25').replace(':', '%3A')}:{version}"
 
 
-def runs_key(queue_name: str) -> str:
-    return RUNS_PREFIX + queue_name
-
-
 def runs_by_status_key(group: str, queue_name: str) -> str:
     return f"{RUNS_BY_STATUS_PREFIX}{group}:{queue_name}"
 
@@ -182,9 +179,8 @@ def run_group(status: str) -> str:
 
 
 def run_index_keys(queue_name: str) -> list[str]:
-    """Every index key of one queue: all runs, the expiry index, then one per status group."""
-    return [runs_key(queue_name), runs_expiry_key(queue_name),
-            *(runs_by_status_key(g, queue_name) for g in RUN_GROUPS)]
+    """Every index key of one queue: the expiry index, then one per status group."""
+    return [runs_expiry_key(queue_name), *(runs_by_status_key(g, queue_name) for g in RUN_GROUPS)]
 
 
 WAKE_PREFIX = "flowcraft:wake:"

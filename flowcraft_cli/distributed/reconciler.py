@@ -36,7 +36,8 @@ log = logging.getLogger("flowcraft.reconciler")
 # holds entries (whatever its status: a finished child's note to its parent may sit there); take its idle
 # time from OBJECT IDLETIME of its progress key (never read by anything, so reads of the run cannot reset it),
 # else, where OBJECT is refused (an LFU eviction policy), from the time the progress key holds (every commit
-# writes it), else from the meta's updated_at (written by versions before the one-call commit).
+# writes it), else from the meta's updated_at (written by versions before the one-call commit), else from its
+# created_at (a run's start writes no progress key: its first step a second later, or its end, does).
 # Returns {run_id, blueprint_id, idle_ms, queue} for those runs idle longer than the threshold (queue: the meta's
 # JSON queue name, recorded at the run's start, or 'null' for a run that recorded none).
 # ARGV: [1] meta key prefix, [2] progress key prefix, [3] now (ms), [4] threshold (s), [5] outbox key prefix,
@@ -47,14 +48,14 @@ local out = {}
 local now, threshold_ms = tonumber(ARGV[3]), tonumber(ARGV[4]) * 1000
 for i = 6, #ARGV do
   local run_id = ARGV[i]
-  local meta = redis.call('HMGET', ARGV[1] .. run_id, 'status', 'blueprint_id', 'updated_at', 'queue')
+  local meta = redis.call('HMGET', ARGV[1] .. run_id, 'status', 'blueprint_id', 'updated_at', 'queue', 'created_at')
   if meta[1] == '"running"' or (meta[1] and redis.call('EXISTS', ARGV[5] .. run_id) == 1) then
     local idle_ms = nil
     local ok, idle = pcall(redis.call, 'OBJECT', 'IDLETIME', ARGV[2] .. run_id)
     if ok and idle then
       idle_ms = idle * 1000
     else
-      local stamp = redis.call('GET', ARGV[2] .. run_id) or meta[3]
+      local stamp = redis.call('GET', ARGV[2] .. run_id) or meta[3] or meta[5]
       if stamp then idle_ms = now - tonumber(stamp) end
     end
     if idle_ms == nil then

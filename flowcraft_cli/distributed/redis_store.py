@@ -48,7 +48,6 @@ from .commit import (
     OP_EXTEND_INDEX,
     OP_HDEL,
     OP_HSET,
-    OP_PUSH,
     OP_SET_PX,
     OP_TRIM_INDEX,
     OP_WAKE,
@@ -81,10 +80,17 @@ def _s(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _with_event_count(wanted: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """``wanted`` fields of a run, with its count of events when the meta is among them: a step that reads the
+    meta (every step) numbers its events from that count, so whatever brings a step's meta into this
+    process's memory ahead of it (a start job's values, a commit's warm fields, a preload) brings it too."""
+    return {**wanted, RUN: [*wanted[RUN], keys.EVENT_COUNT]} if RUN in wanted else dict(wanted)
+
+
 def _of_kind(kind: str, raw: Mapping[Any, Any]) -> dict[str, Any]:
     """The fields of ``kind`` in its hash read whole (HGETALL), by their names in the kind: the run's hash
     holds three kinds (``keys.FIELD_PREFIX``)."""
-    if kind not in (RUN, NODES, JOINS):
+    if kind not in (RUN, NODES, JOINS, keys.EVENTS):
         return {_s(k): v for k, v in raw.items()}
     out = {}
     for k, v in raw.items():
@@ -264,6 +270,8 @@ class RedisStore(Store):
                     meta = {}
             if txn.started is not None and self.queue_name is not None:
                 txn.put(RUN, "queue", self.queue_name)  # whose reconciler may judge it (another project's may not)
+            if txn.events:
+                await self._number_events(txn)
             self._checks(program, txn)
             # building a program is synchronous: no other transaction marks anything in between
             marks: list[tuple[str, float | None]] = []
@@ -271,7 +279,7 @@ class RedisStore(Store):
             if txn.dirty:
                 self._writes(program, txn, meta)
                 self._catalog_writes(program, txn, meta)
-                warm = {kind: list(fields) for kind, fields in txn.warm.items()}
+                warm = {kind: list(fields) for kind, fields in _with_event_count(txn.warm).items()}
                 warmed = self._warmed.setdefault(run_id, set())
                 for tag, wanted in txn.warm_once.items():
                     if tag not in warmed:
@@ -315,6 +323,25 @@ class RedisStore(Store):
                     del cache[cached]
             if tries > 2:
                 await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * tries)))
+
+    @staticmethod
+    async def _number_events(txn: _RedisTxn) -> None:
+        """A run's events are fields of its hash, numbered from the count the run holds: read (so checked by
+        the commit: two steps that add events at once serialize) and written with them. The last EVENT_CAP
+        are kept. A count that is not a number (corrupt) starts again at 0."""
+        if txn.started is not None:  # a new run has none (the commit checks it)
+            txn.assume_absent({RUN: [keys.EVENT_COUNT]})
+        try:
+            count = await txn.get(RUN, keys.EVENT_COUNT, 0)
+        except UndecodableValue:
+            count = 0
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            count = 0
+        for n, event in enumerate(txn.events, count + 1):
+            txn.put(keys.EVENTS, str(n), event)
+            if n > EVENT_CAP:
+                txn.delete(keys.EVENTS, str(n - EVENT_CAP))
+        txn.put(RUN, keys.EVENT_COUNT, count + len(txn.events))
 
     def _undo(self, marks: list[tuple[str, float | None]]) -> None:
         """A program that was not applied did not do what it marked done in ``_kept``: it is still due."""
@@ -360,8 +387,8 @@ class RedisStore(Store):
         known |= {kind for kind, _ in txn._writes if kind in _RECREATED}
         known -= {kind for (kind, _), value in txn._writes.items() if value is MISSING}
         for (kind, fld), value in txn._writes.items():
-            if kind == OUTBOX and self.enqueues:
-                continue
+            if kind == keys.EVENTS or (kind == OUTBOX and self.enqueues):
+                continue  # (events are never read by a step)
             cache[(kind, fld)] = None if value is MISSING else txn.encoded.get((kind, fld)) or dumpb(value)
 
     def _writes(self, program: Commit, txn: Txn, meta: dict[str, Any]) -> None:
@@ -395,21 +422,24 @@ class RedisStore(Store):
         if jobs:
             self._enqueue(program, txn, jobs, now)
         # the progress key's idle time is what the reconciler reads ("time since progress"): written by every
-        # step, but by this process at most once a second per run (a chain does a step a millisecond), and
-        # always with the expiry the run's keys get now
+        # step but the run's start (until a step writes it, the reconciler counts from the run's created_at),
+        # by this process at most once a second per run (a chain does a step a millisecond), and always with
+        # the expiry the run's keys get now; deleted at the run's end (a finished run makes no progress)
         resets = _resets_expiry(txn)
         created = meta.get("created_at")
-        progressed = resets or self._due_since_start(f"progress:{run_id}", 1.0, created)
-        if progressed:
-            program.op(OP_SET_PX, keys.progress_key(run_id), now, ms)
-        if txn.events:
-            program.op(OP_PUSH, keys.events_key(run_id), EVENT_CAP, *(dumps(e) for e in txn.events))
+        progress = keys.progress_key(run_id)
+        progressed = txn.final is not None or (
+            txn.started is None and (resets or self._due_since_start(f"progress:{run_id}", 1.0, created)))
+        if txn.final is not None:
+            program.op(OP_DEL, progress)
+        elif progressed:
+            program.op(OP_SET_PX, progress, now, ms)
         if txn.unfinal:
             program.op(OP_DEL, keys.status_key(run_id))
         if txn.final is not None:
             program.op(OP_SET_PX, keys.status_key(run_id), dumps(txn.final[0]), ms)
         # keys written above with the expiry they need: no PEXPIRE of their own
-        expired = {keys.progress_key(run_id)} if progressed else set()
+        expired = {progress} if progressed else set()
         if txn.final is not None or txn.unfinal:
             expired.add(keys.status_key(run_id))
         # Expiry: every key of the run gets the run's TTL when the run starts, ends, or asks for longer (a
@@ -417,8 +447,7 @@ class RedisStore(Store):
         # while (the context during a long node) does not lapse alone; in between, only a hash this
         # transaction may have created again (see _RECREATED) is looked at.
         if txn.started is not None:  # a new run: its keys are those this transaction writes
-            for key in sorted({keys.kind_key(kind, run_id) for kind in sets}
-                              | ({keys.events_key(run_id)} if txn.events else set())):
+            for key in sorted({keys.kind_key(kind, run_id) for kind in sets}):
                 program.op(OP_EXPIRE, key, ms)
         elif resets or self._due_since_start(f"run:{run_id}", self._period(ms), created):
             # the hashes a run may never hold a field in (joins of a chain, a batch's items, an outbox when
@@ -433,8 +462,6 @@ class RedisStore(Store):
             known = self._nonempty.get(run_id, set())
             for kind in (sets.keys() & _RECREATED) - known:
                 program.op(OP_EXPIRE_NEW, keys.kind_key(kind, run_id), ms)
-            if txn.events and self._due_since_start(f"events:{run_id}", self._period(ms), created):
-                program.op(OP_EXPIRE_NEW, keys.events_key(run_id), ms)
         if txn.ancestors:  # a parent run's keys live at least as long as any of its live children (§6.1)
             for ancestor in txn.ancestors:
                 for key in keys.run_keys(ancestor):
@@ -459,7 +486,7 @@ class RedisStore(Store):
         args: list[bytes | str | int] = []
         for job in jobs:
             wanted = txn.seeds.get(job.job_id)
-            seed = self._seed_of(txn, wanted) if wanted else None
+            seed = self._seed_of(txn, _with_event_count(wanted)) if wanted else None
             job_key, score, payload, expires_ms = self.queue.job_record(job, now, seed)
             args += [program.key(job_key), score, payload, expires_ms, job.job_id]
             ready += score <= now
@@ -501,7 +528,7 @@ class RedisStore(Store):
         remembered: one that changed since only makes the step decide again (a step whose run turns out to be
         of another blueprint is handled again on fresh values, ``Engine._handle``). A seed with anything in it
         that is not a stored value of its kind (planted, another version's) is ignored whole."""
-        if run_id in self._cache or not isinstance(seed, dict) or set(seed) - {RUN, NODES, STATE}:
+        if run_id in self._cache or not isinstance(seed, dict) or set(seed) - {RUN, NODES, JOINS, STATE}:
             return
         values: dict[tuple[str, str], bytes | None] = {}
         meta: dict[str, Any] = {}
@@ -551,6 +578,7 @@ class RedisStore(Store):
         if not isinstance(queue, str):
             return  # no index (a store without a queue, or a run that recorded none)
         index = keys.run_index_keys(queue)
+        expiry = keys.runs_expiry_key(queue)
         status = txn._writes.get((RUN, "status"), MISSING)
         run_id = txn.run_id
         now = int(time.time() * 1000)
@@ -567,13 +595,12 @@ class RedisStore(Store):
                 if other != group:
                     program.op(OP_ZREM, keys.runs_by_status_key(other, queue), run_id)
         if txn.started is not None:
-            added += index[:2]
-            program.op(OP_ZADD, index[0], created, run_id)
+            added.append(expiry)
         if txn.started is not None or txn.final is not None:
-            # (at the end, the list of runs holds the run already: an entry is dropped only once its run is gone)
-            program.op(OP_ZADD, index[1], now + ms if ms else "+inf", run_id)
+            # (at the end, the index holds the run already: an entry is dropped only once its run is gone)
+            program.op(OP_ZADD, expiry, now + ms if ms else "+inf", run_id)
             if self._due_every(f"trim:{queue}", 1.0):  # entries of expired runs, at most once a second here
-                program.op(OP_TRIM_INDEX, index[1], now, keys.kind_key(RUN, ""), TRIM_BATCH,
+                program.op(OP_TRIM_INDEX, expiry, now, keys.kind_key(RUN, ""), TRIM_BATCH,
                            *(program.key(k) for k in index))
         # last: a sorted set created above has no expiry yet; an index key lives as long as its longest-lived
         # run, so it only ever grows its expiry (or loses it, for a run kept forever): all of them when the run
@@ -584,9 +611,9 @@ class RedisStore(Store):
             for key in index:
                 program.op(OP_EXTEND_INDEX, key, ms)
         elif ms:
-            # an index key is never emptied (the list of runs and their expiry dates hold the run committing, and
-            # the trim keeps a run whose keys exist; a group of runs holds its placeholder), so it is never created
-            # again but after it expired. Every period this process extends the index keys that exist as far as
+            # an index key is never emptied (the expiry dates hold the run committing, and the trim keeps a run
+            # whose keys exist; a group of runs holds its placeholder), so it is never created again but after
+            # it expired. Every period this process extends the index keys that exist as far as
             # the running TTL (above), so one it saw to an expiry within a period has one still, and it looks at
             # each key it adds runs to once a period
             for key in added:
@@ -639,7 +666,7 @@ class RedisStore(Store):
                 for f, v in zip(fields, values, strict=True)]
 
     async def preload(self, run_id: str, wanted: dict[str, list[str]]) -> None:
-        await self._fetch(run_id, wanted)
+        await self._fetch(run_id, _with_event_count(wanted))
 
     async def _fetch(self, run_id: str, wanted: dict[str, list[str]],
                      skip: Mapping[tuple[str, str], Any] | None = None) -> dict[tuple[str, str], bytes | None]:
@@ -685,7 +712,8 @@ class RedisStore(Store):
         return None if raw is None else json.loads(_s(raw))
 
     async def read_events(self, run_id: str) -> list[dict[str, Any]]:
-        return [json.loads(_s(e)) for e in await self.redis.lrange(keys.events_key(run_id), 0, -1)]
+        events = _of_kind(keys.EVENTS, await self.redis.hgetall(keys.kind_key(keys.EVENTS, run_id)))
+        return [json.loads(_s(events[n])) for n in sorted(events, key=lambda n: int(n) if n.isdigit() else -1)]
 
     async def _ack(self, run_id: str, job_ids: list[str]) -> None:
         await self.redis.hdel(keys.kind_key(OUTBOX, run_id), *job_ids)
@@ -693,3 +721,4 @@ class RedisStore(Store):
 
 assert set(KINDS) <= set(keys._KIND_PREFIX)
 assert not any(":" in f for f in META_FIELDS)  # so no meta field has a prefix of keys.FIELD_PREFIX
+assert keys.EVENT_COUNT not in META_FIELDS

@@ -107,17 +107,15 @@ class RunReader:
             raise InvalidInput(f"--status {status!r}: expected one of {', '.join(RUN_STATUSES)}")
         if limit < 1:
             return []
-        index = keys.runs_key(self.queue_name) if status is None else \
-            keys.runs_by_status_key(keys.run_group(status), self.queue_name)
-        low: int | str = "-inf" if since_ms is None else since_ms
+        groups = keys.RUN_GROUPS if status is None else (keys.run_group(status),)
+        newest = _Newest(self.redis, [keys.runs_by_status_key(g, self.queue_name) for g in groups],
+                         "-inf" if since_ms is None else since_ms)
         out: list[RunSummary] = []
-        offset, page = 0, max(limit, 50)
+        page = max(limit, 50)
         while len(out) < limit:
-            got = await self.redis.zrevrangebyscore(index, "+inf", low, start=offset, num=page)
-            if not got:
+            run_ids = await newest.take(page)
+            if not run_ids:
                 break
-            offset += len(got)
-            run_ids = [r for r in map(_s, got) if r != keys.GROUP_PLACEHOLDER]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for run_id in run_ids:
                     pipe.hmget(keys.kind_key(RUN, run_id), list(_SUMMARY_FIELDS))
@@ -133,6 +131,44 @@ class RunReader:
                         break
             page = min(page * 4, 5000)
         return out
+
+
+class _Newest:
+    """Run ids of several groups of the run index, newest first: a merge of their pages (a run's status groups
+    together are all its runs), each page a ZREVRANGEBYSCORE of one group. A run that moves to another group
+    while it is read may be met twice (the second time is skipped) or not at all, as in any paged listing."""
+
+    def __init__(self, redis: Redis, groups: list[str], low: int | str) -> None:
+        self.redis = redis
+        self.low = low
+        self.heads: dict[str, list[tuple[str, float]]] = {g: [] for g in groups}  # fetched, not taken, newest last
+        self.offsets = dict.fromkeys(groups, 0)
+        self.more = set(groups)  # groups that may hold more than was fetched
+        self.seen: set[str] = set()
+
+    async def take(self, n: int) -> list[str]:
+        out: list[str] = []
+        while len(out) < n:
+            for group in self.heads:
+                if not self.heads[group] and group in self.more:
+                    await self._fetch(group, max(n, 50))
+            live = [g for g in self.heads if self.heads[g]]
+            if not live:
+                break
+            group = max(live, key=lambda g: self.heads[g][-1][1])
+            run_id = self.heads[group].pop()[0]
+            if run_id != keys.GROUP_PLACEHOLDER and run_id not in self.seen:
+                self.seen.add(run_id)
+                out.append(run_id)
+        return out
+
+    async def _fetch(self, group: str, n: int) -> None:
+        got = await self.redis.zrevrangebyscore(group, "+inf", self.low, start=self.offsets[group], num=n,
+                                                withscores=True)
+        self.offsets[group] += len(got)
+        if len(got) < n:
+            self.more.discard(group)
+        self.heads[group] = [(_s(r), score) for r, score in reversed(got)]
 
 
 def _summary(run_id: str, row: list[Any]) -> RunSummary:

@@ -31,7 +31,7 @@ from ..errors import BlueprintUnavailable, InvalidInput, RunNotFound, StateConfl
 from ..ids import check_run_id
 from ..jobs import Job
 from ..registry import NodeRegistry
-from ..store import BATCH, MISSING, NODES, OUTBOX, RUN, STATE, Store, Txn, check_json
+from ..store import BATCH, JOINS, MISSING, NODES, OUTBOX, RUN, STATE, Store, Txn, check_json
 from .lifecycle import RunTxn
 from .reads import first_reads, read_node_input, read_route, run_fields
 from .routing import check_resume_action
@@ -68,6 +68,7 @@ from .state import (
 from .step import Step
 
 log = logging.getLogger("flowcraft.engine")
+SEED_RUN_FIELDS = 64  # a blueprint with at most this many node records and join fields sends them with its start
 
 
 @dataclass(slots=True)
@@ -196,8 +197,17 @@ class Engine:
             for node_id in bp.start_nodes:
                 await run.fire(node_id, run_input)
             await run.settle()
-            for _, job in run.scheduled:  # what each start job's claim reads, sent with it where a store can
-                t.seeds[job.job_id] = first_reads(bp.node_map[job.node_id])
+            # what each start job's claim reads, sent with it where a store can; and, for a small blueprint, what
+            # the run's next steps read (every node record and join field, all absent): the worker then
+            # reads nothing before the run's first commit
+            known = run_fields(bp)
+            small = sum(map(len, known.values())) <= SEED_RUN_FIELDS
+            for _, job in run.scheduled:
+                wanted = first_reads(bp.node_map[job.node_id])
+                if small:
+                    wanted = {**wanted, NODES: list(dict.fromkeys([*wanted[NODES], *known[NODES]])),
+                              JOINS: list(known[JOINS])}
+                t.seeds[job.job_id] = wanted
             return run.scheduled
 
         return run_id, await self.store.transact(run_id, txn_fn)
