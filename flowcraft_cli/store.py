@@ -161,9 +161,6 @@ class Txn(ABC):
     @abstractmethod
     async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]: ...
 
-    @abstractmethod
-    async def _load_all(self, kind: str) -> dict[str, str | bytes]: ...
-
     async def prefetch(self, wanted: dict[str, list[str]]) -> None:
         """Read these fields now, in one go where the store can (kind -> fields): a transaction that knows
         what it will read asks once instead of once per ``get``."""
@@ -199,16 +196,6 @@ class Txn(ABC):
             v = writes[key] if key in writes else cache[key]
             if v is not MISSING:
                 out[key[1]] = v
-        return out
-
-    async def get_all(self, kind: str) -> dict[str, Any]:
-        out = {f: self._loads(kind, f, raw) for f, raw in (await self._load_all(kind)).items()}
-        for (k, f), v in self._writes.items():
-            if k == kind:
-                if v is MISSING:
-                    out.pop(f, None)
-                else:
-                    out[f] = v
         return out
 
     def _loads(self, kind: str, field: str, raw: str | bytes) -> Any:
@@ -287,9 +274,6 @@ class _MemoryTxn(Txn):
     async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]:
         h = self._data.get(kind, {})
         return [h.get(f) for f in fields]
-
-    async def _load_all(self, kind: str) -> dict[str, str | bytes]:
-        return {**self._data.get(kind, {})}
 
 
 class MemoryStore(Store):

@@ -473,3 +473,29 @@ def test_a_runs_events_are_numbered_fields_of_its_hash_and_capped(redis_url, red
     assert int(count) == 7 and fields == [b"e:4", b"e:5", b"e:6", b"e:7"]
     assert [e["type"] for e in events] == ["node_completed"] * 3 + ["run_finished"]
     assert events[-2]["node"] == "j"
+
+
+@pytest.mark.parametrize("planted", [b'"x"', b"{not json"])
+def test_a_corrupt_count_of_events_loses_no_event_and_hides_no_run(redis_url, planted):
+    """The run's count of events is not a number (planted, corrupt): the next events are numbered on from the
+    last one there is, overwriting none, and ``inspect`` still shows the run (the count is the store's own,
+    not a field of the run's meta)."""
+
+    async def go():
+        a = make_adapter(Redis.from_url(redis_url), [CHAIN], {"tag": lambda ctx: ctx.node_id},
+                         queue_name="commit-corrupt-count")
+        run_id, scheduled = await a.engine.start_run("chain", {})
+        s = await a.engine.handle(scheduled[0][1])  # a
+        await a.redis.hset(keys.kind_key("run", run_id), "events", planted)
+        a.store.forget(run_id)
+        for _, job in s.scheduled:
+            await a.engine.handle(job)  # b, and the run's end
+        view = await a.inspect(run_id)
+        events = await a.store.read_events(run_id)
+        await _close(a)
+        return view, events
+
+    view, events = asyncio.run(go())
+    assert view.status == "completed"
+    assert [(e["type"], e.get("node")) for e in events] == [
+        ("run_started", None), ("node_completed", "a"), ("node_completed", "b"), ("run_finished", None)]

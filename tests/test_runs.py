@@ -195,3 +195,30 @@ def test_index_entries_expire_with_their_runs(redis_url, redis_sync, empty):
         assert redis_sync.zscore(keys.runs_by_status_key("completed", short.queue), second) is not None
     finally:
         short.close()
+
+
+def test_the_run_list_misses_no_run_when_others_leave_its_group_while_it_is_read(redis_url, redis_sync):
+    """The list merges the status groups page by page. Runs that finish while it is read leave the active group
+    (and join the completed one): the runs after them in the active group are still listed, each once, newest
+    first; those that moved are met once too."""
+    from flowcraft_cli.distributed.views import _Newest
+
+    queue = "paging-queue"
+    active, done = keys.runs_by_status_key("active", queue), keys.runs_by_status_key("completed", queue)
+    runs = [f"r{i:03d}" for i in range(60)]  # r059 newest
+    redis_sync.zadd(active, {r: 1000 + i for i, r in enumerate(runs)} | {keys.GROUP_PLACEHOLDER: float("-inf")})
+
+    async def go():
+        r = Redis.from_url(redis_url)
+        newest = _Newest(r, [keys.runs_by_status_key(g, queue) for g in keys.RUN_GROUPS], "-inf")
+        first = await newest.take(50)
+        for run_id in runs[50:60]:  # ten of the listed ones finish
+            await r.zrem(active, run_id)
+            await r.zadd(done, {run_id: 1000 + runs.index(run_id)})
+        rest = await newest.take(50)
+        await r.aclose()
+        return first, rest
+
+    first, rest = asyncio.run(go())
+    assert first == runs[::-1][:50]
+    assert rest == runs[::-1][50:]

@@ -13,8 +13,6 @@ packs each argument in Python, and a commit has a hundred of them; a program hol
 goes as plain ARGV after a ``flat`` marker), read with a cursor:
 
   n_groups, then per group:  key#, n, n x (field, present "1"/"0", value)       -- HMGET + compare
-  n_wholes, then per hash:   key#, prefix, n, n x (field, value)                -- HGETALL + compare the
-                                                                                   fields with that prefix
   n_ops, then per op:        opcode, key#, n_args, args...
   n_warm, then per hash:     key#, n, n x field                                 -- HMGET after the ops
 
@@ -91,22 +89,6 @@ for _ = 1, tonumber(nxt()) do
     end
     seen[#seen + 1] = ki; seen[#seen + 1] = fields[j]; seen[#seen + 1] = c
   end
-end
-for _ = 1, tonumber(nxt()) do
-  local k = KEYS[tonumber(nxt())]
-  local prefix = nxt()
-  local n = tonumber(nxt())
-  local want = {}
-  for _ = 1, n do local f = nxt(); want[f] = nxt() end
-  local got = redis.call('HGETALL', k)
-  local count = 0
-  for j = 1, #got, 2 do
-    if prefix == '' or string.sub(got[j], 1, #prefix) == prefix then
-      count = count + 1
-      if want[got[j]] ~= got[j + 1] then ok = false end
-    end
-  end
-  if count ~= n then ok = false end
 end
 if not ok then
   local out = {0}
@@ -269,7 +251,6 @@ class Commit:
     keys: list[str] = field(default_factory=list)
     _index: dict[str, int] = field(default_factory=dict)
     _groups: dict[int, list[tuple[str, bytes | None]]] = field(default_factory=dict)
-    _wholes: list[tuple[int, str, dict[str, bytes]]] = field(default_factory=list)
     _ops: list[bytes | str | int] = field(default_factory=list)
     n_ops: int = 0
     _warm: dict[int, list[str]] = field(default_factory=dict)
@@ -290,11 +271,6 @@ class Commit:
         """``check`` for several fields of one hash."""
         self._groups.setdefault(self.key(key), []).extend(checks)
 
-    def check_whole(self, key: str, fields: dict[str, bytes], prefix: str = "") -> None:
-        """The commit holds only if the fields of the hash ``key`` whose names start with ``prefix`` are
-        exactly ``fields``."""
-        self._wholes.append((self.key(key), prefix, fields))
-
     def op(self, code: str, key: str, *args: bytes | str | int) -> None:
         self._ops += [code, self.key(key), len(args), *args]
         self.n_ops += 1
@@ -306,7 +282,7 @@ class Commit:
 
     @property
     def empty(self) -> bool:
-        return not self.n_ops and not self._groups and not self._wholes
+        return not self.n_ops and not self._groups
 
     def argv(self) -> list[bytes | str | int]:
         """The program as ARGV: one msgpack blob; or, if a value is not UTF-8 (Redis's cmsgpack knows no
@@ -323,11 +299,6 @@ class Commit:
             out += [ki, len(checks)]
             for fld, raw in checks:
                 out += [fld, "0", ""] if raw is None else [fld, "1", raw]
-        out.append(len(self._wholes))
-        for ki, prefix, fields in self._wholes:
-            out += [ki, prefix, len(fields)]
-            for fld, raw in fields.items():
-                out += [fld, raw]
         out.append(self.n_ops)
         out += self._ops
         out.append(len(self._warm))

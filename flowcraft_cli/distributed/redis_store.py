@@ -95,7 +95,7 @@ def _of_kind(kind: str, raw: Mapping[Any, Any]) -> dict[str, Any]:
     out = {}
     for k, v in raw.items():
         got, name = keys.run_hash_field(_s(k))
-        if got == kind:
+        if got == kind and not (kind == RUN and name == keys.EVENT_COUNT):  # (the store's own, not the meta's)
             out[name] = v
     return out
 
@@ -131,7 +131,6 @@ class _RedisTxn(Txn):
         self._store = store
         self._fields = store._fields_of(run_id)
         self.reads: dict[tuple[str, str], bytes | None] = {}
-        self.wholes: dict[str, dict[str, bytes]] = {}
         self.cached = False  # some value read came from the cache, not from Redis during this transaction
         self.encoded: dict[tuple[str, str], bytes] = {}  # each value written, as JSON bytes (``_writes``)
 
@@ -164,19 +163,10 @@ class _RedisTxn(Txn):
                 if (kind, f) not in self.reads:
                     self._fields.setdefault((kind, f), None)
 
-    async def _load_all(self, kind: str) -> dict[str, str | bytes]:
-        if kind == RUN:  # (the commit checks a whole hash by its fields' prefix, and the meta's have none)
-            raise NotImplementedError("a transaction reads the run's meta field by field")
-        raw = await self._store.redis.hgetall(keys.kind_key(kind, self.run_id))
-        whole = {f: _raw(v) for f, v in _of_kind(kind, raw).items()}
-        self.wholes[kind] = whole
-        for f, v in whole.items():
-            self._fields[(kind, f)] = v
-        return dict(whole)
 
 
 class RedisStore(Store):
-    """``queue_name``: the queue whose run index (``keys.runs_key``) a run's start and status changes are
+    """``queue_name``: the queue whose run index (``keys.run_index_keys``) a run's start and status changes are
     written to; without one, no index is kept. ``queue``: the arq queue a commit puts the jobs it decides
     on, in the same atomic call (then nothing waits in the run's outbox, and the driver queues nothing)."""
 
@@ -317,26 +307,23 @@ class RedisStore(Store):
             # of siblings finishing together on several workers (a wide fan-in) spreads out
             self.conflicts += 1
             tries += 1
-            cache = self._absorb(run_id, program, reply)
-            for kind in txn.wholes:
-                for cached in [k for k in cache if k[0] == kind]:
-                    del cache[cached]
+            self._absorb(run_id, program, reply)
             if tries > 2:
                 await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * tries)))
 
-    @staticmethod
-    async def _number_events(txn: _RedisTxn) -> None:
+    async def _number_events(self, txn: _RedisTxn) -> None:
         """A run's events are fields of its hash, numbered from the count the run holds: read (so checked by
         the commit: two steps that add events at once serialize) and written with them. The last EVENT_CAP
-        are kept. A count that is not a number (corrupt) starts again at 0."""
+        are kept. A count that is not a number (corrupt) is taken up again from the last event there is."""
         if txn.started is not None:  # a new run has none (the commit checks it)
             txn.assume_absent({RUN: [keys.EVENT_COUNT]})
         try:
             count = await txn.get(RUN, keys.EVENT_COUNT, 0)
         except UndecodableValue:
-            count = 0
+            count = None
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            count = 0
+            names = await self.redis.hkeys(keys.kind_key(keys.EVENTS, txn.run_id))
+            count = max((int(n) for n in _of_kind(keys.EVENTS, dict.fromkeys(names)) if n.isdigit()), default=0)
         for n, event in enumerate(txn.events, count + 1):
             txn.put(keys.EVENTS, str(n), event)
             if n > EVENT_CAP:
@@ -367,13 +354,9 @@ class RedisStore(Store):
         for (kind, fld), raw in txn.reads.items():
             by_kind.setdefault(kind, []).append((fld, raw))
         for kind, checks in by_kind.items():
-            if kind not in txn.wholes:
-                prefix = keys.FIELD_PREFIX.get(kind)
-                program.check_all(keys.kind_key(kind, run_id),
-                                  checks if prefix is None else [(prefix + f, raw) for f, raw in checks])
-        for kind, whole in txn.wholes.items():
-            prefix = keys.FIELD_PREFIX.get(kind, "")
-            program.check_whole(keys.kind_key(kind, run_id), {prefix + f: v for f, v in whole.items()}, prefix)
+            prefix = keys.FIELD_PREFIX.get(kind)
+            program.check_all(keys.kind_key(kind, run_id),
+                              checks if prefix is None else [(prefix + f, raw) for f, raw in checks])
 
     def _remember(self, txn: _RedisTxn) -> None:
         """After a commit: the values written are what Redis holds now."""
@@ -704,15 +687,28 @@ class RedisStore(Store):
         return out
 
     async def read_all(self, run_id: str, kind: str, *, lenient: bool = False) -> dict[str, Any]:
-        raw = await self.redis.hgetall(keys.kind_key(kind, run_id))
+        raw = await self._hash_of_kind(kind, run_id)
         return {k: load_field(v, run_id, kind, k, lenient=lenient) for k, v in _of_kind(kind, raw).items()}
+
+    async def _hash_of_kind(self, kind: str, run_id: str) -> dict[Any, Any]:
+        """The fields of ``kind`` in its hash, read by a view: of the run's hash, which holds up to EVENT_CAP
+        events too, only the meta's (HMGET) or those of the kind's prefix (HSCAN), not the whole of it. Not
+        one snapshot: a view reads what it shows in several commands anyway."""
+        key = keys.kind_key(kind, run_id)
+        if kind == RUN:
+            return {f: v for f, v in zip(META_FIELDS, await self.redis.hmget(key, list(META_FIELDS)), strict=True)
+                    if v is not None}
+        prefix = keys.FIELD_PREFIX.get(kind)
+        if prefix is None:
+            return await self.redis.hgetall(key)
+        return {f: v async for f, v in self.redis.hscan_iter(key, match=prefix + "*", count=1000)}
 
     async def read_status(self, run_id: str) -> dict[str, Any] | None:
         raw = await self.redis.get(keys.status_key(run_id))
         return None if raw is None else json.loads(_s(raw))
 
     async def read_events(self, run_id: str) -> list[dict[str, Any]]:
-        events = _of_kind(keys.EVENTS, await self.redis.hgetall(keys.kind_key(keys.EVENTS, run_id)))
+        events = _of_kind(keys.EVENTS, await self._hash_of_kind(keys.EVENTS, run_id))
         return [json.loads(_s(events[n])) for n in sorted(events, key=lambda n: int(n) if n.isdigit() else -1)]
 
     async def _ack(self, run_id: str, job_ids: list[str]) -> None:

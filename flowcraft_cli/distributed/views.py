@@ -135,14 +135,17 @@ class RunReader:
 
 class _Newest:
     """Run ids of several groups of the run index, newest first: a merge of their pages (a run's status groups
-    together are all its runs), each page a ZREVRANGEBYSCORE of one group. A run that moves to another group
-    while it is read may be met twice (the second time is skipped) or not at all, as in any paged listing."""
+    together are all its runs), each page a ZREVRANGEBYSCORE of one group from the last score taken of it,
+    not from an offset (runs leave a group as it is read, which would shift the rest past an offset). A run
+    that moves to another group while it is read may be met twice (the second time is skipped) or not at
+    all."""
 
     def __init__(self, redis: Redis, groups: list[str], low: int | str) -> None:
         self.redis = redis
         self.low = low
         self.heads: dict[str, list[tuple[str, float]]] = {g: [] for g in groups}  # fetched, not taken, newest last
-        self.offsets = dict.fromkeys(groups, 0)
+        self.bound: dict[str, float | str] = dict.fromkeys(groups, "+inf")  # the last score taken of each
+        self.tied = dict.fromkeys(groups, 0)  # how many taken of each at that score (one ms: several runs)
         self.more = set(groups)  # groups that may hold more than was fetched
         self.seen: set[str] = set()
 
@@ -156,17 +159,22 @@ class _Newest:
             if not live:
                 break
             group = max(live, key=lambda g: self.heads[g][-1][1])
-            run_id = self.heads[group].pop()[0]
+            run_id, score = self.heads[group].pop()
+            if score == self.bound[group]:
+                self.tied[group] += 1
+            else:
+                self.bound[group], self.tied[group] = score, 1
             if run_id != keys.GROUP_PLACEHOLDER and run_id not in self.seen:
                 self.seen.add(run_id)
                 out.append(run_id)
         return out
 
     async def _fetch(self, group: str, n: int) -> None:
-        got = await self.redis.zrevrangebyscore(group, "+inf", self.low, start=self.offsets[group], num=n,
+        # the last score taken is read again (the runs of one ms share it): past those taken at it already
+        tied = self.tied[group]
+        got = await self.redis.zrevrangebyscore(group, self.bound[group], self.low, start=0, num=n + tied,
                                                 withscores=True)
-        self.offsets[group] += len(got)
-        if len(got) < n:
+        if len(got) < n + tied:
             self.more.discard(group)
         self.heads[group] = [(_s(r), score) for r, score in reversed(got)]
 

@@ -438,8 +438,11 @@ async def read_nodes(t: Txn, node_ids: Iterable[str]) -> dict[str, NodeRecord]:
     return out
 
 
-async def read_all_nodes(t: Txn) -> dict[str, NodeRecord]:
-    return {k: NodeRecord.from_json(v) for k, v in (await t.get_all(NODES)).items()}
+async def read_all_nodes(t: Txn, node_ids: Iterable[str]) -> dict[str, NodeRecord]:
+    """Every record of a run's nodes (``node_ids``: its blueprint's), those it has, read field by field: a
+    store may keep them in a hash with more in it (RedisStore: the run's events), which a whole read would
+    fetch, and whose every change a whole read's check would refuse."""
+    return await read_nodes(t, node_ids)
 
 
 def write_node(t: Txn, node_id: str, rec: NodeRecord) -> None:
