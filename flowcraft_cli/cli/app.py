@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 else:
     from .output import render  # rich is imported on the first table, not for --json or an error
 from .logs import LogFormat, setup_logging
+from .runs import migrate as migrate_command
 from .runs import runs as runs_command
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -540,6 +541,7 @@ from . import fleet  # noqa: E402  (its commands are registered on `app`, define
 
 fleet.register(app)
 app.command("runs")(runs_command)
+app.command("migrate")(migrate_command)
 
 
 def main() -> None:

@@ -42,3 +42,26 @@ def runs(
                 render.runs_table(reader.queue_name, [r.to_json(now) for r in found])
 
     asyncio.run(go())
+
+
+def migrate(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count the runs to move; change nothing.")] = False,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Move runs started by an earlier version (node records, joins and events in keys of their own) into
+    this version's layout, one run at a time. Stop the earlier version's workers first."""
+    from ..distributed.migrate import migrate as move_runs
+    from ..remote import open_reader
+
+    async def go() -> None:
+        async with open_reader(config) as reader:
+            done = await move_runs(reader.redis, dry_run=dry_run)
+            if json_out:
+                render.print_json({**done.to_json(), "dry_run": dry_run})
+            else:
+                verb = "would move" if dry_run else "moved"
+                typer.echo(f"{verb} {len(done.runs)} run(s) of the earlier layout ({done.fields} fields and events)"
+                           + (f"; {len(done.gone)} expired run(s) left to expire" if done.gone else ""))
+
+    asyncio.run(go())

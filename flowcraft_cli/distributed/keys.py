@@ -68,6 +68,10 @@ Shared:
   flowcraft:coord:<name>       coordination-store keys (RedisCoordinationStore); the reconciler's
                                per-run lock is flowcraft:coord:reconcile:<run_id>
   <queue name>, arq:job:<id>, arq:in-progress:<id>, arq:retry:<id>   arq's own keys (see arq.constants)
+
+Earlier versions' (read only by ``flowcraft migrate``, which moves them into the run's hash):
+
+  flowcraft:nodes:<run_id>, flowcraft:joins:<run_id> (HASH), flowcraft:events:<run_id> (LIST)
 """
 
 from __future__ import annotations
@@ -184,6 +188,16 @@ def run_index_keys(queue_name: str) -> list[str]:
 
 
 WAKE_PREFIX = "flowcraft:wake:"
+
+#: a run's keys in the layout of versions before one hash a run, which ``flowcraft migrate`` moves into it:
+#: node records, join arrivals (hashes) and events (a list)
+LEGACY_NODES_PREFIX = "flowcraft:nodes:"
+LEGACY_JOINS_PREFIX = "flowcraft:joins:"
+LEGACY_EVENTS_PREFIX = "flowcraft:events:"
+
+
+def legacy_keys(run_id: str) -> list[str]:
+    return [p + run_id for p in (LEGACY_NODES_PREFIX, LEGACY_JOINS_PREFIX, LEGACY_EVENTS_PREFIX)]
 
 
 def wake_key(queue_name: str) -> str:
