@@ -535,7 +535,10 @@ class ArqAdapter:
                 done, _ = await asyncio.wait({main, stop}, return_when=asyncio.FIRST_COMPLETED)
                 if main in done:
                     main.result()
-                    if burst:
+                    # arq's burst ends once it found the queue empty and then its running jobs done; a step
+                    # that ran inline meanwhile (out of the queue) may have queued more since, a retry for
+                    # later say: the burst goes on until the queue is empty when nothing runs
+                    if burst and not await self.redis.zcard(self.queue.queue_name):
                         return
                     delay = 0.2
                     continue
