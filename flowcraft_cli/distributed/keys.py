@@ -76,6 +76,8 @@ Earlier versions' (read only by ``flowcraft migrate``, which moves them into the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from ..store import BATCH, JOINS, NODES, OUTBOX, RUN, STATE
 
 STATE_PREFIX = "workflow:state:"
@@ -114,7 +116,7 @@ _PREFIX_KIND = {p: k for k, p in FIELD_PREFIX.items()}
 
 
 def kind_key(kind: str, run_id: str) -> str:
-    """The hash that holds a run's fields of ``kind`` (the meta, node records and joins share one)."""
+    """The hash that holds a run's fields of ``kind`` (the meta, node records, joins and events share one)."""
     return _KIND_PREFIX[kind] + run_id
 
 
@@ -122,6 +124,12 @@ def field_name(kind: str, name: str) -> str:
     """The stored name of a field of ``kind`` in its hash (``kind_key``)."""
     prefix = FIELD_PREFIX.get(kind)
     return name if prefix is None else prefix + name
+
+
+def field_names(kind: str, names: Iterable[str]) -> list[str]:
+    """``field_name`` of each of ``names``."""
+    prefix = FIELD_PREFIX.get(kind, "")
+    return [prefix + n for n in names]
 
 
 def run_hash_field(stored: str) -> tuple[str, str]:

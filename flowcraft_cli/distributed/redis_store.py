@@ -87,19 +87,6 @@ def _with_event_count(wanted: Mapping[str, list[str]]) -> dict[str, list[str]]:
     return {**wanted, RUN: [*wanted[RUN], keys.EVENT_COUNT]} if RUN in wanted else dict(wanted)
 
 
-def _of_kind(kind: str, raw: Mapping[Any, Any]) -> dict[str, Any]:
-    """The fields of ``kind`` in its hash read whole (HGETALL), by their names in the kind: the run's hash
-    holds three kinds (``keys.FIELD_PREFIX``)."""
-    if kind not in (RUN, NODES, JOINS, keys.EVENTS):
-        return {_s(k): v for k, v in raw.items()}
-    out = {}
-    for k, v in raw.items():
-        got, name = keys.run_hash_field(_s(k))
-        if got == kind and not (kind == RUN and name == keys.EVENT_COUNT):  # (the store's own, not the meta's)
-            out[name] = v
-    return out
-
-
 # Kinds whose hash a transaction may empty (and so delete) and a later one create again, without an expiry:
 # a write to one gets an expiry if it has none. The others (the run's hash of meta, node records and joins,
 # and the context) exist from the run's start to its end and keep the expiry given at start and refreshed
@@ -139,8 +126,8 @@ class _RedisTxn(Txn):
         wanted = [(kind, f) for f in fields]
         misses = [key for key in wanted if key not in reads and key not in remembered]
         if misses:
-            prefix = keys.FIELD_PREFIX.get(kind, "")
-            got = await self._store.redis.hmget(keys.kind_key(kind, self.run_id), [prefix + f for _, f in misses])
+            got = await self._store.redis.hmget(keys.kind_key(kind, self.run_id),
+                                                keys.field_names(kind, [f for _, f in misses]))
             for key, raw in zip(misses, got, strict=True):
                 remembered[key] = reads[key] = None if raw is None else _raw(raw)
         out: list[str | bytes | None] = []
@@ -277,8 +264,8 @@ class RedisStore(Store):
                             warm.setdefault(kind, []).extend(fields)
                 cache = self._fields_of(run_id)
                 for kind, fields in warm.items():
-                    prefix = keys.FIELD_PREFIX.get(kind, "")
-                    program.warm(keys.kind_key(kind, run_id), [prefix + f for f in fields if (kind, f) not in cache])
+                    program.warm(keys.kind_key(kind, run_id),
+                                 keys.field_names(kind, [f for f in fields if (kind, f) not in cache]))
                 if self.queue is not None:  # the queue work this commit does for its worker
                     for job_id in txn.unqueue:
                         self.queue.unqueue_op(program, job_id)
@@ -322,8 +309,8 @@ class RedisStore(Store):
         except UndecodableValue:
             count = None
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            names = await self.redis.hkeys(keys.kind_key(keys.EVENTS, txn.run_id))
-            count = max((int(n) for n in _of_kind(keys.EVENTS, dict.fromkeys(names)) if n.isdigit()), default=0)
+            numbers = await self._hash_of_kind(keys.EVENTS, txn.run_id)
+            count = max((int(n) for n in numbers if n.isdigit()), default=0)
         for n, event in enumerate(txn.events, count + 1):
             txn.put(keys.EVENTS, str(n), event)
             if n > EVENT_CAP:
@@ -643,8 +630,7 @@ class RedisStore(Store):
     async def read(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
         if not fields:
             return []
-        prefix = keys.FIELD_PREFIX.get(kind, "")
-        values = await self.redis.hmget(keys.kind_key(kind, run_id), [prefix + f for f in fields])
+        values = await self.redis.hmget(keys.kind_key(kind, run_id), keys.field_names(kind, fields))
         return [MISSING if v is None else load_field(v, run_id, kind, f)
                 for f, v in zip(fields, values, strict=True)]
 
@@ -688,27 +674,27 @@ class RedisStore(Store):
 
     async def read_all(self, run_id: str, kind: str, *, lenient: bool = False) -> dict[str, Any]:
         raw = await self._hash_of_kind(kind, run_id)
-        return {k: load_field(v, run_id, kind, k, lenient=lenient) for k, v in _of_kind(kind, raw).items()}
+        return {k: load_field(v, run_id, kind, k, lenient=lenient) for k, v in raw.items()}
 
-    async def _hash_of_kind(self, kind: str, run_id: str) -> dict[Any, Any]:
-        """The fields of ``kind`` in its hash, read by a view: of the run's hash, which holds up to EVENT_CAP
-        events too, only the meta's (HMGET) or those of the kind's prefix (HSCAN), not the whole of it. Not
-        one snapshot: a view reads what it shows in several commands anyway."""
+    async def _hash_of_kind(self, kind: str, run_id: str) -> dict[str, Any]:
+        """The fields of ``kind`` (by their names in the kind) read outside a transaction: of the run's hash,
+        which holds up to EVENT_CAP events too, only the meta's (HMGET) or those of the kind's prefix (HSCAN),
+        not the whole of it. Not one snapshot: a view reads what it shows in several commands anyway."""
         key = keys.kind_key(kind, run_id)
         if kind == RUN:
             return {f: v for f, v in zip(META_FIELDS, await self.redis.hmget(key, list(META_FIELDS)), strict=True)
                     if v is not None}
         prefix = keys.FIELD_PREFIX.get(kind)
         if prefix is None:
-            return await self.redis.hgetall(key)
-        return {f: v async for f, v in self.redis.hscan_iter(key, match=prefix + "*", count=1000)}
+            return {_s(f): v for f, v in (await self.redis.hgetall(key)).items()}
+        return {_s(f)[len(prefix):]: v async for f, v in self.redis.hscan_iter(key, match=prefix + "*", count=1000)}
 
     async def read_status(self, run_id: str) -> dict[str, Any] | None:
         raw = await self.redis.get(keys.status_key(run_id))
         return None if raw is None else json.loads(_s(raw))
 
     async def read_events(self, run_id: str) -> list[dict[str, Any]]:
-        events = _of_kind(keys.EVENTS, await self._hash_of_kind(keys.EVENTS, run_id))
+        events = await self._hash_of_kind(keys.EVENTS, run_id)
         return [json.loads(_s(events[n])) for n in sorted(events, key=lambda n: int(n) if n.isdigit() else -1)]
 
     async def _ack(self, run_id: str, job_ids: list[str]) -> None:

@@ -59,9 +59,9 @@ from .state import (
     fetch_meta,
     fetch_node,
     now_ms,
-    read_all_nodes,
     read_item,
     read_node,
+    read_nodes,
     write_item,
     write_node,
 )
@@ -313,7 +313,7 @@ class Engine:
             m = await run.meta()
             if m.status in FINAL_STATUSES:
                 return False, [], []
-            nodes = await read_all_nodes(t, bp.node_map)
+            nodes = await read_nodes(t, bp.node_map)
             # each child with the parent reference its start writes (as builtins.subflow builds it)
             children = [(r.child, str(bp.node_map[n].params.get("blueprintId")),
                          ParentRef(run_id, n, r.seq, r.attempt or 0))
@@ -355,7 +355,7 @@ class Engine:
             m = await run.meta()
             if m.status != RunStatus.FAILED:
                 raise StateConflict(f"run {run_id!r} is {m.status}; only a failed run can be retried")
-            records = await read_all_nodes(t, bp.node_map)
+            records = await read_nodes(t, bp.node_map)
             again = [n.id for n in bp.nodes if (rec := records.get(n.id)) and rec.status == NodeStatus.FAILED
                      and (n.id == m.failed_node or (rec.error or "").startswith("stopped: "))]
             if not again:
@@ -375,7 +375,7 @@ class Engine:
                 node_input: Any = await t.get(STATE, f"_inputs.{node_id}")
                 await run.fire(node_id, node_input)
             # nodes still counted busy or pending from before the failure are the ones just fired
-            pending = sum(1 for r in (await read_all_nodes(t, bp.node_map)).values()
+            pending = sum(1 for r in (await read_nodes(t, bp.node_map)).values()
                           if r.status in (NodeStatus.QUEUED, NodeStatus.RUNNING, NodeStatus.SLEEPING))
             run.set_meta(pending=pending)
             await run.settle()

@@ -33,7 +33,6 @@ from .state import (
     arrival_field,
     count_field,
     evolve,
-    read_all_nodes,
     read_arrival,
     read_arrivals,
     read_count,
@@ -402,7 +401,7 @@ class RunTxn:
             # nodes still queued or running will never finish in this run: say so, rather than leave them "running"
             cancelled = status == RunStatus.CANCELLED
             why = "the run was cancelled" if cancelled else "the run failed"
-            for node_id, rec in (await read_all_nodes(self.t, self.bp.node_map)).items():
+            for node_id, rec in (await read_nodes(self.t, self.bp.node_map)).items():
                 if rec.status in ACTIVE_NODE:
                     if cancelled and rec.status == NodeStatus.RUNNING:
                         self.t.event({"type": "attempt_cancelled", "ts": ts, "node": node_id,

@@ -428,6 +428,9 @@ async def read_node(t: Txn, node_id: str) -> NodeRecord | None:
 
 
 async def read_nodes(t: Txn, node_ids: Iterable[str]) -> dict[str, NodeRecord]:
+    """The records of ``node_ids`` that exist. All of a run's are read by its blueprint's node ids, field by
+    field, never as a whole hash: a store may keep them with more (RedisStore: the run's events), which a
+    whole read would fetch, and whose every change a whole read's check would refuse."""
     node_ids, out = list(node_ids), {}
     for node_id in node_ids:
         rec = t.memo.get((NODES, node_id), MISSING)
@@ -436,13 +439,6 @@ async def read_nodes(t: Txn, node_ids: Iterable[str]) -> dict[str, NodeRecord]:
         if rec is not None:
             out[node_id] = rec
     return out
-
-
-async def read_all_nodes(t: Txn, node_ids: Iterable[str]) -> dict[str, NodeRecord]:
-    """Every record of a run's nodes (``node_ids``: its blueprint's), those it has, read field by field: a
-    store may keep them in a hash with more in it (RedisStore: the run's events), which a whole read would
-    fetch, and whose every change a whole read's check would refuse."""
-    return await read_nodes(t, node_ids)
 
 
 def write_node(t: Txn, node_id: str, rec: NodeRecord) -> None:
