@@ -146,10 +146,13 @@ class Txn(ABC):
         # a driver with a queue (RedisStore) may take the queue's next ready job for this worker in the same
         # commit, locked for ``pick_ms`` (0: do not): the (job id, payload) it took, after the commit
         self.pick_ms = 0
-        self.picked: tuple[str, bytes] | None = None
+        self.picked: tuple[str, bytes, int] | None = None
         # a queue job this worker took itself whose last step this commit is: the commit finishes it in the queue
         self.finish_job: str | None = None
         self.unqueue: list[str] = []  # queue jobs whose steps this commit claimed: dropped from the queue
+        # of those, the jobs nobody may be running: the commit holds only if none is locked by a worker (one that
+        # runs its node before it claims it, ``Engine.defer_claims``)
+        self.unheld: list[str] = []
         # job id -> the fields (kind -> fields) its step will read first: a store that queues the job in its
         # commit may send their values with it, so that a worker new to the run reads nothing before its claim
         # (a run's start jobs; a value sent that is stale by then only makes the claim decide again)
@@ -233,6 +236,11 @@ class Store(ABC):
     async def preload(self, run_id: str, wanted: dict[str, list[str]]) -> None:
         """Fetch fields (kind -> fields) into the store's memory of the run, in one go, if it keeps one
         (RedisStore): what the run's next transaction will read."""
+        return None
+
+    async def refresh(self, run_id: str, wanted: dict[str, list[str]]) -> None:
+        """Read these fields (kind -> fields) anew into the store's memory of the run, in one go, if it keeps
+        one (RedisStore): a ``peek`` then answers what the store holds now, not what this process last saw."""
         return None
 
     async def peek(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:

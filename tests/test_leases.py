@@ -179,13 +179,16 @@ def test_attempt_is_not_cut_short_by_a_hidden_cap(tmp_path, redis_url, stop):
     assert result["status"] == "completed", result["reason"]
 
 
-def test_node_that_kills_its_worker_every_time_ends_failed(tmp_path, redis_url, stop):
-    redis_lib.Redis.from_url(redis_url).flushdb()
-    project = Project(tmp_path, redis_url, lease=1.5, job_timeout=300)
-    stop(project)
-    (project.root / "e2e_nodes.py").write_text((project.root / "e2e_nodes.py").read_text() + SUICIDE)
-    (project.root / "blueprints" / "killer.yaml").write_text(KILLER.replace("LOG", str(project.log)))
-    run_id = project.cli("enqueue", "killer", check=True).stdout.strip()
+KILLER_START = """
+nodes:
+  - {id: boom, uses: suicide, config: {maxRetries: 2}, params: {log: "LOG"}}
+edges: []
+"""
+
+
+def _run_killer(project: Project, blueprint: str) -> dict:
+    """Enqueue ``blueprint`` and start a worker each time the last one died, until the run ends."""
+    run_id = project.cli("enqueue", blueprint, check=True).stdout.strip()
 
     def finished_or_restart() -> bool:
         if project.cli_json("inspect", run_id)["status"] in ("completed", "failed"):
@@ -198,11 +201,38 @@ def test_node_that_kills_its_worker_every_time_ends_failed(tmp_path, redis_url, 
         return False
 
     wait_for(finished_or_restart, 90, "the run to end", interval=0.5)
-    view = project.cli_json("inspect", run_id)
+    return project.cli_json("inspect", run_id)
+
+
+def _killer_project(tmp_path, redis_url, stop) -> Project:
+    redis_lib.Redis.from_url(redis_url).flushdb()
+    project = Project(tmp_path, redis_url, lease=1.5, job_timeout=300)
+    stop(project)
+    (project.root / "e2e_nodes.py").write_text((project.root / "e2e_nodes.py").read_text() + SUICIDE)
+    for name, doc in (("killer", KILLER), ("killer-start", KILLER_START)):
+        (project.root / "blueprints" / f"{name}.yaml").write_text(doc.replace("LOG", str(project.log)))
+    return project
+
+
+def test_node_that_kills_its_worker_every_time_ends_failed(tmp_path, redis_url, stop):
+    project = _killer_project(tmp_path, redis_url, stop)
+    view = _run_killer(project, "killer")  # boom runs inline after start: claimed by start's commit
     assert view["status"] == "failed"
     assert "lost" in view["reason"]
     assert _count(project, "boom start") == 2
     assert [e["node_id"] for e in _lost(view)] == ["boom", "boom"]
+
+
+def test_start_node_that_kills_its_worker_every_time_ends_failed(tmp_path, redis_url, stop):
+    """A start job's first delivery runs its node before claiming it (Engine.defer_claims): a death within
+    LATE_CLAIM_S of the start is not an attempt of record. The job's next delivery claims first, so the node
+    still ends after maxRetries lost attempts: one run of it more, at most."""
+    project = _killer_project(tmp_path, redis_url, stop)
+    view = _run_killer(project, "killer-start")
+    assert view["status"] == "failed"
+    assert "lost" in view["reason"]
+    assert [e["node_id"] for e in _lost(view)] == ["boom", "boom"]
+    assert _count(project, "boom start") in (2, 3)  # 3 unless the first run outlived the late claim delay
 
 
 def test_worker_killed_before_listing_its_step_is_covered_by_arqs_lease(tmp_path, redis_url, stop):

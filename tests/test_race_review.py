@@ -228,10 +228,12 @@ def _two(version: str) -> dict:
             "edges": [{"source": "s", "target": "p"}, {"source": "s", "target": "q"}]}
 
 
-def test_a_stolen_job_handed_back_by_a_worker_of_another_version_is_not_queued_again(redis_url):
-    """Rolling deploy: worker B (old version) has q's job in progress; A's commit claims q for its slot and
-    drops q's job. B's version gate hands the job back (Retry): arq's ZINCRBY queued the id again, due at
-    once, with no job behind it."""
+def test_a_job_a_worker_of_another_version_holds_is_left_to_it_and_runs_after_its_hand_back(redis_url):
+    """Rolling deploy: worker B (old version) has q's job in progress. A's commit does not claim q from under
+    it (the job is locked: B may be running it unclaimed); B's version gate hands the job back (Retry), and it
+    stays queued for a worker with the run's version: A runs it. (Before deferred claims, A's commit claimed q
+    and dropped its job, and arq's ZINCRBY then queued the id again with no job behind it: finish_job moves an
+    id only if it is still queued.)"""
     from arq import Retry
 
     from flowcraft_cli.jobs import Job
@@ -248,8 +250,8 @@ def test_a_stolen_job_handed_back_by_a_worker_of_another_version_is_not_queued_a
             s = await a.engine.handle(scheduled[0][1])
             q = Job(run_id, "q", 1)
             await b.queue.pool.psetex(f"arq:in-progress:{q.job_id}", 15000, b"1")  # B's arq started q
-            p = await a.engine.handle(s.inline.job, s.inline)  # A claims q, its job dropped
-            assert p.inline is not None and p.inline.job.node_id == "q"
+            p = await a.engine.handle(s.inline.job, s.inline)  # A leaves q to B
+            assert p.inline is None
             wb = b.create_worker()
             try:
                 await b.step({"job_id": q.job_id}, q.to_dict())
@@ -259,11 +261,14 @@ def test_a_stolen_job_handed_back_by_a_worker_of_another_version_is_not_queued_a
             assert retry is not None and retry.defer_score
             # what arq's run_job does next with a Retry: finish=False, incr_score = the deferral
             await wb.finish_job(q.job_id, False, None, 0, False, retry.defer_score + 5, None)
-            return await a.redis.zscore("rv-ver", q.job_id), await a.redis.exists(f"arq:in-progress:{q.job_id}")
+            score, locked = await a.redis.zscore("rv-ver", q.job_id), await a.redis.exists(f"arq:in-progress:{q.job_id}")
+            done = await a.engine.handle(q)  # a worker of the run's version takes it
+            return score, locked, done, (await a.inspect(run_id)).status
         finally:
             for ad in (a, b):
                 await ad.close()
                 await ad.redis.aclose()
 
-    score, locked = asyncio.run(go())
-    assert score is None and locked == 0
+    score, locked, done, status = asyncio.run(go())
+    assert score is not None and locked == 0  # queued for later, unlocked
+    assert done.outcome.value == "ok" and status == "completed"

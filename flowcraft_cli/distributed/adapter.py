@@ -351,7 +351,8 @@ class ArqAdapter:
                 os._exit(137)  # fault-injection: die after arq handed the job over, before it is listed
             # the claim lists the step under this worker in its own transaction, and the commit unlists it;
             # until the claim, arq's lease-long lock on the job covers a crash
-            handled = await self.engine.handle(job)
+            # a first delivery may run its node before it claims it (Engine.defer_claims)
+            handled = await self.engine.handle(job, first=ctx.get("job_try") == 1)
             left_queue = handled.left_queue
             handled, ran = await self._go_on(job_id, job, handled)
         except (RedisError, OSError) as e:
@@ -424,7 +425,7 @@ class ArqAdapter:
                 os._exit(137)
         return handled, ran
 
-    async def _run_picked(self, job_id: str, payload: bytes) -> tuple[str, bytes] | None:
+    async def _run_picked(self, job_id: str, payload: bytes, tries: int) -> tuple[str, bytes, int] | None:
         """Run a queue job a commit took for this worker (``Engine.pick_ms``), as arq would have: its lock
         (arq's in-progress key) is renewed by the heartbeat while it runs, and arq hands it to another worker
         if this one dies. Then finish it in the queue. Returns the next job taken, if any."""
@@ -445,7 +446,7 @@ class ArqAdapter:
         handled: Handled | None = None
         unknown = False
         try:
-            handled = await self.engine.handle(job)
+            handled = await self.engine.handle(job, first=tries == 1)
             handled, _ = await self._go_on(job_id, job, handled)
         except (RedisError, OSError) as e:
             # Redis went away mid-step: leave the job locked; arq hands it on when the lock lapses
@@ -495,6 +496,7 @@ class ArqAdapter:
         self.engine.inline_steps = self.engine.take_queued = self.inline_steps
         # ... and a commit that claims none takes the queue's next ready job for this worker, locked one lease
         self.engine.pick_ms = int(self.lease_s * 1000) if self.inline_steps else 0
+        self.engine.defer_claims = self.inline_steps
         # arq locks a running job for its job timeout + 10 s; here the lock lasts one lease and the heartbeat
         # renews it (``_beat``), so a dead worker's job is handed to another worker by arq itself a lease
         # after its last heartbeat, even in the moments it is not in the worker's list of steps

@@ -13,13 +13,15 @@ packs each argument in Python, and a commit has a hundred of them; a program hol
 goes as plain ARGV after a ``flat`` marker), read with a cursor:
 
   n_groups, then per group:  key#, n, n x (field, present "1"/"0", value)       -- HMGET + compare
+  n_absent, then key# each                                                      -- EXISTS: must be 0
   n_ops, then per op:        opcode, key#, n_args, args...
   n_warm, then per hash:     key#, n, n x field                                 -- HMGET after the ops
 
-``key#`` indexes KEYS (1-based). The opcodes are the ``OP_*`` constants below. Returns ``{1}`` when
-applied (then ``{1, picked job id or false, its payload or false, key#, field, value or false, ...}`` for
-every *warm* field: what the next step of the run will read, sent back now so that it reads nothing), else ``{0, key#, field, current value or false, ...}``
-for every field checked.
+``key#`` indexes KEYS (1-based). The opcodes are the ``OP_*`` constants below. When applied, returns
+``{1, picked job id or false, its payload or false, its delivery count or 0, key#, field, value or false, ...}``
+with a triple for every *warm* field (what the next step of the run will read, sent back now so that it reads
+nothing); else ``{0, key#, field, current value or false, ...}`` for every field checked (a key found that must
+be absent refuses the commit the same way).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ OP_ENQUEUE = "Q"  # key: arq's queue; args: per job: job key#, score, payload, e
 OP_WAKE = "W"  # args: n, cap                LPUSH n tokens, keep at most 2 x ``cap``, a day's expiry when new
 OP_UNQUEUE = "U"  # key: the arq queue; args: job id, job prefix
 OP_PICK = "N"  # key: the arq queue; args: now, in-progress prefix, job prefix, lock ms, how many ids to look
-#                at, which of them to look at first (any number: taken modulo how many there are)
+#                at, which of them to look at first (any number: taken modulo how many there are), retry prefix
 OP_TRIM_INDEX = "I"  # key: expiry index; args: now, meta prefix, batch, key# of every index key
 
 APPLY = r"""
@@ -89,6 +91,10 @@ for _ = 1, tonumber(nxt()) do
     end
     seen[#seen + 1] = ki; seen[#seen + 1] = fields[j]; seen[#seen + 1] = c
   end
+end
+for _ = 1, tonumber(nxt()) do
+  -- a key that must not exist (a queued job's lock: the job is running somewhere)
+  if redis.call('EXISTS', KEYS[tonumber(nxt())]) == 1 then ok = false end
 end
 if not ok then
   local out = {0}
@@ -194,7 +200,16 @@ for _ = 1, tonumber(nxt()) do
         local id = ids[j]
         if not locks[j] and redis.call('SET', a[2] .. id, '1', 'NX', 'PX', a[4]) then
           local payload = redis.call('GET', a[3] .. id)
-          if payload then picked = {id, payload}; break end
+          if payload then
+            -- counted as arq counts the deliveries of the jobs it runs (its retry key, its expiry): a job
+            -- delivered before (its worker may have died running it) tells its step to claim first
+            local tries = 1
+            if not redis.call('SET', a[7] .. id, '1', 'NX', 'EX', 88400) then
+              tries = redis.call('INCR', a[7] .. id)
+            end
+            picked = {id, payload, tries}
+            break
+          end
           redis.call('DEL', a[2] .. id)
         end
       end
@@ -220,7 +235,7 @@ for _ = 1, tonumber(nxt()) do
   end
 end
 local out = {1}
-if picked then out[2] = picked[1]; out[3] = picked[2] else out[2] = false; out[3] = false end
+if picked then out[2] = picked[1]; out[3] = picked[2]; out[4] = picked[3] else out[2] = false; out[3] = false; out[4] = 0 end
 for _ = 1, tonumber(nxt()) do
   local ki = nxt()
   local n = tonumber(nxt())
@@ -254,6 +269,7 @@ class Commit:
     _ops: list[bytes | str | int] = field(default_factory=list)
     n_ops: int = 0
     _warm: dict[int, list[str]] = field(default_factory=dict)
+    _absent: list[int] = field(default_factory=list)
 
     def key(self, key: str) -> int:
         """The 1-based KEYS index of ``key``, added on first use."""
@@ -271,6 +287,10 @@ class Commit:
         """``check`` for several fields of one hash."""
         self._groups.setdefault(self.key(key), []).extend(checks)
 
+    def absent(self, key: str) -> None:
+        """The commit holds only if ``key`` does not exist."""
+        self._absent.append(self.key(key))
+
     def op(self, code: str, key: str, *args: bytes | str | int) -> None:
         self._ops += [code, self.key(key), len(args), *args]
         self.n_ops += 1
@@ -282,7 +302,7 @@ class Commit:
 
     @property
     def empty(self) -> bool:
-        return not self.n_ops and not self._groups
+        return not self.n_ops and not self._groups and not self._absent
 
     def argv(self) -> list[bytes | str | int]:
         """The program as ARGV: one msgpack blob; or, if a value is not UTF-8 (Redis's cmsgpack knows no
@@ -299,6 +319,8 @@ class Commit:
             out += [ki, len(checks)]
             for fld, raw in checks:
                 out += [fld, "0", ""] if raw is None else [fld, "1", raw]
+        out.append(len(self._absent))
+        out += self._absent
         out.append(self.n_ops)
         out += self._ops
         out.append(len(self._warm))
@@ -310,16 +332,17 @@ class Commit:
         """(key, field, value) triples of a reply: the current value of every field checked, from a reply
         that refused the commit; the warm fields, from one that applied it."""
         out = []
-        for j in range(1 if int(reply[0]) == 0 else 3, len(reply), 3):
+        for j in range(1 if int(reply[0]) == 0 else 4, len(reply), 3):
             fld = reply[j + 1]
             out.append((self.keys[int(reply[j]) - 1], fld.decode() if isinstance(fld, bytes) else fld,
                         None if reply[j + 2] is None else _b(reply[j + 2])))
         return out
 
 
-def picked(reply: list[Any]) -> tuple[str, bytes] | None:
-    """The job an applied commit took for its worker (``OP_PICK``): (id, arq payload), or None."""
+def picked(reply: list[Any]) -> tuple[str, bytes, int] | None:
+    """The job an applied commit took for its worker (``OP_PICK``): (id, arq payload, how many times it was
+    delivered, this time included), or None."""
     if int(reply[0]) != 1 or not reply[1]:
         return None
     job_id = reply[1]
-    return (job_id.decode() if isinstance(job_id, bytes) else job_id), reply[2]
+    return (job_id.decode() if isinstance(job_id, bytes) else job_id), reply[2], int(reply[3])

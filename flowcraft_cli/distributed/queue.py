@@ -149,14 +149,21 @@ class ArqQueue:
 
         program.op(OP_UNQUEUE, self.queue_name, job_id, job_key_prefix)
 
+    @staticmethod
+    def lock_key(job_id: str) -> str:
+        """arq's lock on a job a worker runs (its in-progress key)."""
+        from arq.constants import in_progress_key_prefix
+
+        return in_progress_key_prefix + job_id
+
     def pick_op(self, program: Commit, lock_ms: int, look: int) -> None:
         """Take one of the ``look`` oldest ready jobs nobody holds for the committing worker, locked
         ``lock_ms`` as arq locks the jobs it runs (``commit.picked`` reads it from the reply)."""
-        from arq.constants import in_progress_key_prefix, job_key_prefix
+        from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
         from arq.utils import timestamp_ms
 
         program.op(OP_PICK, self.queue_name, timestamp_ms(), in_progress_key_prefix, job_key_prefix, lock_ms, look,
-                   random.randrange(look))
+                   random.randrange(look), retry_key_prefix)
 
     async def defer(self, job_id: str, seconds: float) -> None:
         """Put a job this worker took back for later (arq's ``Retry(defer=...)``): due in ``seconds``, and

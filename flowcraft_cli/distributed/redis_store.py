@@ -269,6 +269,8 @@ class RedisStore(Store):
                 if self.queue is not None:  # the queue work this commit does for its worker
                     for job_id in txn.unqueue:
                         self.queue.unqueue_op(program, job_id)
+                    for job_id in txn.unheld:
+                        program.absent(self.queue.lock_key(job_id))
                     if txn.finish_job:
                         self.queue.finish_ops(program, txn.finish_job)
                     if txn.pick_ms:
@@ -637,17 +639,21 @@ class RedisStore(Store):
     async def preload(self, run_id: str, wanted: dict[str, list[str]]) -> None:
         await self._fetch(run_id, _with_event_count(wanted))
 
+    async def refresh(self, run_id: str, wanted: dict[str, list[str]]) -> None:
+        await self._fetch(run_id, wanted, fresh=True)
+
     async def _fetch(self, run_id: str, wanted: dict[str, list[str]],
-                     skip: Mapping[tuple[str, str], Any] | None = None) -> dict[tuple[str, str], bytes | None]:
-        """Read the wanted fields this process does not remember (nor ``skip`` holds), in one pipeline, into
-        its memory of the run. Returns what was read."""
+                     skip: Mapping[tuple[str, str], Any] | None = None, *,
+                     fresh: bool = False) -> dict[tuple[str, str], bytes | None]:
+        """Read the wanted fields this process does not remember (nor ``skip`` holds; with ``fresh``, all of
+        them), in one pipeline, into its memory of the run. Returns what was read."""
         cache = self._fields_of(run_id)
         skip = skip or {}
         todo: dict[str, list[str]] = {}
         for kind, fields in wanted.items():
             for f in fields:
                 key = (kind, f)
-                if key not in cache and key not in skip:
+                if fresh or (key not in cache and key not in skip):
                     todo.setdefault(kind, []).append(f)
         if not todo:
             return {}

@@ -92,7 +92,7 @@ class Handled:
     listed: bool = False  # the step is still listed under this worker (its claim's commit did not unlist it)
     run_status: RunStatus | None = None  # the run's status, when the outcome is RUN_FINISHED
     inline: InlineStep | None = None  # the successor claimed for this worker: handle it next (handle(job, inline))
-    picked: tuple[str, bytes] | None = None  # a queue job the commit took for this worker: (id, payload)
+    picked: tuple[str, bytes, int] | None = None  # a queue job the commit took here: (id, payload, deliveries)
     left_queue: bool = False  # a commit of the job's own step took the job out of the queue (Step.left_queue)
     unqueued: list[str] = field(default_factory=list)  # queued jobs its commit claimed (Txn.unqueue): not to run
 
@@ -131,6 +131,10 @@ class Engine:
         # and may such a commit that claims no successor take its queue's next ready job for this worker, locked
         # for this many ms (0: no)? Only a driver that runs it and renews its lock (the arq worker) sets it
         self.pick_ms = 0
+        # may a step of a queue job delivered for the first time run its node before it claims it, and claim it
+        # in the commit that records its outcome (one transaction, not two)? A redelivered job (its worker may
+        # have died running it) claims first, so that a node that kills its worker has its lost attempts counted
+        self.defer_claims = False
         self.taken_jobs: set[str] = set()  # queue jobs this worker took that way and runs now (finished by commits)
         self._queued: OrderedDict[str, deque[str]] = OrderedDict()  # run id -> nodes this process queued (hints)
         # Is a step claimed by another worker still held (worker alive and still running it)? The driver
@@ -474,11 +478,11 @@ class Engine:
 
     # ------------------------------------------------------------------ handling one job
 
-    async def handle(self, job: Job, inline: InlineStep | None = None) -> Handled:
+    async def handle(self, job: Job, inline: InlineStep | None = None, *, first: bool = False) -> Handled:
         """Handle one job: a queued one, or (``inline``) a successor the previous step's commit claimed for
         this worker (``Handled.inline``), which is still listed under this worker if it does not run."""
         try:
-            handled = await self._handle(job, inline)
+            handled = await self._handle(job, inline, defer=first and self.defer_claims)
         finally:
             if inline is not None:  # held from its claim until its step ends here (or never starts)
                 self.active_tokens.discard(inline.token)
@@ -486,7 +490,8 @@ class Engine:
             handled.listed = True  # never ran: the driver unlists it
         return handled
 
-    async def _handle(self, job: Job, inline: InlineStep | None, *, again: bool = False) -> Handled:
+    async def _handle(self, job: Job, inline: InlineStep | None, *, again: bool = False,
+                      defer: bool = False) -> Handled:
         # the meta as this process last saw it, where it remembers: the step's claim checks it again in its
         # transaction; only a meta that would stop the step here is read afresh first. A run new to this
         # process is fetched with what its claim reads (for a node without `inputs`), in one go
@@ -509,7 +514,10 @@ class Engine:
             log.error("job %s: node %r is not in blueprint %r; dropped", job.job_id, job.node_id, bp.id)
             return Handled(outcome=StepOutcome.UNKNOWN_NODE)
         step = Step(self, bp, node, job, inline)  # its transactions restart the version grace (Step.txn)
+        step.defer = defer and inline is None
         scheduled = await step.run()
+        if step.redo and step.stale:  # its node ran on an input not its firing's (a stale memory): again, claimed
+            return await self._handle(job, inline, again=again)
         if step.other_blueprint and inline is None and not again:
             # the blueprint was chosen on what this process remembered of the run, and the run in Redis is of
             # another (its id was used again after it expired): forget it, and handle the job on fresh values

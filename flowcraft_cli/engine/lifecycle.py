@@ -121,6 +121,7 @@ class RunTxn:
             job = Job(self.t.run_id, node_id, rec.seq, JobKind.EXEC.value, rec.attempt or 1, recovery=rec.recovery or 0)
             await self._claim_inline(job, rec)
             self.t.unqueue.append(job.job_id)
+            self.t.unheld.append(job.job_id)  # a worker that took it may be running it unclaimed
             return True
         return False
 

@@ -8,11 +8,11 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..blueprint import Blueprint, NodeDef
+from ..blueprint import BUILTINS, Blueprint, NodeDef
 from ..errors import NodeFailure, UndecodableValue
 from ..ids import claim_token
 from ..jobs import Job
-from ..store import NODES, RUN, STATE, Txn
+from ..store import MISSING, NODES, RUN, STATE, Txn
 from .builtins import batch, function, loop, sleep, subflow, wait
 from .lifecycle import RunTxn
 from .reads import input_fields, node_input_from, prefetch_commit, read_node_input, read_route, warm_run
@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 log = logging.getLogger("flowcraft.engine")
+# a node whose claim was deferred (Engine.defer_claims) and still runs after this long is claimed while it runs:
+# from then on it shows as running, and its attempt is recorded as lost should its worker die
+LATE_CLAIM_S = 0.02
 
 
 class Step:
@@ -49,6 +52,8 @@ class Step:
         self.job = job
         self.run_id = job.run_id
         self.token = inline.token if inline is not None else claim_token()
+        self.defer = False  # may its claim go with its commit (``Engine.defer_claims``, a first delivery)?
+        self.claimed_at = 0
         self.held_elsewhere = False  # set when a live step of another delivery holds the node
         self.stale = False  # set when the node no longer expects this step (duplicate or late delivery)
         self.claimed = False  # this step took the node's claim (its commit must still find its token)
@@ -61,7 +66,7 @@ class Step:
         # the successor this step's commit claimed for this worker, to run next (engine.inline_steps)
         self.inline: list[InlineStep] = []
         self._last_txn: Txn | None = None
-        self.picked: tuple[str, bytes] | None = None  # the queue job its commit took for this worker (pick_ms)
+        self.picked: tuple[str, bytes, int] | None = None  # the queue job its commit took for this worker (pick_ms)
         # a commit of this step took its own queue job out of the queue (finished a job this worker took, or
         # dropped one arq handed over): the job's worker must not hand it back to arq (ArqAdapter.step)
         self.left_queue = False
@@ -69,6 +74,11 @@ class Step:
         # the run, as a transaction of this step found it, is not of this step's blueprint (what the process
         # remembered of it was another run's of the same id): the step is handled again on fresh values
         self.other_blueprint = False
+        # the node's record as found queued, when its claim goes with its commit (``Engine.defer_claims``): the
+        # node runs first, and the commit claims and completes it at once if the record is still that one
+        self.deferred: NodeRecord | None = None
+        self.redo = False  # a deferred claim's input changed before its commit: handle the job again, claimed
+        self._late: asyncio.Future[None] | None = None  # the claim taken while a deferred node runs long
 
     async def txn(self, fn: Callable[[RunTxn], Any], reads: dict[str, list[str]] | None = None, *,
                   inline: bool = False) -> Any:
@@ -137,6 +147,13 @@ class Step:
 
     async def _release(self) -> None:
         job = self.job
+        if self._late is not None:
+            try:
+                await self._late
+            except BaseException:
+                pass
+        if self.deferred is not None:
+            return  # nothing claimed (a late claim whose reply was lost is recovered from the list of steps)
 
         async def fn(run: RunTxn) -> bool:
             if job.kind == JobKind.ITEM:
@@ -191,6 +208,13 @@ class Step:
             if self.engine.on_claim is not None:
                 self.engine.on_claim(self.bp.id, job)
             return self.preclaimed.record
+        # (a step recovered once, recovery > 0, claims first too: its node may be one that kills its worker; and
+        # so does a node with ``inputs``, whose input other steps may change while it is queued)
+        if self.defer and job.kind == JobKind.EXEC and not job.recovery and self.node.uses not in BUILTINS \
+                and self.node.inputs is None:
+            got = await self._defer_claim(now)
+            if got is not None:
+                return got
 
         async def fn(run: RunTxn) -> tuple[NodeRecord, bool] | None:
             self.held_elsewhere = False  # (a decision taken again on fresh values starts over)
@@ -239,6 +263,39 @@ class Step:
             self.engine.on_claim(self.bp.id, job)
         return claimed
 
+    async def _defer_claim(self, now: int) -> NodeRecord | None:
+        """The record as the store holds it (read anew: what this process remembers may be another run's of
+        the same id), when it is queued for this very job: the node runs without a claim of its own, and its
+        commit claims and completes it in one transaction (checking it is still that record, with the same
+        input). None: claim as usual. The node's input is written with its record's firing (``_inputs.<node>``,
+        RunTxn.fire), so a record that is still the same firing at the commit ran on the right input."""
+        job, store, fields = self.job, self.engine.store, input_fields(self.node)
+        await store.refresh(self.run_id, {NODES: [self.node.id], STATE: fields})
+        raw = (await store.peek(self.run_id, NODES, [self.node.id]))[0]
+        if raw is MISSING or not isinstance(raw, dict):
+            return None
+        rec = NodeRecord.from_json(raw)
+        if rec.status != NodeStatus.QUEUED or rec.seq != job.seq or rec.current_phase != job.kind \
+                or rec.attempt != job.attempt or (rec.recovery or 0) != job.recovery:
+            return None
+        values = await store.peek(self.run_id, STATE, fields)
+        self.node_input = node_input_from(self.node, {f: v for f, v in zip(fields, values, strict=True)
+                                                      if v is not MISSING})
+        self.deferred = rec
+        self.claimed = True
+        self.claimed_at = now
+        if self.engine.on_claim is not None:
+            self.engine.on_claim(self.bp.id, job)
+        return self._as_claimed(rec)
+
+    def _as_claimed(self, rec: NodeRecord) -> NodeRecord:
+        """``rec`` as this step's claim writes it."""
+        new = evolve(rec, status=NodeStatus.RUNNING, token=self.token, worker=self.engine.worker_id,
+                     job=self.job.job_id, attempt_started_at=self.claimed_at)
+        if self.job.attempt == 1 and self.job.kind == JobKind.EXEC:
+            new.started_at = self.claimed_at
+        return new
+
     def list_step(self, run: RunTxn) -> None:
         """List this step under its worker, in the claim's own transaction: from then on it is held while the
         worker lives, and recovered from the list when it dies (CONTRACT §6.1)."""
@@ -257,13 +314,23 @@ class Step:
 
         async def wrapped(run: RunTxn) -> bool:
             rec = await read_node(run.t, self.node.id)
-            if rec is None or rec.seq != self.job.seq or rec.status != status or rec.token != expect:
+            if self.deferred is not None and rec is not None and rec.token == self.token:
+                # a late claim applied although its reply was lost: claimed (and listed) as any claim
+                self.deferred = None
+                self.listed = True
+            if self.deferred is not None:  # claimed with this commit: the record must still be the queued one
+                if rec is None or not await self._still_deferred(run, rec):
+                    return False
+                rec = self._as_claimed(rec)
+            elif rec is None or rec.seq != self.job.seq or rec.status != status or rec.token != expect:
                 return False
             await prefetch_commit(run.t, self.bp, self.node.id)
             await fn(run, rec)
             await run.settle()
             if run.inline_as is not None and not run.inline:
                 await run.steal_queued()  # it made nothing ready for this worker: a queued sibling, if any
+            if self.deferred is not None and run.inline:
+                self.list_step(run)  # the successor claimed for this worker is listed under this step's job
             if unlist:
                 self.unlist_step(run)  # (unless a step it claimed takes its entry over)
             return True
@@ -281,7 +348,10 @@ class Step:
             self.left_queue = done == self.job.job_id or self.job.job_id in self._last_txn.unqueue
             self.unqueued = self._last_txn.unqueue
         if got is None or not got[0]:
-            if self.claimed:
+            if self.redo:
+                log.info("job %s: node %r ran on an input its run no longer holds for it; run again",
+                         self.job.job_id, self.node.id)
+            elif self.claimed:
                 log.warning("job %s: fenced off: node %r of run %s is no longer claimed by this worker (the run "
                             "finished, or this worker missed its heartbeats and the step was recovered "
                             "elsewhere); result dropped", self.job.job_id, self.node.id, self.run_id)
@@ -314,13 +384,65 @@ class Step:
         if uses == "subflow":
             return await subflow.run_subflow(self, rec, runner, node_input)
         writes: dict[str, Any] = {}
+        late = asyncio.get_running_loop().call_later(LATE_CLAIM_S, self._claim_late) if self.deferred else None
         try:
             output, action, writes = await function.call_node(self, runner, node_input, self.job.attempt)
         except NodeFailure as e:
             error, fatal, tb = str(e), e.fatal, e.traceback
             self.log_failure(error, tb)
+            await self._late_claimed()
             return await self.commit(lambda run, r: run.fail_node(node, r, self.job, error, fatal, tb=tb))
+        finally:
+            if late is not None:
+                late.cancel()
+        await self._late_claimed()
         return await self.succeed(output, action, writes, node_input, runner)
+
+    # ---- a deferred claim taken while the node runs (Engine.defer_claims)
+
+    def _claim_late(self) -> None:
+        """The node of a deferred claim still runs after LATE_CLAIM_S: claim it now, as a queued step's claim
+        would have, so that it shows as running and is held like any claimed step from then on."""
+        self._late = asyncio.ensure_future(self._late_claim())
+
+    async def _late_claim(self) -> None:
+        base = self.deferred
+
+        async def fn(run: RunTxn) -> bool:
+            rec = await read_node(run.t, self.node.id)
+            if rec is None or not await self._still_deferred(run, rec):
+                return False
+            write_node(run.t, self.node.id, self._as_claimed(rec))
+            run.t.listing.append((self.engine.worker_id, self.list_as, self.job.to_dict()))
+            return True
+
+        try:
+            got = await self.txn(fn)
+        except Exception as e:  # (Redis away) the commit claims it then, or finds it moved on
+            log.warning("job %s: could not claim its running node yet (%s: %s)", self.job.job_id,
+                        type(e).__name__, e)
+            return
+        if got is not None and got[0] and self.deferred is base:
+            self.deferred = None  # claimed: its commit finds it running with this step's token
+            self.listed = True
+
+    async def _late_claimed(self) -> None:
+        """Wait for a late claim under way, so the commit knows which record to expect."""
+        if self._late is not None:
+            await asyncio.shield(self._late)
+
+    async def _still_deferred(self, run: RunTxn, rec: NodeRecord) -> bool:
+        """Is ``rec`` (read in a transaction) still the queued record this step's node runs for, with the input
+        it runs on? Sets ``redo`` when only the input changed (a stale cache gave it another firing's)."""
+        job = self.job
+        self.redo = False  # (decided again on fresh values, a transaction starts over)
+        if rec.status != NodeStatus.QUEUED or rec.seq != job.seq or rec.current_phase != job.kind \
+                or rec.attempt != job.attempt or (rec.recovery or 0) != job.recovery:
+            return False
+        if node_input_from(self.node, await run.t.get_many(STATE, input_fields(self.node))) != self.node_input:
+            self.redo = True
+            return False
+        return True
 
     def log_failure(self, error: str, tb: str | None) -> None:
         """The attempt failed: note it as this step's outcome and, on workers, log it once (CONTRACT §10;
