@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from .ids import field_name
 
@@ -67,3 +67,12 @@ class Job:
 
 
 assert [f.name for f in fields(Job)] == list(Job("r", "n", 1).to_dict())  # to_dict names every field
+
+
+class Picked(NamedTuple):
+    """A queue job a worker's commit took for it (RedisStore: ``commit.OP_PICK``), to run next."""
+
+    job_id: str
+    payload: bytes  # the queue's (arq's) record of the job
+    tries: int  # how many times it was delivered, this time included
+    fresh: list[bytes | None]  # the current values of the fields its payload's "reread" names, in order

@@ -31,7 +31,7 @@ from .errors import UndecodableValue
 
 if TYPE_CHECKING:
     from .blueprint import Blueprint
-    from .jobs import Job
+    from .jobs import Job, Picked
 
 RUN, NODES, JOINS, BATCH, OUTBOX, STATE = "run", "nodes", "joins", "batch", "outbox", "state"
 KINDS = (RUN, NODES, JOINS, BATCH, OUTBOX, STATE)
@@ -146,7 +146,7 @@ class Txn(ABC):
         # a driver with a queue (RedisStore) may take the queue's next ready job for this worker in the same
         # commit, locked for ``pick_ms`` (0: do not): the (job id, payload) it took, after the commit
         self.pick_ms = 0
-        self.picked: tuple[str, bytes, int] | None = None
+        self.picked: Picked | None = None
         # a queue job this worker took itself whose last step this commit is: the commit finishes it in the queue
         self.finish_job: str | None = None
         self.unqueue: list[str] = []  # queue jobs whose steps this commit claimed: dropped from the queue

@@ -297,3 +297,42 @@ def test_a_run_cancelled_while_its_start_job_waits_runs_nothing_on_a_first_deliv
     handled, status = asyncio.run(go())
     assert status is not None and status["status"] == "cancelled" and ran == []
     assert handled.scheduled == []
+
+
+def test_a_job_taken_by_a_commit_comes_with_its_record_and_input_as_they_are_then(redis_url):
+    """A commit that takes the queue's next job (OP_PICK) reads the job's node record and input in the same
+    call: the step runs its node unclaimed without a read of its own, and one commit completes it. A run
+    cancelled after its start job was queued shows cancelled there: its node does not run."""
+    ran: list[Any] = []
+
+    def tag(ctx):
+        ran.append(ctx.input)
+        return ctx.input
+
+    async def go() -> tuple[Any, ...]:
+        a = make_adapter(Redis.from_url(redis_url), [ONE], {"tag": tag}, queue_name="defer-pick", concurrency=1)
+        a.create_worker()
+        first, scheduled = await a.engine.start_run("one", {"run": 1})
+        job = scheduled[0][1]
+        await a.queue.pool.psetex(f"arq:in-progress:{job.job_id}", 15000, b"1")  # arq handed it to this worker
+        kept = await a.start_run("one", {"run": 2})
+        commits = _count_commits(a)
+        took = (await a.engine.handle(job, first=True)).picked  # its commit takes the one job ready: kept's
+        cancelled = await a.start_run("one", {"run": 3})
+        await a.cancel(cancelled)
+        before = commits[0]
+        took_next = await a._run_picked(took) if took else None  # kept's commit takes the cancelled run's job
+        kept_commits = commits[0] - before
+        last = await a._run_picked(took_next) if took_next else None
+        statuses = [(await a.status(r) or {}).get("status") for r in (first, kept, cancelled)]
+        await a.close()
+        await a.redis.aclose()
+        return took, took_next, last, kept_commits, statuses, kept, cancelled
+
+    took, took_next, last, kept_commits, statuses, kept, cancelled = asyncio.run(go())
+    assert took is not None and took.job_id.startswith(kept) and took.tries == 1
+    assert b'"status":"queued"' in (took.fresh[0] or b"") and took.fresh[1] == b'{"run":2}'  # record, input
+    assert kept_commits == 1  # its node ran unclaimed, on what the pick read; one commit claimed and completed it
+    assert took_next is not None and took_next.job_id.startswith(cancelled)
+    assert b'"status":"cancelled"' in (took_next.fresh[0] or b"") and last is None
+    assert ran == [{"run": 1}, {"run": 2}] and statuses == ["completed", "completed", "cancelled"]

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from ..blueprint import Blueprint
 from ..engine import Engine, EngineSettings, Handled, Recovery, StepOutcome, now_ms
-from ..jobs import Job
+from ..jobs import Job, Picked
 from ..registry import NodeRegistry
 from ..store import OUTBOX, RUN
 from ..view import RunView
@@ -373,7 +373,7 @@ class ArqAdapter:
                 await self._done_with(job_id, job.job_id, handled, unknown)
         picked = handled.picked
         while picked is not None:  # the last commit took the queue's next job for this worker: run it here
-            picked = await self._run_picked(*picked)
+            picked = await self._run_picked(picked)
         if handled.retry_after_s is not None:
             defer = handled.retry_after_s
             if handled.outcome == StepOutcome.VERSION_MISMATCH and await self._served_elsewhere(job):
@@ -425,10 +425,11 @@ class ArqAdapter:
                 os._exit(137)
         return handled, ran
 
-    async def _run_picked(self, job_id: str, payload: bytes, tries: int) -> tuple[str, bytes, int] | None:
+    async def _run_picked(self, picked: Picked) -> Picked | None:
         """Run a queue job a commit took for this worker (``Engine.pick_ms``), as arq would have: its lock
         (arq's in-progress key) is renewed by the heartbeat while it runs, and arq hands it to another worker
         if this one dies. Then finish it in the queue. Returns the next job taken, if any."""
+        job_id, payload, tries, fresh = picked
         try:
             data = deserialize(payload)
             if not isinstance(data, dict) or data.get("f") != STEP_FUNCTION or len(data.get("a") or ()) != 1:
@@ -441,12 +442,14 @@ class ArqAdapter:
         if job_id in self.in_flight:
             return None  # this worker runs it already (it cannot take the same lock twice; defensive)
         self.store.seed(job.run_id, data.get("seed"))  # (a start job's: what its claim reads, ArqQueue.job_record)
+        # the node's record and input as the commit that took the job found them: read anew, in that commit
+        reread = self.store.reread(job.run_id, data.get("reread"), fresh)
         self.in_flight[job_id] = job
         self.engine.taken_jobs.add(job_id)
         handled: Handled | None = None
         unknown = False
         try:
-            handled = await self.engine.handle(job, first=tries == 1)
+            handled = await self.engine.handle(job, first=tries == 1, reread=reread)
             handled, _ = await self._go_on(job_id, job, handled)
         except (RedisError, OSError) as e:
             # Redis went away mid-step: leave the job locked; arq hands it on when the lock lapses

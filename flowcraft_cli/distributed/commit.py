@@ -18,8 +18,8 @@ goes as plain ARGV after a ``flat`` marker), read with a cursor:
   n_warm, then per hash:     key#, n, n x field                                 -- HMGET after the ops
 
 ``key#`` indexes KEYS (1-based). The opcodes are the ``OP_*`` constants below. When applied, returns
-``{1, picked job id or false, its payload or false, its delivery count or 0, key#, field, value or false, ...}``
-with a triple for every *warm* field (what the next step of the run will read, sent back now so that it reads
+``{1, picked job id or false, its payload or false, its delivery count or 0, n, n values read anew for it, key#,
+field, value or false, ...}`` with a triple for every *warm* field (what the next step of the run will read, sent back now so that it reads
 nothing); else ``{0, key#, field, current value or false, ...}`` for every field checked (a key found that must
 be absent refuses the commit the same way).
 """
@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+
+from ..jobs import Picked
 
 OP_HSET = "H"  # args: field, value, ...
 OP_HDEL = "D"  # args: field, ...
@@ -207,7 +209,16 @@ for _ = 1, tonumber(nxt()) do
             if not redis.call('SET', a[7] .. id, '1', 'NX', 'EX', 88400) then
               tries = redis.call('INCR', a[7] .. id)
             end
-            picked = {id, payload, tries}
+            -- the fields its payload asks to be read anew ("reread": [hash key, field, ...] each), as they are
+            -- now: what its step would otherwise read in a round trip of its own before running its node
+            local fresh = {}
+            local decoded, doc = pcall(cjson.decode, payload)
+            if decoded and type(doc) == 'table' and type(doc.reread) == 'table' then
+              for j2, kf in ipairs(doc.reread) do
+                fresh[j2] = redis.call('HGET', kf[1], kf[2])
+              end
+            end
+            picked = {id, payload, tries, fresh}
             break
           end
           redis.call('DEL', a[2] .. id)
@@ -234,8 +245,11 @@ for _ = 1, tonumber(nxt()) do
     return redis.error_reply('flowcraft commit: unknown op ' .. tostring(op))
   end
 end
-local out = {1}
-if picked then out[2] = picked[1]; out[3] = picked[2]; out[4] = picked[3] else out[2] = false; out[3] = false; out[4] = 0 end
+local out = {1, false, false, 0, 0}
+if picked then
+  out[2] = picked[1]; out[3] = picked[2]; out[4] = picked[3]; out[5] = #picked[4]
+  for j = 1, #picked[4] do out[5 + j] = picked[4][j] end
+end
 for _ = 1, tonumber(nxt()) do
   local ki = nxt()
   local n = tonumber(nxt())
@@ -332,17 +346,17 @@ class Commit:
         """(key, field, value) triples of a reply: the current value of every field checked, from a reply
         that refused the commit; the warm fields, from one that applied it."""
         out = []
-        for j in range(1 if int(reply[0]) == 0 else 4, len(reply), 3):
+        for j in range(1 if int(reply[0]) == 0 else 5 + int(reply[4]), len(reply), 3):
             fld = reply[j + 1]
             out.append((self.keys[int(reply[j]) - 1], fld.decode() if isinstance(fld, bytes) else fld,
                         None if reply[j + 2] is None else _b(reply[j + 2])))
         return out
 
 
-def picked(reply: list[Any]) -> tuple[str, bytes, int] | None:
-    """The job an applied commit took for its worker (``OP_PICK``): (id, arq payload, how many times it was
-    delivered, this time included), or None."""
+def picked(reply: list[Any]) -> Picked | None:
+    """The job an applied commit took for its worker (``OP_PICK``), or None."""
     if int(reply[0]) != 1 or not reply[1]:
         return None
     job_id = reply[1]
-    return (job_id.decode() if isinstance(job_id, bytes) else job_id), reply[2], int(reply[3])
+    return Picked((job_id.decode() if isinstance(job_id, bytes) else job_id), reply[2], int(reply[3]),
+                  [None if v is None else _b(v) for v in reply[5:5 + int(reply[4])]])

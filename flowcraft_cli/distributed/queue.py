@@ -113,19 +113,22 @@ class ArqQueue:
         return added
 
     def job_record(self, job: Job, now_ms: int, seed: dict[str, dict[str, str | None]] | None = None,
-                   ) -> tuple[str, int, bytes, int]:
+                   reread: list[list[str]] | None = None) -> tuple[str, int, bytes, int]:
         """What arq's ``enqueue_job`` would write for ``job``, for a commit that queues it itself (atomically
         with the decision): (job key, score, payload, expiry ms). arq's own serializer framing and key
         names, so arq's worker runs it as if ``enqueue_job`` had queued it. ``seed``: the run's fields its
         step reads first (kind -> field -> stored JSON, None for absent), a key of the payload beside arq's own:
         arq and workers of earlier releases ignore it (as an argument of the step, they would reject the job),
-        and a worker that takes the job in a commit reads it (``ArqAdapter._run_picked``)."""
+        and a worker that takes the job in a commit reads it (``ArqAdapter._run_picked``). ``reread``: fields
+        ([hash key, field, kind, field of the kind]) whose current values the commit that takes the job sends
+        back with it (``commit.OP_PICK``): the node's record and input, as they are when the job is taken."""
         from arq.constants import expires_extra_ms, job_key_prefix
         from arq.jobs import serialize_job
 
         score = max(now_ms, job.not_before_ms)
+        extra = {**({"seed": seed} if seed else {}), **({"reread": reread} if reread else {})}
         payload = serialize_job(STEP_FUNCTION, (job.to_dict(),), {}, None, now_ms,
-                                serializer=(lambda data: serialize({**data, "seed": seed})) if seed else serialize)
+                                serializer=(lambda data: serialize({**data, **extra})) if extra else serialize)
         return job_key_prefix + job.job_id, score, payload, score - now_ms + expires_extra_ms
 
     async def finish(self, job_id: str) -> None:

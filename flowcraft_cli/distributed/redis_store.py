@@ -459,7 +459,12 @@ class RedisStore(Store):
         for job in jobs:
             wanted = txn.seeds.get(job.job_id)
             seed = self._seed_of(txn, _with_event_count(wanted)) if wanted else None
-            job_key, score, payload, expires_ms = self.queue.job_record(job, now, seed)
+            # what a first delivery reads anew before it runs its node unclaimed (Step._defer_claim): read by
+            # the commit that takes the job, so that it costs no round trip of its own
+            reread = [[keys.kind_key(kind, job.run_id), keys.field_name(kind, f), kind, f]
+                      for kind, fields in ((NODES, [job.node_id]), (STATE, wanted.get(STATE, []))) for f in fields] \
+                if wanted else None
+            job_key, score, payload, expires_ms = self.queue.job_record(job, now, seed, reread)
             args += [program.key(job_key), score, payload, expires_ms, job.job_id]
             ready += score <= now
         program.op(OP_ENQUEUE, queue_key, *args)
@@ -521,6 +526,25 @@ class RedisStore(Store):
         cache = self._fields_of(run_id)
         for key, raw in values.items():
             cache[key] = raw  # (_RunFields leaves out large values)
+
+    def reread(self, run_id: str, spec: Any, values: list[bytes | None]) -> frozenset[tuple[str, str]]:
+        """The values a commit read anew for a job it took (``commit.OP_PICK``, the job's ``reread``), taken as
+        what Redis holds now: the (kind, field) pairs remembered. A spec that names anything but this run's
+        node records and context fields, as they are stored (planted, another version's), is ignored whole."""
+        if not isinstance(spec, list) or len(spec) != len(values):
+            return frozenset()
+        pairs = []
+        for item in spec:
+            if not (isinstance(item, list) and len(item) == 4 and all(isinstance(x, str) for x in item)):
+                return frozenset()
+            key, fld, kind, name = item
+            if kind not in (NODES, STATE) or key != keys.kind_key(kind, run_id) or fld != keys.field_name(kind, name):
+                return frozenset()
+            pairs.append((kind, name))
+        cache = self._fields_of(run_id)
+        for pair, raw in zip(pairs, values, strict=True):
+            cache[pair] = raw
+        return frozenset(pairs)
 
     def _ttl_of(self, txn: Txn) -> int | None:
         return txn.final[1] if txn.final is not None else self.running_ttl_s if txn.ttl_s is None else txn.ttl_s

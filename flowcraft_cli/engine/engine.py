@@ -29,7 +29,7 @@ from typing import Any, TypeGuard
 from ..blueprint import Blueprint
 from ..errors import BlueprintUnavailable, InvalidInput, RunNotFound, StateConflict
 from ..ids import check_run_id
-from ..jobs import Job
+from ..jobs import Job, Picked
 from ..registry import NodeRegistry
 from ..store import BATCH, JOINS, MISSING, NODES, OUTBOX, RUN, STATE, Store, Txn, check_json
 from .lifecycle import RunTxn
@@ -92,7 +92,7 @@ class Handled:
     listed: bool = False  # the step is still listed under this worker (its claim's commit did not unlist it)
     run_status: RunStatus | None = None  # the run's status, when the outcome is RUN_FINISHED
     inline: InlineStep | None = None  # the successor claimed for this worker: handle it next (handle(job, inline))
-    picked: tuple[str, bytes, int] | None = None  # a queue job the commit took here: (id, payload, deliveries)
+    picked: Picked | None = None  # a queue job the commit took for this worker, to run next
     left_queue: bool = False  # a commit of the job's own step took the job out of the queue (Step.left_queue)
     unqueued: list[str] = field(default_factory=list)  # queued jobs its commit claimed (Txn.unqueue): not to run
 
@@ -478,11 +478,14 @@ class Engine:
 
     # ------------------------------------------------------------------ handling one job
 
-    async def handle(self, job: Job, inline: InlineStep | None = None, *, first: bool = False) -> Handled:
+    async def handle(self, job: Job, inline: InlineStep | None = None, *, first: bool = False,
+                     reread: frozenset[tuple[str, str]] = frozenset()) -> Handled:
         """Handle one job: a queued one, or (``inline``) a successor the previous step's commit claimed for
-        this worker (``Handled.inline``), which is still listed under this worker if it does not run."""
+        this worker (``Handled.inline``), which is still listed under this worker if it does not run.
+        ``first``: its first delivery (``defer_claims``); ``reread``: the (kind, field) pairs the store holds
+        as they were when the job was taken, read then (``Step._defer_claim`` need not read them again)."""
         try:
-            handled = await self._handle(job, inline, defer=first and self.defer_claims)
+            handled = await self._handle(job, inline, defer=first and self.defer_claims, reread=reread)
         finally:
             if inline is not None:  # held from its claim until its step ends here (or never starts)
                 self.active_tokens.discard(inline.token)
@@ -491,7 +494,7 @@ class Engine:
         return handled
 
     async def _handle(self, job: Job, inline: InlineStep | None, *, again: bool = False,
-                      defer: bool = False) -> Handled:
+                      defer: bool = False, reread: frozenset[tuple[str, str]] = frozenset()) -> Handled:
         # the meta as this process last saw it, where it remembers: the step's claim checks it again in its
         # transaction; only a meta that would stop the step here is read afresh first. A run new to this
         # process is fetched with what its claim reads (for a node without `inputs`), in one go
@@ -515,6 +518,7 @@ class Engine:
             return Handled(outcome=StepOutcome.UNKNOWN_NODE)
         step = Step(self, bp, node, job, inline)  # its transactions restart the version grace (Step.txn)
         step.defer = defer and inline is None
+        step.reread = reread
         scheduled = await step.run()
         if step.redo and step.stale:  # its node ran on an input not its firing's (a stale memory): again, claimed
             return await self._handle(job, inline, again=again)

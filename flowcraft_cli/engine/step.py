@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..blueprint import BUILTINS, Blueprint, NodeDef
 from ..errors import NodeFailure, UndecodableValue
 from ..ids import claim_token
-from ..jobs import Job
+from ..jobs import Job, Picked
 from ..store import MISSING, NODES, RUN, STATE, Txn
 from .builtins import batch, function, loop, sleep, subflow, wait
 from .lifecycle import RunTxn
@@ -53,6 +53,7 @@ class Step:
         self.run_id = job.run_id
         self.token = inline.token if inline is not None else claim_token()
         self.defer = False  # may its claim go with its commit (``Engine.defer_claims``, a first delivery)?
+        self.reread: frozenset[tuple[str, str]] = frozenset()  # fields read anew as its job was taken (Engine.handle)
         self.claimed_at = 0
         self.held_elsewhere = False  # set when a live step of another delivery holds the node
         self.stale = False  # set when the node no longer expects this step (duplicate or late delivery)
@@ -66,7 +67,7 @@ class Step:
         # the successor this step's commit claimed for this worker, to run next (engine.inline_steps)
         self.inline: list[InlineStep] = []
         self._last_txn: Txn | None = None
-        self.picked: tuple[str, bytes, int] | None = None  # the queue job its commit took for this worker (pick_ms)
+        self.picked: Picked | None = None  # the queue job its commit took for this worker (pick_ms)
         # a commit of this step took its own queue job out of the queue (finished a job this worker took, or
         # dropped one arq handed over): the job's worker must not hand it back to arq (ArqAdapter.step)
         self.left_queue = False
@@ -270,7 +271,8 @@ class Step:
         input). None: claim as usual. The node's input is written with its record's firing (``_inputs.<node>``,
         RunTxn.fire), so a record that is still the same firing at the commit ran on the right input."""
         job, store, fields = self.job, self.engine.store, input_fields(self.node)
-        await store.refresh(self.run_id, {NODES: [self.node.id], STATE: fields})
+        if not self.reread.issuperset([(NODES, self.node.id), *((STATE, f) for f in fields)]):
+            await store.refresh(self.run_id, {NODES: [self.node.id], STATE: fields})
         raw = (await store.peek(self.run_id, NODES, [self.node.id]))[0]
         if raw is MISSING or not isinstance(raw, dict):
             return None
