@@ -9,7 +9,7 @@ Redis round trips (writes to the sockets of the adapter's own connection pool; a
 excluded) and every Redis command executed, arq's and those inside Lua scripts included (INFO commandstats).
 The "(live)" row runs the chain on a long-running worker (woken, not burst) and reports its idle commands/s. Baseline: N bare arq no-op jobs queued
 at once, then drained. A queued flowcraft step is one arq job plus the engine's claim and commit (one Lua call
-each); a chain's later steps run inline (no arq job; one call each), so the ratio shows what a step costs over
+each; on a job's first delivery, the commit alone); a chain's later steps run inline (no arq job; one call each), so the ratio shows what a step costs over
 the queue itself.
 """
 
