@@ -12,6 +12,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from arq.connections import ArqRedis
+from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.asyncio import ConnectionPool, Redis
 
@@ -83,8 +86,6 @@ def arq_pool_for(redis: Redis, queue_name: str) -> ArqRedis:
 
 def _job_keys(job_id: str) -> list[str]:
     """arq's keys of one job that its end deletes: in-progress lock, retry counter, payload."""
-    from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
-
     return [p + job_id for p in (in_progress_key_prefix, retry_key_prefix, job_key_prefix)]
 
 
@@ -122,9 +123,6 @@ class ArqQueue:
         and a worker that takes the job in a commit reads it (``ArqAdapter._run_picked``). ``reread``: fields
         ([hash key, field, kind, field of the kind]) whose current values the commit that takes the job sends
         back with it (``commit.OP_PICK``): the node's record and input, as they are when the job is taken."""
-        from arq.constants import expires_extra_ms, job_key_prefix
-        from arq.jobs import serialize_job
-
         score = max(now_ms, job.not_before_ms)
         extra = {**({"seed": seed} if seed else {}), **({"reread": reread} if reread else {})}
         payload = serialize_job(STEP_FUNCTION, (job.to_dict(),), {}, None, now_ms,
@@ -146,34 +144,24 @@ class ArqQueue:
         program.op(OP_ZREM, self.queue_name, job_id)
 
     def unqueue_op(self, program: Commit, job_id: str) -> None:
-        """A commit claimed the step of queued job ``job_id`` for its own worker: drop the job (a worker that
-        holds it already finds the step held, and runs nothing)."""
-        from arq.constants import job_key_prefix
-
+        """A commit claimed the step of queued job ``job_id`` for its own worker: drop the job (when the job is
+        another step's, the commit holds only if no worker has taken it: ``Txn.unheld``)."""
         program.op(OP_UNQUEUE, self.queue_name, job_id, job_key_prefix)
 
     @staticmethod
     def lock_key(job_id: str) -> str:
         """arq's lock on a job a worker runs (its in-progress key)."""
-        from arq.constants import in_progress_key_prefix
-
         return in_progress_key_prefix + job_id
 
     def pick_op(self, program: Commit, lock_ms: int, look: int) -> None:
         """Take one of the ``look`` oldest ready jobs nobody holds for the committing worker, locked
         ``lock_ms`` as arq locks the jobs it runs (``commit.picked`` reads it from the reply)."""
-        from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
-        from arq.utils import timestamp_ms
-
         program.op(OP_PICK, self.queue_name, timestamp_ms(), in_progress_key_prefix, job_key_prefix, lock_ms, look,
                    random.randrange(look), retry_key_prefix)
 
     async def defer(self, job_id: str, seconds: float) -> None:
         """Put a job this worker took back for later (arq's ``Retry(defer=...)``): due in ``seconds``, and
         unlocked."""
-        from arq.constants import in_progress_key_prefix
-        from arq.utils import timestamp_ms
-
         async with self.pool.pipeline(transaction=True) as pipe:
             pipe.zadd(self.queue_name, {job_id: timestamp_ms() + int(seconds * 1000)})
             pipe.delete(in_progress_key_prefix + job_id)
@@ -190,8 +178,6 @@ class ArqQueue:
 
     async def state_of(self, job_ids: list[str]) -> dict[str, str]:
         """'queued' or 'running' per job id still known to arq (absent ids are done or never queued)."""
-        from arq.constants import in_progress_key_prefix, job_key_prefix
-
         if not job_ids:
             return {}
         async with self.pool.pipeline(transaction=False) as pipe:
@@ -211,8 +197,6 @@ class ArqQueue:
         """Forget jobs a dead worker held, once their step is recovered under a new job id (or is queued again
         under the same one): arq would otherwise hand each one on when its lock lapses, only for it to be
         dropped as stale."""
-        from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
-
         if not job_ids:
             return
         async with self.pool.pipeline(transaction=False) as pipe:
@@ -225,8 +209,6 @@ class ArqQueue:
         """Keep arq's lock on the jobs this worker runs for another lease. arq's lock then lapses ``lease_ms``
         after a worker dies, and arq hands the job to another worker by itself: the backstop for every moment
         a step is not (or no longer) in the worker's list of steps."""
-        from arq.constants import in_progress_key_prefix
-
         ids = list(job_ids)
         if not ids:
             return
@@ -238,8 +220,6 @@ class ArqQueue:
     async def counts(self, *, head: int = 10_000) -> QueueCounts:
         """Jobs ready, deferred and in progress, and the oldest ready job's age (Redis server clock). Two
         ZCOUNTs and a look at the ``head`` oldest ready jobs, whatever the queue's length."""
-        from arq.constants import in_progress_key_prefix
-
         now, ready, deferred, running, oldest = await self.pool.eval(
             _COUNTS, 1, self.queue_name, in_progress_key_prefix, str(head))
         now, oldest = int(now), int(oldest)
@@ -321,9 +301,6 @@ class WakingWorker(Worker):
         """arq's ``start_jobs``, with every id's check and lock in one call instead of four round trips each:
         a fan-out's first jobs then start on every free slot at once, not one slot after another (a wave of
         work late on the last slot)."""
-        from arq.constants import in_progress_key_prefix
-        from arq.utils import timestamp_ms
-
         self._saw_none = not job_ids
         free = self.max_jobs - self.job_counter
         if free <= 0 or not job_ids:
@@ -351,8 +328,6 @@ class WakingWorker(Worker):
             await super().finish_job(job_id, finish, result_data, result_timeout_s, keep_result_forever,
                                      incr_score, keep_in_progress)
             return
-        from arq.constants import in_progress_key_prefix
-
         async with self.pool.pipeline(transaction=True) as tr:
             if keep_in_progress is None:
                 tr.delete(in_progress_key_prefix + job_id)
@@ -382,8 +357,6 @@ class WakingWorker(Worker):
         if self.job_counter >= self.max_jobs:
             await self._wait_for_a_slot()  # every slot is busy
             return
-        from arq.utils import timestamp_ms
-
         if self._woken and self._saw_none:
             # Woken, and the queue had nothing ready: the tokens left announce jobs already taken (a fan-out
             # pushes up to WAKE_CAP for a fleet; its branches then ran inline), and each would cost a look at
