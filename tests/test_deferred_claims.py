@@ -7,8 +7,10 @@ claimed. A redelivered job (its worker may have died) claims first. Real Redis, 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from flowcraft_cli.distributed import keys
@@ -331,8 +333,129 @@ def test_a_job_taken_by_a_commit_comes_with_its_record_and_input_as_they_are_the
 
     took, took_next, last, kept_commits, statuses, kept, cancelled = asyncio.run(go())
     assert took is not None and took.job_id.startswith(kept) and took.tries == 1
-    assert b'"status":"queued"' in (took.fresh[0] or b"") and took.fresh[1] == b'{"run":2}'  # record, input
+    status, bp_id, version, record, node_input = took.fresh  # the run's, the node's record, its input
+    assert (status, bp_id) == (b'"running"', b'"one"') and version
+    assert b'"status":"queued"' in (record or b"") and node_input == b'{"run":2}'
     assert kept_commits == 1  # its node ran unclaimed, on what the pick read; one commit claimed and completed it
     assert took_next is not None and took_next.job_id.startswith(cancelled)
-    assert b'"status":"cancelled"' in (took_next.fresh[0] or b"") and last is None
+    assert took_next.fresh[0] == b'"cancelled"' and last is None
     assert ran == [{"run": 1}, {"run": 2}] and statuses == ["completed", "completed", "cancelled"]
+
+
+PLANTED = {  # a queued job's payload "reread" (or its retry key) as nothing of this release writes it
+    "number": [1], "empty-item": [[]], "null-item": [None], "one-string-item": [["just-a-key"]],
+    "string-item": ["flowcraft:x"], "bool-key": [[True, "f"]], "non-hash-key": "QUEUE",
+    "too-many": [["k", "f"]] * 17, "retry-key-not-a-count": "RETRY",
+}
+
+
+@pytest.mark.parametrize("shape", list(PLANTED))
+def test_a_planted_job_does_not_fail_the_commit_that_takes_it(redis_url, shape):
+    """The read anew and the delivery count run in the commit that takes the job, after its writes: nothing a
+    job or a key holds may make it raise (from a review: a commit that failed there kept its writes while its
+    worker handed its step back). The job taken is then read the usual way (its step claims first)."""
+    ran: list[str] = []
+
+    async def go() -> tuple[Any, Any, Any]:
+        queue = f"defer-planted-{shape}"
+        a = make_adapter(Redis.from_url(redis_url), [ONE], {"tag": lambda ctx: ran.append(ctx.run_id)},
+                         queue_name=queue, concurrency=1)
+        a.create_worker()
+        first, scheduled = await a.engine.start_run("one", {})
+        job = scheduled[0][1]
+        await a.queue.pool.psetex(f"arq:in-progress:{job.job_id}", 15000, b"1")  # arq handed it to this worker
+        second = await a.start_run("one", {})
+        planted = Job(second, "x", 1).job_id
+        if shape == "retry-key-not-a-count":
+            await a.redis.set(f"arq:retry:{planted}", "many")
+        else:
+            data = json.loads(await a.redis.get(f"arq:job:{planted}"))
+            data["reread"] = [[queue, "f"]] if PLANTED[shape] == "QUEUE" else PLANTED[shape]
+            await a.redis.set(f"arq:job:{planted}", json.dumps(data), keepttl=True)
+        handled = await a.engine.handle(job, first=True)  # its commit takes the planted job
+        took = handled.picked
+        if took is not None:
+            await a._run_picked(took)
+        statuses = [(await a.status(r) or {}).get("status") for r in (first, second)]
+        await a.close()
+        await a.redis.aclose()
+        return handled, took, statuses
+
+    handled, took, statuses = asyncio.run(go())
+    assert handled.outcome.value == "ok" and took is not None
+    assert took.tries == 2 if shape == "retry-key-not-a-count" else took.fresh == []
+    assert statuses == ["completed", "completed"] and len(ran) == 2
+
+
+def test_a_run_id_used_again_for_another_blueprint_never_runs_the_earlier_blueprints_node(redis_url):
+    """As above, but the new run is of another blueprint with a node of the same id: the run's meta is read
+    anew too, so the earlier blueprint's function never runs (from a second review of this change)."""
+    calls: list[tuple[str, Any]] = []
+    nodes = {"charge_card": lambda ctx: calls.append(("charge_card", ctx.input)),
+             "send_mail": lambda ctx: calls.append(("send_mail", ctx.input))}
+    card = {"id": "card", "nodes": [{"id": "x", "uses": "charge_card"}], "edges": []}
+    mail = {"id": "mail", "nodes": [{"id": "x", "uses": "send_mail"}], "edges": []}
+
+    async def go() -> Any:
+        w = make_adapter(Redis.from_url(redis_url), [card, mail], nodes, queue_name="defer-reuse-bp")
+        c = make_adapter(Redis.from_url(redis_url), [card, mail], nodes, queue_name="defer-reuse-bp")
+        w.create_worker()
+        run_id, _ = await w.engine.start_run("card", {"card": 1}, run_id="reused-bp-id")  # W remembers it
+        await c.cancel(run_id)  # (W does not see it)
+        async for k in c.redis.scan_iter(match=f"*{run_id}*"):  # it expires
+            await c.redis.delete(k)
+        _, scheduled = await c.engine.start_run("mail", {"mail": 2}, run_id="reused-bp-id")
+        await w.engine.handle(scheduled[0][1], first=True)
+        view = await c.inspect(run_id)
+        for ad in (w, c):
+            await ad.close()
+            await ad.redis.aclose()
+        return view
+
+    view = asyncio.run(go())
+    assert view.status == "completed" and calls == [("send_mail", {"mail": 2})]
+
+
+def test_a_late_claim_that_met_a_redis_error_is_taken_again_while_the_node_runs(redis_url):
+    """The late claim's commit meets a dropped connection: it is tried again while the node runs, so the node
+    still shows running and is listed under its worker (from a second review: it was never tried again)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    release = asyncio.Event()
+
+    async def slow(ctx):
+        await release.wait()
+        return "late"
+
+    async def go() -> tuple[list[str], int, Any]:
+        a = make_adapter(Redis.from_url(redis_url), [{**ONE, "nodes": [{"id": "x", "uses": "slow"}]}],
+                         {"slow": slow}, queue_name="defer-late-error")
+        a.create_worker()
+        run_id, scheduled = await a.engine.start_run("one", {})
+        apply, failed = a.store._apply, [0]
+
+        async def flaky(k: list[Any], args: list[Any]) -> Any:
+            if not failed[0]:  # the first commit after the start is the late claim's: its connection drops
+                failed[0] = 1
+                raise RedisConnectionError("Connection closed by server.")
+            return await apply(k, args)
+
+        a.store._apply = flaky
+        step = asyncio.ensure_future(a.engine.handle(scheduled[0][1], first=True))
+        statuses: list[str] = []
+        deadline = asyncio.get_running_loop().time() + 10
+        while asyncio.get_running_loop().time() < deadline and statuses[-1:] != ["running"]:
+            await asyncio.sleep(0.05)
+            node = next(n for n in (await a.inspect(run_id, timeline=False)).nodes if n.node_id == "x")
+            statuses.append(node.status)
+        listed = await a.redis.hlen(keys.worker_steps_key(a.worker_id))
+        release.set()
+        await step
+        view = await a.inspect(run_id)
+        await a.close()
+        await a.redis.aclose()
+        return statuses, listed, view
+
+    statuses, listed, view = asyncio.run(go())
+    assert statuses[-1] == "running" and listed == 1
+    assert view.status == "completed" and [e["outcome"] for e in view.timeline if e["node_id"] == "x"] == ["completed"]

@@ -67,6 +67,32 @@ local function call_chunked(cmd, key, args, from, step)
   end
 end
 
+-- Reading a job a commit takes (OP_PICK) runs after the commit's writes: nothing here may raise, whatever a
+-- queued job or a key holds (a planted payload, another release's), or the commit would fail with its writes made.
+local function deliveries(retry_key)
+  -- counted as arq counts the deliveries of the jobs it runs (its retry key, its expiry): a job delivered
+  -- before (its worker may have died running it) tells its step to claim first; a key that is no count: 2
+  local set = redis.pcall('SET', retry_key, '1', 'NX', 'EX', 88400)
+  if type(set) == 'table' and set.ok then return 1 end
+  local n = redis.pcall('INCR', retry_key)
+  if type(n) == 'number' then return n end
+  return 2
+end
+local function reread(payload)
+  -- the fields the job's payload asks to be read anew ("reread": [hash key, field, ...] each, at most 16), as
+  -- they are now: what its step would otherwise read in a round trip of its own. Anything odd: none
+  local decoded, doc = pcall(cjson.decode, payload)
+  if not decoded or type(doc) ~= 'table' or type(doc.reread) ~= 'table' or #doc.reread > 16 then return {} end
+  local fresh = {}
+  for j, kf in ipairs(doc.reread) do
+    if type(kf) ~= 'table' or type(kf[1]) ~= 'string' or type(kf[2]) ~= 'string' then return {} end
+    local v = redis.pcall('HGET', kf[1], kf[2])
+    if type(v) == 'table' then return {} end  -- an error (not a hash)
+    fresh[j] = v
+  end
+  return fresh
+end
+
 local ok = true
 local seen = {}
 local picked = nil
@@ -205,20 +231,7 @@ for _ = 1, tonumber(nxt()) do
           if payload then
             -- counted as arq counts the deliveries of the jobs it runs (its retry key, its expiry): a job
             -- delivered before (its worker may have died running it) tells its step to claim first
-            local tries = 1
-            if not redis.call('SET', a[7] .. id, '1', 'NX', 'EX', 88400) then
-              tries = redis.call('INCR', a[7] .. id)
-            end
-            -- the fields its payload asks to be read anew ("reread": [hash key, field, ...] each), as they are
-            -- now: what its step would otherwise read in a round trip of its own before running its node
-            local fresh = {}
-            local decoded, doc = pcall(cjson.decode, payload)
-            if decoded and type(doc) == 'table' and type(doc.reread) == 'table' then
-              for j2, kf in ipairs(doc.reread) do
-                fresh[j2] = redis.call('HGET', kf[1], kf[2])
-              end
-            end
-            picked = {id, payload, tries, fresh}
+            picked = {id, payload, deliveries(a[7] .. id), reread(payload)}
             break
           end
           redis.call('DEL', a[2] .. id)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
-from ..engine.state import META_FIELDS, NodeRecord, RunMeta
+from ..engine.state import DEFER_FIELDS, META_FIELDS, NodeRecord, RunMeta
 from ..errors import UndecodableValue
 from ..jobs import Job
 from ..store import (
@@ -462,8 +462,8 @@ class RedisStore(Store):
             # what a first delivery reads anew before it runs its node unclaimed (Step._defer_claim): read by
             # the commit that takes the job, so that it costs no round trip of its own
             reread = [[keys.kind_key(kind, job.run_id), keys.field_name(kind, f), kind, f]
-                      for kind, fields in ((NODES, [job.node_id]), (STATE, wanted.get(STATE, []))) for f in fields] \
-                if wanted else None
+                      for kind, fields in ((RUN, DEFER_FIELDS), (NODES, [job.node_id]), (STATE, wanted.get(STATE, [])))
+                      for f in fields] if wanted else None
             job_key, score, payload, expires_ms = self.queue.job_record(job, now, seed, reread)
             args += [program.key(job_key), score, payload, expires_ms, job.job_id]
             ready += score <= now
@@ -530,7 +530,8 @@ class RedisStore(Store):
     def reread(self, run_id: str, spec: Any, values: list[bytes | None]) -> frozenset[tuple[str, str]]:
         """The values a commit read anew for a job it took (``commit.OP_PICK``, the job's ``reread``), taken as
         what Redis holds now: the (kind, field) pairs remembered. A spec that names anything but this run's
-        node records and context fields, as they are stored (planted, another version's), is ignored whole."""
+        meta, node records and context fields, as they are stored (planted, another version's), is ignored
+        whole."""
         if not isinstance(spec, list) or len(spec) != len(values):
             return frozenset()
         pairs = []
@@ -538,7 +539,8 @@ class RedisStore(Store):
             if not (isinstance(item, list) and len(item) == 4 and all(isinstance(x, str) for x in item)):
                 return frozenset()
             key, fld, kind, name = item
-            if kind not in (NODES, STATE) or key != keys.kind_key(kind, run_id) or fld != keys.field_name(kind, name):
+            if kind not in (RUN, NODES, STATE) or key != keys.kind_key(kind, run_id) \
+                    or fld != keys.field_name(kind, name):
                 return frozenset()
             pairs.append((kind, name))
         cache = self._fields_of(run_id)

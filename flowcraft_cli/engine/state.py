@@ -268,6 +268,9 @@ META_FIELDS = tuple(f.name for f in fields(RunMeta))
 # what tells whether a step may run on this worker: the run exists and is not finished, and is of a blueprint
 # version this worker has (``Engine._handle``, before reading the rest)
 GATE_FIELDS = ("status", "blueprint_id", "blueprint_version", "version_wait_since")
+# what a first delivery reads anew of the meta, with the node's record and input, before it runs its node
+# unclaimed (``Step._defer_claim``): the run is running, and of the step's blueprint
+DEFER_FIELDS = ("status", "blueprint_id", "blueprint_version")
 
 
 @dataclass(slots=True)

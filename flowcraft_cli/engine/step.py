@@ -17,6 +17,7 @@ from .builtins import batch, function, loop, sleep, subflow, wait
 from .lifecycle import RunTxn
 from .reads import input_fields, node_input_from, prefetch_commit, read_node_input, read_route, warm_run
 from .state import (
+    DEFER_FIELDS,
     FINAL_STATUSES,
     META_FIELDS,
     InlineStep,
@@ -39,6 +40,11 @@ log = logging.getLogger("flowcraft.engine")
 # a node whose claim was deferred (Engine.defer_claims) and still runs after this long is claimed while it runs:
 # from then on it shows as running, and its attempt is recorded as lost should its worker die
 LATE_CLAIM_S = 0.02
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class Step:
@@ -80,6 +86,8 @@ class Step:
         self.deferred: NodeRecord | None = None
         self.redo = False  # a deferred claim's input changed before its commit: handle the job again, claimed
         self._late: asyncio.Future[None] | None = None  # the claim taken while a deferred node runs long
+        self._late_pause: asyncio.Future[None] | None = None  # its wait before trying again, after a Redis error
+        self._node_done = False  # the node has returned (or raised, or its step was cancelled)
 
     async def txn(self, fn: Callable[[RunTxn], Any], reads: dict[str, list[str]] | None = None, *,
                   inline: bool = False) -> Any:
@@ -148,11 +156,10 @@ class Step:
 
     async def _release(self) -> None:
         job = self.job
-        if self._late is not None:
-            try:
-                await self._late
-            except BaseException:
-                pass
+        try:
+            await self._late_claimed()
+        except BaseException:
+            pass
         if self.deferred is not None:
             return  # nothing claimed (a late claim whose reply was lost is recovered from the list of steps)
 
@@ -271,8 +278,14 @@ class Step:
         input). None: claim as usual. The node's input is written with its record's firing (``_inputs.<node>``,
         RunTxn.fire), so a record that is still the same firing at the commit ran on the right input."""
         job, store, fields = self.job, self.engine.store, input_fields(self.node)
-        if not self.reread.issuperset([(NODES, self.node.id), *((STATE, f) for f in fields)]):
-            await store.refresh(self.run_id, {NODES: [self.node.id], STATE: fields})
+        wanted = {RUN: list(DEFER_FIELDS), NODES: [self.node.id], STATE: fields}
+        if not self.reread.issuperset((kind, f) for kind, names in wanted.items() for f in names):
+            await store.refresh(self.run_id, wanted)
+        # the run as Redis holds it: running, of this step's blueprint (a run id used again after the run expired
+        # may be another blueprint's, whose node of that name is another function)
+        status, bp_id, version = await store.peek(self.run_id, RUN, list(DEFER_FIELDS))
+        if status != RunStatus.RUNNING.value or bp_id != self.bp.id or version != self.bp.version:
+            return None
         raw = (await store.peek(self.run_id, NODES, [self.node.id]))[0]
         if raw is MISSING or not isinstance(raw, dict):
             return None
@@ -387,17 +400,19 @@ class Step:
             return await subflow.run_subflow(self, rec, runner, node_input)
         writes: dict[str, Any] = {}
         late = asyncio.get_running_loop().call_later(LATE_CLAIM_S, self._claim_late) if self.deferred else None
+        failure: NodeFailure | None = None
         try:
             output, action, writes = await function.call_node(self, runner, node_input, self.job.attempt)
         except NodeFailure as e:
-            error, fatal, tb = str(e), e.fatal, e.traceback
-            self.log_failure(error, tb)
-            await self._late_claimed()
-            return await self.commit(lambda run, r: run.fail_node(node, r, self.job, error, fatal, tb=tb))
+            failure = e
         finally:
             if late is not None:
                 late.cancel()
-        await self._late_claimed()
+        await self._late_claimed()  # (the node is done: a late claim under way ends, or is not started at all)
+        if failure is not None:
+            error, fatal, tb = str(failure), failure.fatal, failure.traceback
+            self.log_failure(error, tb)
+            return await self.commit(lambda run, r: run.fail_node(node, r, self.job, error, fatal, tb=tb))
         return await self.succeed(output, action, writes, node_input, runner)
 
     # ---- a deferred claim taken while the node runs (Engine.defer_claims)
@@ -418,18 +433,30 @@ class Step:
             run.t.listing.append((self.engine.worker_id, self.list_as, self.job.to_dict()))
             return True
 
-        try:
-            got = await self.txn(fn)
-        except Exception as e:  # (Redis away) the commit claims it then, or finds it moved on
-            log.warning("job %s: could not claim its running node yet (%s: %s)", self.job.job_id,
-                        type(e).__name__, e)
+        pause = LATE_CLAIM_S * 5
+        while not self._node_done:
+            try:
+                got = await self.txn(fn)
+            except Exception as e:  # (Redis away) tried again while the node runs; else its commit claims it
+                log.warning("job %s: could not claim its running node yet (%s: %s); trying again in %.1fs",
+                            self.job.job_id, type(e).__name__, e, pause)
+                self._late_pause = asyncio.get_running_loop().create_future()
+                timer = asyncio.get_running_loop().call_later(pause, _settle, self._late_pause)
+                await self._late_pause  # (cut short when the node ends)
+                timer.cancel()
+                pause = min(pause * 2, 5.0)
+                continue
+            if got is not None and got[0] and self.deferred is base:
+                self.deferred = None  # claimed: its commit finds it running with this step's token
+                self.listed = True
             return
-        if got is not None and got[0] and self.deferred is base:
-            self.deferred = None  # claimed: its commit finds it running with this step's token
-            self.listed = True
 
     async def _late_claimed(self) -> None:
-        """Wait for a late claim under way, so the commit knows which record to expect."""
+        """The node is done: wait for a late claim under way (one waiting to try again stops), so the commit
+        knows which record to expect."""
+        self._node_done = True
+        if self._late_pause is not None:
+            _settle(self._late_pause)
         if self._late is not None:
             await asyncio.shield(self._late)
 
