@@ -64,36 +64,52 @@ def test_a_first_delivery_is_claimed_by_the_commit_that_completes_it(redis_url):
     assert claimed_first == 2 and view.status == "completed"
 
 
-def test_a_node_still_running_after_the_late_claim_delay_shows_running(redis_url):
+def _run_a_slow_first_delivery(redis_url: str, queue: str, flaky: bool = False) -> tuple[list[str], int, Any, Any]:
+    """A node that runs until released, on its job's first delivery: its statuses as ``inspect`` shows them until
+    it shows running (10 s at most), the steps then listed under its worker, and the outcome. ``flaky``: the
+    first commit after the run's start (the late claim's) meets a dropped connection."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
     release = asyncio.Event()
 
     async def slow(ctx):
         await release.wait()
         return "late"
 
-    async def go() -> tuple[list[str], Any, Any]:
+    async def go() -> tuple[list[str], int, Any, Any]:
         a = make_adapter(Redis.from_url(redis_url), [{**ONE, "nodes": [{"id": "x", "uses": "slow"}]}],
-                         {"slow": slow}, queue_name="defer-late")
+                         {"slow": slow}, queue_name=queue)
         a.create_worker()
         run_id, scheduled = await a.engine.start_run("one", {})
+        apply, failed = a.store._apply, [not flaky]
+
+        async def dropped_once(k: list[Any], args: list[Any]) -> Any:
+            if not failed[0]:
+                failed[0] = True
+                raise RedisConnectionError("Connection closed by server.")
+            return await apply(k, args)
+
+        a.store._apply = dropped_once
         step = asyncio.ensure_future(a.engine.handle(scheduled[0][1], first=True))
         statuses: list[str] = []
         deadline = asyncio.get_running_loop().time() + 10
-        while asyncio.get_running_loop().time() < deadline:
+        while asyncio.get_running_loop().time() < deadline and statuses[-1:] != ["running"]:
+            await asyncio.sleep(LATE_CLAIM_S / 2)
             node = next(n for n in (await a.inspect(run_id, timeline=False)).nodes if n.node_id == "x")
             statuses.append(node.status)
-            if node.status == "running":
-                break
-            await asyncio.sleep(LATE_CLAIM_S / 2)
         listed = await a.redis.hlen(keys.worker_steps_key(a.worker_id))
         release.set()
         handled = await step
         view = await a.inspect(run_id)
         await a.close()
         await a.redis.aclose()
-        return statuses, (listed, handled), view
+        return statuses, listed, handled, view
 
-    statuses, (listed, handled), view = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def test_a_node_still_running_after_the_late_claim_delay_shows_running(redis_url):
+    statuses, listed, handled, view = _run_a_slow_first_delivery(redis_url, "defer-late")
     assert statuses[-1] == "running"  # claimed while it ran, and listed under its worker like any claim
     assert listed == 1 and not handled.listed
     assert view.status == "completed" and [e["outcome"] for e in view.timeline if e["node_id"] == "x"] == ["completed"]
@@ -419,43 +435,6 @@ def test_a_run_id_used_again_for_another_blueprint_never_runs_the_earlier_bluepr
 def test_a_late_claim_that_met_a_redis_error_is_taken_again_while_the_node_runs(redis_url):
     """The late claim's commit meets a dropped connection: it is tried again while the node runs, so the node
     still shows running and is listed under its worker (from a second review: it was never tried again)."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
-    release = asyncio.Event()
-
-    async def slow(ctx):
-        await release.wait()
-        return "late"
-
-    async def go() -> tuple[list[str], int, Any]:
-        a = make_adapter(Redis.from_url(redis_url), [{**ONE, "nodes": [{"id": "x", "uses": "slow"}]}],
-                         {"slow": slow}, queue_name="defer-late-error")
-        a.create_worker()
-        run_id, scheduled = await a.engine.start_run("one", {})
-        apply, failed = a.store._apply, [0]
-
-        async def flaky(k: list[Any], args: list[Any]) -> Any:
-            if not failed[0]:  # the first commit after the start is the late claim's: its connection drops
-                failed[0] = 1
-                raise RedisConnectionError("Connection closed by server.")
-            return await apply(k, args)
-
-        a.store._apply = flaky
-        step = asyncio.ensure_future(a.engine.handle(scheduled[0][1], first=True))
-        statuses: list[str] = []
-        deadline = asyncio.get_running_loop().time() + 10
-        while asyncio.get_running_loop().time() < deadline and statuses[-1:] != ["running"]:
-            await asyncio.sleep(0.05)
-            node = next(n for n in (await a.inspect(run_id, timeline=False)).nodes if n.node_id == "x")
-            statuses.append(node.status)
-        listed = await a.redis.hlen(keys.worker_steps_key(a.worker_id))
-        release.set()
-        await step
-        view = await a.inspect(run_id)
-        await a.close()
-        await a.redis.aclose()
-        return statuses, listed, view
-
-    statuses, listed, view = asyncio.run(go())
+    statuses, listed, _, view = _run_a_slow_first_delivery(redis_url, "defer-late-error", flaky=True)
     assert statuses[-1] == "running" and listed == 1
     assert view.status == "completed" and [e["outcome"] for e in view.timeline if e["node_id"] == "x"] == ["completed"]
