@@ -83,12 +83,20 @@ local function reread(payload)
   -- they are now: what its step would otherwise read in a round trip of its own. Anything odd: none
   local decoded, doc = pcall(cjson.decode, payload)
   if not decoded or type(doc) ~= 'table' or type(doc.reread) ~= 'table' or #doc.reread > 16 then return {} end
-  local fresh = {}
+  local order, at = {}, {}  -- one HMGET a hash, in the order the hashes first appear
   for j, kf in ipairs(doc.reread) do
     if type(kf) ~= 'table' or type(kf[1]) ~= 'string' or type(kf[2]) ~= 'string' then return {} end
-    local v = redis.pcall('HGET', kf[1], kf[2])
-    if type(v) == 'table' then return {} end  -- an error (not a hash)
-    fresh[j] = v
+    if not at[kf[1]] then at[kf[1]] = {}; order[#order + 1] = kf[1] end
+    local list = at[kf[1]]
+    list[#list + 1] = j
+  end
+  local fresh = {}
+  for _, k in ipairs(order) do
+    local names = {}
+    for n, j in ipairs(at[k]) do names[n] = doc.reread[j][2] end
+    local got = redis.pcall('HMGET', k, unpack(names))
+    if type(got) ~= 'table' or got.err then return {} end  -- an error (not a hash)
+    for n, j in ipairs(at[k]) do fresh[j] = got[n] end
   end
   return fresh
 end
