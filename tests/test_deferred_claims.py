@@ -205,6 +205,31 @@ def test_a_node_that_ran_on_a_stale_input_runs_again_claimed(redis_url):
     assert [e["outcome"] for e in view.timeline if e["node_id"] == "x"] == ["completed"]
 
 
+def _reuse_a_run_id(redis_url: str, docs: list[dict], nodes: dict, queue: str, first: tuple[str, dict],
+                    again: tuple[str, dict]) -> Any:
+    """Worker W starts (so remembers) a run of ``first`` (blueprint, input); the run is cancelled elsewhere and
+    expires, and a run of ``again`` starts under the same id. W is handed its start job's first delivery.
+    Returns the new run's view."""
+
+    async def go() -> Any:
+        w = make_adapter(Redis.from_url(redis_url), docs, nodes, queue_name=queue)
+        c = make_adapter(Redis.from_url(redis_url), docs, nodes, queue_name=queue)
+        w.create_worker()
+        run_id, _ = await w.engine.start_run(first[0], first[1], run_id=f"{queue}-id")
+        await c.cancel(run_id)  # (W does not see it)
+        async for k in c.redis.scan_iter(match=f"*{run_id}*"):  # it expires
+            await c.redis.delete(k)
+        _, scheduled = await c.engine.start_run(again[0], again[1], run_id=run_id)
+        await w.engine.handle(scheduled[0][1], first=True)
+        view = await c.inspect(run_id)
+        for ad in (w, c):
+            await ad.close()
+            await ad.redis.aclose()
+        return view
+
+    return asyncio.run(go())
+
+
 def test_a_run_id_used_again_never_runs_a_node_on_the_earlier_runs_input(redis_url):
     """Worker W remembers run R; R is cancelled elsewhere and expires, and a new run starts under the same id.
     W is handed x's first job: x runs once, on the new run's input (from a review of this change)."""
@@ -214,23 +239,8 @@ def test_a_run_id_used_again_never_runs_a_node_on_the_earlier_runs_input(redis_u
         seen.append(ctx.input)
         return ctx.input
 
-    async def go() -> Any:
-        w = make_adapter(Redis.from_url(redis_url), [ONE], {"tag": tag}, queue_name="defer-reuse")
-        c = make_adapter(Redis.from_url(redis_url), [ONE], {"tag": tag}, queue_name="defer-reuse")
-        w.create_worker()
-        run_id, _ = await w.engine.start_run("one", {"secret": "run-1"}, run_id="reused-id")
-        await c.cancel(run_id)  # (W does not see it)
-        async for k in c.redis.scan_iter(match=f"*{run_id}*"):  # R expires
-            await c.redis.delete(k)
-        _, scheduled = await c.engine.start_run("one", {"secret": "run-2"}, run_id="reused-id")
-        await w.engine.handle(scheduled[0][1], first=True)
-        view = await c.inspect(run_id)
-        for ad in (w, c):
-            await ad.close()
-            await ad.redis.aclose()
-        return view
-
-    view = asyncio.run(go())
+    view = _reuse_a_run_id(redis_url, [ONE], {"tag": tag}, "defer-reuse", ("one", {"secret": "run-1"}),
+                           ("one", {"secret": "run-2"}))
     assert view.status == "completed" and view.outputs == {"x": {"secret": "run-2"}}
     assert seen == [{"secret": "run-2"}]
 
@@ -411,24 +421,8 @@ def test_a_run_id_used_again_for_another_blueprint_never_runs_the_earlier_bluepr
              "send_mail": lambda ctx: calls.append(("send_mail", ctx.input))}
     card = {"id": "card", "nodes": [{"id": "x", "uses": "charge_card"}], "edges": []}
     mail = {"id": "mail", "nodes": [{"id": "x", "uses": "send_mail"}], "edges": []}
-
-    async def go() -> Any:
-        w = make_adapter(Redis.from_url(redis_url), [card, mail], nodes, queue_name="defer-reuse-bp")
-        c = make_adapter(Redis.from_url(redis_url), [card, mail], nodes, queue_name="defer-reuse-bp")
-        w.create_worker()
-        run_id, _ = await w.engine.start_run("card", {"card": 1}, run_id="reused-bp-id")  # W remembers it
-        await c.cancel(run_id)  # (W does not see it)
-        async for k in c.redis.scan_iter(match=f"*{run_id}*"):  # it expires
-            await c.redis.delete(k)
-        _, scheduled = await c.engine.start_run("mail", {"mail": 2}, run_id="reused-bp-id")
-        await w.engine.handle(scheduled[0][1], first=True)
-        view = await c.inspect(run_id)
-        for ad in (w, c):
-            await ad.close()
-            await ad.redis.aclose()
-        return view
-
-    view = asyncio.run(go())
+    view = _reuse_a_run_id(redis_url, [card, mail], nodes, "defer-reuse-bp", ("card", {"card": 1}),
+                           ("mail", {"mail": 2}))
     assert view.status == "completed" and calls == [("send_mail", {"mail": 2})]
 
 

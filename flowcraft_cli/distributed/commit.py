@@ -19,9 +19,9 @@ goes as plain ARGV after a ``flat`` marker), read with a cursor:
 
 ``key#`` indexes KEYS (1-based). The opcodes are the ``OP_*`` constants below. When applied, returns
 ``{1, picked job id or false, its payload or false, its delivery count or 0, n, n values read anew for it, key#,
-field, value or false, ...}`` with a triple for every *warm* field (what the next step of the run will read, sent back now so that it reads
-nothing); else ``{0, key#, field, current value or false, ...}`` for every field checked (a key found that must
-be absent refuses the commit the same way).
+field, value or false, ...}`` with a triple for every *warm* field (what the next step of the run will read,
+sent back now so that it reads nothing); else ``{0, key#, field, current value or false, ...}`` for every field
+checked (a key found that must be absent refuses the commit the same way).
 """
 
 from __future__ import annotations
@@ -237,8 +237,6 @@ for _ = 1, tonumber(nxt()) do
         if not locks[j] and redis.call('SET', a[2] .. id, '1', 'NX', 'PX', a[4]) then
           local payload = redis.call('GET', a[3] .. id)
           if payload then
-            -- counted as arq counts the deliveries of the jobs it runs (its retry key, its expiry): a job
-            -- delivered before (its worker may have died running it) tells its step to claim first
             picked = {id, payload, deliveries(a[7] .. id), reread(payload)}
             break
           end

@@ -151,7 +151,6 @@ class _RedisTxn(Txn):
                     self._fields.setdefault((kind, f), None)
 
 
-
 class RedisStore(Store):
     """``queue_name``: the queue whose run index (``keys.run_index_keys``) a run's start and status changes are
     written to; without one, no index is kept. ``queue``: the arq queue a commit puts the jobs it decides

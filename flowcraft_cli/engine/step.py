@@ -60,7 +60,7 @@ class Step:
         self.token = inline.token if inline is not None else claim_token()
         self.defer = False  # may its claim go with its commit (``Engine.defer_claims``, a first delivery)?
         self.reread: frozenset[tuple[str, str]] = frozenset()  # fields read anew as its job was taken (Engine.handle)
-        self.claimed_at = 0
+        self.claimed_at = 0  # when its claim was taken (or, deferred, when its node started)
         self.held_elsewhere = False  # set when a live step of another delivery holds the node
         self.stale = False  # set when the node no longer expects this step (duplicate or late delivery)
         self.claimed = False  # this step took the node's claim (its commit must still find its token)
@@ -209,7 +209,8 @@ class Step:
     async def claim(self) -> NodeRecord | None:
         """Take the node's claim for this step: the record as claimed, or None (stale, held elsewhere, run
         finished). A step whose child run or batch is already under way is taken over (``resumed``)."""
-        job, now = self.job, self.engine.clock()
+        job = self.job
+        self.claimed_at = self.engine.clock()
         if self.preclaimed is not None:  # its predecessor's commit claimed it for this worker
             self.claimed = self.listed = True
             self.node_input = self.preclaimed.node_input
@@ -220,7 +221,7 @@ class Step:
         # so does a node with ``inputs``, whose input other steps may change while it is queued)
         if self.defer and job.kind == JobKind.EXEC and not job.recovery and self.node.uses not in BUILTINS \
                 and self.node.inputs is None:
-            got = await self._defer_claim(now)
+            got = await self._defer_claim()
             if got is not None:
                 return got
 
@@ -228,8 +229,7 @@ class Step:
             self.held_elsewhere = False  # (a decision taken again on fresh values starts over)
             warm_run(run.t, self.bp)  # what the commit will read comes back with the claim
             rec = await read_node(run.t, self.node.id)
-            if rec is None or rec.seq != job.seq or rec.current_phase != job.kind \
-                    or rec.attempt != job.attempt or (rec.recovery or 0) != job.recovery:
+            if rec is None or not self._for_this_job(rec):
                 return None
             if rec.status == NodeStatus.RUNNING:
                 if await self.engine.claim_is_held(rec):
@@ -248,10 +248,7 @@ class Step:
                         return None
             elif rec.status != NodeStatus.QUEUED:
                 return None
-            new = evolve(rec, status=NodeStatus.RUNNING, token=self.token, worker=self.engine.worker_id,
-                          job=job.job_id, attempt_started_at=now)
-            if job.attempt == 1 and job.kind == JobKind.EXEC:
-                new.started_at = now
+            new = self._as_claimed(rec)
             write_node(run.t, self.node.id, new)
             self.list_step(run)
             # the input, read in the claim's transaction: checked with the claim, so it is the input of
@@ -271,7 +268,7 @@ class Step:
             self.engine.on_claim(self.bp.id, job)
         return claimed
 
-    async def _defer_claim(self, now: int) -> NodeRecord | None:
+    async def _defer_claim(self) -> NodeRecord | None:
         """The record as the store holds it (read anew: what this process remembers may be another run's of
         the same id), when it is queued for this very job: the node runs without a claim of its own, and its
         commit claims and completes it in one transaction (checking it is still that record, with the same
@@ -290,21 +287,25 @@ class Step:
         if raw is MISSING or not isinstance(raw, dict):
             return None
         rec = NodeRecord.from_json(raw)
-        if rec.status != NodeStatus.QUEUED or rec.seq != job.seq or rec.current_phase != job.kind \
-                or rec.attempt != job.attempt or (rec.recovery or 0) != job.recovery:
+        if rec.status != NodeStatus.QUEUED or not self._for_this_job(rec):
             return None
         values = await store.peek(self.run_id, STATE, fields)
         self.node_input = node_input_from(self.node, {f: v for f, v in zip(fields, values, strict=True)
                                                       if v is not MISSING})
         self.deferred = rec
         self.claimed = True
-        self.claimed_at = now
         if self.engine.on_claim is not None:
             self.engine.on_claim(self.bp.id, job)
         return self._as_claimed(rec)
 
+    def _for_this_job(self, rec: NodeRecord) -> bool:
+        """Is ``rec`` at this step's job: its firing, phase, attempt and recovery?"""
+        job = self.job
+        return rec.seq == job.seq and rec.current_phase == job.kind and rec.attempt == job.attempt \
+            and (rec.recovery or 0) == job.recovery
+
     def _as_claimed(self, rec: NodeRecord) -> NodeRecord:
-        """``rec`` as this step's claim writes it."""
+        """``rec`` as this step's claim writes it (at ``claimed_at``)."""
         new = evolve(rec, status=NodeStatus.RUNNING, token=self.token, worker=self.engine.worker_id,
                      job=self.job.job_id, attempt_started_at=self.claimed_at)
         if self.job.attempt == 1 and self.job.kind == JobKind.EXEC:
@@ -463,10 +464,8 @@ class Step:
     async def _still_deferred(self, run: RunTxn, rec: NodeRecord) -> bool:
         """Is ``rec`` (read in a transaction) still the queued record this step's node runs for, with the input
         it runs on? Sets ``redo`` when only the input changed (a stale cache gave it another firing's)."""
-        job = self.job
         self.redo = False  # (decided again on fresh values, a transaction starts over)
-        if rec.status != NodeStatus.QUEUED or rec.seq != job.seq or rec.current_phase != job.kind \
-                or rec.attempt != job.attempt or (rec.recovery or 0) != job.recovery:
+        if rec.status != NodeStatus.QUEUED or not self._for_this_job(rec):
             return False
         if node_input_from(self.node, await run.t.get_many(STATE, input_fields(self.node))) != self.node_input:
             self.redo = True
