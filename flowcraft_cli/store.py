@@ -233,14 +233,11 @@ class Store(ABC):
     async def read(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
         """Non-transactional read of some fields (MISSING where absent)."""
 
-    async def preload(self, run_id: str, wanted: dict[str, list[str]]) -> None:
+    async def preload(self, run_id: str, wanted: dict[str, list[str]],
+                      anew: dict[str, list[str]] | None = None) -> None:
         """Fetch fields (kind -> fields) into the store's memory of the run, in one go, if it keeps one
-        (RedisStore): what the run's next transaction will read."""
-        return None
-
-    async def refresh(self, run_id: str, wanted: dict[str, list[str]]) -> None:
-        """Read these fields (kind -> fields) anew into the store's memory of the run, in one go, if it keeps
-        one (RedisStore): a ``peek`` then answers what the store holds now, not what this process last saw."""
+        (RedisStore): what the run's next transaction will read. Those of ``anew`` are read even if remembered:
+        a ``peek`` then answers what the store holds now, not what this process last saw."""
         return None
 
     async def peek(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:

@@ -175,10 +175,12 @@ def _run_with_a_stale_input(redis_url: str, queue: str, *, read_anew: bool) -> t
         run_id, scheduled = await a.engine.start_run("one", {"v": 1})
         a.store._fields_of(run_id)[(STATE, "_inputs.x")] = b'{"v":0}'  # a stale memory of the input
         if not read_anew:
-            async def no_refresh(run_id: str, wanted: Any) -> None:
-                return None
+            preload = a.store.preload
 
-            a.store.refresh = no_refresh
+            async def not_anew(run_id: str, wanted: Any, anew: Any = None) -> None:
+                await preload(run_id, wanted)  # what it asks to read anew is taken from memory
+
+            a.store.preload = not_anew
         handled = await a.engine.handle(scheduled[0][1], first=True)
         view = await a.inspect(run_id)
         await a.close()

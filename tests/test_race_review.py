@@ -112,10 +112,10 @@ def test_a_redis_error_before_an_inline_step_starts_does_not_strand_it(redis_url
             first = (await w.engine.expected_jobs(run_id))[0][0]
             real = w.store.preload
 
-            async def flaky(run, wanted):
+            async def flaky(run, wanted, anew=None):
                 if wanted.get("nodes") == ["b"]:
                     raise RedisConnectionError("Redis went away")
-                return await real(run, wanted)
+                return await real(run, wanted, anew)
 
             w.store.preload = flaky
             await w.workers.beat(w._fields())

@@ -661,24 +661,22 @@ class RedisStore(Store):
         return [MISSING if v is None else load_field(v, run_id, kind, f)
                 for f, v in zip(fields, values, strict=True)]
 
-    async def preload(self, run_id: str, wanted: dict[str, list[str]]) -> None:
-        await self._fetch(run_id, _with_event_count(wanted))
-
-    async def refresh(self, run_id: str, wanted: dict[str, list[str]]) -> None:
-        await self._fetch(run_id, wanted, fresh=True)
+    async def preload(self, run_id: str, wanted: dict[str, list[str]],
+                      anew: dict[str, list[str]] | None = None) -> None:
+        await self._fetch(run_id, _with_event_count(wanted), anew=anew)
 
     async def _fetch(self, run_id: str, wanted: dict[str, list[str]],
                      skip: Mapping[tuple[str, str], Any] | None = None, *,
-                     fresh: bool = False) -> dict[tuple[str, str], bytes | None]:
-        """Read the wanted fields this process does not remember (nor ``skip`` holds; with ``fresh``, all of
-        them), in one pipeline, into its memory of the run. Returns what was read."""
+                     anew: dict[str, list[str]] | None = None) -> dict[tuple[str, str], bytes | None]:
+        """Read the wanted fields this process does not remember (nor ``skip`` holds), and those of ``anew``
+        whatever it remembers, in one pipeline, into its memory of the run. Returns what was read."""
         cache = self._fields_of(run_id)
         skip = skip or {}
-        todo: dict[str, list[str]] = {}
+        todo: dict[str, list[str]] = {kind: list(fields) for kind, fields in (anew or {}).items()}
         for kind, fields in wanted.items():
             for f in fields:
                 key = (kind, f)
-                if fresh or (key not in cache and key not in skip):
+                if key not in cache and key not in skip and f not in todo.get(kind, ()):
                     todo.setdefault(kind, []).append(f)
         if not todo:
             return {}

@@ -37,6 +37,7 @@ from .reads import first_reads, read_node_input, read_route, run_fields
 from .routing import check_resume_action
 from .state import (
     ACTIVE_NODE,
+    DEFER_FIELDS,
     FINAL_STATUSES,
     GATE_FIELDS,
     META_FIELDS,
@@ -497,9 +498,15 @@ class Engine:
                       defer: bool = False, reread: frozenset[tuple[str, str]] = frozenset()) -> Handled:
         # the meta as this process last saw it, where it remembers: the step's claim checks it again in its
         # transaction; only a meta that would stop the step here is read afresh first. A run new to this
-        # process is fetched with what its claim reads (for a node without `inputs`), in one go
+        # process is fetched with what its claim reads (for a node without `inputs`), in one go. A first delivery
+        # reads the run's status and blueprint, the node's record and its input anew with it, unless the commit
+        # that took its job did (``reread``): its step may run the node before claiming it (Step._defer_claim)
+        anew: dict[str, list[str]] = {}
+        if defer and inline is None and not reread:
+            anew = {RUN: list(DEFER_FIELDS), NODES: [job.node_id], STATE: [f"_inputs.{job.node_id}"]}
+            reread = frozenset((kind, f) for kind, names in anew.items() for f in names)
         await self.store.preload(job.run_id, {RUN: list(META_FIELDS), NODES: [job.node_id],
-                                              STATE: [f"_inputs.{job.node_id}"]})
+                                              STATE: [f"_inputs.{job.node_id}"]}, anew=anew)
         meta = await self.find_meta(job.run_id, cached=True, fields=GATE_FIELDS)
         if meta is None or meta.status in FINAL_STATUSES or meta.version_wait_since is not None \
                 or (bp := self.blueprints.get(meta.blueprint_id)) is None or bp.version != meta.blueprint_version:

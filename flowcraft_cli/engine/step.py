@@ -269,15 +269,16 @@ class Step:
         return claimed
 
     async def _defer_claim(self) -> NodeRecord | None:
-        """The record as the store holds it (read anew: what this process remembers may be another run's of
-        the same id), when it is queued for this very job: the node runs without a claim of its own, and its
-        commit claims and completes it in one transaction (checking it is still that record, with the same
-        input). None: claim as usual. The node's input is written with its record's firing (``_inputs.<node>``,
-        RunTxn.fire), so a record that is still the same firing at the commit ran on the right input."""
+        """The record as the store holds it (read anew as the job was taken or handed over, ``reread``: what
+        this process remembers may be another run's of the same id), when it is queued for this very job: the
+        node runs without a claim of its own, and its commit claims and completes it in one transaction
+        (checking it is still that record, with the same input). None: claim as usual. The node's input is
+        written with its record's firing (``_inputs.<node>``, RunTxn.fire), so a record that is still the same
+        firing at the commit ran on the right input."""
         job, store, fields = self.job, self.engine.store, input_fields(self.node)
         wanted = {RUN: list(DEFER_FIELDS), NODES: [self.node.id], STATE: fields}
         if not self.reread.issuperset((kind, f) for kind, names in wanted.items() for f in names):
-            await store.refresh(self.run_id, wanted)
+            return None  # not read anew: claim first
         # the run as Redis holds it: running, of this step's blueprint (a run id used again after the run expired
         # may be another blueprint's, whose node of that name is another function)
         status, bp_id, version = await store.peek(self.run_id, RUN, list(DEFER_FIELDS))
