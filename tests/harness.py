@@ -162,6 +162,19 @@ def make_adapter(redis: Any, docs: list[str | dict], nodes: Mapping[str, Callabl
                       runtime_options={"registry": registry, "blueprints": make_blueprints(docs, registry)}, **kw)
 
 
+def count_commits(adapter: Any) -> list[int]:
+    """Count an adapter's store's commit calls (one Lua call each) from now on: the list's one item."""
+    calls = [0]
+    apply = adapter.store._apply
+
+    async def counted(keys: list[Any], args: list[Any]) -> Any:
+        calls[0] += 1
+        return await apply(keys, args)
+
+    adapter.store._apply = counted
+    return calls
+
+
 def idle_s(redis_sync: Any, run_id: str) -> float:
     """Seconds without progress, as the reconciler judges a run: its progress key's idle time, else (no step
     wrote one yet: a run's start writes none) the time since the run was created."""

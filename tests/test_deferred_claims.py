@@ -17,24 +17,11 @@ from flowcraft_cli.distributed import keys
 from flowcraft_cli.engine.step import LATE_CLAIM_S
 from flowcraft_cli.jobs import Job
 from flowcraft_cli.store import STATE
-from tests.harness import make_adapter
+from tests.harness import count_commits, make_adapter
 
 ONE = {"id": "one", "nodes": [{"id": "x", "uses": "tag"}], "edges": []}
 TWO = {"id": "two", "nodes": [{"id": "s", "uses": "tag"}, {"id": "p", "uses": "tag"}, {"id": "q", "uses": "slow"}],
        "edges": [{"source": "s", "target": "p"}, {"source": "s", "target": "q"}]}
-
-
-def _count_commits(adapter: Any) -> list[int]:
-    """Count the store's commit calls (one Lua call each)."""
-    calls = [0]
-    apply = adapter.store._apply
-
-    async def counted(keys: list[Any], args: list[Any]) -> Any:
-        calls[0] += 1
-        return await apply(keys, args)
-
-    adapter.store._apply = counted
-    return calls
 
 
 def test_a_first_delivery_is_claimed_by_the_commit_that_completes_it(redis_url):
@@ -48,7 +35,7 @@ def test_a_first_delivery_is_claimed_by_the_commit_that_completes_it(redis_url):
         a = make_adapter(Redis.from_url(redis_url), [ONE], {"tag": tag}, queue_name=f"defer-1-{first}")
         a.create_worker()
         run_id, scheduled = await a.engine.start_run("one", {"n": 1})
-        commits = _count_commits(a)
+        commits = count_commits(a)
         handled = await a.engine.handle(scheduled[0][1], first=first)
         view = await a.inspect(run_id)
         await a.close()
@@ -346,7 +333,7 @@ def test_a_job_taken_by_a_commit_comes_with_its_record_and_input_as_they_are_the
         job = scheduled[0][1]
         await a.queue.pool.psetex(f"arq:in-progress:{job.job_id}", 15000, b"1")  # arq handed it to this worker
         kept = await a.start_run("one", {"run": 2})
-        commits = _count_commits(a)
+        commits = count_commits(a)
         took = (await a.engine.handle(job, first=True)).picked  # its commit takes the one job ready: kept's
         cancelled = await a.start_run("one", {"run": 3})
         await a.cancel(cancelled)

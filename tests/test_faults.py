@@ -87,9 +87,12 @@ def test_crash_right_after_a_commit_loses_nothing(project, redis_url):
     """The commit queues the jobs it decides, or claims the successor its worker runs next (inline), in the
     same atomic call: once they waited in the run's outbox for the worker to queue them, and a crash in
     between left them to the reconciler. A worker killed right after committing the join leaves `end`
-    claimed under its name, listed in its list of steps: a new worker recovers it, no sweep needed."""
+    claimed under its name, listed in its list of steps: a new worker recovers it, no sweep needed. (`end` is
+    slow here: a quick one would have run ahead of the join's commit and been committed with it.)"""
+    doc = SLOW_JOIN.replace("{id: end, uses: noop,", "{id: end, uses: slow, params: {seconds: 0.3, log: \"LOG\"}} #")
+    (project.root / "blueprints" / "slow-end.yaml").write_text(doc.replace("LOG", str(project.log)))
     w0 = project.start_worker(env={"FLOWCRAFT_FAILPOINT": "after-commit:join"})
-    run_id = project.cli("enqueue", "slow-join", check=True).stdout.strip()
+    run_id = project.cli("enqueue", "slow-end", check=True).stdout.strip()
     assert w0.wait(timeout=60) == 137  # died right after committing the join's result
     view = project.cli_json("inspect", run_id)
     statuses = {n["node_id"]: n["status"] for n in view["nodes"]}
@@ -97,7 +100,7 @@ def test_crash_right_after_a_commit_loses_nothing(project, redis_url):
     project.start_worker()
     view = project.wait_run(run_id)
     assert view["status"] == "completed"
-    assert _count(project, "join end") == 1 and _count(project, "end run") == 1
+    assert _count(project, "join end") == 1 and _count(project, "end end") == 1
     assert [e["node_id"] for e in view["timeline"] if e["outcome"] == "lost"] == ["end"]
 
 

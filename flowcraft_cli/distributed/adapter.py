@@ -500,6 +500,8 @@ class ArqAdapter:
         # ... and a commit that claims none takes the queue's next ready job for this worker, locked one lease
         self.engine.pick_ms = int(self.lease_s * 1000) if self.inline_steps else 0
         self.engine.defer_claims = self.inline_steps
+        # ... and a step runs the quick steps of a chain after it ahead of its commit, committing them with it
+        self.engine.fuse_steps = self.inline_steps
         # arq locks a running job for its job timeout + 10 s; here the lock lasts one lease and the heartbeat
         # renews it (``_beat``), so a dead worker's job is handed to another worker by arq itself a lease
         # after its last heartbeat, even in the moments it is not in the worker's list of steps
@@ -521,6 +523,8 @@ class ArqAdapter:
         except (RedisError, OSError) as e:
             log.warning("could not register this worker yet (%s: %s)", type(e).__name__, e)
         heartbeat = asyncio.ensure_future(self._heartbeat())
+        # a step runs nodes ahead of its commit only while this worker's lease is known to hold (engine.ahead)
+        self.engine.lease_held = self.workers.held_throughout
         try:
             await self._process(burst, delay)
         finally:

@@ -121,6 +121,9 @@ class WorkerRegistry:
         self._dead = redis.register_script(_DEAD)
         self._forget = redis.register_script(_FORGET)
         self.last_beat: float | None = None  # monotonic time of the last heartbeat that reached Redis
+        # since when (monotonic) every heartbeat reached Redis within half a lease of the one before: this
+        # worker's lease cannot have lapsed since then (and so none of its steps been recovered elsewhere)
+        self.held_since: float | None = None
         self._server_offset_ms: int | None = None  # Redis server clock minus this host's, at the last heartbeat
         self._first_death_ms: int | None = None  # server time before which no worker of the queue can be dead
 
@@ -133,10 +136,19 @@ class WorkerRegistry:
         now, dead, mine, oldest = await self._beat(
             keys=[keys.worker_key(self.worker_id), keys.workers_key(self.queue_name),
                   keys.worker_steps_key(self.worker_id), keys.workers_seen_key(self.queue_name)], args=args)
-        self.last_beat = time.monotonic()
+        beat_at = time.monotonic()
+        if self.last_beat is None or self.held_since is None or beat_at - self.last_beat > self.lease_ms / 2000:
+            self.held_since = beat_at  # (the first beat, or after a gap in which the lease may have lapsed)
+        self.last_beat = beat_at
         self._server_offset_ms = int(now) - int(time.time() * 1000)
         self._first_death_ms = int(float(oldest)) + self.lease_ms
         return int(now), [_s(d) for d in dead], [_s(m) for m in mine]
+
+    def held_throughout(self, since: float) -> bool:
+        """Has this worker held its lease without a break from ``since`` (monotonic) until now, with half a lease
+        to spare? Not across a pause or a Redis outage longer than that (its steps may be recovered elsewhere)."""
+        return self.held_since is not None and self.last_beat is not None and since >= self.held_since \
+            and time.monotonic() - self.last_beat < self.lease_ms / 2000
 
     async def dead_workers(self) -> list[str]:
         """Workers of this queue that stopped heartbeating and whose steps are not recovered yet. Called every

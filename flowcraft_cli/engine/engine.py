@@ -32,6 +32,7 @@ from ..ids import check_run_id
 from ..jobs import Job, Picked
 from ..registry import NodeRegistry
 from ..store import BATCH, JOINS, MISSING, NODES, OUTBOX, RUN, STATE, Store, Txn, check_json
+from . import ahead
 from .lifecycle import RunTxn
 from .reads import first_reads, read_node_input, read_route, run_fields
 from .routing import check_resume_action
@@ -136,6 +137,12 @@ class Engine:
         # in the commit that records its outcome (one transaction, not two)? A redelivered job (its worker may
         # have died running it) claims first, so that a node that kills its worker has its lost attempts counted
         self.defer_claims = False
+        # may a step run the chain after it ahead of its commit, and commit them together (engine.ahead)? Only
+        # where an uncommitted step is recovered, so on workers (set with inline_steps)
+        self.fuse_steps = False
+        # has this worker held its lease without a break since a (monotonic) time? A step of a worker that was
+        # paused or cut off past its lease may be recovered elsewhere: it runs nothing ahead (engine.ahead)
+        self.lease_held: Callable[[float], bool] | None = None
         self.taken_jobs: set[str] = set()  # queue jobs this worker took that way and runs now (finished by commits)
         self._queued: OrderedDict[str, deque[str]] = OrderedDict()  # run id -> nodes this process queued (hints)
         # Is a step claimed by another worker still held (worker alive and still running it)? The driver
@@ -490,6 +497,9 @@ class Engine:
         finally:
             if inline is not None:  # held from its claim until its step ends here (or never starts)
                 self.active_tokens.discard(inline.token)
+                if inline.running is not None and not inline.running.done():
+                    inline.running.cancel()  # its node, run ahead, whose step did not run here (run ended)
+                    await ahead.drop(inline.running)
         if inline is not None and handled.outcome not in (StepOutcome.OK, StepOutcome.STALE):
             handled.listed = True  # never ran: the driver unlists it
         return handled

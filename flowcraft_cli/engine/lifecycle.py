@@ -63,6 +63,8 @@ class RunTxn:
         # ``inline_as``, the queue job the step runs under
         self.inline_as: str | None = None
         self.inline: list[InlineStep] = []
+        # node id -> (token, started_at) of a successor whose node already ran (or runs) ahead of this commit
+        self.claim_as: dict[str, tuple[str, int]] = {}
 
     async def meta(self) -> RunMeta:
         if self._meta is None:
@@ -131,8 +133,9 @@ class RunTxn:
         """Make a node ready: write its input, queue its first attempt."""
         await self.meta()
         rec = await read_node(self.t, node_id)
+        ahead = self.claim_as.get(node_id)  # (run ahead: it was ready when its node started)
         new = loops.fired(rec, is_controller=self.bp.is_loop_controller(node_id), loop_entry=loop_entry,
-                          now_ms=self.engine.clock())
+                          now_ms=self.engine.clock() if ahead is None else ahead[1])
         write_node(self.t, node_id, new)
         self.t.put(STATE, f"_inputs.{node_id}", value)
         self.add_pending(1)
@@ -148,8 +151,8 @@ class RunTxn:
         """Claim a node just fired for the worker committing this step, which runs it next (``InlineStep``):
         the claim a queued job's step would take, written in this commit instead of a queue job."""
         assert self.inline_as is not None
-        now, node = self.engine.clock(), self.bp.node_map[job.node_id]
-        token = claim_token()
+        node = self.bp.node_map[job.node_id]
+        token, now = self.claim_as.get(job.node_id) or (claim_token(), self.engine.clock())
         claimed = evolve(rec, status=NodeStatus.RUNNING, token=token, worker=self.engine.worker_id,
                           job=self.inline_as, attempt_started_at=now)
         if job.attempt == 1:  # (a retry, claimed by a sibling's commit, keeps the node's first start, as Step.claim)
@@ -332,9 +335,11 @@ class RunTxn:
     # ---- finishing nodes and runs
 
     async def complete(self, node: NodeDef, rec: NodeRecord, output: Any, action: str | None,
-                       route: Route, writes: Mapping[str, Any], *, fallback_of: str | None = None) -> None:
-        """A node (or the fallback standing in for it) finished: record everything, route, settle."""
-        ts = self.engine.clock()
+                       route: Route, writes: Mapping[str, Any], *, fallback_of: str | None = None,
+                       at: int | None = None) -> None:
+        """A node (or the fallback standing in for it) finished (``at``, else now): record everything, route,
+        settle."""
+        ts = self.engine.clock() if at is None else at
         for key, value in writes.items():
             if value is _MISSING:
                 self.t.delete(STATE, key)

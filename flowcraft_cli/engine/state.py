@@ -502,3 +502,5 @@ class InlineStep:
     record: NodeRecord
     node_input: Any
     list_as: str
+    # its node, already running: run ahead of the commit that claimed it (engine.ahead), awaited, not called again
+    running: Any = None  # asyncio.Task of function.call_node's result

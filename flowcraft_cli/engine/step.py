@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -13,9 +14,11 @@ from ..errors import NodeFailure, UndecodableValue
 from ..ids import claim_token
 from ..jobs import Job, Picked
 from ..store import MISSING, NODES, RUN, STATE, Txn
+from . import ahead
 from .builtins import batch, function, loop, sleep, subflow, wait
 from .lifecycle import RunTxn
 from .reads import input_fields, node_input_from, prefetch_commit, read_node_input, read_route, warm_run
+from .routing import Route
 from .state import (
     DEFER_FIELDS,
     FINAL_STATUSES,
@@ -58,6 +61,7 @@ class Step:
         self.job = job
         self.run_id = job.run_id
         self.token = inline.token if inline is not None else claim_token()
+        self.born = time.monotonic()  # when its job reached this step (a lease that lapsed since: engine.ahead)
         self.defer = False  # may its claim go with its commit (``Engine.defer_claims``, a first delivery)?
         self.reread: frozenset[tuple[str, str]] = frozenset()  # fields read anew as its job was taken (Engine.handle)
         self.claimed_at = 0  # when its claim was taken (or, deferred, when its node started)
@@ -214,7 +218,7 @@ class Step:
         if self.preclaimed is not None:  # its predecessor's commit claimed it for this worker
             self.claimed = self.listed = True
             self.node_input = self.preclaimed.node_input
-            if self.engine.on_claim is not None:
+            if self.engine.on_claim is not None and self.preclaimed.running is None:  # (ahead: counted as it began)
                 self.engine.on_claim(self.bp.id, job)
             return self.preclaimed.record
         # (a step recovered once, recovery > 0, claims first too: its node may be one that kills its worker; and
@@ -403,8 +407,12 @@ class Step:
         writes: dict[str, Any] = {}
         late = asyncio.get_running_loop().call_later(LATE_CLAIM_S, self._claim_late) if self.deferred else None
         failure: NodeFailure | None = None
+        running = self.preclaimed.running if self.preclaimed is not None else None
         try:
-            output, action, writes = await function.call_node(self, runner, node_input, self.job.attempt)
+            if running is not None:  # its node was run ahead of its predecessor's commit, and still runs (ahead)
+                output, action, writes = await running
+            else:
+                output, action, writes = await function.call_node(self, runner, node_input, self.job.attempt)
         except NodeFailure as e:
             failure = e
         finally:
@@ -415,6 +423,12 @@ class Step:
             error, fatal, tb = str(failure), failure.fatal, failure.traceback
             self.log_failure(error, tb)
             return await self.commit(lambda run, r: run.fail_node(node, r, self.job, error, fatal, tb=tb))
+        if runner is node and ahead.may_lead(self):
+            route = await read_route(self.engine.store, self.bp, node, self.run_id, output, action, writes,
+                                     node_input)
+            if ahead.next_in_chain(self.bp, node, route) is not None:
+                return await ahead.succeed_ahead(self, output, action, writes, node_input, route)
+            return await self.succeed(output, action, writes, node_input, route=route)
         return await self.succeed(output, action, writes, node_input, runner)
 
     # ---- a deferred claim taken while the node runs (Engine.defer_claims)
@@ -487,10 +501,12 @@ class Step:
 
     async def succeed(self, output: Any, action: str | None, writes: Mapping[str, Any], node_input: Any,
                       runner: NodeDef | None = None, token: str | None = None,
-                      status: NodeStatus = NodeStatus.RUNNING) -> list[tuple[str, Job]]:
-        """Route the result (reads outside the transaction), then commit it if the node is still ``status``
-        with this step's token."""
-        route = await read_route(self.engine.store, self.bp, self.node, self.run_id, output, action, writes, node_input)
+                      status: NodeStatus = NodeStatus.RUNNING, route: Route | None = None) -> list[tuple[str, Job]]:
+        """Route the result (reads outside the transaction, unless ``route`` is given), then commit it if the
+        node is still ``status`` with this step's token."""
+        if route is None:
+            route = await read_route(self.engine.store, self.bp, self.node, self.run_id, output, action, writes,
+                                     node_input)
         fallback_of = self.node.id if runner is not None and runner.id != self.node.id else None
 
         async def fn(run: RunTxn, rec: NodeRecord) -> None:

@@ -7,12 +7,13 @@ import asyncio
 import hashlib
 import inspect
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ...blueprint import NodeDef
 from ...errors import NodeFailure, NodeTimeout, json_type
 from ...node_api import _MISSING, NodeContext, NodeResult, RunContext, SyncRunContext
-from ...store import MISSING, STATE, check_json, dumps
+from ...store import MISSING, STATE, check_json, dumps, parse_json
 from ..reads import read_context
 
 if TYPE_CHECKING:
@@ -20,8 +21,11 @@ if TYPE_CHECKING:
 
 
 async def call_node(step: Step, runner: NodeDef, node_input: Any, attempt: int, *, uses: str | None = None,
-                extra: dict[str, Any] | None = None) -> tuple[Any, str | None, dict[str, Any]]:
-    """Call the user's function once, with the attempt's timeout. Raises NodeFailure."""
+                extra: dict[str, Any] | None = None,
+                ahead: Mapping[str, Any] | None = None) -> tuple[Any, str | None, dict[str, Any]]:
+    """Call the user's function once, with the attempt's timeout. Raises NodeFailure. ``ahead``: context
+    fields the group this node runs ahead in wrote and did not commit yet (JSON text, or _MISSING: deleted),
+    which its reads see over the run's (engine.ahead)."""
     name = uses or runner.uses
     fn = step.engine.registry.get(name)
     if fn is None:
@@ -32,6 +36,8 @@ async def call_node(step: Step, runner: NodeDef, node_input: Any, attempt: int, 
     # A store error inside ctx.context is the worker's trouble, not the node's: remember it, so the
     # attempt is handed back below even when the node's code caught it or raised something else
     async def read_one(key: str) -> Any:
+        if ahead and key in ahead:
+            return ahead[key] if ahead[key] is _MISSING else parse_json(ahead[key])
         try:
             value = await read_context(engine.store, run_id, key)
         except Exception as e:
@@ -41,10 +47,16 @@ async def call_node(step: Step, runner: NodeDef, node_input: Any, attempt: int, 
 
     async def read_all() -> dict[str, Any]:
         try:
-            return await engine.store.read_all(run_id, STATE)
+            got = await engine.store.read_all(run_id, STATE)
         except Exception as e:
             store_errors.append(e)
             raise
+        for key, raw in (ahead or {}).items():
+            if raw is _MISSING:
+                got.pop(key, None)
+            else:
+                got[key] = parse_json(raw)
+        return got
 
     view = RunContext(read_one, read_all)
     item = (extra or {}).get("item_index", -1)

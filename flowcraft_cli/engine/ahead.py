@@ -1,0 +1,195 @@
+"""A chain's quick steps committed together (a group commit, on workers: ``Engine.fuse_steps``).
+
+A step that finished its node, and whose commit would claim its one successor for its own worker (an inline
+step), runs that successor's node first, unclaimed, and then commits both outcomes in one transaction; and so
+on down the chain, for up to ``GROUP_MAX`` nodes and ``AHEAD_S`` after the first of them finished. A chain of
+quick nodes then costs one commit (one round trip, one script) per group instead of one per node.
+
+A node run ahead (``Ahead``) sees the run as its predecessors left it: their outputs and context writes reach
+its ``ctx.context`` reads and its input from this module's snapshot of them (JSON, so no node can change what
+another returned), and its route's expressions read them too. It runs under the idempotency key and the claim
+token it will be committed with.
+
+The group ends early at a node that is still running at ``AHEAD_S``, or failed: the commit of those before it
+claims that node for this worker as any inline claim does, with the token and start time it runs under, and
+hands it on as the next inline step with its running node (``InlineStep.running``), which the step then
+awaits instead of calling the node again. A commit that does not claim it (the run was cancelled, the step was
+fenced off) drops its result once it ends, as a fenced step's.
+
+What a group does not commit is lost with its worker, as a node's result is before its commit: the first node
+of the group is recovered as usual (its claim is held and listed, or its queue job is redelivered), and the
+rest run again after it. A node that kills its worker therefore costs the group's first node one lost attempt;
+a step recovered once (or a redelivered job) runs no node ahead, so the next loss is charged to the right
+node. Only steps that go on down a plain chain join a group: a successor that is the one target of an
+unconditional edge or a taken one, with that one predecessor, a function node with no ``inputs``, outside any
+loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..blueprint import BUILTINS, Blueprint, NodeDef
+from ..errors import UndecodableValue
+from ..ids import claim_token
+from ..jobs import Job
+from ..node_api import _MISSING
+from ..store import MISSING, NODES, dumps, parse_json
+from .builtins import function
+from .reads import prefetch_commit, read_route
+from .routing import Route, expression_names
+from .state import REF, InlineStep, NodeRecord
+
+if TYPE_CHECKING:
+    from .lifecycle import RunTxn
+    from .step import Step
+
+GROUP_MAX = 16  # nodes a group commit holds at most (its transaction's size, the work a lost worker redoes)
+AHEAD_S = 0.02  # how long after the group's first node finished its later ones may still join it
+_SCOPE = frozenset({"result", "input"})  # what an edge's expressions see without reading the run
+
+
+@dataclass(slots=True)
+class Ahead:
+    """A successor's node, run ahead of its predecessor's commit."""
+
+    step: Step  # its step as it will be claimed: job, token (``step.preclaimed``)
+    given: str  # the input it was given, as JSON (the node may change the copy it got)
+    started: int
+    task: asyncio.Task[tuple[Any, str | None, dict[str, Any]]]
+    ended: int = 0
+    output: Any = None
+    action: str | None = None
+    writes: dict[str, Any] = field(default_factory=dict)
+    route: Route | None = None
+
+
+def next_in_chain(bp: Blueprint, node: NodeDef, route: Route) -> tuple[NodeDef, Any] | None:
+    """The successor ``route`` fires that may run ahead of ``node``'s commit, and the value it delivers."""
+    if route.errors or len(route.decisions) != 1 or not route.decisions[0].taken:
+        return None
+    decision = route.decisions[0]
+    tgt = bp.node_map[decision.target]
+    if tgt.id == node.id or tgt.uses in BUILTINS or tgt.inputs is not None \
+            or len(bp.predecessors.get(tgt.id, ())) != 1 or bp.is_loop_controller(tgt.id) \
+            or bp.loops_containing.get(tgt.id) or bp.loops_containing.get(node.id):
+        return None
+    return tgt, decision.value
+
+
+def may_lead(step: Step) -> bool:
+    """May ``step`` run its successors ahead of its commit? A fresh step of a plain node that claims them for
+    its own worker: not one recovered or delivered again (a node ahead of it may be what killed a worker), nor
+    one whose worker's lease may have lapsed since its job reached it (paused, cut off from Redis: the step
+    may have been recovered elsewhere, and what it ran ahead would run twice)."""
+    job, engine = step.job, step.engine
+    return engine.fuse_steps and engine.inline_steps and step.claimed and not job.recovery \
+        and job.kind == "exec" and (step.preclaimed is not None or step.defer) \
+        and (engine.lease_held is None or engine.lease_held(step.born))
+
+
+async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Mapping[str, Any],
+                        node_input: Any, route: Route) -> list[tuple[str, Job]]:
+    """``step``'s node succeeded (``route``): run the chain after it ahead, then commit the group."""
+    engine, bp, store, run_id = step.engine, step.bp, step.engine.store, step.run_id
+    finished = engine.clock()
+    deadline = finished + int(AHEAD_S * 1000)
+    done: list[Ahead] = []
+    last: Ahead | None = None  # still running, or failed: claimed by the commit, then run on as an inline step
+    seen: dict[str, Any] = {}  # context fields the group wrote: JSON text, or _MISSING (deleted)
+    node, out, wrote, rt = step.node, output, writes, route
+    try:
+        while len(done) + 1 < GROUP_MAX and engine.clock() < deadline:
+            nxt = next_in_chain(bp, node, rt)
+            if nxt is None:
+                break
+            tgt, value = nxt
+            for key, v in wrote.items():
+                seen[key] = v if v is _MISSING else dumps(v)
+            seen[f"_outputs.{node.id}"] = dumps(out)
+            seen[f"_inputs.{tgt.id}"] = dumps(out if value is REF else value)
+            seq = await _next_seq(step, tgt.id)
+            if seq is None:
+                break
+            job = Job(run_id, tgt.id, seq)
+            tgt_input = parse_json(seen[f"_inputs.{tgt.id}"])
+            ahead_step = type(step)(engine, bp, tgt, job,
+                                    InlineStep(job, claim_token(), None, tgt_input, step.list_as))  # type: ignore[arg-type]
+            if engine.on_claim is not None:
+                engine.on_claim(bp.id, job)
+            last = Ahead(ahead_step, seen[f"_inputs.{tgt.id}"], engine.clock(), asyncio.ensure_future(
+                function.call_node(ahead_step, tgt, tgt_input, 1, ahead=dict(seen))))
+            await asyncio.wait((last.task,), timeout=max(0.0, (deadline - engine.clock()) / 1000))
+            if not last.task.done() or last.task.cancelled() or last.task.exception() is not None:
+                break  # still running, or failed: the commit claims it, and it goes on as an inline step
+            last.ended = engine.clock()
+            last.output, last.action, last.writes = last.task.result()
+            # its edges' expressions see the group's writes too (read_scope lays ``writes`` over the run's)
+            scope = last.writes
+            if expression_names(bp.out_edges[tgt.id]) - _SCOPE:
+                scope = {**{k: v if v is _MISSING else parse_json(v) for k, v in seen.items()}, **last.writes}
+            last.route = await read_route(store, bp, tgt, run_id, last.output, last.action, scope, tgt_input)
+            done.append(last)
+            node, out, wrote, rt = tgt, last.output, last.writes, last.route
+            last = None
+        scheduled = await step.commit(_group_commit(step, output, action, writes, route, finished, done, last))
+    except BaseException:
+        if last is not None:
+            last.task.cancel()
+        raise
+    if last is not None:
+        got = step.inline[0] if step.inline else None
+        if got is not None and _claimed_as(got, last):
+            got.running = last.task
+        else:
+            await drop(last.task)  # the commit claimed it not (run ended, step fenced off): it ran for nothing
+    return scheduled
+
+
+def _group_commit(step: Step, output: Any, action: str | None, writes: Mapping[str, Any], route: Route,
+                  finished: int, done: list[Ahead], last: Ahead | None) -> Any:
+    """The commit of ``step``'s outcome and of each node run ahead after it, in order, each as its predecessor's
+    commit claimed it; the first one found not claimed so (its run moved on) and those after it are left out."""
+    claim_as = {a.step.node.id: (a.step.token, a.started) for a in (*done, *([last] if last else []))}
+
+    async def fn(run: RunTxn, rec: NodeRecord) -> None:
+        run.claim_as = claim_as
+        await run.complete(step.node, rec, output, action, route, writes, at=finished)
+        for ahead in done:
+            got = run.inline[0] if run.inline else None
+            if got is None or not _claimed_as(got, ahead):
+                return  # (a claim of it with another job stays: it runs as an ordinary inline step)
+            run.inline.clear()
+            await prefetch_commit(run.t, step.bp, ahead.step.node.id)
+            assert ahead.route is not None
+            await run.complete(ahead.step.node, got.record, ahead.output, ahead.action, ahead.route, ahead.writes,
+                               at=ahead.ended)
+    return fn
+
+
+def _claimed_as(got: InlineStep, ahead: Ahead) -> bool:
+    """Is the inline claim a commit made the one ``ahead``'s node ran under (job, token, input)?"""
+    mine = ahead.step.preclaimed
+    assert mine is not None
+    return got.token == mine.token and got.job == mine.job and got.node_input == parse_json(ahead.given)
+
+
+async def _next_seq(step: Step, node_id: str) -> int | None:
+    """The firing a node's next one will be (its record's seq + 1), as this process knows the run."""
+    try:
+        raw = (await step.engine.store.peek(step.run_id, NODES, [node_id]))[0]
+        if raw is MISSING:
+            return 1
+        return NodeRecord.from_json(raw).seq + 1 if isinstance(raw, dict) else None
+    except (UndecodableValue, KeyError, TypeError, ValueError):
+        return None  # not a record: the group stops here, and the commit meets it and says so
+
+
+async def drop(task: asyncio.Future[Any]) -> None:
+    """Let a node run ahead end, and drop its outcome."""
+    await asyncio.wait((task,))
+    if not task.cancelled():
+        task.exception()  # (retrieved: no "never retrieved" warning)
