@@ -8,14 +8,17 @@ are in test_leases."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from flowcraft_cli import NodeResult
 from flowcraft_cli.distributed import keys
 from flowcraft_cli.engine import ahead
 from flowcraft_cli.engine.builtins.function import idempotency_key
+from flowcraft_cli.engine.state import now_ms
 from tests.harness import count_commits, make_adapter
 
 
@@ -231,3 +234,205 @@ def test_a_group_holds_at_most_group_max_nodes(redis_url):
     commits, view, _ = _first_delivery(redis_url, chain("long", ["noop"] * n), {"noop": lambda ctx: 1}, "group-7",
                                        clock=lambda: 1_700_000_000_000)
     assert commits == 2 and view.status == "completed" and len(view.outputs) == n
+
+
+# ---- review: 1. an output that JSON changes (a tuple, int dict keys, NaN): the node run ahead is run again
+
+@pytest.mark.parametrize("value", [(1, 2), {1: "a"}, float("nan")], ids=["tuple", "int-key", "nan"])
+def test_an_output_json_changes_does_not_make_the_node_after_it_run_twice(redis_url, value):
+    calls: list[str] = []
+
+    def make(ctx):
+        return value
+
+    def count(ctx):
+        calls.append(ctx.node_id)
+        return "ok"
+
+    async def go() -> Any:
+        a = make_adapter(Redis.from_url(redis_url), [chain("tup", ["make", "count", "count"])],
+                         {"make": make, "count": count}, queue_name=f"rev-1-{type(value).__name__}")
+        a.create_worker()
+        run_id, scheduled = await a.engine.start_run("tup", {})
+        await _drive(a, scheduled[0][1])
+        view = await a.inspect(run_id)
+        await _close(a)
+        return view
+
+    view = asyncio.run(go())
+    assert view.status == "completed"
+    # committed one by one, n1 runs once and n2 once; here n1's result run ahead is dropped and n1 runs again
+    assert calls == ["n1", "n2"], calls
+
+
+# ---- review: 2. a worker told to stop (SIGTERM) while a group runs ahead: its nodes run again elsewhere
+
+def test_a_worker_stopping_mid_group_does_not_run_the_nodes_ahead_twice(redis_url):
+    runs: list[str] = []
+    holder: dict[str, Any] = {}
+
+    def noop(ctx):
+        runs.append(ctx.node_id)
+        return ctx.node_id
+
+    def sigterm(ctx):  # the signal arrives while this node runs ahead of n0's commit
+        runs.append(ctx.node_id)
+        holder["a"].stop()
+        return "m"
+
+    doc = chain("stopping", ["noop", "sigterm", "noop"])
+    nodes = {"noop": noop, "sigterm": sigterm}
+
+    async def go() -> Any:
+        a = holder["a"] = make_adapter(Redis.from_url(redis_url), [doc], nodes, queue_name="rev-2", worker_id="w1")
+        a.create_worker()
+        run_id, scheduled = await a.engine.start_run("stopping", {})
+        await _drive(a, scheduled[0][1])  # the step in flight finishes (as _drain lets it)
+        await _close(a)
+        b = make_adapter(Redis.from_url(redis_url), [doc], nodes, queue_name="rev-2", worker_id="w2")
+        await b.start(burst=True)  # another worker takes what was handed back
+        view = await b.inspect(run_id)
+        await _close(b)
+        return view
+
+    view = asyncio.run(go())
+    assert view.status == "completed"
+    # step by step: n0 commits, claims n1 inline, n1 runs once and commits (the step in flight is finished)
+    assert runs.count("n1") == 1, runs
+
+
+# ---- review: 3. a node that changes its input in place: its route sees the change only if it ended within AHEAD_S
+
+@pytest.mark.parametrize("slow", [False, True], ids=["quick", "slow"])
+def test_a_route_on_input_sees_the_same_input_however_long_the_node_ran_ahead(redis_url, slow):
+    ran: list[str] = []
+
+    def start(ctx):
+        return {"go": False}
+
+    async def mutate(ctx):
+        ctx.input["go"] = True  # changes its own input in place, then (slow) runs past AHEAD_S
+        if slow:
+            await asyncio.sleep(ahead.AHEAD_S * 5)
+        return "x"
+
+    def last(ctx):
+        ran.append(ctx.node_id)
+        return "end"
+
+    doc = chain("mut", ["start", "mutate", "last"])
+    doc["edges"][1]["condition"] = "input.go"
+
+    async def go() -> Any:
+        a = make_adapter(Redis.from_url(redis_url), [doc], {"start": start, "mutate": mutate, "last": last},
+                         queue_name=f"rev-3-{slow}")
+        a.create_worker()
+        run_id, scheduled = await a.engine.start_run("mut", {})
+        await _drive(a, scheduled[0][1])
+        view = await a.inspect(run_id)
+        await _close(a)
+        return view
+
+    view = asyncio.run(go())
+    assert view.status == "completed"
+    # step by step (inline or queued), the route's `input` is the object the node changed: n2 runs, in both cases
+    assert ran == ["n2"], {n.node_id: n.status for n in view.nodes}
+
+
+# ---- review: 4. a value that is not JSON met by the route of a node run ahead: the run fails naming the wrong node
+
+def test_an_undecodable_value_met_ahead_fails_the_run_naming_the_node_that_met_it(redis_url):
+    doc = chain("undec", ["noop", "noop", "noop"])
+    doc["edges"][1]["condition"] = "bad"
+
+    async def go() -> Any:
+        a = make_adapter(Redis.from_url(redis_url), [doc], {"noop": lambda ctx: ctx.node_id}, queue_name="rev-4")
+        a.create_worker()
+        run_id, scheduled = await a.engine.start_run("undec", {})
+        await a.redis.hset(f"workflow:state:{run_id}", "bad", b"\xff\xfe")  # planted: not JSON
+        await _drive(a, scheduled[0][1])
+        view = await a.inspect(run_id)
+        await _close(a)
+        return view
+
+    view = asyncio.run(go())
+    statuses = {n.node_id: n.status for n in view.nodes}
+    assert view.status == "failed"
+    # step by step: n0 completes, n1's step meets `bad` when it routes, and the run fails naming n1
+    assert statuses["n0"] == "completed" and "'n1'" in (view.reason or ""), (statuses, view.reason)
+
+
+# ---- review: 5. the time limit of a group is on the wall clock: stepped back (NTP), a slow node ahead runs unclaimed
+
+def test_a_wall_clock_stepped_back_does_not_keep_a_slow_node_ahead_unclaimed(redis_url):
+    offset = [0]
+    seen: dict[str, Any] = {}
+    holder: dict[str, Any] = {}
+
+    def step_back(ctx):  # NTP steps the host's clock back an hour while this quick node runs ahead
+        offset[0] -= 3_600_000
+        return "q"
+
+    async def slow(ctx):
+        await asyncio.sleep(ahead.AHEAD_S * 10)
+        view = await holder["a"].inspect(ctx.run_id, timeline=False)
+        seen.update({n.node_id: n.status for n in view.nodes})
+        await asyncio.sleep(ahead.AHEAD_S * 5)
+        return "s"
+
+    doc = chain("clk", ["noop", "step_back", "slow", "noop"])
+
+    async def go() -> Any:
+        a = holder["a"] = make_adapter(Redis.from_url(redis_url), [doc],
+                                       {"noop": lambda ctx: 1, "step_back": step_back, "slow": slow},
+                                       queue_name="rev-5")
+        a.create_worker()
+        a.engine.clock = lambda: now_ms() + offset[0]
+        run_id, scheduled = await a.engine.start_run("clk", {})
+        await _drive(a, scheduled[0][1])
+        view = await a.inspect(run_id)
+        await _close(a)
+        return view
+
+    view = asyncio.run(go())
+    assert view.status == "completed"
+    # with a monotonic limit, slow is claimed AHEAD_S after n0 finished: inspect shows it running, n0/n1 completed
+    assert seen.get("n2") == "running", seen
+
+
+# ---- review: 6. a run cancelled before its group: a long node after it starts and runs to its end for nothing
+
+def test_a_run_cancelled_before_a_group_does_not_run_a_long_node_to_its_end(redis_url):
+    events: list[str] = []
+    holder: dict[str, Any] = {}
+
+    async def canceller(ctx):
+        await holder["a"].cancel(ctx.run_id)  # the run is cancelled before n0 commits (another client, say)
+        return "c"
+
+    async def long(ctx):
+        events.append("long started")
+        await asyncio.sleep(1.0)
+        events.append("long finished")  # its side effect, for a run cancelled before it started
+        return "l"
+
+    doc = chain("cxl", ["canceller", "long", "noop"])
+
+    async def go() -> tuple[Any, float]:
+        a = holder["a"] = make_adapter(Redis.from_url(redis_url), [doc],
+                                       {"canceller": canceller, "long": long, "noop": lambda ctx: 1},
+                                       queue_name="rev-6")
+        a.create_worker()
+        run_id, scheduled = await a.engine.start_run("cxl", {})
+        t0 = time.monotonic()
+        await _drive(a, scheduled[0][1])
+        took = time.monotonic() - t0
+        view = await a.inspect(run_id)
+        await _close(a)
+        return view, took
+
+    view, took = asyncio.run(go())
+    assert view.status == "cancelled"
+    # step by step, n0's commit finds the run cancelled and n1 never starts; here it starts (the documented
+    # price), and is cancelled once the commit finds the run ended, rather than left to run its course
+    assert "long finished" not in events, (events, took)  # cancelled once the commit did not claim it

@@ -4,6 +4,7 @@ inline step stranded by a Redis error before it started. Each failed before its 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -189,6 +190,15 @@ def test_a_lost_reply_to_a_commit_that_took_its_job_out_of_the_queue(redis_url, 
     async def go():
         a = make_adapter(Redis.from_url(redis_url), [CHAIN3], {"tag": lambda ctx: ctx.node_id},
                          queue_name="rv-ghost", concurrency=1)
+        # the chain one commit a node (n0's hands the slot on to n1), not one group (engine.ahead)
+        create = a.create_worker
+
+        def create_worker(**kw: Any) -> Any:
+            worker = create(**kw)
+            a.engine.fuse_steps = False
+            return worker
+
+        a.create_worker = create_worker
         real_unqueue, real_apply = a.queue.unqueue_op, a.store._apply
 
         def unqueue_op(program, job_id):

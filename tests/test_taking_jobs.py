@@ -239,11 +239,14 @@ async def _dies(a) -> None:
 
 
 async def _pair(redis_url, doc, tag, queue):
-    """Two live workers (A, B) of one queue, with a lease of 1 s."""
+    """Two live workers (A, B) of one queue, with a lease of 1 s. They take a chain one commit a node (each claims
+    the next inline): these tests stop between the steps of a chain; groups (engine.ahead) are in
+    test_group_commits."""
     pair = [make_adapter(Redis.from_url(redis_url), [doc], {"tag": tag}, queue_name=queue, lease_s=1)
             for _ in range(2)]
     for ad in pair:
         ad.create_worker()
+        ad.engine.fuse_steps = False
         await ad.workers.beat(ad._fields())
     return pair
 

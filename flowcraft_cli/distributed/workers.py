@@ -121,7 +121,7 @@ class WorkerRegistry:
         self._dead = redis.register_script(_DEAD)
         self._forget = redis.register_script(_FORGET)
         self.last_beat: float | None = None  # monotonic time of the last heartbeat that reached Redis
-        # since when (monotonic) every heartbeat reached Redis within half a lease of the one before: this
+        # since when (monotonic) every heartbeat reached Redis within 2/3 of a lease of the one before: this
         # worker's lease cannot have lapsed since then (and so none of its steps been recovered elsewhere)
         self.held_since: float | None = None
         self._server_offset_ms: int | None = None  # Redis server clock minus this host's, at the last heartbeat
@@ -137,7 +137,7 @@ class WorkerRegistry:
             keys=[keys.worker_key(self.worker_id), keys.workers_key(self.queue_name),
                   keys.worker_steps_key(self.worker_id), keys.workers_seen_key(self.queue_name)], args=args)
         beat_at = time.monotonic()
-        if self.last_beat is None or self.held_since is None or beat_at - self.last_beat > self.lease_ms / 2000:
+        if self.last_beat is None or self.held_since is None or beat_at - self.last_beat > self.lease_ms / 1500:
             self.held_since = beat_at  # (the first beat, or after a gap in which the lease may have lapsed)
         self.last_beat = beat_at
         self._server_offset_ms = int(now) - int(time.time() * 1000)
@@ -145,10 +145,11 @@ class WorkerRegistry:
         return int(now), [_s(d) for d in dead], [_s(m) for m in mine]
 
     def held_throughout(self, since: float) -> bool:
-        """Has this worker held its lease without a break from ``since`` (monotonic) until now, with half a lease
-        to spare? Not across a pause or a Redis outage longer than that (its steps may be recovered elsewhere)."""
+        """Has this worker held its lease without a break from ``since`` (monotonic) until now, with a third of a
+        lease to spare? Not across a pause or a Redis outage longer than that (its steps may be recovered
+        elsewhere). Heartbeats come every third of a lease (at most a second late)."""
         return self.held_since is not None and self.last_beat is not None and since >= self.held_since \
-            and time.monotonic() - self.last_beat < self.lease_ms / 2000
+            and time.monotonic() - self.last_beat < self.lease_ms / 1500
 
     async def dead_workers(self) -> list[str]:
         """Workers of this queue that stopped heartbeating and whose steps are not recovered yet. Called every

@@ -95,14 +95,15 @@ async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Map
                         node_input: Any, route: Route) -> list[tuple[str, Job]]:
     """``step``'s node succeeded (``route``): run the chain after it ahead, then commit the group."""
     engine, bp, store, run_id = step.engine, step.bp, step.engine.store, step.run_id
-    finished = engine.clock()
-    deadline = finished + int(AHEAD_S * 1000)
+    finished = engine.clock()  # (timestamps are the engine's clock; the limit is the event loop's, monotonic)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + AHEAD_S
     done: list[Ahead] = []
     last: Ahead | None = None  # still running, or failed: claimed by the commit, then run on as an inline step
     seen: dict[str, Any] = {}  # context fields the group wrote: JSON text, or _MISSING (deleted)
     node, out, wrote, rt = step.node, output, writes, route
     try:
-        while len(done) + 1 < GROUP_MAX and engine.clock() < deadline:
+        while len(done) + 1 < GROUP_MAX and loop.time() < deadline:
             nxt = next_in_chain(bp, node, rt)
             if nxt is None:
                 break
@@ -122,7 +123,7 @@ async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Map
                 engine.on_claim(bp.id, job)
             last = Ahead(ahead_step, seen[f"_inputs.{tgt.id}"], engine.clock(), asyncio.ensure_future(
                 function.call_node(ahead_step, tgt, tgt_input, 1, ahead=dict(seen))))
-            await asyncio.wait((last.task,), timeout=max(0.0, (deadline - engine.clock()) / 1000))
+            await asyncio.wait((last.task,), timeout=max(0.0, deadline - loop.time()))
             if not last.task.done() or last.task.cancelled() or last.task.exception() is not None:
                 break  # still running, or failed: the commit claims it, and it goes on as an inline step
             last.ended = engine.clock()
@@ -131,11 +132,15 @@ async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Map
             scope = last.writes
             if expression_names(bp.out_edges[tgt.id]) - _SCOPE:
                 scope = {**{k: v if v is _MISSING else parse_json(v) for k, v in seen.items()}, **last.writes}
-            last.route = await read_route(store, bp, tgt, run_id, last.output, last.action, scope, tgt_input)
+            try:
+                last.route = await read_route(store, bp, tgt, run_id, last.output, last.action, scope, tgt_input)
+            except UndecodableValue:
+                break  # a value its route reads is not JSON: its own step meets it again, and fails the run for it
             done.append(last)
             node, out, wrote, rt = tgt, last.output, last.writes, last.route
             last = None
-        scheduled = await step.commit(_group_commit(step, output, action, writes, route, finished, done, last))
+        scheduled = await step.commit(_group_commit(step, output, action, writes, route, finished, done, last),
+                                      lead=True)
     except BaseException:
         if last is not None:
             last.task.cancel()
@@ -144,8 +149,11 @@ async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Map
         got = step.inline[0] if step.inline else None
         if got is not None and _claimed_as(got, last):
             got.running = last.task
+            got.node_input = _given(last)  # what it runs on (and may change): its route sees that
         else:
-            await drop(last.task)  # the commit claimed it not (run ended, step fenced off): it ran for nothing
+            # the commit claimed it not (the run ended, the step was fenced off): it runs for nothing
+            last.task.cancel()
+            await drop(last.task)
     return scheduled
 
 
@@ -174,7 +182,14 @@ def _claimed_as(got: InlineStep, ahead: Ahead) -> bool:
     """Is the inline claim a commit made the one ``ahead``'s node ran under (job, token, input)?"""
     mine = ahead.step.preclaimed
     assert mine is not None
-    return got.token == mine.token and got.job == mine.job and got.node_input == parse_json(ahead.given)
+    return got.token == mine.token and got.job == mine.job and dumps(got.node_input) == ahead.given
+
+
+def _given(ahead: Ahead) -> Any:
+    """The input object ``ahead``'s node was called with."""
+    mine = ahead.step.preclaimed
+    assert mine is not None
+    return mine.node_input
 
 
 async def _next_seq(step: Step, node_id: str) -> int | None:
@@ -190,6 +205,7 @@ async def _next_seq(step: Step, node_id: str) -> int | None:
 
 async def drop(task: asyncio.Future[Any]) -> None:
     """Let a node run ahead end, and drop its outcome."""
-    await asyncio.wait((task,))
+    if not task.done():
+        await asyncio.wait((task,))
     if not task.cancelled():
         task.exception()  # (retrieved: no "never retrieved" warning)

@@ -497,8 +497,8 @@ class Engine:
         finally:
             if inline is not None:  # held from its claim until its step ends here (or never starts)
                 self.active_tokens.discard(inline.token)
-                if inline.running is not None and not inline.running.done():
-                    inline.running.cancel()  # its node, run ahead, whose step did not run here (run ended)
+                if inline.running is not None:  # its node, run ahead: ended, or cancelled if its step did not run
+                    inline.running.cancel()
                     await ahead.drop(inline.running)
         if inline is not None and handled.outcome not in (StepOutcome.OK, StepOutcome.STALE):
             handled.listed = True  # never ran: the driver unlists it

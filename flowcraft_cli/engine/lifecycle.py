@@ -141,7 +141,8 @@ class RunTxn:
         self.add_pending(1)
         await self.count_busy(node_id, +1)
         job = Job(self.t.run_id, node_id, new.seq)
-        if self.inline_as is not None and not self.inline and self.bp.node_map[node_id].uses not in BUILTINS:
+        if self.inline_as is not None and not self.inline and self.bp.node_map[node_id].uses not in BUILTINS \
+                and (self.engine.inline_steps or ahead is not None):
             await self._claim_inline(job, new)
         else:
             self.schedule(job)

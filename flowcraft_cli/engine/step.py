@@ -328,9 +328,12 @@ class Step:
             run.t.listing.append((self.engine.worker_id, self.list_as, None))
 
     async def commit(self, fn: Callable[[RunTxn, NodeRecord], Awaitable[None]], *, token: str | None = None,
-                     status: NodeStatus = NodeStatus.RUNNING, unlist: bool = True) -> list[tuple[str, Job]]:
+                     status: NodeStatus = NodeStatus.RUNNING, unlist: bool = True,
+                     lead: bool = False) -> list[tuple[str, Job]]:
         """Run ``fn`` if the node is still in the state this step left it in (same token). ``unlist=False``:
-        the step goes on after this commit (a subflow starts its child run), so it stays listed."""
+        the step goes on after this commit (a subflow starts its child run), so it stays listed. ``lead``: it
+        commits nodes run ahead (engine.ahead), which it claims for this worker even once it stops claiming
+        successors (a stopping worker: what ran is committed, what follows is queued)."""
         expect = token or self.token
 
         async def wrapped(run: RunTxn) -> bool:
@@ -348,7 +351,7 @@ class Step:
             await prefetch_commit(run.t, self.bp, self.node.id)
             await fn(run, rec)
             await run.settle()
-            if run.inline_as is not None and not run.inline:
+            if run.inline_as is not None and not run.inline and self.engine.inline_steps:
                 await run.steal_queued()  # it made nothing ready for this worker: a queued sibling, if any
             if self.deferred is not None and run.inline:
                 self.list_step(run)  # the successor claimed for this worker is listed under this step's job
@@ -356,7 +359,7 @@ class Step:
                 self.unlist_step(run)  # (unless a step it claimed takes its entry over)
             return True
 
-        got = await self.txn(wrapped, inline=unlist and self.engine.inline_steps and self.claimed)
+        got = await self.txn(wrapped, inline=unlist and (self.engine.inline_steps or lead) and self.claimed)
         if got is not None and got[0] and unlist:
             self.listed = False
         for successor in self.inline:
