@@ -53,6 +53,11 @@ class FlowRuntime:
         # does (one transaction a node, not a claim and a commit); a commit that makes none ready claims a
         # queued sibling instead (a fan-out's branches), whose own task then ends without a transaction
         self.engine.inline_steps = self.engine.take_queued = True
+        # ... and runs the quick steps of a chain after it ahead of its commit, committing them with it
+        # (engine.ahead): a chain costs a transaction per group of nodes. A node starts when it is claimed,
+        # whether by a step of its own or ahead of its predecessor's commit
+        self.engine.fuse_steps = True
+        self.engine.on_claim = self._started
         self._taken: set[str] = set()  # ids of queued jobs a commit claimed (Handled.unqueued): not to run
         self._sem = asyncio.Semaphore(concurrency) if concurrency > 0 else None
         self._on_event = on_event
@@ -118,9 +123,7 @@ class FlowRuntime:
         if job.job_id in self._taken:  # an earlier commit claimed its step, and its task ran it
             self._taken.discard(job.job_id)
             return Handled()
-        if self._on_event:
-            self._on_event("start", job)
-        handled = await self.engine.handle(job)
+        handled = await self.engine.handle(job, first=True)
         while True:
             self._taken.update(j for j in handled.unqueued if j != job.job_id)
             if self._on_event:
@@ -129,6 +132,8 @@ class FlowRuntime:
                 return handled
             self._spawn(handled.scheduled)
             job = handled.inline.job
-            if self._on_event:
-                self._on_event("start", job)
             handled = await self.engine.handle(job, handled.inline)
+
+    def _started(self, blueprint_id: str, job: Job) -> None:
+        if self._on_event:
+            self._on_event("start", job)

@@ -390,3 +390,25 @@ def test_a_run_cancelled_before_a_group_does_not_run_a_long_node_to_its_end(redi
     # step by step, n0's commit finds the run cancelled and n1 never starts; here it starts (the documented
     # price), and is cancelled once the commit finds the run ended, rather than left to run its course
     assert "long finished" not in events, events  # cancelled once the commit did not claim it
+
+
+def test_a_run_ended_elsewhere_while_a_step_ran_long_starts_nothing_after_it(redis_url):
+    """n1 runs ahead of n0's commit and on past AHEAD_S (claimed by that commit, it goes on as an inline step);
+    meanwhile another client cancels the run, which this worker's memory of the run does not know. Before n1
+    leads, the run's status is read anew (its node ran long), and n2 never starts."""
+    ran: list[str] = []
+    doc = chain("ended", ["noop", "long", "noop"])
+
+    async def long(ctx):
+        ran.append(ctx.node_id)
+        await asyncio.sleep(ahead.AHEAD_S * 2)  # n0's commit claims it meanwhile
+        other = make_adapter(Redis.from_url(redis_url), [doc], {"long": long, "noop": lambda ctx: None},
+                             queue_name="group-8")
+        await other.cancel(ctx.run_id)
+        await _close(other)
+        await asyncio.sleep(ahead.AHEAD_S * 2)
+        return "l"
+
+    _, view, _ = _first_delivery(redis_url, doc, {"long": long, "noop": lambda ctx: ran.append(ctx.node_id)},
+                                 "group-8")
+    assert view.status == "cancelled" and ran == ["n0", "n1"]

@@ -37,11 +37,11 @@ from ..errors import UndecodableValue
 from ..ids import claim_token
 from ..jobs import Job
 from ..node_api import _MISSING
-from ..store import MISSING, NODES, dumps, parse_json
+from ..store import MISSING, NODES, RUN, dumps, parse_json
 from .builtins import function
 from .reads import prefetch_commit, read_route
 from .routing import Route, expression_names
-from .state import REF, InlineStep, NodeRecord
+from .state import REF, InlineStep, NodeRecord, RunStatus
 
 if TYPE_CHECKING:
     from .lifecycle import RunTxn
@@ -87,7 +87,7 @@ def may_lead(step: Step) -> bool:
     may have been recovered elsewhere, and what it ran ahead would run twice)."""
     job, engine = step.job, step.engine
     return engine.fuse_steps and engine.inline_steps and step.claimed and not job.recovery \
-        and job.kind == "exec" and (step.preclaimed is not None or step.defer) \
+        and job.kind == "exec" and (step.preclaimed is not None or step.fresh) \
         and (engine.lease_held is None or engine.lease_held(step.born))
 
 
@@ -105,7 +105,9 @@ async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Map
     try:
         while len(done) + 1 < GROUP_MAX and loop.time() < deadline:
             nxt = next_in_chain(bp, node, rt)
-            if nxt is None:
+            # no node starts in a run that ended (cancelled, or failed in another branch): as this process knows
+            # the run, and asked anew when the step's own node ran long (another process may have ended it)
+            if nxt is None or not await _goes_on(step, fresh=not done and loop.time() - step.born > AHEAD_S):
                 break
             tgt, value = nxt
             for key, v in wrote.items():
@@ -183,6 +185,16 @@ def _claimed_as(got: InlineStep, ahead: Ahead) -> bool:
     mine = ahead.step.preclaimed
     assert mine is not None
     return got.token == mine.token and got.job == mine.job and dumps(got.node_input) == ahead.given
+
+
+async def _goes_on(step: Step, *, fresh: bool) -> bool:
+    """Is the run still running, as this process remembers it (``fresh``: as Redis holds it)?"""
+    store = step.engine.store
+    try:
+        got = await (store.read if fresh else store.peek)(step.run_id, RUN, ["status"])
+    except UndecodableValue:
+        return False  # (its commit meets it, and says so)
+    return bool(got[0] == RunStatus.RUNNING.value)
 
 
 def _given(ahead: Ahead) -> Any:

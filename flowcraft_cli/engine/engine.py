@@ -493,7 +493,7 @@ class Engine:
         ``first``: its first delivery (``defer_claims``); ``reread``: the (kind, field) pairs the store holds
         as they were when the job was taken, read then (``Step._defer_claim`` need not read them again)."""
         try:
-            handled = await self._handle(job, inline, defer=first and self.defer_claims, reread=reread)
+            handled = await self._handle(job, inline, first=first, defer=first and self.defer_claims, reread=reread)
         finally:
             if inline is not None:  # held from its claim until its step ends here (or never starts)
                 self.active_tokens.discard(inline.token)
@@ -504,7 +504,7 @@ class Engine:
             handled.listed = True  # never ran: the driver unlists it
         return handled
 
-    async def _handle(self, job: Job, inline: InlineStep | None, *, again: bool = False,
+    async def _handle(self, job: Job, inline: InlineStep | None, *, again: bool = False, first: bool = False,
                       defer: bool = False, reread: frozenset[tuple[str, str]] = frozenset()) -> Handled:
         # the meta as this process last saw it, where it remembers: the step's claim checks it again in its
         # transaction; only a meta that would stop the step here is read afresh first. A run new to this
@@ -535,6 +535,7 @@ class Engine:
             return Handled(outcome=StepOutcome.UNKNOWN_NODE)
         step = Step(self, bp, node, job, inline)  # its transactions restart the version grace (Step.txn)
         step.defer = defer and inline is None
+        step.fresh = first and inline is None
         step.reread = reread
         scheduled = await step.run()
         if step.redo and step.stale:  # its node ran on an input not its firing's (a stale memory): again, claimed

@@ -63,6 +63,7 @@ class Step:
         self.token = inline.token if inline is not None else claim_token()
         self.born = time.monotonic()  # when its job reached this step (a lease that lapsed since: engine.ahead)
         self.defer = False  # may its claim go with its commit (``Engine.defer_claims``, a first delivery)?
+        self.fresh = False  # its queue job's first delivery (one delivered again may have killed a worker)
         self.reread: frozenset[tuple[str, str]] = frozenset()  # fields read anew as its job was taken (Engine.handle)
         self.claimed_at = 0  # when its claim was taken (or, deferred, when its node started)
         self.held_elsewhere = False  # set when a live step of another delivery holds the node
