@@ -296,12 +296,14 @@ class WakingWorker(Worker):
         self._drop_stale_wakes = self.pool.register_script(_DROP_STALE_WAKES)
         self._woken = False  # the last wait ended on a wake-up token
         self._saw_none = False  # the last look at the queue found no ready job at all
+        self._filled = False  # the last look at the queue filled every free slot: more may be ready
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's ``start_jobs``, with every id's check and lock in one call instead of four round trips each:
         a fan-out's first jobs then start on every free slot at once, not one slot after another (a wave of
         work late on the last slot)."""
         self._saw_none = not job_ids
+        self._filled = False
         free = self.max_jobs - self.job_counter
         if free <= 0 or not job_ids:
             return
@@ -309,6 +311,7 @@ class WakingWorker(Worker):
         # as one would after arq's own pickup died between its lock and its task; they are not lost)
         taken = await self._lock_ready(keys=[self.queue_name], args=[
             timestamp_ms(), in_progress_key_prefix, int(self.in_progress_timeout_s * 1000), free, *job_ids])
+        self._filled = len(taken) // 2 >= free
         for job_id, score in zip(taken[::2], taken[1::2], strict=True):
             await self.sem.acquire()  # a free slot: at most ``free`` were taken (arq's semaphore, arq's counter)
             self.job_counter += 1
@@ -356,6 +359,11 @@ class WakingWorker(Worker):
     async def _wait_for_work(self) -> None:
         if self.job_counter >= self.max_jobs:
             await self._wait_for_a_slot()  # every slot is busy
+            return
+        if self._filled:
+            # the last look filled every free slot, and they are free again already (quick steps): more jobs may
+            # be ready than the wake-up tokens announce (a batch queues thousands, and pushes WAKE_CAP): look again
+            self._filled = False
             return
         if self._woken and self._saw_none:
             # Woken, and the queue had nothing ready: the tokens left announce jobs already taken (a fan-out
