@@ -153,6 +153,9 @@ class Txn(ABC):
         # of those, the jobs nobody may be running: the commit holds only if none is locked by a worker (one that
         # runs its node before it claims it, ``Engine.defer_claims``)
         self.unheld: list[str] = []
+        # how often this transaction was refused after claiming a queued sibling (``unheld``): after two, it
+        # claims none (RunTxn.steal_queued): another worker is taking this run's queued steps
+        self.steal_refusals = 0
         # job id -> the fields (kind -> fields) its step will read first: a store that queues the job in its
         # commit may send their values with it, so that a worker new to the run reads nothing before its claim
         # (a run's start jobs; a value sent that is stale by then only makes the claim decide again)

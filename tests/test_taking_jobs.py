@@ -13,7 +13,7 @@ from flowcraft_cli.distributed import keys
 from flowcraft_cli.distributed.views import RunReader
 from flowcraft_cli.jobs import Job
 from flowcraft_cli.store import NODES
-from tests.harness import make_adapter
+from tests.harness import count_commits, make_adapter
 
 FAN = {"id": "fan", "nodes": [{"id": "s", "uses": "tag"}, *({"id": f"b{i}", "uses": "tag"} for i in range(30)),
                               {"id": "j", "uses": "tag"}],
@@ -567,3 +567,40 @@ def test_a_worker_whose_slots_took_all_they_could_looks_at_the_queue_again_at_on
 
     status = asyncio.run(go())
     assert status is not None and status["status"] == "completed"
+
+
+def test_a_commit_tries_few_queued_siblings_that_another_worker_holds(redis_url):
+    """Found with two workers on a 1 -> 200 -> 1 fan, which stalled 2.5-5 s one run in two: worker A queued the
+    branches, so its commits claim queued ones for its slots (newest first), but worker B had taken most of
+    their jobs and ran them unclaimed. Each of A's commits tried them one by one, every try refused by the
+    check that no worker holds the job (one round trip), and once it kept happening, a pause before the next
+    (up to 50 ms, the run's other steps on A waiting behind it): hundreds of tries. (Siblings B had already
+    done went the same way: A's memory of their records was stale.) Now a commit refused after claiming a
+    queued sibling decides again at once, twice at most, then claims none and forgets the run's queued
+    siblings (the queue's next job is then taken by a commit that checks its lock itself)."""
+    calls: list[str] = []
+    doc = {"id": "wide", "nodes": [{"id": "s", "uses": "tag"}, *({"id": f"b{i:02d}", "uses": "tag"} for i in range(40))],
+           "edges": [{"source": "s", "target": f"b{i:02d}"} for i in range(40)]}
+
+    def tag(ctx):
+        calls.append(ctx.node_id)
+        return ctx.node_id
+
+    async def go():
+        a = make_adapter(Redis.from_url(redis_url), [doc], {"tag": tag}, queue_name="take-held")
+        a.create_worker()
+        await a.workers.beat(a._fields())
+        run_id, scheduled = await a.engine.start_run("wide", {})
+        s = await a.engine.handle(scheduled[0][1])  # s fires b00 (inline for A) and queues the rest
+        assert s.inline is not None and s.inline.job.node_id == "b00"
+        for i in range(10, 40):  # B took the newest 30 branch jobs, and runs them unclaimed
+            await a.queue.pool.psetex(f"arq:in-progress:{Job(run_id, f'b{i:02d}', 1).job_id}", 15000, b"1")
+        commits = count_commits(a)
+        b00 = await a.engine.handle(s.inline.job, s.inline)
+        await a.close()
+        await a.redis.aclose()
+        return b00, commits[0]
+
+    b00, commits = asyncio.run(go())
+    assert b00.outcome.value == "ok" and commits <= 3, commits
+    assert b00.inline is None or b00.inline.job.node_id < "b10"  # never one B holds

@@ -218,9 +218,10 @@ class RedisStore(Store):
                 self._locks[run_id] = (lock, users - 1)
 
     async def _transact(self, run_id: str, fn: Callable[[Txn], Awaitable[T]]) -> T:
-        tries = 0
+        tries = stole = 0
         while True:
             txn = _RedisTxn(self, run_id)
+            txn.steal_refusals = stole
             try:
                 result = await fn(txn)
             except Exception:
@@ -290,12 +291,18 @@ class RedisStore(Store):
                     self._absorb(run_id, program, reply)
                 return result
             self._undo(marks)
+            self.conflicts += 1
+            self._absorb(run_id, program, reply)
+            if txn.unheld:
+                # it claimed a queued sibling, which another worker had taken meanwhile (held, or done: this
+                # process's memory of it was stale): decided again at once; after two such, it claims none
+                # (RunTxn.steal_queued), rather than try every sibling another worker took, a round trip each
+                stole += 1
+                continue
             # a field read changed (another process committed a step of this run): decide again on the values
             # the refused commit sent back, after a short random pause once it keeps happening, so that a crowd
             # of siblings finishing together on several workers (a wide fan-in) spreads out
-            self.conflicts += 1
             tries += 1
-            self._absorb(run_id, program, reply)
             if tries > 2:
                 await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * tries)))
 

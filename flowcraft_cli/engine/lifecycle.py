@@ -110,6 +110,10 @@ class RunTxn:
         commit (``Txn.unqueue``; a worker that took it already then finds the step held). The newest first:
         workers picking from the queue take the oldest, so the two rarely reach for the same job."""
         hints = self.engine.queued_hints(self.t.run_id)
+        if self.t.steal_refusals >= 2:
+            # the siblings it tried were taken by another worker (held, or done): so are the rest, likely
+            self.engine.forget_queued(self.t.run_id)
+            return False
         while hints:
             node_id = hints.pop()
             node = self.bp.node_map.get(node_id)
