@@ -164,7 +164,7 @@ class ArqQueue:
         unlocked."""
         async with self.pool.pipeline(transaction=True) as pipe:
             pipe.zadd(self.queue_name, {job_id: timestamp_ms() + int(seconds * 1000)})
-            pipe.delete(in_progress_key_prefix + job_id)
+            pipe.delete(self.lock_key(job_id))
             await pipe.execute()
 
     async def wake(self, n: int = 1) -> None:
@@ -183,7 +183,7 @@ class ArqQueue:
         async with self.pool.pipeline(transaction=False) as pipe:
             for jid in job_ids:
                 pipe.exists(job_key_prefix + jid)
-                pipe.exists(in_progress_key_prefix + jid)
+                pipe.exists(self.lock_key(jid))
             flags = await pipe.execute()
         out = {}
         for i, jid in enumerate(job_ids):
@@ -214,7 +214,7 @@ class ArqQueue:
             return
         async with self.pool.pipeline(transaction=False) as pipe:
             for jid in ids:
-                pipe.pexpire(in_progress_key_prefix + jid, lease_ms)
+                pipe.pexpire(self.lock_key(jid), lease_ms)
             await pipe.execute()
 
     async def counts(self, *, head: int = 10_000) -> QueueCounts:
@@ -333,9 +333,9 @@ class WakingWorker(Worker):
             return
         async with self.pool.pipeline(transaction=True) as tr:
             if keep_in_progress is None:
-                tr.delete(in_progress_key_prefix + job_id)
+                tr.delete(ArqQueue.lock_key(job_id))
             else:
-                tr.pexpire(in_progress_key_prefix + job_id, int(keep_in_progress * 1000))
+                tr.pexpire(ArqQueue.lock_key(job_id), int(keep_in_progress * 1000))
             tr.zadd(self.queue_name, {job_id: incr_score}, xx=True, incr=True)
             await tr.execute()
 

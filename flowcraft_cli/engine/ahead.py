@@ -66,6 +66,12 @@ class Ahead:
     writes: dict[str, Any] = field(default_factory=dict)
     route: Route | None = None
 
+    @property
+    def claim(self) -> InlineStep:
+        """The claim it runs under: its job, token, and the input object its node was called with."""
+        assert self.step.preclaimed is not None
+        return self.step.preclaimed
+
 
 def next_in_chain(bp: Blueprint, node: NodeDef, route: Route) -> tuple[NodeDef, Any] | None:
     """The successor ``route`` fires that may run ahead of ``node``'s commit, and the value it delivers."""
@@ -151,7 +157,7 @@ async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Map
         got = step.inline[0] if step.inline else None
         if got is not None and _claimed_as(got, last):
             got.running = last.task
-            got.node_input = _given(last)  # what it runs on (and may change): its route sees that
+            got.node_input = last.claim.node_input  # what it runs on (and may change): its route sees that
         else:
             # the commit claimed it not (the run ended, the step was fenced off): it runs for nothing
             last.task.cancel()
@@ -163,7 +169,7 @@ def _group_commit(step: Step, output: Any, action: str | None, writes: Mapping[s
                   finished: int, done: list[Ahead], last: Ahead | None) -> Any:
     """The commit of ``step``'s outcome and of each node run ahead after it, in order, each as its predecessor's
     commit claimed it; the first one found not claimed so (its run moved on) and those after it are left out."""
-    claim_as = {a.step.node.id: (a.step.token, a.started) for a in (*done, *([last] if last else []))}
+    claim_as = {a.claim.job.node_id: (a.claim.token, a.started) for a in (*done, *([last] if last else []))}
 
     async def fn(run: RunTxn, rec: NodeRecord) -> None:
         run.claim_as = claim_as
@@ -182,9 +188,7 @@ def _group_commit(step: Step, output: Any, action: str | None, writes: Mapping[s
 
 def _claimed_as(got: InlineStep, ahead: Ahead) -> bool:
     """Is the inline claim a commit made the one ``ahead``'s node ran under (job, token, input)?"""
-    mine = ahead.step.preclaimed
-    assert mine is not None
-    return got.token == mine.token and got.job == mine.job and dumps(got.node_input) == ahead.given
+    return got.token == ahead.claim.token and got.job == ahead.claim.job and dumps(got.node_input) == ahead.given
 
 
 async def _goes_on(step: Step, *, fresh: bool) -> bool:
@@ -195,13 +199,6 @@ async def _goes_on(step: Step, *, fresh: bool) -> bool:
     except UndecodableValue:
         return False  # (its commit meets it, and says so)
     return bool(got[0] == RunStatus.RUNNING.value)
-
-
-def _given(ahead: Ahead) -> Any:
-    """The input object ``ahead``'s node was called with."""
-    mine = ahead.step.preclaimed
-    assert mine is not None
-    return mine.node_input
 
 
 async def _next_seq(step: Step, node_id: str) -> int | None:

@@ -493,7 +493,7 @@ class Engine:
         ``first``: its first delivery (``defer_claims``); ``reread``: the (kind, field) pairs the store holds
         as they were when the job was taken, read then (``Step._defer_claim`` need not read them again)."""
         try:
-            handled = await self._handle(job, inline, first=first, defer=first and self.defer_claims, reread=reread)
+            handled = await self._handle(job, inline, first=first, reread=reread)
         finally:
             if inline is not None:  # held from its claim until its step ends here (or never starts)
                 self.active_tokens.discard(inline.token)
@@ -505,14 +505,14 @@ class Engine:
         return handled
 
     async def _handle(self, job: Job, inline: InlineStep | None, *, again: bool = False, first: bool = False,
-                      defer: bool = False, reread: frozenset[tuple[str, str]] = frozenset()) -> Handled:
+                      reread: frozenset[tuple[str, str]] = frozenset()) -> Handled:
         # the meta as this process last saw it, where it remembers: the step's claim checks it again in its
         # transaction; only a meta that would stop the step here is read afresh first. A run new to this
         # process is fetched with what its claim reads (for a node without `inputs`), in one go. A first delivery
         # reads the run's status and blueprint, the node's record and its input anew with it, unless the commit
         # that took its job did (``reread``): its step may run the node before claiming it (Step._defer_claim)
         anew: dict[str, list[str]] = {}
-        if defer and inline is None and not reread:
+        if first and self.defer_claims and inline is None and not reread:
             anew = {RUN: list(DEFER_FIELDS), NODES: [job.node_id], STATE: [f"_inputs.{job.node_id}"]}
             reread = frozenset((kind, f) for kind, names in anew.items() for f in names)
         await self.store.preload(job.run_id, {RUN: list(META_FIELDS), NODES: [job.node_id],
@@ -533,10 +533,8 @@ class Engine:
         if node is None:
             log.error("job %s: node %r is not in blueprint %r; dropped", job.job_id, job.node_id, bp.id)
             return Handled(outcome=StepOutcome.UNKNOWN_NODE)
-        step = Step(self, bp, node, job, inline)  # its transactions restart the version grace (Step.txn)
-        step.defer = defer and inline is None
-        step.fresh = first and inline is None
-        step.reread = reread
+        # (its transactions restart the version grace: Step.txn)
+        step = Step(self, bp, node, job, inline, first=first, reread=reread)
         scheduled = await step.run()
         if step.redo and step.stale:  # its node ran on an input not its firing's (a stale memory): again, claimed
             return await self._handle(job, inline, again=again)

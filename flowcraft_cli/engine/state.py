@@ -15,10 +15,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from operator import attrgetter
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from ..ids import field_name
 from ..store import BATCH, JOINS, MISSING, NODES, RUN, Store, Txn
+
+if TYPE_CHECKING:
+    import asyncio
 
 
 class RunStatus(StrEnum):
@@ -503,4 +506,4 @@ class InlineStep:
     node_input: Any
     list_as: str
     # its node, already running: run ahead of the commit that claimed it (engine.ahead), awaited, not called again
-    running: Any = None  # asyncio.Task of function.call_node's result
+    running: asyncio.Task[Any] | None = None  # (function.call_node's task)

@@ -54,7 +54,8 @@ class Step:
     """Handling of one job: claim, work, commit."""
 
     def __init__(self, engine: Engine, bp: Blueprint, node: NodeDef, job: Job,
-                 inline: InlineStep | None = None) -> None:
+                 inline: InlineStep | None = None, *, first: bool = False,
+                 reread: frozenset[tuple[str, str]] = frozenset()) -> None:
         self.engine = engine
         self.bp = bp
         self.node = node
@@ -62,9 +63,10 @@ class Step:
         self.run_id = job.run_id
         self.token = inline.token if inline is not None else claim_token()
         self.born = time.monotonic()  # when its job reached this step (a lease that lapsed since: engine.ahead)
-        self.defer = False  # may its claim go with its commit (``Engine.defer_claims``, a first delivery)?
-        self.fresh = False  # its queue job's first delivery (one delivered again may have killed a worker)
-        self.reread: frozenset[tuple[str, str]] = frozenset()  # fields read anew as its job was taken (Engine.handle)
+        # its queue job's first delivery (one delivered again may have killed a worker): it may run its node before
+        # claiming it (``defer``), and run its successors ahead of its commit (engine.ahead)
+        self.fresh = first and inline is None
+        self.reread = reread  # (kind, field) pairs read anew as its job was taken (Engine.handle)
         self.claimed_at = 0  # when its claim was taken (or, deferred, when its node started)
         self.held_elsewhere = False  # set when a live step of another delivery holds the node
         self.stale = False  # set when the node no longer expects this step (duplicate or late delivery)
@@ -93,6 +95,11 @@ class Step:
         self._late: asyncio.Future[None] | None = None  # the claim taken while a deferred node runs long
         self._late_pause: asyncio.Future[None] | None = None  # its wait before trying again, after a Redis error
         self._node_done = False  # the node has returned (or raised, or its step was cancelled)
+
+    @property
+    def defer(self) -> bool:
+        """May its claim go with its commit (``Engine.defer_claims``, a first delivery)?"""
+        return self.fresh and self.engine.defer_claims
 
     async def txn(self, fn: Callable[[RunTxn], Any], reads: dict[str, list[str]] | None = None, *,
                   inline: bool = False) -> Any:
