@@ -1152,3 +1152,32 @@ def test_a_retry_claimed_by_a_siblings_commit_keeps_the_nodes_first_start():
     res, (q,) = asyncio.run(go())
     assert res.status == "completed"
     assert q["attempt"] == 2 and q["started_at"] <= first["q"]  # stamped by the first attempt's claim
+
+
+def test_a_node_may_use_asyncio_timeout_and_task_groups(flow):
+    """A node's first step runs at once (engine.eager), still as its own task: an asyncio.timeout it enters
+    cancels the node's wait, not the step that called it, and a TaskGroup's children belong to the node."""
+    import asyncio
+
+    doc = """
+id: timeouts
+nodes: [{id: a, uses: bounded}, {id: b, uses: grouped}]
+edges: [{source: a, target: b}]
+"""
+
+    async def bounded(ctx):
+        try:
+            async with asyncio.timeout(0.05):
+                await asyncio.sleep(10)
+        except TimeoutError:
+            return "gave up"
+        return "slept"
+
+    async def grouped(ctx):
+        async with asyncio.TaskGroup() as tg:
+            parts = [tg.create_task(asyncio.sleep(0.01, result=i)) for i in range(3)]
+        return [ctx.input, *(p.result() for p in parts)]
+
+    r = flow.run(doc, {"bounded": bounded, "grouped": grouped})
+    assert r.status == "completed", r.reason
+    assert r.outputs == {"a": "gave up", "b": ["gave up", 0, 1, 2]}

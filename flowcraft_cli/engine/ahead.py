@@ -38,6 +38,7 @@ from ..ids import claim_token
 from ..jobs import Job
 from ..node_api import _MISSING
 from ..store import MISSING, NODES, RUN, dumps, parse_json
+from . import eager
 from .builtins import function
 from .reads import prefetch_commit, read_route
 from .routing import Route, expression_names
@@ -59,7 +60,7 @@ class Ahead:
     step: Step  # its step as it will be claimed: job, token (``step.preclaimed``)
     given: str  # the input it was given, as JSON (the node may change the copy it got)
     started: int
-    task: asyncio.Task[tuple[Any, str | None, dict[str, Any]]]
+    task: asyncio.Future[tuple[Any, str | None, dict[str, Any]]]  # (a task, or done already: eager.start)
     ended: int = 0
     output: Any = None
     action: str | None = None
@@ -129,9 +130,10 @@ async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Map
                                     InlineStep(job, claim_token(), None, tgt_input, step.list_as))  # type: ignore[arg-type]
             if engine.on_claim is not None:
                 engine.on_claim(bp.id, job)
-            last = Ahead(ahead_step, seen[f"_inputs.{tgt.id}"], engine.clock(), asyncio.ensure_future(
-                function.call_node(ahead_step, tgt, tgt_input, 1, ahead=dict(seen))))
-            await asyncio.wait((last.task,), timeout=max(0.0, deadline - loop.time()))
+            last = Ahead(ahead_step, seen[f"_inputs.{tgt.id}"], engine.clock(), eager.start(
+                function.call_node(ahead_step, tgt, tgt_input, 1, ahead=dict(seen)), own=False))
+            if not last.task.done():  # (a node that never waits is done already)
+                await asyncio.wait((last.task,), timeout=max(0.0, deadline - loop.time()))
             if not last.task.done() or last.task.cancelled() or last.task.exception() is not None:
                 break  # still running, or failed: the commit claims it, and it goes on as an inline step
             last.ended = engine.clock()

@@ -506,4 +506,4 @@ class InlineStep:
     node_input: Any
     list_as: str
     # its node, already running: run ahead of the commit that claimed it (engine.ahead), awaited, not called again
-    running: asyncio.Task[Any] | None = None  # (function.call_node's task)
+    running: asyncio.Future[Any] | None = None  # (function.call_node's task, or its end: eager.start)

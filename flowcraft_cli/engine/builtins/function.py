@@ -14,6 +14,7 @@ from ...blueprint import NodeDef
 from ...errors import NodeFailure, NodeTimeout, json_type
 from ...node_api import _MISSING, NodeContext, NodeResult, RunContext, SyncRunContext
 from ...store import MISSING, STATE, check_json, dumps, parse_json
+from .. import eager
 from ..reads import read_context
 
 if TYPE_CHECKING:
@@ -108,9 +109,14 @@ async def _in_own_task(awaitable: Any, timeout: float | None) -> Any:
     cancel of the step (a stopping worker) ends the step even when the node swallows it and returns."""
     me = asyncio.current_task()
     cancels = me.cancelling() if me is not None else 0
-    # (asyncio.wait_for, not a timer of its own: a step cancelled once the timeout fired ends at once, whatever
-    # the node does with the cancel)
-    result = await asyncio.wait_for(asyncio.ensure_future(awaitable), timeout)
+    # its first step runs now (eager.start): a node that never waits is done without a trip through the loop
+    running = eager.start(awaitable) if inspect.iscoroutine(awaitable) else asyncio.ensure_future(awaitable)
+    if running.done():
+        result = running.result()
+    else:
+        # (asyncio.wait_for, not a timer of its own: a step cancelled once the timeout fired ends at once,
+        # whatever the node does with the cancel)
+        result = await asyncio.wait_for(running, timeout)
     if me is not None and me.cancelling() > cancels:
         raise asyncio.CancelledError()  # the step was cancelled; the node's task swallowed it
     return result
