@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 from .ids import field_name
@@ -25,16 +25,22 @@ class Job:
     # how many times this step was recovered after its worker died or dropped it: a recovered step gets a
     # new job id, so the queue's own lock on the dead job (and the dead job itself) cannot block it
     recovery: int = 0
+    # its job id, once asked (a step names its job's id several times: outbox, queue, listing, events)
+    _id: str = field(default="", init=False, repr=False, compare=False)
 
     @property
     def job_id(self) -> str:
         """Deterministic, so scheduling the same step twice is a no-op in the queue."""
+        if self._id:
+            return self._id
         parts: tuple[object, ...] = (self.run_id, self.node_id, self.seq, self.kind, self.attempt)
         if self.item >= 0:
             parts = (*parts, self.item)
         if self.recovery:
             parts = (*parts, f"r{self.recovery}")
-        return field_name(*parts)
+        job_id = field_name(*parts)
+        object.__setattr__(self, "_id", job_id)  # (frozen: set once, derived from the fields above)
+        return job_id
 
     def to_dict(self) -> dict[str, Any]:
         # by hand: dataclasses.asdict deep-copies field by field, and every step turns jobs into dicts
@@ -66,7 +72,7 @@ class Job:
         return job
 
 
-assert [f.name for f in fields(Job)] == list(Job("r", "n", 1).to_dict())  # to_dict names every field
+assert [f.name for f in fields(Job) if f.init] == list(Job("r", "n", 1).to_dict())  # to_dict names every field
 
 
 class Picked(NamedTuple):

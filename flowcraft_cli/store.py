@@ -39,6 +39,17 @@ MISSING: Any = object()
 T = TypeVar("T")
 
 
+class Record:
+    """A typed value (the engine's node records and join bookkeeping) that a transaction keeps as it is until
+    its commit, which encodes it (``to_json``) once: a step that writes one node's record several times (fired,
+    claimed, completed) pays for one encoding. A read of it within the transaction gets its JSON form."""
+
+    __slots__ = ()
+
+    def to_json(self) -> Any:
+        raise NotImplementedError
+
+
 # msgspec's JSON codec is 5-10x faster than the json module's on a record; encoding and decoding were the
 # largest single cost of an in-process step and about a tenth of a worker's. It writes NaN and the infinities
 # as null, as JavaScript's JSON.stringify (so Flowcraft) does: they are not JSON. What it refuses (keys that
@@ -49,7 +60,9 @@ _DECODER = msgspec.json.Decoder()
 
 
 def dumps(value: Any) -> str:
-    """A value as compact JSON. Values from users pass ``check_json`` first."""
+    """A value (a JSON value, or a ``Record``) as compact JSON. Values from users pass ``check_json`` first."""
+    if isinstance(value, Record):  # (by its own to_json: msgspec would encode a dataclass field by field)
+        value = value.to_json()
     try:
         return _ENCODER.encode(value).decode()
     except (TypeError, ValueError, OverflowError):
@@ -58,6 +71,8 @@ def dumps(value: Any) -> str:
 
 def dumpb(value: Any) -> bytes:
     """``dumps``, as UTF-8 bytes (what a store writes), without a round trip through str."""
+    if isinstance(value, Record):
+        value = value.to_json()
     try:
         return _ENCODER.encode(value)
     except (TypeError, ValueError, OverflowError):
@@ -183,7 +198,7 @@ class Txn(ABC):
         key = (kind, field)
         if key in self._writes:
             v = self._writes[key]
-            return default if v is MISSING else v
+            return default if v is MISSING else v.to_json() if isinstance(v, Record) else v
         if key not in self._cache:
             raw = (await self._load(kind, [field]))[0]
             self._cache[key] = MISSING if raw is None else self._loads(kind, field, raw)
@@ -201,13 +216,14 @@ class Txn(ABC):
         for key in wanted:
             v = writes[key] if key in writes else cache[key]
             if v is not MISSING:
-                out[key[1]] = v
+                out[key[1]] = v.to_json() if isinstance(v, Record) else v
         return out
 
     def _loads(self, kind: str, field: str, raw: str | bytes) -> Any:
         return load_field(raw, self.run_id, kind, field)
 
     def put(self, kind: str, field: str, value: Any) -> None:
+        """Write a JSON value, or a ``Record`` (encoded at the commit: it must not change after this)."""
         self._writes[(kind, field)] = value
 
     def delete(self, kind: str, field: str) -> None:

@@ -65,3 +65,35 @@ edges: [{source: a, target: b}]
     assert r.status == "completed"
     expected = {"big": BIG, "nan": None, "text": "𝄞", "nested": [0.1, {"x": -BIG}]}
     assert r.outputs == {"a": expected, "b": expected}
+
+
+def test_a_record_written_several_times_in_a_transaction_is_stored_once_as_its_last_version():
+    """Records (node records, batch items, arrivals) are kept as they are until the commit encodes them with
+    their own ``to_json`` (not msgspec's field-by-field encoding of a dataclass), and a read inside the
+    transaction gets that JSON form."""
+    import asyncio
+
+    from flowcraft_cli.engine.state import REF, Arrival, NodeRecord, NodeStatus, read_node, write_node
+    from flowcraft_cli.store import JOINS, NODES, MemoryStore
+
+    store = MemoryStore()
+
+    async def go():
+        async def fn(t):
+            write_node(t, "a", NodeRecord(status=NodeStatus.QUEUED, seq=1, attempt=1))
+            write_node(t, "a", NodeRecord(status=NodeStatus.RUNNING, seq=1, attempt=1, token="tk"))
+            t.put(JOINS, "arrival", Arrival(True, REF))
+            assert await t.get(NODES, "a") == {"status": "running", "seq": 1, "runs": 0, "gen": 0, "attempt": 1,
+                                               "token": "tk"}
+            assert await t.get_many(JOINS, ["arrival"]) == {"arrival": {"t": True}}
+        await store.transact("r", fn)
+
+        async def check(t):
+            return await read_node(t, "a")
+        return await store.transact("r", check), store._runs["r"]
+
+    rec, raw = asyncio.run(go())
+    assert rec == NodeRecord(status=NodeStatus.RUNNING, seq=1, attempt=1, token="tk")
+    assert json.loads(raw[NODES]["a"]) == {"status": "running", "seq": 1, "runs": 0, "gen": 0, "attempt": 1,
+                                           "token": "tk"}
+    assert json.loads(raw[JOINS]["arrival"]) == {"t": True}

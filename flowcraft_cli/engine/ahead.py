@@ -107,7 +107,9 @@ async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Map
     deadline = loop.time() + AHEAD_S
     done: list[Ahead] = []
     last: Ahead | None = None  # still running, or failed: claimed by the commit, then run on as an inline step
-    seen: dict[str, Any] = {}  # context fields the group wrote: JSON text, or _MISSING (deleted)
+    # context fields the group wrote: JSON text, or _MISSING (deleted). Its nodes read it as they run, without
+    # a copy: it grows only once the node before has ended, and a node still running ends the group
+    seen: dict[str, Any] = {}
     node, out, wrote, rt = step.node, output, writes, route
     try:
         while len(done) + 1 < GROUP_MAX and loop.time() < deadline:
@@ -119,8 +121,8 @@ async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Map
             tgt, value = nxt
             for key, v in wrote.items():
                 seen[key] = v if v is _MISSING else dumps(v)
-            seen[f"_outputs.{node.id}"] = dumps(out)
-            seen[f"_inputs.{tgt.id}"] = dumps(out if value is REF else value)
+            seen[f"_outputs.{node.id}"] = given = dumps(out)
+            seen[f"_inputs.{tgt.id}"] = given if value is REF else dumps(value)
             seq = await _next_seq(step, tgt.id)
             if seq is None:
                 break
@@ -131,7 +133,7 @@ async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Map
             if engine.on_claim is not None:
                 engine.on_claim(bp.id, job)
             last = Ahead(ahead_step, seen[f"_inputs.{tgt.id}"], engine.clock(), eager.start(
-                function.call_node(ahead_step, tgt, tgt_input, 1, ahead=dict(seen)), own=False))
+                function.call_node(ahead_step, tgt, tgt_input, 1, ahead=seen), own=False))
             if not last.task.done():  # (a node that never waits is done already)
                 await asyncio.wait((last.task,), timeout=max(0.0, deadline - loop.time()))
             if not last.task.done() or last.task.cancelled() or last.task.exception() is not None:

@@ -18,7 +18,7 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from ..ids import field_name
-from ..store import BATCH, JOINS, MISSING, NODES, RUN, Store, Txn
+from ..store import BATCH, JOINS, MISSING, NODES, RUN, Record, Store, Txn
 
 if TYPE_CHECKING:
     import asyncio
@@ -292,7 +292,7 @@ class Held:
 
 
 @dataclass(slots=True)
-class NodeRecord:
+class NodeRecord(Record):
     """A node's record (NODES). ``status``, ``seq``, ``runs`` and ``gen`` are always stored; every other
     field is ``None`` exactly when it is absent from the stored object."""
 
@@ -356,7 +356,7 @@ _NODE_STATUSES: dict[str, NodeStatus] = {s.value: s for s in NodeStatus}
 
 
 @dataclass(slots=True)
-class BatchItem:
+class BatchItem(Record):
     """One batch item's bookkeeping (BATCH ``batch_state_field``): its attempt and claim."""
 
     status: ItemStatus
@@ -381,7 +381,7 @@ class BatchItem:
 
 
 @dataclass(slots=True)
-class Arrival:
+class Arrival(Record):
     """A predecessor's arrival at a join (JOINS ``arrival_field``): taken or not, and the value it
     delivers (REF: the source's output)."""
 
@@ -448,7 +448,7 @@ async def read_nodes(t: Txn, node_ids: Iterable[str]) -> dict[str, NodeRecord]:
 
 
 def write_node(t: Txn, node_id: str, rec: NodeRecord) -> None:
-    t.put(NODES, node_id, rec.to_json())
+    t.put(NODES, node_id, rec)  # (encoded at the commit: the last of a node's writes in a transaction only)
     t.memo[(NODES, node_id)] = rec
 
 
@@ -463,7 +463,7 @@ async def read_item(t: Txn, node_id: str, seq: int, item: int) -> BatchItem | No
 
 
 def write_item(t: Txn, node_id: str, seq: int, item: int, st: BatchItem) -> None:
-    t.put(BATCH, batch_state_field(node_id, seq, item), st.to_json())
+    t.put(BATCH, batch_state_field(node_id, seq, item), st)
 
 
 async def read_arrivals(t: Txn, target: str, gen: int, sources: Iterable[str]) -> dict[str, Arrival]:
@@ -479,7 +479,7 @@ async def read_arrival(t: Txn, target: str, gen: int, source: str) -> Arrival | 
 
 
 def write_arrival(t: Txn, target: str, gen: int, source: str, arrival: Arrival) -> None:
-    t.put(JOINS, arrival_field(target, gen, source), arrival.to_json())
+    t.put(JOINS, arrival_field(target, gen, source), arrival)
 
 
 async def read_count(t: Txn, target: str, gen: int) -> tuple[int, int] | None:

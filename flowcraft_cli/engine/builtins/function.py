@@ -4,6 +4,7 @@ the traceback and idempotency key it is given or leaves behind."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import inspect
 import os
@@ -176,7 +177,8 @@ def idempotency_key(run_id: str, node_id: str, seq: int, item: int = -1) -> str:
     return "fc_" + hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_async(fn: Any) -> bool:
-    # an object with an async __call__ counts too
+    # an object with an async __call__ counts too (remembered: inspect's answer costs as much as a no-op node)
     call = type(fn).__dict__.get("__call__") if not inspect.isfunction(fn) else None
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
