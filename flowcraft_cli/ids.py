@@ -36,7 +36,7 @@ def field_name(*parts: object) -> str:
     """``parts`` escaped (``%`` ``|`` ``#``) and joined by ``|``: an escaped part holds no ``|``, and never
     is a bare ``#``, which callers may append as a marker (a join's count field). Remembered: a step names
     the same job ids and join fields several times (a 200-branch fan-out, each of them three times)."""
-    return "|".join(str(p).translate(_ESCAPES) for p in parts)
+    return "|".join([p.translate(_ESCAPES) if type(p) is str else str(p).translate(_ESCAPES) for p in parts])
 
 
 def check_run_id(run_id: str) -> str:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...blueprint import NodeDef
 from ...errors import NodeFailure, NodeTimeout, json_type
-from ...node_api import _MISSING, NodeContext, NodeResult, RunContext, SyncRunContext
+from ...node_api import _MISSING, LazyKeyContext, NodeResult, RunContext, SyncRunContext
 from ...store import MISSING, STATE, check_json, dumps, parse_json
 from .. import eager
 from ..reads import read_context
@@ -62,9 +62,9 @@ async def call_node(step: Step, runner: NodeDef, node_input: Any, attempt: int, 
 
     view = RunContext(read_one, read_all)
     item = (extra or {}).get("item_index", -1)
-    ctx = NodeContext(run_id=run_id, node_id=runner.id, blueprint_id=step.bp.id, attempt=attempt,
-                      input=node_input, params=runner.params, context=view, extra=extra or {},
-                      idempotency_key=idempotency_key(run_id, runner.id, step.job.seq, item))
+    ctx = LazyKeyContext(functools.partial(idempotency_key, run_id, runner.id, step.job.seq, item),
+                         run_id=run_id, node_id=runner.id, blueprint_id=step.bp.id, attempt=attempt,
+                         input=node_input, params=runner.params, context=view, extra=extra or {})
     # the attempt's own limit and nothing shorter (CONTRACT §6.1): the node's timeout, else the default
     timeout = runner.config.timeout_ms / 1000 if runner.config.timeout_ms else step.engine.settings.attempt_timeout_s
     try:
@@ -126,7 +126,13 @@ async def _in_own_task(awaitable: Any, timeout: float | None) -> Any:
 # ---- built-ins
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def json_problem(value: Any) -> str | None:
+    if type(value) in _SCALARS or (type(value) is dict and len(value) <= 16 and all(
+            type(k) is str and type(v) in _SCALARS for k, v in value.items())):
+        return None  # (the common case, without a trial encoding; NaN and the infinities pass, as there)
     try:
         check_json(value)
         return None
