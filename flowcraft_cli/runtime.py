@@ -57,6 +57,7 @@ class FlowRuntime:
         # (engine.ahead): a chain costs a transaction per group of nodes. A node starts when it is claimed,
         # whether by a step of its own or ahead of its predecessor's commit
         self.engine.fuse_steps = True
+        self.engine.group_max = 64  # (a group still ends AHEAD_S after its first node ended)
         self.engine.on_claim = self._started
         self._taken: set[str] = set()  # ids of queued jobs a commit claimed (Handled.unqueued): not to run
         self._sem = asyncio.Semaphore(concurrency) if concurrency > 0 else None

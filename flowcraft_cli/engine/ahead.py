@@ -48,7 +48,9 @@ if TYPE_CHECKING:
     from .lifecycle import RunTxn
     from .step import Step
 
-GROUP_MAX = 16  # nodes a group commit holds at most (its transaction's size, the work a lost worker redoes)
+# nodes a group commit holds at most on a worker (its transaction's size, the work a lost worker redoes);
+# in-process, where no worker is lost and a transaction costs no round trip, the runtime sets more
+GROUP_MAX = 16
 AHEAD_S = 0.02  # how long after the group's first node finished its later ones may still join it
 _SCOPE = frozenset({"result", "input"})  # what an edge's expressions see without reading the run
 
@@ -112,7 +114,7 @@ async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Map
     seen: dict[str, Any] = {}
     node, out, wrote, rt = step.node, output, writes, route
     try:
-        while len(done) + 1 < GROUP_MAX and loop.time() < deadline:
+        while len(done) + 1 < engine.group_max and loop.time() < deadline:
             nxt = next_in_chain(bp, node, rt)
             # no node starts in a run that ended (cancelled, or failed in another branch): as this process knows
             # the run, and asked anew when the step's own node ran long (another process may have ended it)

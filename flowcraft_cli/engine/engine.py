@@ -140,6 +140,7 @@ class Engine:
         # may a step run the chain after it ahead of its commit, and commit them together (engine.ahead)? Only
         # where an uncommitted step is recovered, so on workers (set with inline_steps)
         self.fuse_steps = False
+        self.group_max = ahead.GROUP_MAX  # nodes a group commit holds at most
         # has this worker held its lease without a break since a (monotonic) time? A step of a worker that was
         # paused or cut off past its lease may be recovered elsewhere: it runs nothing ahead (engine.ahead)
         self.lease_held: Callable[[float], bool] | None = None
