@@ -58,6 +58,9 @@ class FlowRuntime:
         # whether by a step of its own or ahead of its predecessor's commit
         self.engine.fuse_steps = True
         self.engine.group_max = 64  # (a group still ends AHEAD_S after its first node ended)
+        # ... and, for a fan-out's branches, a commit that claims a queued sibling claims several: the step given
+        # them runs their nodes after its own and commits them with it (engine.ahead.succeed_siblings)
+        self.engine.sibling_claims = 16
         self.engine.on_claim = self._started
         self._taken: set[str] = set()  # ids of queued jobs a commit claimed (Handled.unqueued): not to run
         self._sem = asyncio.Semaphore(concurrency) if concurrency > 0 else None
@@ -133,7 +136,7 @@ class FlowRuntime:
                 return handled
             self._spawn(handled.scheduled)
             job = handled.inline.job
-            handled = await self.engine.handle(job, handled.inline)
+            handled = await self.engine.handle(job, handled.inline, more=handled.more)
 
     def _started(self, blueprint_id: str, job: Job) -> None:
         if self._on_event:

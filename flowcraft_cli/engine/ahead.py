@@ -42,7 +42,7 @@ from . import eager
 from .builtins import function
 from .reads import prefetch_commit, read_route
 from .routing import Route, expression_names
-from .state import REF, InlineStep, NodeRecord, RunStatus
+from .state import REF, InlineStep, NodeRecord, NodeStatus, RunStatus, read_node
 
 if TYPE_CHECKING:
     from .lifecycle import RunTxn
@@ -169,6 +169,91 @@ async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Map
             last.task.cancel()
             await drop(last.task)
     return scheduled
+
+
+async def succeed_siblings(step: Step, output: Any, action: str | None, writes: Mapping[str, Any],
+                           route: Route) -> list[tuple[str, Job]]:
+    """``step``'s node succeeded (``route``), and steps claimed with it wait for this worker (``step.more``: the
+    queued siblings a commit claimed at once, ``Engine.sibling_claims``, in-process): run their nodes now, one
+    after another, and commit their outcomes with its own, in one transaction; for up to ``group_max`` nodes and
+    ``AHEAD_S``. As in a chain's group, each sees the group's context writes before it. A sibling still running
+    at the limit, or failed, ends the group and goes back to ``step.more`` (first) with its running node
+    (``InlineStep.running``), as do those not started: they run next on this worker, each its own step."""
+    engine, bp, store, run_id = step.engine, step.bp, step.engine.store, step.run_id
+    finished = engine.clock()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + AHEAD_S
+    done: list[Ahead] = []
+    last: Ahead | None = None
+    seen: dict[str, Any] = {}  # the group's context writes, as in succeed_ahead
+    node, out, wrote = step.node, output, writes
+    try:
+        while step.more and len(done) + 1 < engine.group_max and loop.time() < deadline:
+            if not await _goes_on(step, fresh=False):
+                break
+            for key, v in wrote.items():
+                seen[key] = v if v is _MISSING else dumps(v)
+            seen[f"_outputs.{node.id}"] = dumps(out)
+            claim = step.more.pop(0)
+            sib = bp.node_map[claim.job.node_id]
+            sib_step = type(step)(engine, bp, sib, claim.job, claim)
+            if engine.on_claim is not None:
+                engine.on_claim(bp.id, claim.job)
+            last = Ahead(sib_step, "", claim.record.attempt_started_at or finished, eager.start(
+                function.call_node(sib_step, sib, claim.node_input, claim.job.attempt, ahead=seen), own=False))
+            if not last.task.done():
+                await asyncio.wait((last.task,), timeout=max(0.0, deadline - loop.time()))
+            if not last.task.done() or last.task.cancelled() or last.task.exception() is not None:
+                step.waited = True  # (its commit claims no more siblings than one: see Step.waited)
+                break  # still running, or failed: its own step takes it over
+            last.ended = engine.clock()
+            last.output, last.action, last.writes = last.task.result()
+            step.waited = step.waited or sib_step.waited
+            scope = last.writes
+            if expression_names(bp.out_edges[sib.id]) - _SCOPE:
+                scope = {**{k: v if v is _MISSING else parse_json(v) for k, v in seen.items()}, **last.writes}
+            try:
+                last.route = await read_route(store, bp, sib, run_id, last.output, last.action, scope,
+                                              claim.node_input)
+            except UndecodableValue:
+                break  # its own step meets it again, and fails the run for it
+            done.append(last)
+            node, out, wrote = sib, last.output, last.writes
+            last = None
+        scheduled = await step.commit(_sibling_commit(step, output, action, writes, route, finished, done))
+    except BaseException:
+        if last is not None:
+            last.task.cancel()
+        raise
+    back = [] if last is None else [last]
+    if step.stale:
+        back = [*done, *back]  # (its own commit was refused: each runs on as its own step, and commits or not)
+    else:
+        for committed in done:
+            engine.active_tokens.discard(committed.claim.token)  # ended here
+    for a in back:
+        a.claim.running = a.task
+    step.more[:0] = [a.claim for a in back]
+    return scheduled
+
+
+def _sibling_commit(step: Step, output: Any, action: str | None, writes: Mapping[str, Any], route: Route,
+                    finished: int, done: list[Ahead]) -> Any:
+    """The commit of ``step``'s outcome and of each sibling run after it that still holds its claim (a sibling
+    whose claim is gone, its run ended, is dropped as a fenced step's result is)."""
+    async def fn(run: RunTxn, rec: NodeRecord) -> None:
+        await run.complete(step.node, rec, output, action, route, writes, at=finished)
+        for sibling in done:
+            claim = sibling.claim
+            got = await read_node(run.t, claim.job.node_id)
+            if got is None or got.status != NodeStatus.RUNNING or got.token != claim.token \
+                    or got.seq != claim.job.seq:
+                continue
+            await prefetch_commit(run.t, step.bp, claim.job.node_id)
+            assert sibling.route is not None
+            await run.complete(sibling.step.node, got, sibling.output, sibling.action, sibling.route,
+                               sibling.writes, at=sibling.ended)
+    return fn
 
 
 def _group_commit(step: Step, output: Any, action: str | None, writes: Mapping[str, Any], route: Route,

@@ -97,6 +97,8 @@ class Handled:
     picked: Picked | None = None  # a queue job the commit took for this worker, to run next
     left_queue: bool = False  # a commit of the job's own step took the job out of the queue (Step.left_queue)
     unqueued: list[str] = field(default_factory=list)  # queued jobs its commit claimed (Txn.unqueue): not to run
+    # more steps claimed for this worker to run after ``inline`` (``Engine.sibling_claims``): pass them with it
+    more: list[InlineStep] = field(default_factory=list)
 
     def describe(self) -> str:
         """The outcome as a worker's log line says it (``ok``, ``stale``, ``run is completed`` ...)."""
@@ -141,6 +143,11 @@ class Engine:
         # where an uncommitted step is recovered, so on workers (set with inline_steps)
         self.fuse_steps = False
         self.group_max = ahead.GROUP_MAX  # nodes a group commit holds at most
+        # how many queued siblings a commit with nothing else to run next may claim for this worker at once (1: one,
+        # run as an inline step). With more, the step given them runs their nodes after its own and commits them
+        # all together (engine.ahead.succeed_siblings): a fan-out costs a transaction per group of branches. Only
+        # in-process (FlowRuntime): on workers one entry in a worker's list of steps holds one claimed step
+        self.sibling_claims = 1
         # has this worker held its lease without a break since a (monotonic) time? A step of a worker that was
         # paused or cut off past its lease may be recovered elsewhere: it runs nothing ahead (engine.ahead)
         self.lease_held: Callable[[float], bool] | None = None
@@ -488,13 +495,17 @@ class Engine:
     # ------------------------------------------------------------------ handling one job
 
     async def handle(self, job: Job, inline: InlineStep | None = None, *, first: bool = False,
-                     reread: frozenset[tuple[str, str]] = frozenset()) -> Handled:
+                     reread: frozenset[tuple[str, str]] = frozenset(),
+                     more: list[InlineStep] | None = None) -> Handled:
         """Handle one job: a queued one, or (``inline``) a successor the previous step's commit claimed for
         this worker (``Handled.inline``), which is still listed under this worker if it does not run.
         ``first``: its first delivery (``defer_claims``); ``reread``: the (kind, field) pairs the store holds
-        as they were when the job was taken, read then (``Step._defer_claim`` need not read them again)."""
+        as they were when the job was taken, read then (``Step._defer_claim`` need not read them again).
+        ``more``: the steps claimed with it for this worker (``Handled.more``): its step may run some of them
+        with it; what it leaves comes back in ``Handled.inline`` and ``Handled.more``, to be handled next."""
+        left = list(more or ())  # (the step takes out those it ran)
         try:
-            handled = await self._handle(job, inline, first=first, reread=reread)
+            handled = await self._handle(job, inline, first=first, reread=reread, more=left)
         finally:
             if inline is not None:  # held from its claim until its step ends here (or never starts)
                 self.active_tokens.discard(inline.token)
@@ -503,10 +514,13 @@ class Engine:
                     await ahead.drop(inline.running)
         if inline is not None and handled.outcome not in (StepOutcome.OK, StepOutcome.STALE):
             handled.listed = True  # never ran: the driver unlists it
+        if left:  # claimed and not run: after what this step's commit claimed
+            after = [*([handled.inline] if handled.inline is not None else []), *handled.more, *left]
+            handled.inline, handled.more = after[0], after[1:]
         return handled
 
     async def _handle(self, job: Job, inline: InlineStep | None, *, again: bool = False, first: bool = False,
-                      reread: frozenset[tuple[str, str]] = frozenset()) -> Handled:
+                      reread: frozenset[tuple[str, str]] = frozenset(), more: list[InlineStep]) -> Handled:
         # the meta as this process last saw it, where it remembers: the step's claim checks it again in its
         # transaction; only a meta that would stop the step here is read afresh first. A run new to this
         # process is fetched with what its claim reads (for a node without `inputs`), in one go. A first delivery
@@ -535,22 +549,22 @@ class Engine:
             log.error("job %s: node %r is not in blueprint %r; dropped", job.job_id, job.node_id, bp.id)
             return Handled(outcome=StepOutcome.UNKNOWN_NODE)
         # (its transactions restart the version grace: Step.txn)
-        step = Step(self, bp, node, job, inline, first=first, reread=reread)
+        step = Step(self, bp, node, job, inline, first=first, reread=reread, more=more)
         scheduled = await step.run()
         if step.redo and step.stale:  # its node ran on an input not its firing's (a stale memory): again, claimed
-            return await self._handle(job, inline, again=again)
+            return await self._handle(job, inline, again=again, more=more)
         if step.other_blueprint and inline is None and not again:
             # the blueprint was chosen on what this process remembered of the run, and the run in Redis is of
             # another (its id was used again after it expired): forget it, and handle the job on fresh values
             self.store.forget(job.run_id)
-            return await self._handle(job, inline, again=True)
+            return await self._handle(job, inline, again=True, more=more)
         if step.held_elsewhere:
             # a live worker runs this very step (a duplicate delivery): it commits, or, should it die, the
             # step is recovered from its worker's list; this copy has nothing to do
             return Handled(outcome=StepOutcome.HELD_ELSEWHERE)
         return Handled(scheduled=scheduled, outcome=StepOutcome.STALE if step.stale else StepOutcome.OK,
                        failed=step.failure, listed=step.listed, inline=step.inline[0] if step.inline else None,
-                       picked=step.picked, left_queue=step.left_queue, unqueued=step.unqueued)
+                       picked=step.picked, left_queue=step.left_queue, unqueued=step.unqueued, more=step.inline[1:])
 
     def note_queued(self, run_id: str, node_id: str) -> None:
         """A commit here queued ``node_id``'s step: a later commit of the run here may run it instead."""

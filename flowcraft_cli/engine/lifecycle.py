@@ -103,12 +103,13 @@ class RunTxn:
         if self.engine.take_queued and job.kind == JobKind.EXEC and not job.not_before_ms:
             self.engine.note_queued(self.t.run_id, job.node_id)  # a later commit here may run it instead
 
-    async def steal_queued(self) -> bool:
-        """Claim, for this worker, a node of this run whose job waits in the queue (one this process queued),
-        to run it next instead of picking a job: a fan-out's branches then run one after another on each busy
-        worker slot, with one commit each and no queue round trips. Its queue job is dropped in the same
-        commit (``Txn.unqueue``; a worker that took it already then finds the step held). The newest first:
-        workers picking from the queue take the oldest, so the two rarely reach for the same job."""
+    async def steal_queued(self, want: int = 1) -> bool:
+        """Claim, for this worker, a node of this run whose job waits in the queue (one this process queued; up to
+        ``want`` of them: ``Engine.sibling_claims``), to run it next instead of picking a job: a fan-out's branches
+        then run one after another on each busy worker slot, with one commit each and no queue round trips. Its
+        queue job is dropped in the same commit (``Txn.unqueue``; a worker that took it already then finds the step
+        held). The newest first: workers picking from the queue take the oldest, so the two rarely reach for the
+        same job."""
         hints = self.engine.queued_hints(self.t.run_id)
         if self.t.steal_refusals >= 2:
             # the siblings it tried were taken by another worker (held, or done): so are the rest, likely
@@ -128,8 +129,9 @@ class RunTxn:
             await self._claim_inline(job, rec)
             self.t.unqueue.append(job.job_id)
             self.t.unheld.append(job.job_id)  # a worker that took it may be running it unclaimed
-            return True
-        return False
+            if len(self.inline) >= want:
+                break
+        return bool(self.inline)
 
     # ---- firing, skipping, joins
 
@@ -153,8 +155,8 @@ class RunTxn:
         warm_run(self.t, self.bp)  # its step reads its successors' records and joins (reads.prefetch_commit)
 
     async def _claim_inline(self, job: Job, rec: NodeRecord) -> None:
-        """Claim a node just fired for the worker committing this step, which runs it next (``InlineStep``):
-        the claim a queued job's step would take, written in this commit instead of a queue job."""
+        """Claim a node just fired (or queued: ``steal_queued``) for the worker committing this step, which runs
+        it next (``InlineStep``): the claim a queued job's step would take, written in this commit instead."""
         assert self.inline_as is not None
         node = self.bp.node_map[job.node_id]
         token, now = self.claim_as.get(job.node_id) or (claim_token(), self.engine.clock())

@@ -55,7 +55,7 @@ class Step:
 
     def __init__(self, engine: Engine, bp: Blueprint, node: NodeDef, job: Job,
                  inline: InlineStep | None = None, *, first: bool = False,
-                 reread: frozenset[tuple[str, str]] = frozenset()) -> None:
+                 reread: frozenset[tuple[str, str]] = frozenset(), more: list[InlineStep] | None = None) -> None:
         self.engine = engine
         self.bp = bp
         self.node = node
@@ -79,6 +79,9 @@ class Step:
         self.list_as = inline.list_as if inline else job.job_id  # its entry in this worker's list of steps
         # the successor this step's commit claimed for this worker, to run next (engine.inline_steps)
         self.inline: list[InlineStep] = []
+        # steps claimed for this worker with this one (``Engine.sibling_claims``), not run yet: it may run some of
+        # them after its own node and commit them with it (engine.ahead.succeed_siblings), and takes those out
+        self.more: list[InlineStep] = more if more is not None else []
         self._last_txn: Txn | None = None
         self.picked: Picked | None = None  # the queue job its commit took for this worker (pick_ms)
         # a commit of this step took its own queue job out of the queue (finished a job this worker took, or
@@ -95,6 +98,10 @@ class Step:
         self._late: asyncio.Future[None] | None = None  # the claim taken while a deferred node runs long
         self._late_pause: asyncio.Future[None] | None = None  # its wait before trying again, after a Redis error
         self._node_done = False  # the node has returned (or raised, or its step was cancelled)
+        # a node this step ran waited for something (I/O, a sleep, a thread) rather than ending in its first step:
+        # its commit then claims one queued sibling, not several (Engine.sibling_claims), so that branches that
+        # wait are spread over the free slots and not queued behind each other in this one
+        self.waited = False
 
     @property
     def defer(self) -> bool:
@@ -359,8 +366,9 @@ class Step:
             await prefetch_commit(run.t, self.bp, self.node.id)
             await fn(run, rec)
             await run.settle()
-            if run.inline_as is not None and not run.inline and self.engine.inline_steps:
-                await run.steal_queued()  # it made nothing ready for this worker: a queued sibling, if any
+            if run.inline_as is not None and not run.inline and not self.more and self.engine.inline_steps:
+                # it made nothing ready for this worker: a queued sibling, if any
+                await run.steal_queued(1 if self.waited else self.engine.sibling_claims)
             if self.deferred is not None and run.inline:
                 self.list_step(run)  # the successor claimed for this worker is listed under this step's job
             if unlist:
@@ -421,6 +429,7 @@ class Step:
         running = self.preclaimed.running if self.preclaimed is not None else None
         try:
             if running is not None:  # its node was run ahead of its predecessor's commit, and still runs (ahead)
+                self.waited = not running.done()
                 output, action, writes = await running
             else:
                 output, action, writes = await function.call_node(self, runner, node_input, self.job.attempt)
@@ -434,11 +443,14 @@ class Step:
             error, fatal, tb = str(failure), failure.fatal, failure.traceback
             self.log_failure(error, tb)
             return await self.commit(lambda run, r: run.fail_node(node, r, self.job, error, fatal, tb=tb))
-        if runner is node and ahead.may_lead(self):
+        siblings = runner is node and self.more and self.claimed  # claimed with it: they may commit with it
+        if runner is node and (siblings or ahead.may_lead(self)):
             route = await read_route(self.engine.store, self.bp, node, self.run_id, output, action, writes,
                                      node_input)
-            if ahead.next_in_chain(self.bp, node, route) is not None:
+            if ahead.may_lead(self) and ahead.next_in_chain(self.bp, node, route) is not None:
                 return await ahead.succeed_ahead(self, output, action, writes, node_input, route)
+            if siblings:
+                return await ahead.succeed_siblings(self, output, action, writes, route)
             return await self.succeed(output, action, writes, node_input, route=route)
         return await self.succeed(output, action, writes, node_input, runner)
 

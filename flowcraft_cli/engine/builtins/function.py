@@ -69,13 +69,14 @@ async def call_node(step: Step, runner: NodeDef, node_input: Any, attempt: int, 
     timeout = runner.config.timeout_ms / 1000 if runner.config.timeout_ms else step.engine.settings.attempt_timeout_s
     try:
         if _is_async(fn):
-            result = await _in_own_task(fn(ctx), timeout)
+            result = await _in_own_task(fn(ctx), timeout, step)
         else:
+            step.waited = True
             loop = asyncio.get_running_loop()
             ctx.context = SyncRunContext(view, loop)
             result = await asyncio.wait_for(asyncio.to_thread(fn, ctx), timeout)  # (a copy of the context)
             if inspect.isawaitable(result):
-                result = await _in_own_task(result, timeout)
+                result = await _in_own_task(result, timeout, step)
     except TimeoutError:
         raise NodeTimeout(f"attempt {attempt} timed out after {int((timeout or 0) * 1000)} ms") from None
     except NodeFailure:
@@ -104,7 +105,7 @@ async def call_node(step: Step, runner: NodeDef, node_input: Any, attempt: int, 
     return output, action, dict(view.writes)
 
 
-async def _in_own_task(awaitable: Any, timeout: float | None) -> Any:
+async def _in_own_task(awaitable: Any, timeout: float | None, step: Step | None = None) -> Any:
     """Await a node's coroutine in a task of its own, in both runtimes and with or without a timeout: context
     variables the node sets stay in its task (they do not reach the next step run inline in this one), and a
     cancel of the step (a stopping worker) ends the step even when the node swallows it and returns."""
@@ -115,6 +116,8 @@ async def _in_own_task(awaitable: Any, timeout: float | None) -> Any:
     if running.done():
         result = running.result()
     else:
+        if step is not None:
+            step.waited = True  # (it waited for something: Step.waited)
         # (asyncio.wait_for, not a timer of its own: a step cancelled once the timeout fired ends at once,
         # whatever the node does with the cancel)
         result = await asyncio.wait_for(running, timeout)

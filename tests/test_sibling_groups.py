@@ -1,0 +1,118 @@
+"""In-process, a commit that claims a queued sibling of a fan-out claims several (``Engine.sibling_claims``), and
+the step given them runs their nodes after its own and commits them together (``engine.ahead.succeed_siblings``):
+a transaction per group of branches, not one per branch. What one commit a branch gave is kept: every branch
+runs once, a failing branch is retried as its own step, branches that wait are spread over the free slots, and a
+run cancelled meanwhile keeps nothing of a group. (Workers claim one at a time: test_taking_jobs.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+from flowcraft_cli.runtime import FlowRuntime
+from tests.harness import make_blueprints, make_registry
+
+
+def fan(n: int, uses: str = "branch", config: dict[str, Any] | None = None) -> dict[str, Any]:
+    nodes = [{"id": "s", "uses": "start"}, {"id": "j", "uses": "join"},
+             *({"id": f"p{i}", "uses": uses, **({"config": config} if config else {})} for i in range(n))]
+    edges = [e for i in range(n) for e in ({"source": "s", "target": f"p{i}"}, {"source": f"p{i}", "target": "j"})]
+    return {"id": "fan", "nodes": nodes, "edges": edges}
+
+
+def _runtime(doc: dict[str, Any], nodes: dict[str, Any], **kw: Any) -> tuple[FlowRuntime, list[int]]:
+    registry = make_registry({"start": lambda ctx: "go", "join": _join, **nodes})
+    runtime = FlowRuntime(make_blueprints([doc], registry), registry, **kw)
+    commits = [0]
+
+    def counted(txn: Any) -> None:
+        commits[0] += 1
+
+    runtime.store.on_commit = counted
+    return runtime, commits
+
+
+async def _join(ctx):
+    return sorted(ctx.input) if isinstance(ctx.input, dict) else ctx.input
+
+
+def test_a_fan_of_quick_branches_commits_a_group_of_them_at_once():
+    calls: Counter[str] = Counter()
+
+    async def branch(ctx):
+        calls[ctx.node_id] += 1
+        return ctx.node_id
+
+    runtime, commits = _runtime(fan(40), {"branch": branch})
+    result = asyncio.run(runtime.run("fan"))
+    assert result.status == "completed", result.reason
+    assert calls == Counter({f"p{i}": 1 for i in range(40)})
+    assert result.outputs["j"] == sorted(f"p{i}" for i in range(40))
+    # one by one: 44 (the start, s, each branch, j)
+    assert commits[0] <= 12, commits[0]
+
+
+def test_a_branch_that_fails_in_a_group_is_retried_as_its_own_step_and_nothing_runs_twice():
+    calls: Counter[str] = Counter()
+
+    async def branch(ctx):
+        calls[ctx.node_id] += 1
+        if ctx.node_id in ("p7", "p23") and ctx.attempt == 1:
+            raise RuntimeError("flaky")
+        await ctx.context.set(f"seen.{ctx.node_id}", ctx.attempt)
+        return ctx.attempt
+
+    runtime, _ = _runtime(fan(30, config={"maxRetries": 2}), {"branch": branch})
+    result = asyncio.run(runtime.run("fan"))
+    assert result.status == "completed", result.reason
+    assert calls == Counter({f"p{i}": 2 if i in (7, 23) else 1 for i in range(30)})
+    assert all(result.context[f"seen.p{i}"] == (2 if i in (7, 23) else 1) for i in range(30))
+    flaky = next(n for n in result.view.nodes if n.node_id == "p7")
+    assert flaky.status == "completed" and flaky.attempts == 2
+
+
+def test_branches_that_wait_are_spread_over_the_free_slots_not_queued_in_one():
+    """A commit after a node that waited claims one sibling, not several: with two slots, ten branches that
+    each wait keep both slots busy (a slot holding eight claimed branches would run them one after another)."""
+    running = [0]
+    overlapped = [0]
+
+    async def branch(ctx):
+        running[0] += 1
+        try:
+            if running[0] > 1:
+                overlapped[0] += 1
+            for _ in range(3):
+                await asyncio.sleep(0.01)
+                if running[0] > 1:
+                    overlapped[0] += 1
+                    break
+        finally:
+            running[0] -= 1
+        return 1
+
+    runtime, _ = _runtime(fan(10), {"branch": branch}, concurrency=2)
+    result = asyncio.run(runtime.run("fan"))
+    assert result.status == "completed", result.reason
+    assert overlapped[0] >= 8, overlapped[0]
+
+
+def test_a_run_cancelled_during_a_group_keeps_nothing_of_it_and_every_branch_runs_at_most_once():
+    calls: Counter[str] = Counter()
+    holder: dict[str, Any] = {}
+
+    async def branch(ctx):
+        calls[ctx.node_id] += 1
+        if ctx.node_id == "p20":
+            await holder["runtime"].cancel(ctx.run_id)
+        return 1
+
+    runtime, _ = _runtime(fan(40), {"branch": branch})
+    holder["runtime"] = runtime
+    result = asyncio.run(runtime.run("fan"))
+    assert result.status == "cancelled", result.reason
+    assert max(calls.values()) == 1 and calls["p20"] == 1
+    # what ran after the cancel was not committed: no branch that ran after p20 in its group shows completed
+    completed = {n.node_id for n in result.view.nodes if n.status == "completed"}
+    assert "p20" not in completed and "j" not in completed
