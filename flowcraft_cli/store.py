@@ -222,6 +222,12 @@ class Txn(ABC):
     def _loads(self, kind: str, field: str, raw: str | bytes) -> Any:
         return load_field(raw, self.run_id, kind, field)
 
+    def recall(self, kind: str, field: str) -> Any:
+        """The ``Record`` a field holds as this transaction would read it, as it was written, where the store
+        keeps the one it committed (the memory store: a record is decoded once, not by every transaction that
+        reads it); else MISSING (read the field and decode it)."""
+        return MISSING
+
     def put(self, kind: str, field: str, value: Any) -> None:
         """Write a JSON value, or a ``Record`` (encoded at the commit: it must not change after this)."""
         self._writes[(kind, field)] = value
@@ -288,9 +294,17 @@ class Store(ABC):
 
 
 class _MemoryTxn(Txn):
-    def __init__(self, run_id: str, data: dict[str, dict[str, str]]) -> None:
+    def __init__(self, run_id: str, data: dict[str, dict[str, str]],
+                 records: dict[tuple[str, str], tuple[str, Record]]) -> None:
         super().__init__(run_id)
         self._data = data
+        self._records = records
+
+    def recall(self, kind: str, field: str) -> Any:
+        got = self._records.get((kind, field))
+        if got is None or (kind, field) in self._writes or self._data.get(kind, {}).get(field) is not got[0]:
+            return MISSING
+        return got[1]  # (the stored text is still the one that record was encoded to)
 
     async def prefetch(self, wanted: dict[str, list[str]]) -> None:
         return None  # every read is a dict lookup: reading ahead would only decode what may go unread
@@ -308,6 +322,8 @@ class MemoryStore(Store):
 
     def __init__(self) -> None:
         self._runs: dict[str, dict[str, dict[str, str]]] = {}
+        # run id -> (kind, field) -> (the stored text, the Record it was encoded from): see Txn.recall
+        self._records: dict[str, dict[tuple[str, str], tuple[str, Record]]] = {}
         self._status: dict[str, dict[str, Any]] = {}
         self._events: dict[str, list[dict[str, Any]]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -318,16 +334,20 @@ class MemoryStore(Store):
             lock = self._locks[run_id] = asyncio.Lock()
         async with lock:
             data = self._runs.get(run_id, {})
-            txn = _MemoryTxn(run_id, data)
+            records = self._records.get(run_id, {})
+            txn = _MemoryTxn(run_id, data, records)
             result = await fn(txn)
             if txn.dirty:
                 data = self._runs.setdefault(run_id, {})
+                records = self._records.setdefault(run_id, records)
                 for (kind, field), value in txn._writes.items():
                     h = data.setdefault(kind, {})
                     if value is MISSING:
                         h.pop(field, None)
                     else:
-                        h[field] = dumps(value)
+                        h[field] = raw = dumps(value)
+                        if isinstance(value, Record):
+                            records[(kind, field)] = (raw, value)
                 if txn.events:
                     events = self._events.setdefault(run_id, [])
                     events.extend(txn.events)

@@ -97,3 +97,32 @@ def test_a_record_written_several_times_in_a_transaction_is_stored_once_as_its_l
     assert json.loads(raw[NODES]["a"]) == {"status": "running", "seq": 1, "runs": 0, "gen": 0, "attempt": 1,
                                            "token": "tk"}
     assert json.loads(raw[JOINS]["arrival"]) == {"t": True}
+
+
+def test_the_memory_store_hands_a_committed_record_to_later_transactions_only_while_it_is_what_is_stored():
+    import asyncio
+
+    from flowcraft_cli.engine.state import NodeRecord, NodeStatus, read_node, write_node
+    from flowcraft_cli.store import MISSING, NODES, MemoryStore
+
+    store = MemoryStore()
+    first = NodeRecord(status=NodeStatus.QUEUED, seq=1, attempt=1)
+
+    async def go():
+        async def write(t):
+            write_node(t, "a", first)
+        await store.transact("r", write)
+
+        async def recalled(t):
+            return t.recall(NODES, "a"), await read_node(t, "a")
+        again = await store.transact("r", recalled)
+
+        async def overwrite(t):
+            t.put(NODES, "a", {"status": "running", "seq": 1, "runs": 0, "gen": 0})  # a plain JSON write
+        await store.transact("r", overwrite)
+        after = await store.transact("r", recalled)
+        return again, after
+
+    (got, rec), (gone, fresh) = asyncio.run(go())
+    assert got is first and rec is first
+    assert gone is MISSING and fresh == NodeRecord(status=NodeStatus.RUNNING, seq=1)

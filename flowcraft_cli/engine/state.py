@@ -428,8 +428,11 @@ async def read_node(t: Txn, node_id: str) -> NodeRecord | None:
     key = (NODES, node_id)
     got = t.memo.get(key, MISSING)
     if got is MISSING:
-        data = await t.get(NODES, node_id)
-        got = t.memo[key] = None if data is None else NodeRecord.from_json(data)
+        got = t.recall(NODES, node_id)
+        if got is MISSING:
+            data = await t.get(NODES, node_id)
+            got = None if data is None else NodeRecord.from_json(data)
+        t.memo[key] = got
     return got
 
 
