@@ -137,6 +137,10 @@ _SCALARS: dict[str | bytes, tuple[Any]] = {}  # raw JSON -> (decoded,), for shor
 class Txn(ABC):
     """One transaction on one run. Reads see this transaction's own writes."""
 
+    # does reading fields in one go ahead of their use save anything (``prefetch``: a round trip a field)? Not
+    # where every read is a dict lookup (the memory store): there a prefetch only decodes what may go unread
+    reads_ahead = True
+
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self._writes: dict[tuple[str, str], Any] = {}  # value or MISSING (delete)
@@ -305,6 +309,8 @@ class _MemoryTxn(Txn):
         if got is None or (kind, field) in self._writes or self._data.get(kind, {}).get(field) is not got[0]:
             return MISSING
         return got[1]  # (the stored text is still the one that record was encoded to)
+
+    reads_ahead = False
 
     async def prefetch(self, wanted: dict[str, list[str]]) -> None:
         return None  # every read is a dict lookup: reading ahead would only decode what may go unread

@@ -133,6 +133,8 @@ async def prefetch_commit(t: Txn, bp: Blueprint, node_id: str) -> None:
     """What committing ``node_id``'s result reads, fetched up front in (at most) two round trips instead of
     one per field: its successors' records, then their join arrivals and counts in those records'
     generations. A store that remembers the run (RedisStore) usually has them all already (``warm_next``)."""
+    if not t.reads_ahead:
+        return
     targets = list(dict.fromkeys(e.target for e in bp.out_edges[node_id]))
     if not targets:
         return
