@@ -103,7 +103,7 @@ def may_lead(step: Step) -> bool:
 async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Mapping[str, Any],
                         node_input: Any, route: Route) -> list[tuple[str, Job]]:
     """``step``'s node succeeded (``route``): run the chain after it ahead, then commit the group."""
-    engine, bp, store, run_id = step.engine, step.bp, step.engine.store, step.run_id
+    engine, bp, run_id = step.engine, step.bp, step.run_id
     finished = engine.clock()  # (timestamps are the engine's clock; the limit is the event loop's, monotonic)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + AHEAD_S
@@ -136,20 +136,8 @@ async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Map
                 engine.on_claim(bp.id, job)
             last = Ahead(ahead_step, seen[f"_inputs.{tgt.id}"], engine.clock(), eager.start(
                 function.call_node(ahead_step, tgt, tgt_input, 1, ahead=seen), own=False))
-            if not last.task.done():  # (a node that never waits is done already)
-                await asyncio.wait((last.task,), timeout=max(0.0, deadline - loop.time()))
-            if not last.task.done() or last.task.cancelled() or last.task.exception() is not None:
+            if not await _ended(last, seen, deadline) or last.route is None:
                 break  # still running, or failed: the commit claims it, and it goes on as an inline step
-            last.ended = engine.clock()
-            last.output, last.action, last.writes = last.task.result()
-            # its edges' expressions see the group's writes too (read_scope lays ``writes`` over the run's)
-            scope = last.writes
-            if expression_names(bp.out_edges[tgt.id]) - _SCOPE:
-                scope = {**{k: v if v is _MISSING else parse_json(v) for k, v in seen.items()}, **last.writes}
-            try:
-                last.route = await read_route(store, bp, tgt, run_id, last.output, last.action, scope, tgt_input)
-            except UndecodableValue:
-                break  # a value its route reads is not JSON: its own step meets it again, and fails the run for it
             done.append(last)
             node, out, wrote, rt = tgt, last.output, last.writes, last.route
             last = None
@@ -179,7 +167,7 @@ async def succeed_siblings(step: Step, output: Any, action: str | None, writes: 
     ``AHEAD_S``. As in a chain's group, each sees the group's context writes before it. A sibling still running
     at the limit, or failed, ends the group and goes back to ``step.more`` (first) with its running node
     (``InlineStep.running``), as do those not started: they run next on this worker, each its own step."""
-    engine, bp, store, run_id = step.engine, step.bp, step.engine.store, step.run_id
+    engine, bp = step.engine, step.bp
     finished = engine.clock()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + AHEAD_S
@@ -201,22 +189,10 @@ async def succeed_siblings(step: Step, output: Any, action: str | None, writes: 
                 engine.on_claim(bp.id, claim.job)
             last = Ahead(sib_step, "", claim.record.attempt_started_at or finished, eager.start(
                 function.call_node(sib_step, sib, claim.node_input, claim.job.attempt, ahead=seen), own=False))
-            if not last.task.done():
-                await asyncio.wait((last.task,), timeout=max(0.0, deadline - loop.time()))
-            if not last.task.done() or last.task.cancelled() or last.task.exception() is not None:
-                step.waited = True  # (its commit claims no more siblings than one: see Step.waited)
+            ended = await _ended(last, seen, deadline)
+            step.waited = step.waited or sib_step.waited or not last.task.done()  # (see Step.waited)
+            if not ended:
                 break  # still running, or failed: its own step takes it over
-            last.ended = engine.clock()
-            last.output, last.action, last.writes = last.task.result()
-            step.waited = step.waited or sib_step.waited
-            scope = last.writes
-            if expression_names(bp.out_edges[sib.id]) - _SCOPE:
-                scope = {**{k: v if v is _MISSING else parse_json(v) for k, v in seen.items()}, **last.writes}
-            try:
-                last.route = await read_route(store, bp, sib, run_id, last.output, last.action, scope,
-                                              claim.node_input)
-            except UndecodableValue:
-                break  # its own step meets it again, and fails the run for it
             done.append(last)
             node, out, wrote = sib, last.output, last.writes
             last = None
@@ -235,6 +211,30 @@ async def succeed_siblings(step: Step, output: Any, action: str | None, writes: 
         a.claim.running = a.task
     step.more[:0] = [a.claim for a in back]
     return scheduled
+
+
+async def _ended(ahead: Ahead, seen: Mapping[str, Any], deadline: float) -> bool:
+    """Wait for a node run ahead until ``deadline`` (event loop time); if it succeeded, take its outcome and
+    route it. False: it still runs, failed, or its route reads a value that is not JSON (its own step meets that
+    again, and fails the run for it): the group ends before it."""
+    step = ahead.step
+    engine, bp, node = step.engine, step.bp, step.node
+    if not ahead.task.done():  # (a node that never waits is done already)
+        await asyncio.wait((ahead.task,), timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+    if not ahead.task.done() or ahead.task.cancelled() or ahead.task.exception() is not None:
+        return False
+    ahead.ended = engine.clock()
+    ahead.output, ahead.action, ahead.writes = ahead.task.result()
+    # its edges' expressions see the group's writes too (read_scope lays ``writes`` over the run's)
+    scope = ahead.writes
+    if expression_names(bp.out_edges[node.id]) - _SCOPE:
+        scope = {**{k: v if v is _MISSING else parse_json(v) for k, v in seen.items()}, **ahead.writes}
+    try:
+        ahead.route = await read_route(engine.store, bp, node, step.run_id, ahead.output, ahead.action, scope,
+                                       ahead.claim.node_input)
+    except UndecodableValue:
+        return False
+    return True
 
 
 def _sibling_commit(step: Step, output: Any, action: str | None, writes: Mapping[str, Any], route: Route,
