@@ -95,29 +95,3 @@ class NodeContext:
     # payment API or an upsert so the side effect happens once although the node may run more than once
     idempotency_key: str = ""
 
-
-class LazyKeyContext(NodeContext):
-    """The ``NodeContext`` the engine passes: its ``idempotency_key`` (a hash) is worked out when a node first
-    reads it, by ``make_key`` (most nodes never do, and the hash cost as much as a no-op node's whole call)."""
-
-    __slots__ = ("_make_key",)
-
-    def __init__(self, make_key: Callable[[], str], **fields: Any) -> None:
-        self._make_key: Callable[[], str] | None = make_key
-        super().__init__(**fields)
-
-    @property  # type: ignore[override]
-    def idempotency_key(self) -> str:
-        if self._make_key is not None:
-            _KEY_SLOT.__set__(self, self._make_key())
-            self._make_key = None
-        return _KEY_SLOT.__get__(self)  # type: ignore[no-any-return]
-
-    @idempotency_key.setter
-    def idempotency_key(self, value: str) -> None:
-        _KEY_SLOT.__set__(self, value)
-        if value:
-            self._make_key = None
-
-
-_KEY_SLOT: Any = NodeContext.__dict__["idempotency_key"]  # the dataclass's slot, under the property above

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextvars
+import sys
 
 import pytest
 
@@ -109,27 +110,115 @@ def test_asyncio_timeout_in_its_first_step_cancels_the_node_not_the_caller():
     assert asyncio.run(go()) == ("timed out", 0)
 
 
-def test_started_here_its_first_step_runs_in_the_caller_and_only_a_rest_gets_a_task():
-    async def quick(seen):
-        seen.append(asyncio.current_task())
-        return "quick"
 
-    async def slow(seen):
-        seen.append(asyncio.current_task())
-        await asyncio.sleep(0.001)
-        seen.append(asyncio.current_task())
-        return "slow"
+def test_a_cancel_before_its_tasks_first_turn_reaches_the_coroutine_where_it_waits():
+    """(review) The task that runs the rest gets its first turn later: a cancel that comes before it must still be
+    thrown into the coroutine at its wait, not into a wrapper that never started."""
+    async def node(log):
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            log.append("cancelled")
+            raise
+        finally:
+            log.append("finally")
 
     async def go():
-        seen = []
-        caller = asyncio.current_task()
-        done = eager.start(quick(seen), own=False)
-        assert done.done() and done.result() == "quick" and seen == [caller]
-        seen.clear()
-        rest = eager.start(slow(seen), own=False)
-        assert not rest.done() and seen == [caller]
-        assert await rest == "slow"
-        assert seen[1] is rest
-        return True
+        log = []
+        fut = eager.start(node(log))
+        fut.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await fut
+        return log
 
-    assert asyncio.run(go())
+    assert asyncio.run(go()) == ["cancelled", "finally"]
+
+
+# ---- through the in-process runtime (review findings)
+
+PY312 = "/root/.pyenv/versions/3.12.1/bin/python3"
+
+
+def _runtime(doc, nodes, **kw):
+    from flowcraft_cli.runtime import FlowRuntime
+    from tests.harness import make_blueprints, make_registry
+
+    registry = make_registry(nodes)
+    return FlowRuntime(make_blueprints([doc], registry), registry, **kw)
+
+
+def test_a_node_run_ahead_that_times_out_fails_its_attempt_and_does_not_cancel_the_step():
+    """A node run ahead of its predecessor's commit runs in a task of its own from its first step on: its
+    timeout (asyncio.wait_for, which on Python 3.12 binds an asyncio.timeout to the current task) cancels the
+    node, never the step that ran it ahead."""
+    doc = {"id": "c", "nodes": [{"id": "a", "uses": "quick"}, {"id": "b", "uses": "slow", "config": {"timeout": 5}}],
+           "edges": [{"source": "a", "target": "b"}]}
+
+    async def quick(ctx):
+        return 1
+
+    async def slow(ctx):
+        await asyncio.sleep(0.3)
+        return 2
+
+    result = asyncio.run(_runtime(doc, {"quick": quick, "slow": slow}).run("c"))
+    assert result.status == "failed" and "timed out" in (result.reason or ""), result.reason
+
+
+def _py312_ready() -> bool:
+    import os
+    import subprocess
+
+    if os.environ.get("FLOWCRAFT_TEST_NO_PY312") or not os.path.exists(PY312):
+        return False
+    got = subprocess.run([PY312, "-c", "import pytest, msgspec, redis, arq, typer, rich, yaml"], capture_output=True)
+    return got.returncode == 0
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12) or not _py312_ready(),
+                    reason="needs a Python 3.12 beside this one, with flowcraft's dependencies")
+def test_eager_starts_and_timeouts_under_python_3_12_as_well():
+    """The same on 3.12, where eager starts are asyncio's own (eager_start) and wait_for uses asyncio.timeout."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tests = [f"{__file__}::{name}" for name in (
+        "test_a_node_run_ahead_that_times_out_fails_its_attempt_and_does_not_cancel_the_step",
+        "test_asyncio_timeout_in_its_first_step_cancels_the_node_not_the_caller",
+        "test_a_cancel_before_its_tasks_first_turn_reaches_the_coroutine_where_it_waits")]
+    got = subprocess.run([PY312, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0, got.stdout[-3000:]
+
+
+def test_a_node_may_copy_its_context_with_dataclasses_replace():
+    import dataclasses
+
+    seen = {}
+
+    async def node(ctx):
+        other = dataclasses.replace(ctx, input=2)
+        seen["same_key"] = other.idempotency_key == ctx.idempotency_key and ctx.idempotency_key.startswith("fc_")
+        return other.input
+
+    result = asyncio.run(_runtime({"id": "g", "nodes": [{"id": "a", "uses": "node"}], "edges": []},
+                                  {"node": node}).run("g"))
+    assert result.status == "completed" and result.outputs["a"] == 2 and seen["same_key"], result.reason
+
+
+def test_a_node_that_is_an_unhashable_callable_object_runs():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Greeter:
+        greeting: str
+
+        async def __call__(self, ctx):
+            return f"{self.greeting} {ctx.input}"
+
+    result = asyncio.run(_runtime({"id": "g", "nodes": [{"id": "a", "uses": "greet"}], "edges": []},
+                                  {"greet": Greeter("hi")}).run("g", "bob"))
+    assert result.status == "completed", result.reason
+    assert result.outputs["a"] == "hi bob"

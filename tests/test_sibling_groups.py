@@ -10,6 +10,8 @@ import asyncio
 from collections import Counter
 from typing import Any
 
+import pytest
+
 from flowcraft_cli.runtime import FlowRuntime
 from tests.harness import make_blueprints, make_registry
 
@@ -116,3 +118,69 @@ def test_a_run_cancelled_during_a_group_keeps_nothing_of_it_and_every_branch_run
     # what ran after the cancel was not committed: no branch that ran after p20 in its group shows completed
     completed = {n.node_id for n in result.view.nodes if n.status == "completed"}
     assert "p20" not in completed and "j" not in completed
+
+
+# ---- review findings
+
+
+def _fan_with_successors(n: int) -> dict[str, Any]:
+    """s -> p_i -> q_i -> j; q_i has ``inputs`` (no chain successor: p_i's step leads a group of siblings)."""
+    nodes: list[dict[str, Any]] = [{"id": "s", "uses": "start"}, {"id": "j", "uses": "start"}]
+    edges: list[dict[str, Any]] = []
+    for i in range(n):
+        nodes += [{"id": f"p{i}", "uses": "branch", "config": {"maxRetries": 2}},
+                  {"id": f"q{i}", "uses": "after", "inputs": {"v": f"_outputs.p{i}"}}]
+        edges += [{"source": "s", "target": f"p{i}"}, {"source": f"p{i}", "target": f"q{i}"},
+                  {"source": f"q{i}", "target": "j"}]
+    return {"id": "fan", "nodes": nodes, "edges": edges}
+
+
+@pytest.mark.parametrize("how", ["fails", "still running at AHEAD_S"])
+def test_a_sibling_handed_back_with_its_running_node_is_not_run_again(how):
+    """A sibling that failed, or still ran at AHEAD_S, goes back with its running node; when the same commit
+    also claimed a successor, that successor's step gets it among the steps claimed with it, and must leave it
+    to its own step (which awaits the node) rather than run its node again."""
+    calls: Counter[tuple[str, int]] = Counter()
+
+    async def branch(ctx):
+        calls[(ctx.node_id, ctx.attempt)] += 1
+        if ctx.node_id == "p3" and ctx.attempt == 1:
+            if how == "fails":
+                raise RuntimeError("flaky")
+            await asyncio.sleep(0.1)
+        return ctx.node_id
+
+    async def after(ctx):
+        return ctx.input
+
+    runtime, _ = _runtime(_fan_with_successors(6), {"branch": branch, "after": after})
+    result = asyncio.run(runtime.run("fan"))
+    assert result.status == "completed", result.reason
+    assert calls[("p3", 1)] == 1, calls
+    assert all(v == 1 for v in calls.values()), calls
+
+
+def test_a_sibling_with_inputs_reads_them_after_the_siblings_before_it_ran():
+    """A node with ``inputs`` has its input read from the context as it is claimed: it is not claimed together
+    with siblings that run before it (they may write what it reads)."""
+    n = 6
+    doc = {"id": "fan",
+           "nodes": [{"id": "s", "uses": "zero"}, {"id": "j", "uses": "join"},
+                     *({"id": f"p{i}", "uses": "bump", "inputs": "counter"} for i in range(n))],
+           "edges": [*({"source": "s", "target": f"p{i}"} for i in range(n)),
+                     *({"source": f"p{i}", "target": "j"} for i in range(n))]}
+    seen: list[tuple[str, Any, Any]] = []
+
+    async def zero(ctx):
+        await ctx.context.set("counter", 0)
+
+    async def bump(ctx):
+        seen.append((ctx.node_id, ctx.input, await ctx.context.get("counter")))
+        await ctx.context.set("counter", ctx.input + 1)
+        return ctx.input
+
+    runtime, _ = _runtime(doc, {"zero": zero, "bump": bump}, concurrency=1)
+    result = asyncio.run(runtime.run("fan"))
+    assert result.status == "completed", result.reason
+    assert all(inp == ctx for _, inp, ctx in seen), seen
+    assert result.context["counter"] == n, result.context["counter"]

@@ -135,7 +135,7 @@ async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Map
             if engine.on_claim is not None:
                 engine.on_claim(bp.id, job)
             last = Ahead(ahead_step, seen[f"_inputs.{tgt.id}"], engine.clock(), eager.start(
-                function.call_node(ahead_step, tgt, tgt_input, 1, ahead=seen), own=False))
+                function.call_node(ahead_step, tgt, tgt_input, 1, ahead=seen)))
             if not await _ended(last, seen, deadline) or last.route is None:
                 break  # still running, or failed: the commit claims it, and it goes on as an inline step
             done.append(last)
@@ -177,6 +177,8 @@ async def succeed_siblings(step: Step, output: Any, action: str | None, writes: 
     node, out, wrote = step.node, output, writes
     try:
         while step.more and len(done) + 1 < engine.group_max and loop.time() < deadline:
+            if step.more[0].running is not None:
+                break  # its node runs (or ran) already, ahead of an earlier commit: its own step awaits it
             if not await _goes_on(step, fresh=False):
                 break
             for key, v in wrote.items():
@@ -188,7 +190,7 @@ async def succeed_siblings(step: Step, output: Any, action: str | None, writes: 
             if engine.on_claim is not None:
                 engine.on_claim(bp.id, claim.job)
             last = Ahead(sib_step, "", claim.record.attempt_started_at or finished, eager.start(
-                function.call_node(sib_step, sib, claim.node_input, claim.job.attempt, ahead=seen), own=False))
+                function.call_node(sib_step, sib, claim.node_input, claim.job.attempt, ahead=seen)))
             ended = await _ended(last, seen, deadline)
             step.waited = step.waited or sib_step.waited or not last.task.done()  # (see Step.waited)
             if not ended:

@@ -12,91 +12,19 @@ the same is done by hand, with asyncio's own ``_enter_task``/``_leave_task`` (wh
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextvars
 import sys
-import types
 from collections.abc import Coroutine, Generator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
-def start(coro: Coroutine[Any, Any, T], *, own: bool = True) -> asyncio.Future[T]:
+def start(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
     """``coro`` run up to its first wait, as the first step of a task of its own. Returns a future that is
-    done already if it ended (result, exception or cancel), else the task that runs the rest. ``own=False``:
-    the first step runs in the caller's task and context, and a task is made only for a rest (for flowcraft's
-    own code, which sets no context variable and opens no timeout before it calls a node)."""
-    if not own:
-        return _start_here(coro)
+    done already if it ended (result, exception or cancel), else the task that runs the rest."""
     return _start(coro)
-
-
-def _start_here(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
-    loop = asyncio.get_running_loop()
-    try:
-        yielded = coro.send(None)
-    except StopIteration as e:
-        return _settled(loop, result=e.value)
-    except asyncio.CancelledError:
-        return _settled(loop, cancelled=True)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:
-        return _settled(loop, error=e)
-    first = _First()
-    first.yielded = yielded
-    return loop.create_task(_rest(coro, first))
-
-
-class _First:
-    """What the first step, run by hand, left: the value the coroutine yielded (it waits), or its end."""
-
-    __slots__ = ("yielded", "ended")
-
-    def __init__(self) -> None:
-        self.yielded: Any = None
-        self.ended = False
-
-
-def _settled(loop: asyncio.AbstractEventLoop, *, result: Any = None, error: BaseException | None = None,
-             cancelled: bool = False) -> asyncio.Future[Any]:
-    done = loop.create_future()
-    if cancelled:
-        done.cancel()
-    elif error is None:
-        done.set_result(result)
-    else:
-        done.set_exception(error)
-    return done
-
-
-async def _rest(coro: Coroutine[Any, Any, Any], first: _First) -> Any:
-    """The task's own steps: the coroutine from where its first step left it, driven as a task drives one
-    (a future it yields is waited for, a bare ``yield`` gives the loop one turn), with every exception and
-    cancel the task meets thrown into it. Ends at once when the first step ended the coroutine (the result
-    went back through ``start``'s own future)."""
-    if first.ended:
-        return None
-    yielded = first.yielded
-    while True:
-        try:
-            await _wait(yielded)
-        except BaseException as e:
-            send: Any = coro.throw
-            value: Any = e
-        else:
-            send, value = coro.send, None
-        try:
-            yielded = send(value)
-        except StopIteration as e:
-            return e.value
-
-
-@types.coroutine
-def _wait(yielded: Any) -> Generator[Any, None, None]:
-    """Hand what the coroutine yielded on to the task running ``_rest``, as if the coroutine itself had:
-    a future (its blocking flag set by its ``__await__``), or None (``asyncio.sleep(0)``)."""
-    yield yielded
 
 
 if sys.version_info >= (3, 12):
@@ -108,28 +36,76 @@ else:
     def _start(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
-        first = _First()
-        task = loop.create_task(_rest(coro, first), context=ctx)
+        rest = _Rest(coro)
+        task = loop.create_task(rest, context=ctx)  # type: ignore[arg-type]
         caller = asyncio.current_task(loop)
         if caller is not None:
             _leave_task(loop, caller)
         _enter_task(loop, task)
         try:
-            first.yielded = ctx.run(coro.send, None)
+            rest.first = ctx.run(coro.send, None)
         except StopIteration as e:
-            first.ended = True
+            rest.ended = True
             return _settled(loop, result=e.value)
         except asyncio.CancelledError:
-            first.ended = True
+            rest.ended = True
             return _settled(loop, cancelled=True)
         except (KeyboardInterrupt, SystemExit):
-            first.ended = True
+            rest.ended = True
             raise
         except BaseException as e:  # (as a task keeps an exception: for whoever awaits it)
-            first.ended = True
+            rest.ended = True
             return _settled(loop, error=e)
         finally:
             _leave_task(loop, task)
             if caller is not None:
                 _enter_task(loop, caller)
         return task
+
+    def _settled(loop: asyncio.AbstractEventLoop, *, result: Any = None, error: BaseException | None = None,
+                 cancelled: bool = False) -> asyncio.Future[Any]:
+        done = loop.create_future()
+        if cancelled:
+            done.cancel()
+        elif error is None:
+            done.set_result(result)
+        else:
+            done.set_exception(error)
+        return done
+
+    class _Rest(collections.abc.Coroutine):  # type: ignore[type-arg]
+        """What the task runs: the coroutine itself, from where its first step (run by ``_start``) left it. The
+        task's first ``send`` gets back what that step yielded (the future it waits on, or None for a bare
+        yield), and every later ``send`` and every ``throw`` (a cancel, a failed future) goes to the coroutine,
+        as the task would have sent it: a cancel that comes before the task's first turn reaches the coroutine
+        where it waits, too. A coroutine that ended in its first step ends the task at once (its outcome went
+        back through ``start``'s own future)."""
+
+        __slots__ = ("coro", "first", "ended", "started")
+
+        def __init__(self, coro: Coroutine[Any, Any, Any]) -> None:
+            self.coro = coro
+            self.first: Any = None
+            self.ended = False
+            self.started = False
+
+        def send(self, value: Any) -> Any:
+            if not self.started:
+                self.started = True
+                if self.ended:
+                    raise StopIteration(None)
+                return self.first
+            return self.coro.send(value)
+
+        def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+            self.started = True
+            if self.ended:
+                raise typ if val is None else val
+            return self.coro.throw(typ) if val is None else self.coro.throw(typ, val, tb)
+
+        def close(self) -> None:
+            if not self.ended:
+                self.coro.close()
+
+        def __await__(self) -> Generator[Any, None, Any]:
+            raise TypeError("run by its task only")  # (never awaited: asyncio drives it with send and throw)

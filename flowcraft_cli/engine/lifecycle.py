@@ -122,6 +122,11 @@ class RunTxn:
             node = self.bp.node_map.get(node_id)
             if node is None or node.uses in BUILTINS:
                 continue
+            if self.inline and node.inputs is not None:
+                # its input is read from the context as it is claimed: claimed with others, it would be read
+                # before they ran and wrote what it reads. It waits for a claim of its own
+                hints.append(node_id)
+                break
             rec = await read_node(self.t, node_id)
             if rec is None or rec.status != NodeStatus.QUEUED or rec.current_phase != JobKind.EXEC:
                 continue

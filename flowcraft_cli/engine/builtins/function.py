@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...blueprint import NodeDef
 from ...errors import NodeFailure, NodeTimeout, json_type
-from ...node_api import _MISSING, LazyKeyContext, NodeResult, RunContext, SyncRunContext
+from ...node_api import _MISSING, NodeContext, NodeResult, RunContext, SyncRunContext
 from ...store import MISSING, STATE, check_json, dumps, parse_json
 from .. import eager
 from ..reads import read_context
@@ -62,9 +62,9 @@ async def call_node(step: Step, runner: NodeDef, node_input: Any, attempt: int, 
 
     view = RunContext(read_one, read_all)
     item = (extra or {}).get("item_index", -1)
-    ctx = LazyKeyContext(functools.partial(idempotency_key, run_id, runner.id, step.job.seq, item),
-                         run_id=run_id, node_id=runner.id, blueprint_id=step.bp.id, attempt=attempt,
-                         input=node_input, params=runner.params, context=view, extra=extra or {})
+    ctx = NodeContext(run_id=run_id, node_id=runner.id, blueprint_id=step.bp.id, attempt=attempt,
+                      input=node_input, params=runner.params, context=view, extra=extra or {},
+                      idempotency_key=idempotency_key(run_id, runner.id, step.job.seq, item))
     # the attempt's own limit and nothing shorter (CONTRACT §6.1): the node's timeout, else the default
     timeout = runner.config.timeout_ms / 1000 if runner.config.timeout_ms else step.engine.settings.attempt_timeout_s
     try:
@@ -186,8 +186,21 @@ def idempotency_key(run_id: str, node_id: str, seq: int, item: int = -1) -> str:
     return "fc_" + hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
-@functools.lru_cache(maxsize=4096)
 def _is_async(fn: Any) -> bool:
-    # an object with an async __call__ counts too (remembered: inspect's answer costs as much as a no-op node)
+    """Is ``fn`` an async function, or an object with an async ``__call__``? Remembered for hashable ones:
+    inspect's answer costs as much as a no-op node's whole call."""
+    try:
+        return _is_async_remembered(fn)
+    except TypeError:  # (unhashable: a dataclass instance with an async __call__)
+        return _is_async_now(fn)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_async_remembered(fn: Any) -> bool:
+    return _is_async_now(fn)
+
+
+def _is_async_now(fn: Any) -> bool:
+    # an object with an async __call__ counts too
     call = type(fn).__dict__.get("__call__") if not inspect.isfunction(fn) else None
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
