@@ -71,24 +71,30 @@ def test_an_error_and_a_cancel_reach_whoever_awaits_it(where):
     assert asyncio.run(go())
 
 
-def test_a_cancel_of_its_task_is_thrown_into_the_coroutine_where_it_waits():
+@pytest.mark.parametrize("when", ["before its task's first turn", "once it waits in its task"])
+def test_a_cancel_of_its_task_is_thrown_into_the_coroutine_where_it_waits(when):
+    """(review) The task that runs the rest gets its first turn later: a cancel that comes before that turn must
+    still be thrown into the coroutine at its wait, not into a wrapper that never started."""
     async def node(log):
         try:
             await asyncio.sleep(10)
         except asyncio.CancelledError:
             log.append("cancelled")
             raise
+        finally:
+            log.append("finally")
 
     async def go():
         log = []
         fut = eager.start(node(log))
-        await asyncio.sleep(0)
+        if when != "before its task's first turn":
+            await asyncio.sleep(0)
         fut.cancel()
         with pytest.raises(asyncio.CancelledError):
             await fut
         return log
 
-    assert asyncio.run(go()) == ["cancelled"]
+    assert asyncio.run(go()) == ["cancelled", "finally"]
 
 
 def test_asyncio_timeout_in_its_first_step_cancels_the_node_not_the_caller():
@@ -109,29 +115,6 @@ def test_asyncio_timeout_in_its_first_step_cancels_the_node_not_the_caller():
 
     assert asyncio.run(go()) == ("timed out", 0)
 
-
-
-def test_a_cancel_before_its_tasks_first_turn_reaches_the_coroutine_where_it_waits():
-    """(review) The task that runs the rest gets its first turn later: a cancel that comes before it must still be
-    thrown into the coroutine at its wait, not into a wrapper that never started."""
-    async def node(log):
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            log.append("cancelled")
-            raise
-        finally:
-            log.append("finally")
-
-    async def go():
-        log = []
-        fut = eager.start(node(log))
-        fut.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await fut
-        return log
-
-    assert asyncio.run(go()) == ["cancelled", "finally"]
 
 
 # ---- through the in-process runtime (review findings)
@@ -187,7 +170,7 @@ def test_eager_starts_and_timeouts_under_python_3_12_as_well():
     tests = [f"{__file__}::{name}" for name in (
         "test_a_node_run_ahead_that_times_out_fails_its_attempt_and_does_not_cancel_the_step",
         "test_asyncio_timeout_in_its_first_step_cancels_the_node_not_the_caller",
-        "test_a_cancel_before_its_tasks_first_turn_reaches_the_coroutine_where_it_waits")]
+        "test_a_cancel_of_its_task_is_thrown_into_the_coroutine_where_it_waits")]
     got = subprocess.run([PY312, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=root,
                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=120)
     assert got.returncode == 0, got.stdout[-3000:]
