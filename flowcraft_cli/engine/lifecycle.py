@@ -446,7 +446,7 @@ class RunTxn:
         runner = node if job.kind == JobKind.EXEC else self.bp.node_map[node.config.fallback or ""]
         if lost < _lost_limit(runner):
             return rec, False
-        error = f"lost {lost} attempts in a row: worker {worker} died each time"
+        error = f"lost {lost} attempts in a row: the worker running it died each time (the last: {worker})"
         await self.fail_node(node, rec, job, error, False, retry=False, event=False)
         return rec, True
 
@@ -458,7 +458,7 @@ class RunTxn:
         self.t.event(_lost_event(node.id, job, st.attempt_started_at, worker, self.engine.clock()))
         if lost < _lost_limit(node):
             return st, False
-        error = f"item {job.item}: lost {lost} attempts in a row (worker {worker} died each time)"
+        error = f"item {job.item}: lost {lost} attempts in a row (the worker running it died each time; the last: {worker})"
         write_item(self.t, node.id, job.seq, job.item, BatchItem(ItemStatus.FAILED, job.attempt, error=error))
         await self.fail_node(node, rec, Job(job.run_id, node.id, job.seq, "exec", node.config.max_retries),
                              error, False, retry=False, event=False)
