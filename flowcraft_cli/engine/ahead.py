@@ -121,9 +121,7 @@ async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Map
             if nxt is None or not await _goes_on(step, fresh=not done and loop.time() - step.born > AHEAD_S):
                 break
             tgt, value = nxt
-            for key, v in wrote.items():
-                seen[key] = v if v is _MISSING else dumps(v)
-            seen[f"_outputs.{node.id}"] = given = dumps(out)
+            given = _saw(seen, node, out, wrote)
             seen[f"_inputs.{tgt.id}"] = given if value is REF else dumps(value)
             seq = await _next_seq(step, tgt.id)
             if seq is None:
@@ -181,9 +179,7 @@ async def succeed_siblings(step: Step, output: Any, action: str | None, writes: 
                 break  # its node runs (or ran) already, ahead of an earlier commit: its own step awaits it
             if not await _goes_on(step, fresh=False):
                 break
-            for key, v in wrote.items():
-                seen[key] = v if v is _MISSING else dumps(v)
-            seen[f"_outputs.{node.id}"] = dumps(out)
+            _saw(seen, node, out, wrote)
             claim = step.more.pop(0)
             sib = bp.node_map[claim.job.node_id]
             sib_step = type(step)(engine, bp, sib, claim.job, claim)
@@ -213,6 +209,15 @@ async def succeed_siblings(step: Step, output: Any, action: str | None, writes: 
         a.claim.running = a.task
     step.more[:0] = [a.claim for a in back]
     return scheduled
+
+
+def _saw(seen: dict[str, Any], node: NodeDef, output: Any, writes: Mapping[str, Any]) -> str:
+    """Add what ``node`` left to the group's writes (``seen``: JSON text, or _MISSING): its context writes and
+    its output, whose JSON it returns."""
+    for key, v in writes.items():
+        seen[key] = v if v is _MISSING else dumps(v)
+    seen[f"_outputs.{node.id}"] = encoded = dumps(output)
+    return encoded
 
 
 async def _ended(ahead: Ahead, seen: Mapping[str, Any], deadline: float) -> bool:
