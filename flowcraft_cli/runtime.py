@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,11 +62,18 @@ class FlowRuntime:
         # ... and, for a fan-out's branches, a commit that claims a queued sibling claims several: the step given
         # them runs their nodes after its own and commits them with it (engine.ahead.succeed_siblings)
         self.engine.sibling_claims = 16
-        self.engine.on_claim = self._started
+        if on_event is not None:
+            # (not a method of this runtime: the engine would hold the runtime that holds it, and a finished
+            # runtime's whole store would wait for the cyclic collector instead of being freed when dropped)
+            self.engine.on_claim = lambda blueprint_id, job: on_event("start", job)
         self._taken: set[str] = set()  # ids of queued jobs a commit claimed (Handled.unqueued): not to run
-        self._sem = asyncio.Semaphore(concurrency) if concurrency > 0 else None
+        # jobs ready to run, taken by at most ``concurrency`` runner tasks (0: a runner a job): a job a commit
+        # claimed meanwhile (a fan-out's branch run in a sibling group) costs no task of its own
+        self._concurrency = concurrency
+        self._ready: deque[tuple[str, Job]] = deque()
+        self._runners = 0
         self._on_event = on_event
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # runners, and jobs waiting out a delay before they are ready
 
     async def run(self, blueprint_id: str, run_input: Any = None, *, run_id: str | None = None) -> RunResult:
         run_id, scheduled = await self.engine.start_run(blueprint_id, {} if run_input is None else run_input,
@@ -100,27 +108,43 @@ class FlowRuntime:
             for task in done:
                 self._tasks.discard(task)
                 task.result()  # an engine bug must surface, not vanish
+        assert not self._ready, "ready jobs left with no runner"
         self._taken.clear()  # no task left to skip its job (one whose step was claimed as it started ran it)
 
     def _spawn(self, scheduled: list[tuple[str, Job]]) -> None:
+        loop = asyncio.get_running_loop()
+        now = None
         for owner, job in scheduled:
-            task = asyncio.get_running_loop().create_task(self._run_job(owner, job))
-            self._tasks.add(task)
+            if job.not_before_ms:
+                now = now or now_ms()
+                if job.not_before_ms > now:  # (a retry's backoff, a sleep)
+                    self._keep(loop.create_task(self._later(owner, job, (job.not_before_ms - now) / 1000)))
+                    continue
+            self._ready.append((owner, job))
+        want = len(self._ready) if self._concurrency <= 0 else min(len(self._ready), self._concurrency - self._runners)
+        for _ in range(want):
+            self._runners += 1
+            self._keep(loop.create_task(self._runner()))
 
-    async def _run_job(self, owner: str, job: Job) -> None:
-        await self.store.ack_jobs(owner, [job.job_id])
-        delay = (job.not_before_ms - now_ms()) / 1000
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if self._sem is None:
-            handled = await self._handle_chain(job)
-        else:
-            async with self._sem:
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+
+    async def _later(self, owner: str, job: Job, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._spawn([(owner, job)])
+
+    async def _runner(self) -> None:
+        """Run ready jobs, one after another, until none is left."""
+        try:
+            while self._ready:
+                owner, job = self._ready.popleft()
+                await self.store.ack_jobs(owner, [job.job_id])
                 handled = await self._handle_chain(job)
-        if handled.retry_after_s is not None:  # cannot happen in-process (one blueprint set), kept for symmetry
-            await asyncio.sleep(handled.retry_after_s)
-            self._spawn([(owner, job)])
-        self._spawn(handled.scheduled)
+                if handled.retry_after_s is not None:  # cannot happen in-process (one blueprint set), for symmetry
+                    self._keep(asyncio.get_running_loop().create_task(self._later(owner, job, handled.retry_after_s)))
+                self._spawn(handled.scheduled)
+        finally:
+            self._runners -= 1  # (no wait between the last look at the queue and this: no job is left unseen)
 
     async def _handle_chain(self, job: Job) -> Handled:
         """Handle ``job``, then the successors its commits claim for this task, one after another."""
@@ -137,7 +161,3 @@ class FlowRuntime:
             self._spawn(handled.scheduled)
             job = handled.inline.job
             handled = await self.engine.handle(job, handled.inline, more=handled.more)
-
-    def _started(self, blueprint_id: str, job: Job) -> None:
-        if self._on_event:
-            self._on_event("start", job)

@@ -132,6 +132,8 @@ def parse_json(raw: str | bytes) -> Any:
 
 
 _SCALARS: dict[str | bytes, tuple[Any]] = {}  # raw JSON -> (decoded,), for short scalars only (``loads``)
+_UNSEEN: Any = object()
+_NO_FIELDS: dict[str, str] = {}
 
 
 class Txn(ABC):
@@ -316,8 +318,20 @@ class _MemoryTxn(Txn):
         return None  # every read is a dict lookup: reading ahead would only decode what may go unread
 
     async def _load(self, kind: str, fields: list[str]) -> list[str | bytes | None]:
-        h = self._data.get(kind, {})
+        h = self._data.get(kind, _NO_FIELDS)
         return [h.get(f) for f in fields]
+
+    async def get(self, kind: str, field: str, default: Any = None) -> Any:
+        # (Txn.get, each read a dict lookup: no trip through _load, which a step would make dozens of times)
+        key = (kind, field)
+        v = self._writes.get(key, _UNSEEN)
+        if v is not _UNSEEN:
+            return default if v is MISSING else v.to_json() if isinstance(v, Record) else v
+        v = self._cache.get(key, _UNSEEN)
+        if v is _UNSEEN:
+            raw = self._data.get(kind, _NO_FIELDS).get(field)
+            v = self._cache[key] = MISSING if raw is None else load_field(raw, self.run_id, kind, field)
+        return default if v is MISSING else v
 
 
 class MemoryStore(Store):

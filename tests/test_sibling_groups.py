@@ -184,3 +184,60 @@ def test_a_sibling_with_inputs_reads_them_after_the_siblings_before_it_ran():
     assert result.status == "completed", result.reason
     assert all(inp == ctx for _, inp, ctx in seen), seen
     assert result.context["counter"] == n, result.context["counter"]
+
+
+# ---- the runtime's runners
+
+
+def test_no_more_steps_run_at_once_than_the_runtime_s_concurrency_and_they_do_overlap():
+    running, most = [0], [0]
+
+    async def branch(ctx):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            await asyncio.sleep(0.005)
+        finally:
+            running[0] -= 1
+        return 1
+
+    runtime, _ = _runtime(fan(24), {"branch": branch}, concurrency=3)
+    result = asyncio.run(runtime.run("fan"))
+    assert result.status == "completed", result.reason
+    assert most[0] == 3, most[0]
+
+
+def test_a_retry_that_waits_out_its_delay_runs_while_other_steps_go_on():
+    calls: Counter[str] = Counter()
+
+    async def branch(ctx):
+        calls[ctx.node_id] += 1
+        if ctx.node_id == "p3" and ctx.attempt == 1:
+            raise RuntimeError("once")
+        return 1
+
+    runtime, _ = _runtime(fan(8, config={"maxRetries": 2, "retryDelay": 20}), {"branch": branch}, concurrency=2)
+    result = asyncio.run(runtime.run("fan"))
+    assert result.status == "completed", result.reason
+    assert calls == Counter({**{f"p{i}": 1 for i in range(8)}, "p3": 2})
+
+
+def test_a_finished_runtime_is_freed_as_soon_as_it_is_dropped_without_the_cyclic_collector():
+    """Nothing of the runtime refers back to it (the engine's hooks): a program that runs flows one after
+    another frees each one's store at once, not at the next full collection (which then has it all to walk)."""
+    import gc
+    import weakref
+
+    async def branch(ctx):
+        return 1
+
+    runtime, _ = _runtime(fan(5), {"branch": branch})
+    runtime.store.on_commit = None
+    assert asyncio.run(runtime.run("fan")).status == "completed"
+    store = weakref.ref(runtime.store)
+    gc.disable()
+    try:
+        del runtime
+        assert store() is None
+    finally:
+        gc.enable()
