@@ -26,8 +26,9 @@ class RunResult:
     blueprint_id: str
     status: str
     reason: str | None
-    context: dict[str, Any]
-    outputs: dict[str, Any]
+    # (not in the repr: a run's whole context, which asyncio formats when the task that ran the run ends)
+    context: dict[str, Any] = field(repr=False)
+    outputs: dict[str, Any] = field(repr=False)
     view: RunView = field(repr=False)
 
     def to_json(self) -> dict[str, Any]:

@@ -47,8 +47,12 @@ def test_its_first_step_runs_in_its_own_task_and_context_and_the_rest_as_that_ta
     assert asyncio.run(go())
 
 
+STARTS = [pytest.param(eager.start, id="start"), pytest.param(eager.start_here, id="start_here")]
+
+
+@pytest.mark.parametrize("start", STARTS)
 @pytest.mark.parametrize("where", ["first step", "later"])
-def test_an_error_and_a_cancel_reach_whoever_awaits_it(where):
+def test_an_error_and_a_cancel_reach_whoever_awaits_it(where, start):
     async def fails():
         if where == "later":
             await asyncio.sleep(0)
@@ -61,8 +65,8 @@ def test_an_error_and_a_cancel_reach_whoever_awaits_it(where):
 
     async def go():
         with pytest.raises(ValueError, match="boom"):
-            await eager.start(fails())
-        fut = eager.start(cancels_itself())
+            await start(fails())
+        fut = start(cancels_itself())
         with pytest.raises(asyncio.CancelledError):
             await fut
         assert fut.cancelled()
@@ -71,8 +75,9 @@ def test_an_error_and_a_cancel_reach_whoever_awaits_it(where):
     assert asyncio.run(go())
 
 
+@pytest.mark.parametrize("start", STARTS)
 @pytest.mark.parametrize("when", ["before its task's first turn", "once it waits in its task"])
-def test_a_cancel_of_its_task_is_thrown_into_the_coroutine_where_it_waits(when):
+def test_a_cancel_of_its_task_is_thrown_into_the_coroutine_where_it_waits(when, start):
     """(review) The task that runs the rest gets its first turn later: a cancel that comes before that turn must
     still be thrown into the coroutine at its wait, not into a wrapper that never started."""
     async def node(log):
@@ -86,7 +91,7 @@ def test_a_cancel_of_its_task_is_thrown_into_the_coroutine_where_it_waits(when):
 
     async def go():
         log = []
-        fut = eager.start(node(log))
+        fut = start(node(log))
         if when != "before its task's first turn":
             await asyncio.sleep(0)
         fut.cancel()
@@ -95,6 +100,31 @@ def test_a_cancel_of_its_task_is_thrown_into_the_coroutine_where_it_waits(when):
         return log
 
     assert asyncio.run(go()) == ["cancelled", "finally"]
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="start_here is start on 3.12")
+def test_start_here_runs_the_first_step_in_the_caller_s_task_and_only_a_rest_in_a_task_of_its_own():
+    """The engine's own coroutines (function.call_node, which gives the user's function a task of its own) need
+    no task for a first step that ends: one is made only for what is left after a wait."""
+    async def node(seen, wait):
+        seen.append(asyncio.current_task())
+        if wait:
+            await asyncio.sleep(0.001)
+            seen.append(asyncio.current_task())
+        return len(seen)
+
+    async def go():
+        caller, seen = asyncio.current_task(), []
+        quick = eager.start_here(node(seen, False))
+        assert quick.done() and quick.result() == 1 and seen == [caller]
+        assert not isinstance(quick, asyncio.Task)
+        seen.clear()
+        slow = eager.start_here(node(seen, True))
+        assert not slow.done() and seen == [caller] and isinstance(slow, asyncio.Task)
+        assert await slow == 2 and seen[1] is slow
+        return True
+
+    assert asyncio.run(go())
 
 
 def test_asyncio_timeout_in_its_first_step_cancels_the_node_not_the_caller():
@@ -131,7 +161,8 @@ def _runtime(doc, nodes, **kw):
 
 
 def test_a_node_run_ahead_that_times_out_fails_its_attempt_and_does_not_cancel_the_step():
-    """A node run ahead of its predecessor's commit runs in a task of its own from its first step on: its
+    """A node run ahead of its predecessor's commit runs in a task of its own from its first step on (the user's
+    function: function.call_node starts it so; call_node itself starts in the step's task, eager.start_here): its
     timeout (asyncio.wait_for, which on Python 3.12 binds an asyncio.timeout to the current task) cancels the
     node, never the step that ran it ahead."""
     doc = {"id": "c", "nodes": [{"id": "a", "uses": "quick"}, {"id": "b", "uses": "slow", "config": {"timeout": 5}}],

@@ -132,7 +132,7 @@ async def succeed_ahead(step: Step, output: Any, action: str | None, writes: Map
                                     InlineStep(job, claim_token(), None, tgt_input, step.list_as))  # type: ignore[arg-type]
             if engine.on_claim is not None:
                 engine.on_claim(bp.id, job)
-            last = Ahead(ahead_step, seen[f"_inputs.{tgt.id}"], engine.clock(), eager.start(
+            last = Ahead(ahead_step, seen[f"_inputs.{tgt.id}"], engine.clock(), eager.start_here(
                 function.call_node(ahead_step, tgt, tgt_input, 1, ahead=seen)))
             if not await _ended(last, seen, deadline) or last.route is None:
                 break  # still running, or failed: the commit claims it, and it goes on as an inline step
@@ -185,7 +185,7 @@ async def succeed_siblings(step: Step, output: Any, action: str | None, writes: 
             sib_step = type(step)(engine, bp, sib, claim.job, claim)
             if engine.on_claim is not None:
                 engine.on_claim(bp.id, claim.job)
-            last = Ahead(sib_step, "", claim.record.attempt_started_at or finished, eager.start(
+            last = Ahead(sib_step, "", claim.record.attempt_started_at or finished, eager.start_here(
                 function.call_node(sib_step, sib, claim.node_input, claim.job.attempt, ahead=seen)))
             ended = await _ended(last, seen, deadline)
             step.waited = step.waited or sib_step.waited or not last.task.done()  # (see Step.waited)

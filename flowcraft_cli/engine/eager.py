@@ -27,9 +27,18 @@ def start(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
     return _start(coro)
 
 
+def start_here(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+    """``start``, for the engine's own coroutines that run a node (``function.call_node``, which starts the
+    user's function as a task of its own): on 3.11 their first step runs in the caller's task and context, and a
+    task is made only for a rest (a node that waited). Python 3.12's eager task costs little: there it is one."""
+    return _start_here(coro)
+
+
 if sys.version_info >= (3, 12):
     def _start(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
         return asyncio.Task(coro, loop=asyncio.get_running_loop(), eager_start=True)  # type: ignore[call-arg]
+
+    _start_here = _start
 else:
     from asyncio.tasks import _enter_task, _leave_task  # (private to asyncio; stable from 3.7 to 3.13)
 
@@ -61,6 +70,22 @@ else:
             if caller is not None:
                 _enter_task(loop, caller)
         return task
+
+    def _start_here(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        try:
+            first = coro.send(None)
+        except StopIteration as e:
+            return _settled(loop, result=e.value)
+        except asyncio.CancelledError:
+            return _settled(loop, cancelled=True)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            return _settled(loop, error=e)
+        rest = _Rest(coro)
+        rest.first = first
+        return loop.create_task(rest)  # type: ignore[arg-type]
 
     def _settled(loop: asyncio.AbstractEventLoop, *, result: Any = None, error: BaseException | None = None,
                  cancelled: bool = False) -> asyncio.Future[Any]:
