@@ -49,6 +49,11 @@ class Record:
     def to_json(self) -> Any:
         raise NotImplementedError
 
+    def plain(self) -> bool:
+        """Is every value in it a plain scalar (nothing a reader could change, nothing that is not JSON)? A store
+        in memory may then keep it as it is (MemoryStore)."""
+        return False
+
 
 # msgspec's JSON codec is 5-10x faster than the json module's on a record; encoding and decoding were the
 # largest single cost of an in-process step and about a tenth of a worker's. It writes NaN and the infinities
@@ -132,6 +137,13 @@ def parse_json(raw: str | bytes) -> Any:
 
 
 _SCALARS: dict[str | bytes, tuple[Any]] = {}  # raw JSON -> (decoded,), for short scalars only (``loads``)
+
+
+def _load_kept(raw: Any, run_id: str, kind: str, field: str, *, lenient: bool = False) -> Any:
+    """``load_field`` of a value a MemoryStore keeps: JSON text, or a plain Record (copied by ``to_json``)."""
+    if isinstance(raw, Record):
+        return raw.to_json()
+    return load_field(raw, run_id, kind, field, lenient=lenient)
 _UNSEEN: Any = object()
 _NO_FIELDS: dict[str, str] = {}
 
@@ -300,17 +312,15 @@ class Store(ABC):
 
 
 class _MemoryTxn(Txn):
-    def __init__(self, run_id: str, data: dict[str, dict[str, str]],
-                 records: dict[tuple[str, str], tuple[str, Record]]) -> None:
+    def __init__(self, run_id: str, data: dict[str, dict[str, Any]]) -> None:
         super().__init__(run_id)
         self._data = data
-        self._records = records
 
     def recall(self, kind: str, field: str) -> Any:
-        got = self._records.get((kind, field))
-        if got is None or (kind, field) in self._writes or self._data.get(kind, {}).get(field) is not got[0]:
+        if (kind, field) in self._writes:
             return MISSING
-        return got[1]  # (the stored text is still the one that record was encoded to)
+        got = self._data.get(kind, _NO_FIELDS).get(field)
+        return got if isinstance(got, Record) else MISSING  # (a record kept as it was written: MemoryStore)
 
     reads_ahead = False
 
@@ -321,6 +331,9 @@ class _MemoryTxn(Txn):
         h = self._data.get(kind, _NO_FIELDS)
         return [h.get(f) for f in fields]
 
+    def _loads(self, kind: str, field: str, raw: Any) -> Any:
+        return _load_kept(raw, self.run_id, kind, field)
+
     async def get(self, kind: str, field: str, default: Any = None) -> Any:
         # (Txn.get, each read a dict lookup: no trip through _load, which a step would make dozens of times)
         key = (kind, field)
@@ -330,20 +343,22 @@ class _MemoryTxn(Txn):
         v = self._cache.get(key, _UNSEEN)
         if v is _UNSEEN:
             raw = self._data.get(kind, _NO_FIELDS).get(field)
-            v = self._cache[key] = MISSING if raw is None else load_field(raw, self.run_id, kind, field)
+            v = self._cache[key] = MISSING if raw is None else _load_kept(raw, self.run_id, kind, field)
         return default if v is MISSING else v
 
 
 class MemoryStore(Store):
     """Runs in one process's memory. Values are kept JSON-encoded, exactly as in Redis, so the in-process
-    runtime enforces the same rules (JSON-only values, no shared mutable objects)."""
+    runtime enforces the same rules (JSON-only values, no shared mutable objects). The engine's records whose
+    every field is a plain scalar (``Record.plain``: a node's record, as a rule) are kept as they were written
+    instead: nothing in them can be shared or be other than JSON, and every read copies them afresh
+    (``to_json``), or, in a transaction, takes them as they are (``Txn.recall``): records are never changed
+    once written."""
 
     EVENT_CAP = 10_000
 
     def __init__(self) -> None:
-        self._runs: dict[str, dict[str, dict[str, str]]] = {}
-        # run id -> (kind, field) -> (the stored text, the Record it was encoded from): see Txn.recall
-        self._records: dict[str, dict[tuple[str, str], tuple[str, Record]]] = {}
+        self._runs: dict[str, dict[str, dict[str, Any]]] = {}  # run -> kind -> field -> JSON text, or a Record
         self._status: dict[str, dict[str, Any]] = {}
         self._events: dict[str, list[dict[str, Any]]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -353,21 +368,18 @@ class MemoryStore(Store):
         if lock is None:
             lock = self._locks[run_id] = asyncio.Lock()
         async with lock:
-            data = self._runs.get(run_id, {})
-            records = self._records.get(run_id, {})
-            txn = _MemoryTxn(run_id, data, records)
+            txn = _MemoryTxn(run_id, self._runs.get(run_id, {}))
             result = await fn(txn)
             if txn.dirty:
                 data = self._runs.setdefault(run_id, {})
-                records = self._records.setdefault(run_id, records)
                 for (kind, field), value in txn._writes.items():
                     h = data.setdefault(kind, {})
                     if value is MISSING:
                         h.pop(field, None)
+                    elif isinstance(value, Record) and value.plain():
+                        h[field] = value
                     else:
-                        h[field] = raw = dumps(value)
-                        if isinstance(value, Record):
-                            records[(kind, field)] = (raw, value)
+                        h[field] = dumps(value)
                 if txn.events:
                     events = self._events.setdefault(run_id, [])
                     events.extend(txn.events)
@@ -382,10 +394,10 @@ class MemoryStore(Store):
 
     async def read(self, run_id: str, kind: str, fields: list[str]) -> list[Any]:
         h = self._runs.get(run_id, {}).get(kind, {})
-        return [load_field(h[f], run_id, kind, f) if f in h else MISSING for f in fields]
+        return [_load_kept(h[f], run_id, kind, f) if f in h else MISSING for f in fields]
 
     async def read_all(self, run_id: str, kind: str, *, lenient: bool = False) -> dict[str, Any]:
-        return {f: load_field(v, run_id, kind, f, lenient=lenient)
+        return {f: _load_kept(v, run_id, kind, f, lenient=lenient)
                 for f, v in self._runs.get(run_id, {}).get(kind, {}).items()}
 
     async def read_status(self, run_id: str) -> dict[str, Any] | None:

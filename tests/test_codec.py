@@ -94,9 +94,42 @@ def test_a_record_written_several_times_in_a_transaction_is_stored_once_as_its_l
 
     rec, raw = asyncio.run(go())
     assert rec == NodeRecord(status=NodeStatus.RUNNING, seq=1, attempt=1, token="tk")
-    assert json.loads(raw[NODES]["a"]) == {"status": "running", "seq": 1, "runs": 0, "gen": 0, "attempt": 1,
-                                           "token": "tk"}
+    # (a record of plain scalars is kept by the memory store as it was written, its last version)
+    assert raw[NODES]["a"].to_json() == {"status": "running", "seq": 1, "runs": 0, "gen": 0, "attempt": 1,
+                                         "token": "tk"}
     assert json.loads(raw[JOINS]["arrival"]) == {"t": True}
+
+
+def test_the_memory_store_keeps_plain_records_as_they_are_and_every_read_gets_a_copy_of_its_own():
+    """A node record of scalars is not encoded in memory; a reader that changes what it got changes nothing
+    stored. A record holding a value (a loop's held arrival) is encoded, as any value."""
+    import asyncio
+
+    from flowcraft_cli.engine.state import Held, NodeRecord, NodeStatus, read_node, write_node
+    from flowcraft_cli.store import NODES, MemoryStore
+
+    store = MemoryStore()
+
+    async def go():
+        async def fn(t):
+            write_node(t, "a", NodeRecord(status=NodeStatus.COMPLETED, seq=1, attempt=1))
+            write_node(t, "c", NodeRecord(held=Held("b", {"deep": [1]})))
+        await store.transact("r", fn)
+        first = (await store.read("r", NODES, ["a"]))[0]
+        first["status"] = "changed"
+        (await store.read_all("r", NODES))["c"]["held"]["v"]["deep"].append(2)
+
+        async def look(t):
+            got = await t.get(NODES, "a")
+            got["seq"] = 99
+            return await read_node(t, "a"), await read_node(t, "c")
+        return first, await store.transact("r", look), await store.read_all("r", NODES)
+
+    first, (a, c), now = asyncio.run(go())
+    assert first["status"] == "changed" and a.status == NodeStatus.COMPLETED and a.seq == 1
+    assert c.held == Held("b", {"deep": [1]}) and now["c"]["held"] == {"src": "b", "v": {"deep": [1]}}
+    assert now["a"] == {"status": "completed", "seq": 1, "runs": 0, "gen": 0, "attempt": 1}
+    assert isinstance(store._runs["r"][NODES]["c"], str) and not isinstance(store._runs["r"][NODES]["a"], str)
 
 
 def test_the_memory_store_hands_a_committed_record_to_later_transactions_only_while_it_is_what_is_stored():

@@ -347,6 +347,9 @@ class NodeRecord(Record):
             out["held"] = self.held.to_json()
         return {**self.extra, **out}
 
+    def plain(self) -> bool:
+        return self.held is None and not self.extra  # (every other field is a scalar: store.Record.plain)
+
     @property
     def current_phase(self) -> JobKind:
         return self.phase or JobKind.EXEC
