@@ -140,6 +140,9 @@ class FlowRuntime:
             while self._ready:
                 owner, job = self._ready.popleft()
                 await self.store.ack_jobs(owner, [job.job_id])
+                if job.job_id in self._taken:  # an earlier commit claimed its step, and its runner ran it
+                    self._taken.discard(job.job_id)
+                    continue
                 handled = await self._handle_chain(job)
                 if handled.retry_after_s is not None:  # cannot happen in-process (one blueprint set), for symmetry
                     self._keep(asyncio.get_running_loop().create_task(self._later(owner, job, handled.retry_after_s)))
@@ -149,9 +152,6 @@ class FlowRuntime:
 
     async def _handle_chain(self, job: Job) -> Handled:
         """Handle ``job``, then the successors its commits claim for this task, one after another."""
-        if job.job_id in self._taken:  # an earlier commit claimed its step, and its task ran it
-            self._taken.discard(job.job_id)
-            return Handled()
         handled = await self.engine.handle(job, first=True)
         while True:
             self._taken.update(j for j in handled.unqueued if j != job.job_id)

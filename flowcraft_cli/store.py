@@ -84,6 +84,18 @@ def dumpb(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def encode_once(value: Any, done: dict[int, Any], encode: Callable[[Any], T]) -> T:
+    """``encode(value)``, once per container object in one commit (``done``: id -> its encoding, kept for the
+    commit only, while every value written stays alive and unchanged): a fan-out's firing writes one output
+    as the input of each of its branches. For context values (STATE): nothing else is written twice."""
+    if type(value) is not dict and type(value) is not list:
+        return encode(value)
+    got = done.get(id(value))
+    if got is None:
+        got = done[id(value)] = encode(value)
+    return got  # type: ignore[no-any-return]
+
+
 def check_json(value: Any) -> None:
     """Raise TypeError or ValueError unless ``value`` is made of JSON's types only (dict, list, str, int,
     float, bool, None): the json module's rules, stricter than msgspec's (which takes dates, sets, bytes)."""
@@ -372,6 +384,7 @@ class MemoryStore(Store):
             result = await fn(txn)
             if txn.dirty:
                 data = self._runs.setdefault(run_id, {})
+                texts: dict[int, str] = {}  # (see encode_once)
                 for (kind, field), value in txn._writes.items():
                     h = data.setdefault(kind, {})
                     if value is MISSING:
@@ -379,7 +392,7 @@ class MemoryStore(Store):
                     elif isinstance(value, Record) and value.plain():
                         h[field] = value
                     else:
-                        h[field] = dumps(value)
+                        h[field] = encode_once(value, texts, dumps) if kind == STATE else dumps(value)
                 if txn.events:
                     events = self._events.setdefault(run_id, [])
                     events.extend(txn.events)

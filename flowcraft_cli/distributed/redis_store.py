@@ -32,6 +32,7 @@ from ..store import (
     Txn,
     dumpb,
     dumps,
+    encode_once,
     load_field,
     parse_json,
 )
@@ -378,6 +379,7 @@ class RedisStore(Store):
         dels: dict[str, list[str]] = {}
         jobs: list[Job] = []
         reads = txn.reads if isinstance(txn, _RedisTxn) else {}
+        texts: dict[int, bytes] = {}  # (store.encode_once)
         for (kind, fld), value in txn._writes.items():
             if kind == OUTBOX and self.enqueues and value is not MISSING:
                 jobs.append(txn.jobs.get(fld) or Job.from_dict(value))  # (RunTxn.schedule keeps the Job)
@@ -385,7 +387,7 @@ class RedisStore(Store):
                 if reads.get((kind, fld), b"") is not None:  # absent as read (and checked): nothing to delete
                     dels.setdefault(kind, []).append(keys.field_name(kind, fld))
             else:
-                encoded = dumpb(value)
+                encoded = encode_once(value, texts, dumpb) if kind == STATE else dumpb(value)
                 if isinstance(txn, _RedisTxn):
                     txn.encoded[(kind, fld)] = encoded  # what _remember keeps after the commit
                 if reads.get((kind, fld)) != encoded:  # the value read (and checked) is this one: no write
