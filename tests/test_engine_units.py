@@ -282,3 +282,14 @@ def test_a_step_cancelled_after_its_nodes_timeout_fired_ends_without_waiting_for
 
     cancelled, returned = asyncio.run(go())
     assert cancelled and not returned
+
+
+def test_the_idempotency_key_is_the_sha256_of_the_execution_s_compact_json_and_stays_so_across_releases():
+    """A step redelivered to a worker of a newer release must be given the key its first attempt had."""
+    import hashlib
+
+    from flowcraft_cli.engine import idempotency_key
+
+    text = '["run-1","n|é",3,-1]'
+    assert idempotency_key("run-1", "n|é", 3) == "fc_" + hashlib.sha256(text.encode()).hexdigest()[:32]
+    assert idempotency_key("run-1", "n|é", 3, 7) != idempotency_key("run-1", "n|é", 3)

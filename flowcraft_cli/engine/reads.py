@@ -27,6 +27,8 @@ def _ref_fields(ref: str) -> list[str]:
 def input_fields(node: NodeDef) -> list[str]:
     """The context keys a node's input is made of, known from the blueprint alone: so the step's claim reads
     them in its own transaction, with everything else it reads, in one go."""
+    if node.inputs is None:  # (the common case first: isinstance of an ABC costs a node's step dearly)
+        return [f"_inputs.{node.id}"]
     if isinstance(node.inputs, str):
         return _ref_fields(node.inputs)
     if isinstance(node.inputs, Mapping):
@@ -57,6 +59,8 @@ def _resolve_ref(values: Mapping[str, Any], ref: str) -> Any:
 
 def node_input_from(node: NodeDef, values: Mapping[str, Any]) -> Any:
     """A node's input, from the values of its ``input_fields`` (absent keys missing from ``values``)."""
+    if node.inputs is None:
+        return values.get(f"_inputs.{node.id}")
     if isinstance(node.inputs, str):
         return _resolve_ref(values, node.inputs)
     if isinstance(node.inputs, Mapping):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ...blueprint import NodeDef
 from ...errors import NodeFailure, NodeTimeout, json_type
 from ...node_api import _MISSING, NodeContext, NodeResult, RunContext, SyncRunContext
-from ...store import MISSING, STATE, check_json, dumps, parse_json
+from ...store import MISSING, STATE, check_json, dumpb, parse_json
 from .. import eager
 from ..reads import read_context
 
@@ -182,8 +182,7 @@ def idempotency_key(run_id: str, node_id: str, seq: int, item: int = -1) -> str:
     """CONTRACT §4: the same for every attempt and redelivery of one node execution (run, node, firing —
     a loop iteration fires a node again with a new seq —, batch item) and different for any other. A hash,
     so any node id gives a fixed-length key that payment APIs and database constraints accept."""
-    raw = dumps([run_id, node_id, seq, item])
-    return "fc_" + hashlib.sha256(raw.encode()).hexdigest()[:32]
+    return "fc_" + hashlib.sha256(dumpb([run_id, node_id, seq, item])).hexdigest()[:32]  # (dumps's text, as UTF-8)
 
 
 def _is_async(fn: Any) -> bool:
