@@ -358,6 +358,23 @@ class _MemoryTxn(Txn):
             v = self._cache[key] = MISSING if raw is None else _load_kept(raw, self.run_id, kind, field)
         return default if v is MISSING else v
 
+    async def get_many(self, kind: str, fields: Iterable[str]) -> dict[str, Any]:
+        # (Txn.get_many, as get above)
+        writes, cache, h, out = self._writes, self._cache, self._data.get(kind, _NO_FIELDS), {}
+        for f in fields:
+            key = (kind, f)
+            v = writes.get(key, _UNSEEN)
+            if v is _UNSEEN:
+                v = cache.get(key, _UNSEEN)
+                if v is _UNSEEN:
+                    raw = h.get(f)
+                    v = cache[key] = MISSING if raw is None else _load_kept(raw, self.run_id, kind, f)
+            elif isinstance(v, Record):
+                v = v.to_json()
+            if v is not MISSING:
+                out[f] = v
+        return out
+
 
 class MemoryStore(Store):
     """Runs in one process's memory. Values are kept JSON-encoded, exactly as in Redis, so the in-process
