@@ -155,7 +155,6 @@ def batch_result_field(node_id: str, seq: int, item: int) -> str:
 
 _NAMES: dict[type, tuple[str, ...]] = {}  # a record class -> its stored field names (``extra`` aside)
 _NAME_SETS: dict[type, frozenset[str]] = {}  # the same, as a set
-_GETTERS: dict[type, Callable[[Any], tuple[Any, ...]]] = {}  # a record class -> all its fields' values at once
 _EVERY: dict[type, Callable[[Any], tuple[Any, ...]]] = {}  # the same, ``extra`` included, in __init__'s order
 
 
@@ -164,7 +163,6 @@ def _names(cls: type) -> tuple[str, ...]:
     if got is None:
         got = _NAMES[cls] = tuple(f.name for f in fields(cls) if f.name != "extra")
         _NAME_SETS[cls] = frozenset(got)
-        _GETTERS[cls] = attrgetter(*got)
         _EVERY[cls] = attrgetter(*(f.name for f in fields(cls)))
     return got
 
@@ -180,14 +178,30 @@ def _split(cls: type, data: Mapping[str, Any], what: str) -> tuple[dict[str, Any
     return {k: v for k, v in data.items() if k in names}, {k: v for k, v in data.items() if k not in names}
 
 
-def _present(rec: Any, always: Iterable[str] = ()) -> dict[str, Any]:
-    """The fields of a record that are stored: the ``always`` ones, and every other that is not None."""
+def _present(rec: Any, always: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of a record that are stored: the ``always`` ones, and every other that is not None (in the
+    class's order, an ``always`` one that is None last)."""
     cls = type(rec)
-    out = {name: value for name, value in zip(_names(cls), _GETTERS[cls](rec), strict=True) if value is not None}
-    for name in always:
-        if name not in out:
-            out[name] = None
-    return out
+    fn = _PRESENT.get((cls, always))
+    if fn is None:
+        fn = _PRESENT[(cls, always)] = _compile_present(_names(cls), always)
+    return fn(rec)
+
+
+_PRESENT: dict[tuple[type, tuple[str, ...]], Callable[[Any], dict[str, Any]]] = {}
+
+
+def _compile_present(names: tuple[str, ...], always: tuple[str, ...]) -> Callable[[Any], dict[str, Any]]:
+    """``_present`` for one record class, as straight-line code: a record is encoded at every commit that
+    writes it (on workers) and read whole by every view, and a loop over its thirty fields cost twice this."""
+    lines = ["def present(r):", "    out = {}"]
+    for name in names:
+        lines += [f"    v = r.{name}", f"    if v is not None: out[{name!r}] = v"]
+    lines += [f"    if {name!r} not in out: out[{name!r}] = None" for name in always]
+    lines.append("    return out")
+    scope: dict[str, Any] = {}
+    exec("\n".join(lines), scope)  # (names are a dataclass's field names: identifiers)
+    return scope["present"]  # type: ignore[no-any-return]
 
 
 def evolve(rec: R, **changes: Any) -> R:
@@ -345,7 +359,7 @@ class NodeRecord(Record):
             out["phase"] = self.phase.value
         if self.held is not None:
             out["held"] = self.held.to_json()
-        return {**self.extra, **out}
+        return {**self.extra, **out} if self.extra else out
 
     def plain(self) -> bool:
         return self.held is None and not self.extra  # (every other field is a scalar: store.Record.plain)
