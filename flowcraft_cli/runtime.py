@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .blueprint import Blueprint
-from .engine import Engine, EngineSettings, Handled, now_ms
+from .engine import RESTING_STATUSES, Engine, EngineSettings, Handled, now_ms
 from .jobs import Job
 from .registry import NodeRegistry
-from .store import MemoryStore, Store
+from .store import MISSING, RUN, MemoryStore, Store
 from .view import RunView, read_run
 
 log = logging.getLogger("flowcraft.runtime")
+_RESTING = {status.value for status in RESTING_STATUSES}
 
 
 @dataclass
@@ -73,23 +74,25 @@ class FlowRuntime:
         self._concurrency = concurrency
         self._ready: deque[tuple[str, Job]] = deque()
         self._runners = 0
+        self._driving = False  # a call is running this runtime's jobs (FlowRuntime._drive)
+        self._waiters: list[asyncio.Future[None]] = []  # calls made meanwhile, waiting for their run to rest
         self._on_event = on_event
         self._tasks: set[asyncio.Task[None]] = set()  # runners, and jobs waiting out a delay before they are ready
 
     async def run(self, blueprint_id: str, run_input: Any = None, *, run_id: str | None = None) -> RunResult:
         run_id, scheduled = await self.engine.start_run(blueprint_id, {} if run_input is None else run_input,
                                                         run_id=run_id)
-        await self._drive(scheduled)
+        await self._drive(scheduled, run_id)
         return await self.result(run_id)
 
     async def resume(self, run_id: str, node_id: str | None = None, *, output: Any = None,
                      action: str | None = None) -> RunResult:
-        await self._drive(await self.engine.resume(run_id, node_id, output=output, action=action))
+        await self._drive(await self.engine.resume(run_id, node_id, output=output, action=action), run_id)
         return await self.result(run_id)
 
     async def retry(self, run_id: str) -> RunResult:
         """Run a failed run on from where it failed (its failed nodes again, fresh attempts)."""
-        await self._drive(await self.engine.retry(run_id))
+        await self._drive(await self.engine.retry(run_id), run_id)
         return await self.result(run_id)
 
     async def cancel(self, run_id: str) -> bool:
@@ -101,16 +104,41 @@ class FlowRuntime:
         view = await read_run(self.store, self.engine.blueprints, run_id)
         return RunResult(run_id, view.blueprint_id, view.status, view.reason, view.context, view.outputs, view)
 
-    async def _drive(self, scheduled: list[tuple[str, Job]]) -> None:
-        """Run jobs until none is left: the run then rests (completed, failed, cancelled or awaiting)."""
+    async def _drive(self, scheduled: list[tuple[str, Job]], run_id: str | None = None) -> None:
+        """Run jobs until none is left: the run then rests (completed, failed, cancelled or awaiting). A call made
+        while another drives this runtime's jobs (a node that cancels its own run or runs another flow, a second
+        run started beside the first) leaves its jobs to that one's runners and waits only until ``run_id`` rests
+        (not at all without one): waiting for every job would wait for the very node that called."""
         self._spawn(scheduled)
-        while self._tasks:
-            done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                self._tasks.discard(task)
-                task.result()  # an engine bug must surface, not vanish
+        while self._driving:
+            if run_id is None or await self._rests(run_id):
+                return
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        self._driving = True
+        try:
+            while self._tasks:
+                done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    self._tasks.discard(task)
+                    task.result()  # an engine bug must surface, not vanish
+        finally:
+            self._driving = False
+            self._progressed()
         assert not self._ready, "ready jobs left with no runner"
         self._taken.clear()  # no task left to skip its job (one whose step was claimed as it started ran it)
+
+    async def _rests(self, run_id: str) -> bool:
+        status = (await self.store.read(run_id, RUN, ["status"]))[0]
+        return status is MISSING or status in _RESTING
+
+    def _progressed(self) -> None:
+        """A job was handled (or the driving ended): calls waiting for their run to rest look again."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _spawn(self, scheduled: list[tuple[str, Job]]) -> None:
         loop = asyncio.get_running_loop()
@@ -147,6 +175,8 @@ class FlowRuntime:
                 if handled.retry_after_s is not None:  # cannot happen in-process (one blueprint set), for symmetry
                     self._keep(asyncio.get_running_loop().create_task(self._later(owner, job, handled.retry_after_s)))
                 self._spawn(handled.scheduled)
+                if self._waiters:
+                    self._progressed()
         finally:
             self._runners -= 1  # (no wait between the last look at the queue and this: no job is left unseen)
 

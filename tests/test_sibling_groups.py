@@ -227,3 +227,61 @@ def test_a_finished_runtime_is_freed_as_soon_as_it_is_dropped_without_the_cyclic
         assert store() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("wait_first", [False, True])
+def test_a_node_that_cancels_its_own_run_ends_it_and_the_runtime_does_not_wait_on_itself(wait_first):
+    """(found this stop) A call on the runtime made while it drives a run (a node cancelling its own run, a
+    watchdog task) used to wait for every job of the runtime, the one that made the call included: a node that
+    had waited before it cancelled hung the run for ever."""
+    holder: dict[str, Any] = {}
+    calls: Counter[str] = Counter()
+
+    async def first(ctx):
+        calls[ctx.node_id] += 1
+        if wait_first:
+            await asyncio.sleep(0.01)
+        assert await holder["runtime"].cancel(ctx.run_id) is True
+        return 1
+
+    async def after(ctx):
+        calls[ctx.node_id] += 1
+        return 2
+
+    doc = {"id": "c", "nodes": [{"id": "a", "uses": "first"}, {"id": "b", "uses": "after"}],
+           "edges": [{"source": "a", "target": "b"}]}
+    runtime, _ = _runtime(doc, {"first": first, "after": after})
+    holder["runtime"] = runtime
+
+    async def go():
+        return await asyncio.wait_for(runtime.run("c"), 10)
+
+    result = asyncio.run(go())
+    assert result.status == "cancelled", result.reason
+    assert calls == Counter({"a": 1})
+
+
+def test_a_node_may_run_another_flow_on_its_own_runtime_and_gets_that_run_s_result():
+    holder: dict[str, Any] = {}
+
+    async def outer(ctx):
+        await asyncio.sleep(0.005)
+        inner = await holder["runtime"].run("inner", {"n": 2})
+        return inner.outputs["x"]
+
+    async def double(ctx):
+        await asyncio.sleep(0.005)
+        return ctx.input["n"] * 2
+
+    docs = [{"id": "outer", "nodes": [{"id": "o", "uses": "outer"}], "edges": []},
+            {"id": "inner", "nodes": [{"id": "x", "uses": "double"}], "edges": []}]
+    registry = make_registry({"outer": outer, "double": double})
+    runtime = FlowRuntime(make_blueprints(docs, registry), registry)
+    holder["runtime"] = runtime
+
+    async def go():
+        return await asyncio.wait_for(runtime.run("outer"), 10)
+
+    result = asyncio.run(go())
+    assert result.status == "completed", result.reason
+    assert result.outputs["o"] == 4
