@@ -285,3 +285,20 @@ def test_a_node_may_run_another_flow_on_its_own_runtime_and_gets_that_run_s_resu
     result = asyncio.run(go())
     assert result.status == "completed", result.reason
     assert result.outputs["o"] == 4
+
+
+def test_two_runs_started_at_once_on_one_runtime_each_end_with_their_own_result():
+    async def branch(ctx):
+        await asyncio.sleep(0.002)
+        return ctx.node_id
+
+    runtime, _ = _runtime(fan(6), {"branch": branch}, concurrency=2)
+
+    async def go():
+        return await asyncio.wait_for(asyncio.gather(runtime.run("fan"), runtime.run("fan")), 10)
+
+    first, second = asyncio.run(go())
+    assert first.run_id != second.run_id
+    for result in (first, second):
+        assert result.status == "completed", result.reason
+        assert result.outputs["j"] == sorted(f"p{i}" for i in range(6))
