@@ -58,6 +58,22 @@ def test_run_validate_graph_on_a_good_project(proj):
     assert g.returncode == 0 and g.stdout.startswith("flowchart TD")
 
 
+def test_run_moves_what_it_loaded_out_of_the_garbage_collector_s_way(proj):
+    """The modules and the project, loaded before the run, live as long as the process: `flowcraft run` and
+    `flowcraft worker start` freeze them (gc.freeze), so the collector's full passes walk only what the work made."""
+    (proj / "nodes.py").write_text(NODES + """
+import gc
+
+@node("frozen")
+def frozen(ctx):
+    return gc.get_freeze_count()
+""")
+    (proj / "blueprints" / "frozen.yaml").write_text("id: frozen\nnodes: [{id: f, uses: frozen}]\nedges: []\n")
+    r = cli(proj, "run", "frozen", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["outputs"]["f"] > 10_000
+
+
 BAD = {
     "malformed-yaml": ("nodes: [\n  - {id: a\n", r"bad.yaml: line \d+"),
     "unknown-top-key": ("nodez: []\nnodes: [{id: a, uses: step}]\nedges: []\n", "nodez"),
