@@ -147,16 +147,13 @@ class FlowRuntime:
             if job.not_before_ms:
                 now = now or now_ms()
                 if job.not_before_ms > now:  # (a retry's backoff, a sleep)
-                    self._keep(loop.create_task(self._later(owner, job, (job.not_before_ms - now) / 1000)))
+                    self._tasks.add(loop.create_task(self._later(owner, job, (job.not_before_ms - now) / 1000)))
                     continue
             self._ready.append((owner, job))
         want = len(self._ready) if self._concurrency <= 0 else min(len(self._ready), self._concurrency - self._runners)
         for _ in range(want):
             self._runners += 1
-            self._keep(loop.create_task(self._runner()))
-
-    def _keep(self, task: asyncio.Task[None]) -> None:
-        self._tasks.add(task)
+            self._tasks.add(loop.create_task(self._runner()))
 
     async def _later(self, owner: str, job: Job, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -173,7 +170,8 @@ class FlowRuntime:
                     continue
                 handled = await self._handle_chain(job)
                 if handled.retry_after_s is not None:  # cannot happen in-process (one blueprint set), for symmetry
-                    self._keep(asyncio.get_running_loop().create_task(self._later(owner, job, handled.retry_after_s)))
+                    later = self._later(owner, job, handled.retry_after_s)
+                    self._tasks.add(asyncio.get_running_loop().create_task(later))
                 self._spawn(handled.scheduled)
                 if self._waiters:
                     self._progressed()

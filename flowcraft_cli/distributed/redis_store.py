@@ -387,7 +387,7 @@ class RedisStore(Store):
                 if reads.get((kind, fld), b"") is not None:  # absent as read (and checked): nothing to delete
                     dels.setdefault(kind, []).append(keys.field_name(kind, fld))
             else:
-                encoded = encode_once(value, texts, dumpb) if kind == STATE else dumpb(value)
+                encoded = encode_once(kind, value, texts, dumpb)
                 if isinstance(txn, _RedisTxn):
                     txn.encoded[(kind, fld)] = encoded  # what _remember keeps after the commit
                 if reads.get((kind, fld)) != encoded:  # the value read (and checked) is this one: no write

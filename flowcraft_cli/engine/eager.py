@@ -15,7 +15,7 @@ import asyncio
 import collections.abc
 import contextvars
 import sys
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -52,40 +52,40 @@ else:
             _leave_task(loop, caller)
         _enter_task(loop, task)
         try:
-            rest.first = ctx.run(coro.send, None)
-        except StopIteration as e:
-            rest.ended = True
-            return _settled(loop, result=e.value)
-        except asyncio.CancelledError:
-            rest.ended = True
-            return _settled(loop, cancelled=True)
-        except (KeyboardInterrupt, SystemExit):
+            ended, rest.first = _first_step(loop, lambda: ctx.run(coro.send, None))
+        except BaseException:  # (KeyboardInterrupt, SystemExit: raised, and the task ends at once)
             rest.ended = True
             raise
-        except BaseException as e:  # (as a task keeps an exception: for whoever awaits it)
-            rest.ended = True
-            return _settled(loop, error=e)
         finally:
             _leave_task(loop, task)
             if caller is not None:
                 _enter_task(loop, caller)
-        return task
+        rest.ended = ended is not None
+        return task if ended is None else ended
 
     def _start_here(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
-        try:
-            first = coro.send(None)
-        except StopIteration as e:
-            return _settled(loop, result=e.value)
-        except asyncio.CancelledError:
-            return _settled(loop, cancelled=True)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:
-            return _settled(loop, error=e)
+        ended, first = _first_step(loop, lambda: coro.send(None))
+        if ended is not None:
+            return ended
         rest = _Rest(coro)
         rest.first = first
         return loop.create_task(rest)  # type: ignore[arg-type]
+
+    def _first_step(loop: asyncio.AbstractEventLoop,
+                    step: Callable[[], Any]) -> tuple[asyncio.Future[Any] | None, Any]:
+        """Run a coroutine's first step (``step``): (None, what it yielded) if it waits, else (a future settled as
+        it ended, None): its result, exception or cancel, kept as a task keeps an outcome."""
+        try:
+            return None, step()
+        except StopIteration as e:
+            return _settled(loop, result=e.value), None
+        except asyncio.CancelledError:
+            return _settled(loop, cancelled=True), None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            return _settled(loop, error=e), None
 
     def _settled(loop: asyncio.AbstractEventLoop, *, result: Any = None, error: BaseException | None = None,
                  cancelled: bool = False) -> asyncio.Future[Any]:

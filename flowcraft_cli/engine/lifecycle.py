@@ -152,8 +152,7 @@ class RunTxn:
         write_node(self.t, node_id, new)
         self.t.put(STATE, f"_inputs.{node_id}", value)
         self.add_pending(1)
-        if node_id in self.bp.loops_containing:
-            await self.count_busy(node_id, +1)
+        await self.count_busy(node_id, +1)
         job = Job(self.t.run_id, node_id, new.seq)
         if self.inline_as is not None and not self.inline and self.bp.node_map[node_id].uses not in BUILTINS \
                 and (self.engine.inline_steps or ahead is not None):
@@ -380,8 +379,7 @@ class RunTxn:
         if route.errors:
             self.t.event({"type": "expression_error", "ts": ts, "node": node.id, "expression_errors": route.errors})
         self.add_pending(-1)
-        if (fallback_of or node.id) in self.bp.loops_containing:
-            await self.count_busy(fallback_of or node.id, -1)
+        await self.count_busy(fallback_of or node.id, -1)
         await self.arrive(fallback_of or node.id, route.decisions)
         await self.recheck_join(fallback_of or node.id)
         await self.release_held_loops(fallback_of or node.id)
